@@ -1,0 +1,3 @@
+//! The `aio` backend. (being written)
+
+pub mod rpc;

@@ -1,0 +1,3 @@
+//! The `malloc` backend. (being written)
+
+pub mod rpc;

@@ -1,0 +1,387 @@
+//! The generic block-device layer, in the spirit of SPDK's `lib/bdev`.
+//!
+//! A [`Bdev`] is what frontends see: a name, a uuid, a size in blocks, claims, statistics and
+//! QoS limits. What it stores data in is a [`BdevBackend`] (`malloc`, `null`, `aio`, `rbd`).
+//! I/O is asynchronous and per reactor: each frontend queue opens a [`BdevChannel`] on the
+//! reactor thread that serves it (SPDK's io channels), submits [`IoOp`]s tagged with its own
+//! request ids, and reaps completions when it polls. Buffers are raw iovecs into guest
+//! memory, handed to the backend without a copy.
+
+pub mod aio;
+pub mod channel;
+pub mod malloc;
+pub mod null;
+pub mod qos;
+pub mod registry;
+pub mod rpc;
+pub mod stats;
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+pub use channel::BdevChannel;
+pub use registry::BdevRegistry;
+
+/// An errno value (positive, e.g. `libc::EIO`) carried by a failed I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    /// The errno of an `io::Error`, `EIO` when it has none.
+    pub fn from_io(e: &std::io::Error) -> Self {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+/// The outcome of one I/O.
+pub type IoResult = Result<(), Errno>;
+
+/// A scatter-gather list of buffers that the submitter keeps alive until the I/O completes.
+///
+/// It is a raw view (pointer and count) because the buffers are usually guest memory mapped
+/// by the vhost-user frontend, and the iovec array lives in the frontend's in-flight request.
+#[derive(Clone, Copy, Debug)]
+pub struct IoVecs {
+    ptr: *const libc::iovec,
+    cnt: usize,
+}
+
+// SAFETY: `IoVecs` is only a view; whoever builds one promises (see `from_slice`) that the
+// array and the memory it points to stay valid and unaliased until the I/O completes.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    /// A view of `iovs`.
+    ///
+    /// # Safety
+    /// `iovs` and every buffer it points to must stay valid (and not be written by anyone
+    /// else for a write, nor read for a read) until the I/O that carries them is reaped.
+    pub unsafe fn from_slice(iovs: &[libc::iovec]) -> Self {
+        IoVecs {
+            ptr: iovs.as_ptr(),
+            cnt: iovs.len(),
+        }
+    }
+
+    /// The iovecs.
+    ///
+    /// # Safety
+    /// Only while the promise made in [`IoVecs::from_slice`] holds.
+    pub unsafe fn as_slice<'a>(&self) -> &'a [libc::iovec] {
+        if self.cnt == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(self.ptr, self.cnt)
+        }
+    }
+
+    /// Number of iovecs.
+    pub fn count(&self) -> usize {
+        self.cnt
+    }
+
+    /// Total bytes described.
+    pub fn total_len(&self) -> u64 {
+        // SAFETY: the array itself is valid per `from_slice`'s contract.
+        unsafe { self.as_slice() }
+            .iter()
+            .map(|v| v.iov_len as u64)
+            .sum()
+    }
+}
+
+/// One operation on a bdev. Offsets and lengths are in bytes and block-aligned.
+#[derive(Clone, Copy, Debug)]
+pub enum IoOp {
+    Read { offset: u64, iovs: IoVecs },
+    Write { offset: u64, iovs: IoVecs },
+    /// Make every completed write durable (virtio-blk FLUSH, NBD_CMD_FLUSH, SYNCHRONIZE CACHE).
+    Flush,
+    /// Deallocate a range (virtio-blk DISCARD, NBD_CMD_TRIM, SCSI UNMAP); reads after it may
+    /// return anything the backend chooses, in practice zeroes.
+    Unmap { offset: u64, len: u64 },
+    /// Zero a range; `may_unmap` allows deallocating it (virtio-blk WRITE_ZEROES with UNMAP).
+    WriteZeroes { offset: u64, len: u64, may_unmap: bool },
+}
+
+impl IoOp {
+    /// The kind of this operation.
+    pub fn kind(&self) -> IoKind {
+        match self {
+            IoOp::Read { .. } => IoKind::Read,
+            IoOp::Write { .. } => IoKind::Write,
+            IoOp::Flush => IoKind::Flush,
+            IoOp::Unmap { .. } => IoKind::Unmap,
+            IoOp::WriteZeroes { .. } => IoKind::WriteZeroes,
+        }
+    }
+
+    /// Byte range `(offset, len)` this operation touches; `None` for flush.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match *self {
+            IoOp::Read { offset, iovs } | IoOp::Write { offset, iovs } => {
+                Some((offset, iovs.total_len()))
+            }
+            IoOp::Unmap { offset, len } | IoOp::WriteZeroes { offset, len, .. } => {
+                Some((offset, len))
+            }
+            IoOp::Flush => None,
+        }
+    }
+}
+
+/// The kinds of I/O, for `supported_io_types` and statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    Flush,
+    Unmap,
+    WriteZeroes,
+}
+
+/// Which [`IoKind`]s a backend implements natively.
+#[derive(Clone, Copy, Debug)]
+pub struct IoTypes {
+    pub flush: bool,
+    pub unmap: bool,
+    pub write_zeroes: bool,
+}
+
+/// A backend's per-reactor I/O path (SPDK's io channel).
+///
+/// A channel is opened on, and only used from, one reactor thread. Submission never blocks;
+/// completions are reaped by [`IoChannel::reap`], which the reactor calls whenever it polls
+/// or when [`IoChannel::completion_fd`] becomes readable.
+pub trait IoChannel {
+    /// Starts `op`; its completion is later reported by `reap` with the same `tag`.
+    /// A failure to start is also reported through `reap`, never returned here.
+    ///
+    /// # Safety
+    /// The buffers of `op` must stay valid until the completion of `tag` is reaped.
+    unsafe fn submit(&mut self, tag: u64, op: IoOp);
+
+    /// Passes operations queued by `submit` to the device (one syscall for a batch).
+    fn kick(&mut self) {}
+
+    /// Reports finished operations; returns how many.
+    fn reap(&mut self, done: &mut dyn FnMut(u64, IoResult)) -> usize;
+
+    /// A file descriptor that becomes readable when `reap` has something to report, for
+    /// reactors that sleep; `None` when completions only come from `submit` itself.
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// Operations submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
+}
+
+/// What stores a bdev's data: implemented by each backend module.
+pub trait BdevBackend: Send + Sync + 'static {
+    /// `product_name` of `bdev_get_bdevs` ("Malloc disk", "AIO disk", ...).
+    fn product_name(&self) -> &'static str;
+
+    /// The operations implemented natively.
+    fn io_types(&self) -> IoTypes;
+
+    /// Opens an I/O channel for the calling reactor thread.
+    fn open_channel(&self) -> std::io::Result<Box<dyn IoChannel>>;
+
+    /// `driver_specific` of `bdev_get_bdevs` (never key material).
+    fn driver_specific(&self) -> Value {
+        json!({})
+    }
+
+    /// The RPC call (method, params) that recreates this bdev, for `framework_get_config`.
+    fn config(&self, bdev: &Bdev) -> Option<(&'static str, Value)>;
+
+    /// Required alignment of buffers and offsets (O_DIRECT files want 512 or 4096).
+    fn buf_align(&self) -> usize {
+        1
+    }
+
+    /// Releases the backend when the bdev is deleted; flushes what is volatile.
+    fn close(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a backend constructor needs besides its own parameters.
+pub struct BdevParams {
+    pub name: String,
+    pub uuid: Option<Uuid>,
+    pub block_size: u32,
+    pub num_blocks: u64,
+}
+
+type ResizeListener = Box<dyn Fn(u64) + Send + Sync>;
+
+/// A block device as every frontend sees it.
+pub struct Bdev {
+    name: String,
+    uuid: Uuid,
+    block_size: u32,
+    num_blocks: AtomicU64,
+    backend: Box<dyn BdevBackend>,
+    /// Per-bdev I/O statistics (`bdev_get_iostat`).
+    pub stats: stats::BdevStats,
+    /// QoS limits and token buckets (`bdev_set_qos_limit`).
+    pub qos: qos::Qos,
+    claimed_by: Mutex<Option<String>>,
+    resize_listeners: Mutex<Vec<(u64, ResizeListener)>>,
+    next_listener: AtomicU64,
+}
+
+/// Why a block size was refused.
+pub fn check_block_size(block_size: u32) -> Result<(), String> {
+    if block_size < 512 || block_size > 65536 || !block_size.is_power_of_two() {
+        return Err(format!(
+            "block_size {block_size} must be a power of two between 512 and 65536"
+        ));
+    }
+    Ok(())
+}
+
+impl Bdev {
+    /// A bdev over `backend`; a random uuid unless one is given.
+    pub fn new(params: BdevParams, backend: Box<dyn BdevBackend>) -> Arc<Self> {
+        Arc::new(Bdev {
+            name: params.name,
+            uuid: params.uuid.unwrap_or_else(Uuid::new_v4),
+            block_size: params.block_size,
+            num_blocks: AtomicU64::new(params.num_blocks),
+            backend,
+            stats: stats::BdevStats::default(),
+            qos: qos::Qos::default(),
+            claimed_by: Mutex::new(None),
+            resize_listeners: Mutex::new(Vec::new()),
+            next_listener: AtomicU64::new(0),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks.load(Ordering::Acquire)
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.num_blocks() * self.block_size as u64
+    }
+
+    pub fn backend(&self) -> &dyn BdevBackend {
+        self.backend.as_ref()
+    }
+
+    /// Opens an I/O channel on the calling reactor thread.
+    pub fn open_channel(self: &Arc<Self>) -> std::io::Result<BdevChannel> {
+        let inner = self.backend.open_channel()?;
+        Ok(BdevChannel::new(self.clone(), inner))
+    }
+
+    /// Claims the bdev for `owner` (a controller or export name): a claimed bdev cannot be
+    /// deleted. Fails with the current owner's name when already claimed.
+    pub fn claim(&self, owner: &str) -> Result<(), String> {
+        let mut c = self.claimed_by.lock().unwrap_or_else(|e| e.into_inner());
+        match &*c {
+            Some(o) => Err(o.clone()),
+            None => {
+                *c = Some(owner.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// Releases a claim taken by `owner`.
+    pub fn release(&self, owner: &str) {
+        let mut c = self.claimed_by.lock().unwrap_or_else(|e| e.into_inner());
+        if c.as_deref() == Some(owner) {
+            *c = None;
+        }
+    }
+
+    /// Who claimed the bdev, if anyone.
+    pub fn claimed_by(&self) -> Option<String> {
+        self.claimed_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Changes the size (a backend resized) and tells every listener (controllers turn it
+    /// into a virtio config-change notification).
+    pub fn set_num_blocks(&self, num_blocks: u64) {
+        self.num_blocks.store(num_blocks, Ordering::Release);
+        for (_, l) in self
+            .resize_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            l(num_blocks);
+        }
+    }
+
+    /// Registers `f` to be called with the new block count on every resize; returns an id
+    /// for [`Bdev::unsubscribe_resize`].
+    pub fn subscribe_resize(&self, f: ResizeListener) -> u64 {
+        let id = self.next_listener.fetch_add(1, Ordering::Relaxed);
+        self.resize_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, f));
+        id
+    }
+
+    /// Removes a resize listener.
+    pub fn unsubscribe_resize(&self, id: u64) {
+        self.resize_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _)| *i != id);
+    }
+
+    /// The object `bdev_get_bdevs` returns for this bdev (SPDK's shape).
+    pub fn to_json(&self) -> Value {
+        let t = self.backend.io_types();
+        json!({
+            "name": self.name,
+            "aliases": [self.uuid.to_string()],
+            "product_name": self.backend.product_name(),
+            "block_size": self.block_size,
+            "num_blocks": self.num_blocks(),
+            "uuid": self.uuid.to_string(),
+            "assigned_rate_limits": self.qos.limits().to_json(),
+            "claimed": self.claimed_by().is_some(),
+            "zoned": false,
+            "supported_io_types": {
+                "read": true, "write": true, "unmap": t.unmap, "write_zeroes": t.write_zeroes,
+                "flush": t.flush, "reset": true, "compare": false, "compare_and_write": false,
+                "abort": false, "nvme_admin": false, "nvme_io": false
+            },
+            "driver_specific": self.backend.driver_specific(),
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! The `null` backend. (being written)
+
+pub mod rpc;

@@ -1,0 +1,5 @@
+//! The daemon's bdevs by name. (being written)
+
+/// All bdevs.
+#[derive(Default)]
+pub struct BdevRegistry {}

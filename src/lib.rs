@@ -1,0 +1,18 @@
+//! blockd: a userspace block-storage target for virtual machines.
+//!
+//! The layout follows the data path:
+//! - [`frontend`-style modules](vhost) ([`vhost`] for vhost-user-blk) turn guest requests into
+//!   bdev I/O;
+//! - [`bdev`] is the generic block-device layer (claims, statistics, QoS) over the backends in
+//!   `bdev::{malloc, null, aio}`;
+//! - [`reactor`] runs frontends and backends on threads pinned to the cores of the cpumask;
+//! - [`rpc`] speaks SPDK-compatible JSON-RPC 2.0 and only parses, validates and calls into the
+//!   same library functions the configuration loader ([`config`]) uses.
+
+pub mod app;
+pub mod bdev;
+pub mod config;
+pub mod cpumask;
+pub mod reactor;
+pub mod rpc;
+pub mod vhost;

@@ -1,0 +1,1 @@
+//! The JSON-RPC Unix socket server. (being written)

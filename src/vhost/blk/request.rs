@@ -1,0 +1,1 @@
+//! virtio-blk request parsing. (being written)

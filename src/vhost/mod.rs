@@ -1,0 +1,7 @@
+//! vhost-user controllers. (being written)
+
+pub mod blk;
+
+/// All controllers.
+#[derive(Default)]
+pub struct VhostRegistry {}
