@@ -43,3 +43,13 @@ impl App {
         })
     }
 }
+
+impl App {
+    /// Orderly stop (SIGTERM/SIGINT): stop accepting requests, drain in-flight I/O, flush the
+    /// backends, remove the sockets, stop the reactors.
+    pub fn shutdown(&self) {
+        self.vhost.shutdown_all(self);
+        self.bdevs.close_all();
+        self.reactors.shutdown();
+    }
+}

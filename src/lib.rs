@@ -11,6 +11,7 @@
 
 pub mod app;
 pub mod bdev;
+pub mod bench;
 pub mod config;
 pub mod cpumask;
 pub mod reactor;
