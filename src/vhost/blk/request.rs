@@ -575,7 +575,7 @@ impl BlkRequest {
 /// IN/OUT length and range checks: multiple of 512, within `max_sectors`, and
 /// `sector + len/512` neither overflowing (also as a byte offset) nor passing the capacity.
 fn check_rw(sector: u64, len: u64, limits: &RequestLimits) -> Result<(), ParseError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(ParseError::Unaligned(len));
     }
     let max = limits.max_sectors.saturating_mul(SECTOR_SIZE);
@@ -699,7 +699,7 @@ fn parse_segments<M: GuestMemory + ?Sized>(
     limits: &RequestLimits,
     out: &mut Vec<DiscardSegment>,
 ) -> Result<(), ParseError> {
-    if payload == 0 || payload % SEGMENT_LEN != 0 {
+    if payload == 0 || !payload.is_multiple_of(SEGMENT_LEN) {
         return Err(ParseError::BadSegmentPayload(payload));
     }
     let (max_seg, max_sectors) = if kind == RequestKind::Discard {

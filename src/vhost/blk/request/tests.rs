@@ -902,7 +902,7 @@ fn fuzz_random_chains_never_panic() {
                 assert!(GuestMemoryBackend::check_range(&m, req.status_addr, 1));
                 match req.kind {
                     RequestKind::In | RequestKind::Out => {
-                        assert!(req.data_len > 0 && req.data_len % 512 == 0);
+                        assert!(req.data_len > 0 && req.data_len.is_multiple_of(512));
                         assert!(req.sector + req.data_len / 512 <= lim.capacity_sectors);
                     }
                     RequestKind::GetId => assert!(req.data_len > 0 && req.data_len <= 20),
