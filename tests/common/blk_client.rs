@@ -24,8 +24,20 @@ impl BlkClient {
     /// Connects to the vhost-user-blk socket `path` with `num_queues` queues and a buffer
     /// region of `buf_len` bytes.
     pub fn connect(path: &str, num_queues: i32, buf_len: usize) -> Result<Self, blkio::Error> {
+        Self::connect_with(path, num_queues, buf_len, false)
+    }
+
+    /// As [`BlkClient::connect`]; `read_only` asks for read-only access (libblkio refuses
+    /// read-write access to a device that offers VIRTIO_BLK_F_RO).
+    pub fn connect_with(
+        path: &str,
+        num_queues: i32,
+        buf_len: usize,
+        read_only: bool,
+    ) -> Result<Self, blkio::Error> {
         let mut b = Blkio::new("virtio-blk-vhost-user")?;
         b.set_str("path", path)?;
+        b.set_bool("read-only", read_only)?;
         b.connect()?;
         b.set_i32("num-queues", num_queues)?;
         b.set_i32("queue-size", 256)?;
@@ -97,7 +109,11 @@ impl BlkClient {
     }
 
     pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, unmap: bool) -> i32 {
-        let f = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
+        let f = if unmap {
+            ReqFlags::empty()
+        } else {
+            ReqFlags::NO_UNMAP
+        };
         self.queues[q].write_zeroes(offset, len, 0, f);
         self.wait(q)
     }

@@ -9,8 +9,10 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Data segments per request we accept (`seg_max`): QEMU requires `queue-size - 2` or less
 /// for its default queue size of 128.
 pub const SEG_MAX: u32 = 126;
-/// Largest data segment (`size_max`), bytes.
-pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest data segment (`size_max`), bytes. Large: drivers such as
+/// libblkio do not split buffers by `size_max` (and libblkio computes `size_max * seg_max`
+/// in an i32: keep the product below 2 GiB).
+pub const SIZE_MAX: u32 = 16 << 20;
 /// Largest request, bytes: bounds the work one guest request can cause.
 pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
 /// Discard and write-zeroes limits.

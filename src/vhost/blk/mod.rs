@@ -30,11 +30,19 @@ pub struct BlkShared {
     pub readonly: bool,
     /// The GET_ID answer: the bdev name (or uuid when the name is long), 20 bytes.
     pub id: Vec<u8>,
-    pub limits: RequestLimits,
+    limits: RequestLimits,
     writeback: AtomicBool,
 }
 
 impl BlkShared {
+    /// The request limits as of now (the capacity follows bdev resizes).
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            capacity_sectors: self.bdev.size() / 512,
+            ..self.limits
+        }
+    }
+
     /// The cache mode the driver chose (CONFIG_WCE): false = write-through.
     pub fn writeback(&self) -> bool {
         self.writeback.load(Ordering::Relaxed)
@@ -47,31 +55,38 @@ pub struct BlkDevice {
     shared: Arc<BlkShared>,
 }
 
-/// The GET_ID string (virtio 1.2 §5.2.6: 20 bytes, NUL-padded when shorter).
+/// The GET_ID string (virtio 1.2 §5.2.6): the bdev name, or its uuid when the name does
+/// not fit the 20 bytes.
 fn device_id(bdev: &Bdev) -> Vec<u8> {
-    let name = bdev.name().as_bytes();
-    let src = if name.len() <= 20 {
-        name.to_vec()
+    if bdev.name().len() <= request::ID_BYTES {
+        request::id_bytes(bdev.name()).to_vec()
     } else {
-        bdev.uuid().simple().to_string().into_bytes()
-    };
-    let mut id = vec![0u8; 20];
-    let n = src.len().min(20);
-    id[..n].copy_from_slice(&src[..n]);
-    id
+        request::id_bytes(&bdev.uuid().simple().to_string()).to_vec()
+    }
 }
 
 impl BlkDevice {
     /// A device for controller `ctrlr` over `bdev` (which the caller has claimed).
     pub fn new(ctrlr: &str, bdev: Arc<Bdev>, readonly: bool) -> Self {
+        let unmap = bdev.backend().io_types().unmap;
         let limits = RequestLimits {
+            capacity_sectors: bdev.size() / 512,
             seg_max: config::SEG_MAX,
             size_max: config::SIZE_MAX,
-            max_request_bytes: config::MAX_REQUEST_BYTES,
-            max_discard_seg: config::MAX_DISCARD_SEG,
-            max_write_zeroes_seg: config::MAX_WRITE_ZEROES_SEG,
+            max_sectors: config::MAX_REQUEST_BYTES / 512,
+            max_discard_seg: if unmap && !readonly {
+                config::MAX_DISCARD_SEG
+            } else {
+                0
+            },
             max_discard_sectors: config::MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: if readonly {
+                0
+            } else {
+                config::MAX_WRITE_ZEROES_SEG
+            },
             max_write_zeroes_sectors: config::MAX_WRITE_ZEROES_SECTORS,
+            read_only: readonly,
         };
         BlkDevice {
             ctrlr: ctrlr.to_string(),

@@ -101,10 +101,10 @@ impl BlkQueue {
             return;
         };
         let used_len = if slot.status == VIRTIO_BLK_S_OK as u8 {
-            slot.req.device_written_len()
+            slot.req.used_len()
         } else {
-            0
-        } + 1;
+            1
+        };
         // The status address was validated at parse time; a failure here means the
         // frontend removed the memory meanwhile: nothing more can be reported.
         let _ = mem.write_obj(slot.status, slot.req.status_addr);
@@ -161,9 +161,8 @@ impl BlkQueue {
                 slot.pending = 1;
             },
             RequestKind::GetId => {
-                if !slot.req.write_data(&id) {
-                    slot.status = VIRTIO_BLK_S_IOERR as u8;
-                }
+                // SAFETY: `mem` (the memory the request was parsed against) is alive.
+                unsafe { req.copy_to_data(&id) };
             }
             RequestKind::Discard | RequestKind::WriteZeroes if readonly => {
                 slot.status = VIRTIO_BLK_S_IOERR as u8
@@ -187,7 +186,6 @@ impl BlkQueue {
                     slot.pending += 1;
                 }
             }
-            RequestKind::Unsupported(_) => slot.status = VIRTIO_BLK_S_UNSUPP as u8,
         }
         if slot.pending > 0 {
             slot.mem = Some(mem.clone());
@@ -250,6 +248,7 @@ impl Poller for BlkQueue {
         work += completed;
 
         if !self.stopping {
+            let limits = self.shared.limits();
             let mut popped = 0;
             while popped < POP_BUDGET {
                 let Some(&tag) = self.free.last() else { break };
@@ -260,7 +259,7 @@ impl Poller for BlkQueue {
                 self.in_flight += 1;
                 popped += 1;
                 let slot = &mut self.slots[tag as usize];
-                match slot.req.parse_into(chain, &mem, &self.shared.limits) {
+                match slot.req.parse_into(chain, &limits) {
                     Ok(()) => {
                         if !self.start(tag, &mem) {
                             self.complete(tag, &mem);
@@ -268,17 +267,16 @@ impl Poller for BlkQueue {
                     }
                     Err(e) => {
                         tracing::debug!(queue = self.index, "bad request: {e}");
-                        match e.status_addr() {
+                        match e.status_addr {
                             Some(addr) => {
                                 slot.req.status_addr = addr;
-                                slot.req.clear_data();
-                                slot.status = e.status();
+                                slot.req.head_index = e.head_index;
+                                slot.status = e.error.status();
                                 self.complete(tag, &mem);
                             }
                             None => {
                                 // Nowhere to write a status: hand the chain back unused.
-                                let head = e.head_index();
-                                if let Err(e) = self.queue.add_used(&*mem, head, 0) {
+                                if let Err(e) = self.queue.add_used(&*mem, e.head_index, 0) {
                                     tracing::warn!(
                                         queue = self.index,
                                         "cannot return a chain: {e}"
