@@ -101,7 +101,10 @@ fn dio_align(fd: RawFd) -> Option<(usize, usize)> {
         if r != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 || st.stx_dio_offset_align == 0 {
             return None;
         }
-        Some((st.stx_dio_mem_align as usize, st.stx_dio_offset_align as usize))
+        Some((
+            st.stx_dio_mem_align as usize,
+            st.stx_dio_offset_align as usize,
+        ))
     }
 }
 
@@ -170,9 +173,10 @@ pub fn create(registry: &BdevRegistry, opts: AioOpts) -> Result<Arc<Bdev>, RpcEr
             format!("{path_s} ({size} bytes) is smaller than one block of {block_size} bytes"),
         ));
     }
-    let (mem_align, off_align) = dio_align(probe.as_raw_fd()).unwrap_or((lbs as usize, lbs as usize));
+    let (mem_align, off_align) =
+        dio_align(probe.as_raw_fd()).unwrap_or((lbs as usize, lbs as usize));
     let mut file = None;
-    if block_size as usize % off_align.max(1) == 0 {
+    if (block_size as usize).is_multiple_of(off_align.max(1)) {
         match open(&opts.filename, opts.readonly, true) {
             Ok(f) => {
                 file = Some(AioFile {
@@ -213,7 +217,12 @@ pub fn create(registry: &BdevRegistry, opts: AioOpts) -> Result<Arc<Bdev>, RpcEr
         Box::new(backend),
     );
     registry.add(bdev.clone())?;
-    tracing::info!(bdev = bdev.name(), num_blocks, block_size, "aio bdev created");
+    tracing::info!(
+        bdev = bdev.name(),
+        num_blocks,
+        block_size,
+        "aio bdev created"
+    );
     Ok(bdev)
 }
 
@@ -395,8 +404,8 @@ impl AioChannel {
     fn aligned(&self, iovs: &[libc::iovec]) -> bool {
         iovs.len() <= IOV_MAX
             && iovs.iter().all(|v| {
-                (v.iov_base as usize) % self.file.mem_align == 0
-                    && v.iov_len % self.file.len_align == 0
+                (v.iov_base as usize).is_multiple_of(self.file.mem_align)
+                    && v.iov_len.is_multiple_of(self.file.len_align)
             })
     }
 
@@ -484,7 +493,11 @@ impl AioChannel {
         match self.ring.submit() {
             Ok(_) => self.unsubmitted = false,
             // The SQEs stay in the ring: the next kick or reap submits them.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+                ) => {}
             Err(e) => tracing::error!("io_uring submit failed: {e}"),
         }
     }
@@ -645,6 +658,8 @@ impl IoChannel for AioChannel {
             done(t, r);
             n += 1;
         }
+        // Submissions the frontend did not kick yet must not wait for a completion.
+        self.submit_ring();
         if self.in_kernel == 0 && !self.efd_dirty {
             return n;
         }

@@ -72,7 +72,13 @@ mod tests {
         let o = params::<CreateParams>(Some(p)).unwrap().into_opts();
         assert_eq!((o.block_size, o.readonly), (None, false));
         let p = json!({"filename": "/tmp/f", "name": "Aio0", "block_size": 4096});
-        assert_eq!(params::<CreateParams>(Some(p)).unwrap().into_opts().block_size, Some(4096));
+        assert_eq!(
+            params::<CreateParams>(Some(p))
+                .unwrap()
+                .into_opts()
+                .block_size,
+            Some(4096)
+        );
         let p = json!({"name": "Aio0"});
         let e = params::<CreateParams>(Some(p)).unwrap_err();
         assert!(e.message.contains("filename"), "{}", e.message);

@@ -60,13 +60,25 @@ fn io(ch: &mut BdevChannel, op: IoOp) -> IoResult {
 fn write(ch: &mut BdevChannel, offset: u64, data: &mut [u8]) -> IoResult {
     let v = [iov(data)];
     // SAFETY: `v` outlives the reap inside `io`.
-    io(ch, IoOp::Write { offset, iovs: unsafe { IoVecs::from_slice(&v) } })
+    io(
+        ch,
+        IoOp::Write {
+            offset,
+            iovs: unsafe { IoVecs::from_slice(&v) },
+        },
+    )
 }
 
 fn read(ch: &mut BdevChannel, offset: u64, data: &mut [u8]) -> IoResult {
     let v = [iov(data)];
     // SAFETY: as in `write`.
-    io(ch, IoOp::Read { offset, iovs: unsafe { IoVecs::from_slice(&v) } })
+    io(
+        ch,
+        IoOp::Read {
+            offset,
+            iovs: unsafe { IoVecs::from_slice(&v) },
+        },
+    )
 }
 
 fn file_bytes(f: &tempfile::NamedTempFile) -> Vec<u8> {
@@ -103,7 +115,14 @@ fn aio_direct_and_bounce_paths() {
     let (p1, p2) = back.bytes().split_at_mut(100);
     let v = [iov(p1), iov(p2)];
     // SAFETY: `v` and `back` outlive the reap.
-    io(&mut ch, IoOp::Read { offset: 131072, iovs: unsafe { IoVecs::from_slice(&v) } }).unwrap();
+    io(
+        &mut ch,
+        IoOp::Read {
+            offset: 131072,
+            iovs: unsafe { IoVecs::from_slice(&v) },
+        },
+    )
+    .unwrap();
     assert_eq!(back.bytes(), u.bytes());
 
     io(&mut ch, IoOp::Flush).unwrap();
@@ -128,9 +147,19 @@ fn aio_direct_and_bounce_paths() {
 fn aio_unmap_punches_and_write_zeroes_zero() {
     let f = sparse_file(MIB);
     let r = BdevRegistry::default();
-    let b = create(&r, AioOpts { block_size: Some(4096), ..opts(&f, "Aio1") }).unwrap();
+    let b = create(
+        &r,
+        AioOpts {
+            block_size: Some(4096),
+            ..opts(&f, "Aio1")
+        },
+    )
+    .unwrap();
     assert_eq!(b.num_blocks(), 256);
-    assert_eq!(b.to_json()["driver_specific"]["aio"]["block_size_override"], true);
+    assert_eq!(
+        b.to_json()["driver_specific"]["aio"]["block_size_override"],
+        true
+    );
     let mut ch = b.open_channel().unwrap();
     let mut d = Buf::new(256 * 1024, 0, 3);
     write(&mut ch, 256 * 1024, d.bytes()).unwrap();
@@ -139,9 +168,19 @@ fn aio_unmap_punches_and_write_zeroes_zero() {
     assert!(blocks_before >= 512, "allocated: {blocks_before}");
 
     // Unmap the first 64 KiB of the data: a hole appears there.
-    io(&mut ch, IoOp::Unmap { offset: 256 * 1024, len: 65536 }).unwrap();
+    io(
+        &mut ch,
+        IoOp::Unmap {
+            offset: 256 * 1024,
+            len: 65536,
+        },
+    )
+    .unwrap();
     let blocks_after = f.as_file().metadata().unwrap().blocks();
-    assert!(blocks_after + 128 <= blocks_before, "{blocks_before} -> {blocks_after}");
+    assert!(
+        blocks_after + 128 <= blocks_before,
+        "{blocks_before} -> {blocks_after}"
+    );
     // SAFETY: lseek on our own descriptor.
     let hole = unsafe { libc::lseek(f.as_file().as_raw_fd(), 256 * 1024, libc::SEEK_HOLE) };
     assert_eq!(hole, 256 * 1024);
@@ -149,7 +188,11 @@ fn aio_unmap_punches_and_write_zeroes_zero() {
     // Write-zeroes without unmap over the next 64 KiB.
     io(
         &mut ch,
-        IoOp::WriteZeroes { offset: 320 * 1024, len: 65536, may_unmap: false },
+        IoOp::WriteZeroes {
+            offset: 320 * 1024,
+            len: 65536,
+            may_unmap: false,
+        },
     )
     .unwrap();
     let mut back = Buf::new(256 * 1024, 0, 0);
@@ -162,10 +205,23 @@ fn aio_unmap_punches_and_write_zeroes_zero() {
 
     // Without `fallocate`, unmap is not offered: ENOTSUP, nothing reaches the file.
     let g = sparse_file(MIB);
-    let b2 = create(&r, AioOpts { fallocate: false, ..opts(&g, "Aio2") }).unwrap();
+    let b2 = create(
+        &r,
+        AioOpts {
+            fallocate: false,
+            ..opts(&g, "Aio2")
+        },
+    )
+    .unwrap();
     let mut ch2 = b2.open_channel().unwrap();
     assert_eq!(
-        io(&mut ch2, IoOp::Unmap { offset: 0, len: 4096 }),
+        io(
+            &mut ch2,
+            IoOp::Unmap {
+                offset: 0,
+                len: 4096
+            }
+        ),
         Err(Errno(libc::ENOTSUP))
     );
 }
@@ -180,10 +236,19 @@ fn aio_rejects_out_of_range_and_readonly_writes() {
     let mut ch = b.open_channel().unwrap();
     let before = file_bytes(&f);
     let mut d = Buf::new(1024, 0, 4);
-    assert_eq!(write(&mut ch, MIB - 512, d.bytes()), Err(Errno(libc::EINVAL)));
+    assert_eq!(
+        write(&mut ch, MIB - 512, d.bytes()),
+        Err(Errno(libc::EINVAL))
+    );
     assert_eq!(write(&mut ch, 100, d.bytes()), Err(Errno(libc::EINVAL)));
     assert_eq!(
-        io(&mut ch, IoOp::Unmap { offset: u64::MAX - 511, len: 1024 }),
+        io(
+            &mut ch,
+            IoOp::Unmap {
+                offset: u64::MAX - 511,
+                len: 1024
+            }
+        ),
         Err(Errno(libc::EINVAL))
     );
     let mut odd = Buf::new(700, 0, 4);
@@ -191,7 +256,14 @@ fn aio_rejects_out_of_range_and_readonly_writes() {
     assert_eq!(file_bytes(&f), before);
     assert_eq!(b.stats.to_json("x")["io_error"], 4);
 
-    let ro = create(&r, AioOpts { readonly: true, ..opts(&f, "Aio4") }).unwrap();
+    let ro = create(
+        &r,
+        AioOpts {
+            readonly: true,
+            ..opts(&f, "Aio4")
+        },
+    )
+    .unwrap();
     assert_eq!(ro.to_json()["supported_io_types"]["unmap"], false);
     let mut ch = ro.open_channel().unwrap();
     assert_eq!(write(&mut ch, 0, d.bytes()), Err(Errno(libc::EROFS)));
@@ -210,14 +282,24 @@ fn aio_short_read_is_an_error_not_success() {
     // then no progress at all.
     f.as_file().set_len(MIB / 2).unwrap();
     let mut d = Buf::new(8192, 0, 0);
-    assert_eq!(read(&mut ch, MIB / 2 - 4096, d.bytes()), Err(Errno(libc::EIO)));
+    assert_eq!(
+        read(&mut ch, MIB / 2 - 4096, d.bytes()),
+        Err(Errno(libc::EIO))
+    );
 }
 
 #[test]
 fn aio_deep_queue_overflows_the_ring() {
     let f = sparse_file(4 * MIB);
     let r = BdevRegistry::default();
-    let b = create(&r, AioOpts { block_size: Some(4096), ..opts(&f, "Aio6") }).unwrap();
+    let b = create(
+        &r,
+        AioOpts {
+            block_size: Some(4096),
+            ..opts(&f, "Aio6")
+        },
+    )
+    .unwrap();
     let mut ch = b.open_channel().unwrap();
     let n = 600usize;
     let mut data = Buf::new(n * 4096, 0, 9);
@@ -237,7 +319,10 @@ fn aio_deep_queue_overflows_the_ring() {
     ch.kick();
     let mut res = reap_all(&mut ch, n);
     res.sort_by_key(|r| r.0);
-    assert!(res.iter().enumerate().all(|(i, r)| r.0 == i as u64 && r.1.is_ok()));
+    assert!(res
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.0 == i as u64 && r.1.is_ok()));
     assert_eq!(&file_bytes(&f)[..n * 4096], data.bytes());
     assert_eq!(b.stats.to_json("x")["num_write_ops"], n as u64);
 }
@@ -257,11 +342,19 @@ fn aio_create_errors_name_the_file() {
         },
     ));
     assert_eq!(e.code, -libc::ENOENT);
-    assert!(e.message.contains("/nonexistent/blockd-test.img"), "{}", e.message);
+    assert!(
+        e.message.contains("/nonexistent/blockd-test.img"),
+        "{}",
+        e.message
+    );
     let tiny = sparse_file(100);
     let e = err(create(&r, opts(&tiny, "T")));
     assert_eq!(e.code, -libc::EINVAL);
-    assert!(e.message.contains("smaller than one block"), "{}", e.message);
+    assert!(
+        e.message.contains("smaller than one block"),
+        "{}",
+        e.message
+    );
     let f = sparse_file(MIB);
     create(&r, opts(&f, "A")).unwrap();
     assert_eq!(err(create(&r, opts(&f, "A"))).code, -libc::EEXIST);

@@ -58,10 +58,7 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Mapping {
-            ptr: p.cast(),
-            len,
-        })
+        Ok(Mapping { ptr: p.cast(), len })
     }
 
     /// Whether `[offset, offset + len)` lies inside the mapping.
@@ -204,7 +201,9 @@ impl BdevBackend for MallocBackend {
 pub fn create(registry: &BdevRegistry, opts: MallocOpts) -> Result<Arc<Bdev>, RpcError> {
     check_block_size(opts.block_size).map_err(RpcError::invalid_params)?;
     if opts.num_blocks == 0 {
-        return Err(RpcError::invalid_params("num_blocks must be greater than 0"));
+        return Err(RpcError::invalid_params(
+            "num_blocks must be greater than 0",
+        ));
     }
     let len = opts
         .num_blocks
@@ -221,7 +220,10 @@ pub fn create(registry: &BdevRegistry, opts: MallocOpts) -> Result<Arc<Bdev>, Rp
     }
     let mem = Mapping::new(len).map_err(|e| {
         let errno = e.raw_os_error().unwrap_or(libc::ENOMEM);
-        RpcError::errno_msg(errno, format!("cannot allocate {len} bytes for {name}: {e}"))
+        RpcError::errno_msg(
+            errno,
+            format!("cannot allocate {len} bytes for {name}: {e}"),
+        )
     })?;
     let bdev = Bdev::new(
         BdevParams {
@@ -269,7 +271,14 @@ mod tests {
         delete(&r, "Malloc0").unwrap();
         assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc0");
         assert_eq!(
-            err(create(&r, MallocOpts { block_size: 1000, ..opts(None) })).code,
+            err(create(
+                &r,
+                MallocOpts {
+                    block_size: 1000,
+                    ..opts(None)
+                }
+            ))
+            .code,
             -32602
         );
     }
@@ -278,7 +287,14 @@ mod tests {
     fn malloc_io_roundtrip() {
         let r = BdevRegistry::default();
         // 64 KiB: page-sized unmaps take the madvise path.
-        let b = create(&r, MallocOpts { num_blocks: 128, ..opts(Some("M")) }).unwrap();
+        let b = create(
+            &r,
+            MallocOpts {
+                num_blocks: 128,
+                ..opts(Some("M"))
+            },
+        )
+        .unwrap();
         let mut ch = b.open_channel().unwrap();
         let mut a: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
         let mut c = vec![0x11u8; 512];
@@ -289,14 +305,37 @@ mod tests {
         let w2 = [iov(&mut c)];
         // SAFETY: all buffers outlive the reaps.
         unsafe {
-            submit(&mut ch, 1, IoOp::Write { offset: 4096, iovs: IoVecs::from_slice(&w) });
-            submit(&mut ch, 2, IoOp::Write { offset: 0, iovs: IoVecs::from_slice(&w2) });
+            submit(
+                &mut ch,
+                1,
+                IoOp::Write {
+                    offset: 4096,
+                    iovs: IoVecs::from_slice(&w),
+                },
+            );
+            submit(
+                &mut ch,
+                2,
+                IoOp::Write {
+                    offset: 0,
+                    iovs: IoVecs::from_slice(&w2),
+                },
+            );
         }
         assert!(reap_all(&mut ch, 2).iter().all(|r| r.1.is_ok()));
         let (r1, r2) = rd.split_at_mut(512);
         let rv = [iov(r1), iov(r2)];
         // SAFETY: as above.
-        unsafe { submit(&mut ch, 3, IoOp::Read { offset: 3584, iovs: IoVecs::from_slice(&rv) }) };
+        unsafe {
+            submit(
+                &mut ch,
+                3,
+                IoOp::Read {
+                    offset: 3584,
+                    iovs: IoVecs::from_slice(&rv),
+                },
+            )
+        };
         assert_eq!(reap_all(&mut ch, 1), vec![(3, Ok(()))]);
         assert!(rd[..512].iter().all(|&x| x == 0));
         assert_eq!(&rd[512..], &a[..]);
@@ -304,14 +343,38 @@ mod tests {
         // Unmap [4608, 4608 + 8192 - 1024): partial pages at both ends, one whole page.
         // SAFETY: no buffers.
         unsafe {
-            submit(&mut ch, 4, IoOp::Unmap { offset: 4608, len: 7168 });
-            submit(&mut ch, 5, IoOp::WriteZeroes { offset: 0, len: 512, may_unmap: false });
+            submit(
+                &mut ch,
+                4,
+                IoOp::Unmap {
+                    offset: 4608,
+                    len: 7168,
+                },
+            );
+            submit(
+                &mut ch,
+                5,
+                IoOp::WriteZeroes {
+                    offset: 0,
+                    len: 512,
+                    may_unmap: false,
+                },
+            );
         }
         assert!(reap_all(&mut ch, 2).iter().all(|r| r.1.is_ok()));
         let mut back = vec![0xffu8; 65536];
         let bv = [iov(&mut back)];
         // SAFETY: as above.
-        unsafe { submit(&mut ch, 6, IoOp::Read { offset: 0, iovs: IoVecs::from_slice(&bv) }) };
+        unsafe {
+            submit(
+                &mut ch,
+                6,
+                IoOp::Read {
+                    offset: 0,
+                    iovs: IoVecs::from_slice(&bv),
+                },
+            )
+        };
         assert_eq!(reap_all(&mut ch, 1), vec![(6, Ok(()))]);
         assert!(back[..4096].iter().all(|&x| x == 0));
         assert_eq!(&back[4096..4608], &a[..512]);
@@ -327,6 +390,9 @@ mod tests {
         assert_eq!(s["num_write_zeroes_ops"], 1);
         assert_eq!(s["io_error"], 0);
         let (m, p) = b.backend().config(&b).unwrap();
-        assert_eq!((m, p["block_size"].as_u64()), ("bdev_malloc_create", Some(512)));
+        assert_eq!(
+            (m, p["block_size"].as_u64()),
+            ("bdev_malloc_create", Some(512))
+        );
     }
 }

@@ -78,10 +78,16 @@ mod tests {
         // What `rpc.py bdev_malloc_create -b M 1 512` sends.
         let p = json!({"num_blocks": 2048, "block_size": 512, "name": "M",
                        "md_interleave": false, "dif_is_head_of_md": false});
-        let o = params::<CreateParams>(Some(p)).unwrap().into_opts().unwrap();
+        let o = params::<CreateParams>(Some(p))
+            .unwrap()
+            .into_opts()
+            .unwrap();
         assert_eq!((o.num_blocks, o.name.as_deref()), (2048, Some("M")));
         let p = json!({"num_blocks": 1, "block_size": 512, "dif_type": 1});
-        assert!(params::<CreateParams>(Some(p)).unwrap().into_opts().is_err());
+        assert!(params::<CreateParams>(Some(p))
+            .unwrap()
+            .into_opts()
+            .is_err());
         let p = json!({"num_blocks": 1, "block_size": 512, "uuid": "nope"});
         assert_eq!(params::<CreateParams>(Some(p)).unwrap_err().code, -32602);
     }

@@ -89,10 +89,18 @@ pub fn create(registry: &BdevRegistry, opts: NullOpts) -> Result<Arc<Bdev>, RpcE
         return Err(RpcError::invalid_params("name must not be empty"));
     }
     if opts.num_blocks == 0 {
-        return Err(RpcError::invalid_params("num_blocks must be greater than 0"));
+        return Err(RpcError::invalid_params(
+            "num_blocks must be greater than 0",
+        ));
     }
-    if opts.num_blocks.checked_mul(opts.block_size as u64).is_none() {
-        return Err(RpcError::invalid_params("num_blocks * block_size overflows"));
+    if opts
+        .num_blocks
+        .checked_mul(opts.block_size as u64)
+        .is_none()
+    {
+        return Err(RpcError::invalid_params(
+            "num_blocks * block_size overflows",
+        ));
     }
     let bdev = Bdev::new(
         BdevParams {
@@ -139,17 +147,43 @@ mod tests {
         let v = [iov(&mut buf)];
         // SAFETY: `buf` and `v` outlive the reap below.
         unsafe {
-            submit(&mut ch, 1, IoOp::Write { offset: 0, iovs: IoVecs::from_slice(&v) });
-            submit(&mut ch, 2, IoOp::Read { offset: 3072, iovs: IoVecs::from_slice(&v) });
+            submit(
+                &mut ch,
+                1,
+                IoOp::Write {
+                    offset: 0,
+                    iovs: IoVecs::from_slice(&v),
+                },
+            );
+            submit(
+                &mut ch,
+                2,
+                IoOp::Read {
+                    offset: 3072,
+                    iovs: IoVecs::from_slice(&v),
+                },
+            );
             // Past the end (8 blocks = 4096 bytes): refused by the channel.
-            submit(&mut ch, 3, IoOp::Read { offset: 3584, iovs: IoVecs::from_slice(&v) });
+            submit(
+                &mut ch,
+                3,
+                IoOp::Read {
+                    offset: 3584,
+                    iovs: IoVecs::from_slice(&v),
+                },
+            );
             submit(&mut ch, 4, IoOp::Flush);
         }
         let mut res = reap_all(&mut ch, 4);
         res.sort_by_key(|r| r.0);
         assert_eq!(
             res,
-            vec![(1, Ok(())), (2, Ok(())), (3, Err(Errno(libc::EINVAL))), (4, Ok(()))]
+            vec![
+                (1, Ok(())),
+                (2, Ok(())),
+                (3, Err(Errno(libc::EINVAL))),
+                (4, Ok(()))
+            ]
         );
         assert!(buf.iter().all(|&x| x == 0xa5));
         let s = b.stats.to_json(b.name());

@@ -86,11 +86,17 @@ mod tests {
         let p = json!({"num_blocks": 16384, "block_size": 4096, "name": "Null0",
                        "uuid": "bf3cde26-dad0-4496-9f02-3f856df8d775",
                        "dif_is_head_of_md": false});
-        let o = params::<CreateParams>(Some(p)).unwrap().into_opts().unwrap();
+        let o = params::<CreateParams>(Some(p))
+            .unwrap()
+            .into_opts()
+            .unwrap();
         assert_eq!(o.num_blocks, 16384);
         assert!(o.uuid.is_some());
         let p = json!({"num_blocks": 1, "block_size": 512, "name": "N", "md_size": 8});
-        let e = params::<CreateParams>(Some(p)).unwrap().into_opts().unwrap_err();
+        let e = params::<CreateParams>(Some(p))
+            .unwrap()
+            .into_opts()
+            .unwrap_err();
         assert!(e.message.contains("md_size"));
         let p = json!({"num_blocks": 1, "block_size": 512, "name": "N", "bogus": 1});
         assert_eq!(params::<CreateParams>(Some(p)).unwrap_err().code, -32602);
