@@ -78,7 +78,7 @@ impl BdevChannel {
             let in_range = offset
                 .checked_add(len)
                 .is_some_and(|end| end <= self.bdev.size());
-            if !in_range || offset % bs != 0 || len % bs != 0 {
+            if !in_range || !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
                 return Err(Errno(libc::EINVAL));
             }
         }

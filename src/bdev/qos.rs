@@ -49,7 +49,7 @@ impl QosLimits {
     /// 1000; byte limits are whole MiB/s (guaranteed by the type). Also refuses values whose
     /// byte rate overflows.
     pub fn validate(&self) -> Result<(), String> {
-        if self.rw_ios_per_sec % MIN_IOS_PER_SEC != 0 {
+        if !self.rw_ios_per_sec.is_multiple_of(MIN_IOS_PER_SEC) {
             return Err(format!(
                 "rw_ios_per_sec {} must be 0 (unlimited) or a multiple of {MIN_IOS_PER_SEC}",
                 self.rw_ios_per_sec
