@@ -1,8 +1,9 @@
 //! QoS limits (`bdev_set_qos_limit`): token buckets shared by every channel of a bdev.
 //!
 //! As in SPDK, only reads and writes are rate limited; flush, unmap and write-zeroes pass.
-//! Each bucket refills continuously at its rate and holds at most about 1 ms worth of tokens
-//! (at least one I/O, or 64 KiB for byte limits) so that bursts stay small. An operation is
+//! Each bucket refills continuously at its rate and holds at most 10 ms worth of tokens
+//! (at least one I/O, or 64 KiB for byte limits): bursts stay small, and a reactor that
+//! wakes up a few ms late does not lose rate. An operation is
 //! admitted when every bucket that applies to it has a positive balance; it then takes its
 //! full cost, possibly driving the balance negative (a big I/O is never starved), and later
 //! operations wait until the debt is refilled. The long-run rate is therefore exact.
@@ -80,12 +81,15 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// A bucket holding at most 10 ms worth of tokens (at least `min_burst`), which
+    /// absorbs a reactor waking up late without losing rate; it starts with `min_burst`
+    /// only, so a fresh limit does not begin with a burst.
     fn new(rate: u64, min_burst: f64) -> Self {
-        let burst = (rate as f64 / 1000.0).max(min_burst);
+        let burst = (rate as f64 / 100.0).max(min_burst);
         Bucket {
             rate,
             burst,
-            tokens: burst,
+            tokens: min_burst,
         }
     }
 
@@ -243,7 +247,7 @@ mod tests {
 
     #[test]
     fn simulated_rate_is_exact() {
-        // Simulated clock: 2 s at 5000 IOPS admits 10000 (+ the initial burst of 5).
+        // Simulated clock: 2 s at 5000 IOPS admits 10000 (+ the initial token).
         let q = Qos::default();
         q.set_limits(QosLimits {
             rw_ios_per_sec: 5000,
@@ -263,7 +267,7 @@ mod tests {
                 }
             }
         }
-        assert!((10000..=10006).contains(&admitted), "admitted {admitted}");
+        assert!((10000..=10002).contains(&admitted), "admitted {admitted}");
         // Flush is never limited.
         assert!(q.try_admit(IoKind::Flush, 0, now).is_ok());
     }
