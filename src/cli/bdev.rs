@@ -129,7 +129,10 @@ impl Run for BdevCmd {
             } => ctx.call_print(
                 "bdev_malloc_create",
                 params_of(vec![
-                    ("num_blocks", Some(json!(num_blocks(total_size, block_size)?))),
+                    (
+                        "num_blocks",
+                        Some(json!(num_blocks(total_size, block_size)?)),
+                    ),
                     ("block_size", Some(json!(block_size))),
                     ("name", name.map(|n| json!(n))),
                     ("uuid", uuid.map(|u| json!(u))),
@@ -144,7 +147,10 @@ impl Run for BdevCmd {
             } => ctx.call_print(
                 "bdev_null_create",
                 params_of(vec![
-                    ("num_blocks", Some(json!(num_blocks(total_size as f64, block_size)?))),
+                    (
+                        "num_blocks",
+                        Some(json!(num_blocks(total_size as f64, block_size)?)),
+                    ),
                     ("block_size", Some(json!(block_size))),
                     ("name", Some(json!(name))),
                     ("uuid", uuid.map(|u| json!(u))),

@@ -45,7 +45,13 @@ impl ClientError {
 }
 
 /// rpc.py's text for an error response.
-fn rpc_error_text(method: &str, params: &Option<Value>, id: u64, code: i64, message: &str) -> String {
+fn rpc_error_text(
+    method: &str,
+    params: &Option<Value>,
+    id: u64,
+    code: i64,
+    message: &str,
+) -> String {
     format!(
         "request:\n{}\nGot JSON-RPC error response\nresponse:\n{}",
         pretty(&request_echo(method, params, id)),
@@ -127,21 +133,22 @@ impl RpcClient {
                         .to_string(),
                 });
             }
-            return resp.get("result").cloned().ok_or_else(|| ClientError::Protocol {
-                path: self.path.clone(),
-                msg: format!("response has neither result nor error: {resp}"),
-            });
+            return resp
+                .get("result")
+                .cloned()
+                .ok_or_else(|| ClientError::Protocol {
+                    path: self.path.clone(),
+                    msg: format!("response has neither result nor error: {resp}"),
+                });
         }
     }
 
     /// Writes bytes as they are (tests use it to send split or malformed requests).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.stream
-            .write_all(bytes)
-            .map_err(|err| ClientError::Io {
-                path: self.path.clone(),
-                err,
-            })
+        self.stream.write_all(bytes).map_err(|err| ClientError::Io {
+            path: self.path.clone(),
+            err,
+        })
     }
 
     /// Reads until one complete JSON value decodes and returns it (the next response).
@@ -192,9 +199,9 @@ impl RpcClient {
                     ) =>
                 {
                     return Err(ClientError::Timeout {
-                    timeout: self.timeout,
-                    path: self.path.clone(),
-                })
+                        timeout: self.timeout,
+                        path: self.path.clone(),
+                    })
                 }
                 Err(err) => {
                     return Err(ClientError::Io {

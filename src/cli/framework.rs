@@ -135,7 +135,12 @@ pub fn save_config(ctx: &Ctx, only: Option<&str>) -> anyhow::Result<Value> {
             .context("framework_get_subsystems: entry without a name")?
             .to_string();
         let mut set = BTreeSet::from([name.clone()]);
-        for d in s.get("depends_on").and_then(Value::as_array).into_iter().flatten() {
+        for d in s
+            .get("depends_on")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             if let Some(d) = d.as_str() {
                 set.extend(deps.get(d).cloned().unwrap_or_default());
                 set.insert(d.to_string());
@@ -219,7 +224,11 @@ pub fn load_config(ctx: &Ctx, cfg: &Value, include_aliases: bool) -> anyhow::Res
                 if !known.contains(method) {
                     bail!("subsystem '{name}' entry {j}: the daemon has no method '{method}'");
                 }
-                calls.push((j, method, item.get("params").filter(|p| !p.is_null()).cloned()));
+                calls.push((
+                    j,
+                    method,
+                    item.get("params").filter(|p| !p.is_null()).cloned(),
+                ));
             }
         }
         let rank = order.iter().position(|o| o == name).unwrap_or(usize::MAX);

@@ -27,7 +27,11 @@ use client::{ClientError, RpcClient};
 
 /// Command line of `blockctl`.
 #[derive(Parser, Debug)]
-#[command(name = "blockctl", version, about = "Control blockd over its JSON-RPC socket")]
+#[command(
+    name = "blockctl",
+    version,
+    about = "Control blockd over its JSON-RPC socket"
+)]
 pub struct Cli {
     /// RPC socket of the daemon.
     #[arg(short = 's', default_value = "/var/tmp/blockd.sock")]
@@ -130,7 +134,10 @@ pub fn print_result(v: &Value) {
     match v {
         Value::String(s) => println!("{s}"),
         Value::Bool(true) => {}
-        other => println!("{}", serde_json::to_string_pretty(other).unwrap_or_default()),
+        other => println!(
+            "{}",
+            serde_json::to_string_pretty(other).unwrap_or_default()
+        ),
     }
 }
 

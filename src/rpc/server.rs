@@ -385,7 +385,10 @@ pub(crate) enum Frame {
 #[derive(Default)]
 pub(crate) struct Framer {
     buf: Vec<u8>,
-    /// Bytes of `buf` the scanner has looked at.
+    /// Start of the unconsumed bytes in `buf` (consumed ones are dropped on the next push,
+    /// so that many small requests in one read cost no repeated moves).
+    start: usize,
+    /// Offset in `buf` up to which the scanner has looked.
     scanned: usize,
     depth: usize,
     in_str: bool,
@@ -394,19 +397,24 @@ pub(crate) struct Framer {
     in_token: bool,
     /// The scanner saw a possible end of a value at this offset.
     candidate: bool,
-    /// Length of `buf` at the last parse that needed more bytes.
+    /// Unconsumed length at the last parse that needed more bytes.
     last_try: usize,
 }
 
 impl Framer {
     /// Appends received bytes.
     pub(crate) fn push(&mut self, data: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
         self.buf.extend_from_slice(data);
     }
 
     /// Unconsumed bytes.
     pub(crate) fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     fn scan(&mut self) {
@@ -452,7 +460,7 @@ impl Framer {
     }
 
     fn reset_scan(&mut self) {
-        self.scanned = 0;
+        self.scanned = self.start;
         self.depth = 0;
         self.in_str = false;
         self.esc = false;
@@ -465,30 +473,33 @@ impl Framer {
     /// only whitespace), or the syntax error.
     pub(crate) fn next_value(&mut self) -> Frame {
         self.scan();
-        let grown = self.buf.len() >= self.last_try.saturating_mul(2).max(1);
+        let len = self.pending();
+        let grown = len >= self.last_try.saturating_mul(2).max(1);
         if !self.candidate && !grown {
             return Frame::NeedMore;
         }
-        if self.buf.len() == self.last_try {
+        if len == self.last_try {
             // Nothing new since a parse that needed more bytes.
             return Frame::NeedMore;
         }
-        let mut it = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Value>();
+        let mut it =
+            serde_json::Deserializer::from_slice(&self.buf[self.start..]).into_iter::<Value>();
         match it.next() {
             None => {
                 // Only whitespace.
                 self.buf.clear();
+                self.start = 0;
                 self.reset_scan();
                 Frame::NeedMore
             }
             Some(Ok(v)) => {
                 let used = it.byte_offset();
-                self.buf.drain(..used);
+                self.start += used;
                 self.reset_scan();
                 Frame::Value(v)
             }
             Some(Err(e)) if e.is_eof() => {
-                self.last_try = self.buf.len();
+                self.last_try = len;
                 if self.candidate {
                     // The scanner was wrong (e.g. a literal cut short); look further.
                     self.candidate = false;
