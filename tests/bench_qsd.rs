@@ -39,7 +39,10 @@ impl Qsd {
             .expect("qemu-storage-daemon (apt: qemu-utils) must be installed");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
-            assert!(Instant::now() < deadline, "qemu-storage-daemon did not create {sock:?}");
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not create {sock:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Qsd(child)
@@ -96,7 +99,9 @@ fn verify_fails_when_data_is_corrupted_behind_its_back() {
     let sock = dir.path().join("vhost.sock");
     let _qsd = Qsd::start(&img, &sock, 1);
     let s = sock.to_str().unwrap();
-    let common = ["-s", s, "--verify", "--size", "4m", "-b", "64k", "-q", "4", "--seed", "42"];
+    let common = [
+        "-s", s, "--verify", "--size", "4m", "-b", "64k", "-q", "4", "--seed", "42",
+    ];
     let phase = |p: &str| {
         let mut v = common.to_vec();
         v.extend(["--verify-phase", p]);
@@ -142,11 +147,22 @@ fn timed_patterns_with_polling_and_eventfd() {
     let _qsd = Qsd::start(&img, &sock, 2);
     let s = sock.to_str().unwrap();
     for extra in [
-        &["-w", "randrw", "--rwmixread", "70", "--queues", "2", "--cpus", "0"][..],
-        &["-w", "write", "-b", "128k", "--no-poll"][..],
+        &[
+            "-w",
+            "randrw",
+            "--rwmixread",
+            "70",
+            "-q",
+            "8",
+            "--queues",
+            "2",
+            "--cpus",
+            "0",
+        ][..],
+        &["-w", "write", "-b", "128k", "-q", "8", "--no-poll"][..],
         &["-w", "read", "-q", "1", "--json"][..],
     ] {
-        let mut v = vec!["-s", s, "-t", "1", "-q", "8"];
+        let mut v = vec!["-s", s, "-t", "1"];
         v.extend_from_slice(extra);
         let a = args(&v);
         let r = execute(&a).unwrap();
@@ -169,7 +185,15 @@ fn silent_backend_times_out_instead_of_hanging() {
     let sock = dir.path().join("mute.sock");
     let _listener = UnixListener::bind(&sock).unwrap(); // accepts (backlog), never answers
     let t = Instant::now();
-    let e = execute(&args(&["-s", sock.to_str().unwrap(), "--timeout", "2", "-t", "1"])).unwrap_err();
+    let e = execute(&args(&[
+        "-s",
+        sock.to_str().unwrap(),
+        "--timeout",
+        "2",
+        "-t",
+        "1",
+    ]))
+    .unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(10));
     assert!(format!("{e:#}").contains("no answer"), "{e:#}");
     // And a missing socket fails at once.

@@ -23,7 +23,10 @@ pub enum Pattern {
 impl Pattern {
     /// Whether offsets are random.
     pub fn random(self) -> bool {
-        matches!(self, Pattern::Randread | Pattern::Randwrite | Pattern::Randrw)
+        matches!(
+            self,
+            Pattern::Randread | Pattern::Randwrite | Pattern::Randrw
+        )
     }
 }
 
@@ -158,8 +161,23 @@ mod tests {
     #[test]
     fn command_line() {
         let c = Cli::try_parse_from([
-            "bench", "-s", "/tmp/s", "-w", "randrw", "--rwmixread", "70", "-b", "128k", "-q",
-            "8", "--queues", "2", "--cpus", "0-1", "--no-poll", "--json",
+            "bench",
+            "-s",
+            "/tmp/s",
+            "-w",
+            "randrw",
+            "--rwmixread",
+            "70",
+            "-b",
+            "128k",
+            "-q",
+            "8",
+            "--queues",
+            "2",
+            "--cpus",
+            "0-1",
+            "--no-poll",
+            "--json",
         ])
         .unwrap();
         let a = c.args;

@@ -102,51 +102,79 @@ fn blkio_err<'a>(what: &str, socket: &'a Path) -> impl Fn(blkio::Error) -> anyho
 /// `connect()`, queue properties before `start()`, memory regions after).
 fn open_device(a: &BenchArgs) -> Result<Device> {
     let s = a.socket.as_path();
-    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(blkio_err("creating libblkio instance", s))?;
+    let mut b =
+        Blkio::new("virtio-blk-vhost-user").map_err(blkio_err("creating libblkio instance", s))?;
     b.set_str("path", &s.to_string_lossy())
         .map_err(blkio_err("setting path", s))?;
     b.connect().map_err(blkio_err("connecting", s))?;
-    let max_queues = b.get_i32("max-queues").map_err(blkio_err("max-queues", s))?;
+    let max_queues = b
+        .get_i32("max-queues")
+        .map_err(blkio_err("max-queues", s))?;
     if i64::from(a.queues) > i64::from(max_queues) {
-        bail!("--queues {} but the device offers {max_queues} queue(s)", a.queues);
+        bail!(
+            "--queues {} but the device offers {max_queues} queue(s)",
+            a.queues
+        );
     }
     let queues = a.queues as i32;
     if a.polling() {
-        b.set_i32("num-queues", 0).map_err(blkio_err("num-queues", s))?;
+        b.set_i32("num-queues", 0)
+            .map_err(blkio_err("num-queues", s))?;
         b.set_i32("num-poll-queues", queues)
             .map_err(blkio_err("num-poll-queues", s))?;
     } else {
-        b.set_i32("num-queues", queues).map_err(blkio_err("num-queues", s))?;
+        b.set_i32("num-queues", queues)
+            .map_err(blkio_err("num-queues", s))?;
     }
     // Three descriptors per request (header, data, status).
-    let max_qs = b.get_i32("max-queue-size").map_err(blkio_err("max-queue-size", s))?;
+    let max_qs = b
+        .get_i32("max-queue-size")
+        .map_err(blkio_err("max-queue-size", s))?;
     let want = (a.qd.saturating_mul(3)).next_power_of_two().max(256);
     let qs = i32::try_from(want).unwrap_or(i32::MAX).min(max_qs);
-    b.set_i32("queue-size", qs).map_err(blkio_err("queue-size", s))?;
+    b.set_i32("queue-size", qs)
+        .map_err(blkio_err("queue-size", s))?;
 
-    let req_align = b.get_i32("request-alignment").map_err(blkio_err("request-alignment", s))?;
-    let max_transfer = b.get_i32("max-transfer").map_err(blkio_err("max-transfer", s))?;
-    if a.bs == 0 || a.bs % req_align.max(512) as u64 != 0 {
-        bail!("--bs {} is not a multiple of the request alignment {req_align}", a.bs);
+    let req_align = b
+        .get_i32("request-alignment")
+        .map_err(blkio_err("request-alignment", s))?;
+    let max_transfer = b
+        .get_i32("max-transfer")
+        .map_err(blkio_err("max-transfer", s))?;
+    if a.bs == 0 || !a.bs.is_multiple_of(req_align.max(512) as u64) {
+        bail!(
+            "--bs {} is not a multiple of the request alignment {req_align}",
+            a.bs
+        );
     }
     if max_transfer > 0 && a.bs > max_transfer as u64 {
-        bail!("--bs {} exceeds the device's max transfer {max_transfer}", a.bs);
+        bail!(
+            "--bs {} exceeds the device's max transfer {max_transfer}",
+            a.bs
+        );
     }
     let out = b.start().map_err(blkio_err("starting", s))?;
-    let queues = if a.polling() { out.poll_queues } else { out.queues };
+    let queues = if a.polling() {
+        out.poll_queues
+    } else {
+        out.queues
+    };
     if queues.len() != a.queues as usize {
-        bail!("libblkio started {} queues, wanted {}", queues.len(), a.queues);
+        bail!(
+            "libblkio started {} queues, wanted {}",
+            queues.len(),
+            a.queues
+        );
     }
     let capacity = b.get_u64("capacity").map_err(blkio_err("capacity", s))?;
     let align = b
         .get_u64("mem-region-alignment")
         .map_err(blkio_err("mem-region-alignment", s))?
         .max(1);
-    let bytes = a
-        .bs
-        .checked_mul(u64::from(a.qd) * u64::from(a.queues))
-        .and_then(|n| n.checked_next_multiple_of(align))
-        .ok_or_else(|| anyhow!("--bs × --qd × --queues is too large"))?;
+    let bytes =
+        a.bs.checked_mul(u64::from(a.qd) * u64::from(a.queues))
+            .and_then(|n| n.checked_next_multiple_of(align))
+            .ok_or_else(|| anyhow!("--bs × --qd × --queues is too large"))?;
     let region = b
         .alloc_mem_region(usize::try_from(bytes)?)
         .map_err(blkio_err("allocating buffers", s))?;
@@ -197,7 +225,10 @@ fn run_phase(dev: &mut Device, name: &str, jobs: &[Job]) -> Result<PhaseReport> 
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("worker thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("worker thread panicked")))
+            })
             .collect()
     });
     let mut hist = Histogram::new();
@@ -232,7 +263,7 @@ fn run_phase(dev: &mut Device, name: &str, jobs: &[Job]) -> Result<PhaseReport> 
 
 /// Runs the benchmark and returns the numbers (what [`run`] prints).
 pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
-    if a.bs % 512 != 0 || a.bs == 0 {
+    if a.bs == 0 || !a.bs.is_multiple_of(512) {
         bail!("--bs {} is not a non-zero multiple of 512", a.bs);
     }
     let mut dev = open_device_timeout(a)?;
@@ -243,7 +274,10 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
     let total_blocks = size / a.bs;
     let nq = u64::from(a.queues);
     if total_blocks < nq {
-        bail!("--size {size} holds fewer than one {}-byte block per queue", a.bs);
+        bail!(
+            "--size {size} holds fewer than one {}-byte block per queue",
+            a.bs
+        );
     }
     let cpus = a.cpus.as_ref().map(|c| c.0.as_slice()).unwrap_or(&[]);
     let jobs_for = |work: Work| -> Vec<Job> {
@@ -268,10 +302,18 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
     let mut phases = Vec::new();
     if a.verify {
         if matches!(a.verify_phase, VerifyPhase::Both | VerifyPhase::Write) {
-            phases.push(run_phase(&mut dev, "verify-write", &jobs_for(Work::VerifyWrite))?);
+            phases.push(run_phase(
+                &mut dev,
+                "verify-write",
+                &jobs_for(Work::VerifyWrite),
+            )?);
         }
         if matches!(a.verify_phase, VerifyPhase::Both | VerifyPhase::Read) {
-            phases.push(run_phase(&mut dev, "verify-read", &jobs_for(Work::VerifyRead))?);
+            phases.push(run_phase(
+                &mut dev,
+                "verify-read",
+                &jobs_for(Work::VerifyRead),
+            )?);
         }
     } else {
         let work = Work::Timed {

@@ -175,7 +175,11 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
         if write {
             if matches!(job.work, Work::VerifyWrite) {
                 // SAFETY: as above; no request uses this buffer now.
-                verify::fill(unsafe { std::slice::from_raw_parts_mut(p, bs) }, offset, job.seed);
+                verify::fill(
+                    unsafe { std::slice::from_raw_parts_mut(p, bs) },
+                    offset,
+                    job.seed,
+                );
             }
             queue.write(offset, p, bs, slot, ReqFlags::empty());
         } else {
