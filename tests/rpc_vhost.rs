@@ -1,0 +1,273 @@
+//! The vhost and bdev RPCs against a real `blockd`: SPDK's answers for every error path of
+//! the field, claims, socket naming and modes, and a saved configuration replayed by
+//! `blockd --json` to the same bdevs and controllers.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::blk_client::{pattern, BlkClient};
+use common::Daemon;
+use serde_json::{json, Value};
+
+fn malloc(d: &Daemon, name: &str, mib: u64) {
+    d.rpc_ok(
+        "bdev_malloc_create",
+        json!({"name": name, "num_blocks": mib * 2048, "block_size": 512}),
+    );
+}
+
+#[test]
+fn create_blk_controller_errors_are_spdks() {
+    let d = Daemon::start_with(&["-m", "0x1"]);
+    malloc(&d, "Malloc0", 8);
+    let create = |p: Value| d.rpc("vhost_create_blk_controller", p);
+
+    // The case from the field: a cpumask outside the daemon's.
+    let e =
+        create(json!({"ctrlr": "vhost.1", "dev_name": "Malloc0", "cpumask": "0x2"})).unwrap_err();
+    assert_eq!(e, (-32602, "Invalid argument".to_string()));
+    let log = d.log();
+    assert!(
+        log.contains("cpumask 0x2 is invalid (core mask is 0x1)"),
+        "{log}"
+    );
+    assert!(log.contains("outside of core mask(=0x1)"), "{log}");
+
+    let e =
+        create(json!({"ctrlr": "vhost.1", "dev_name": "Malloc0", "cpumask": "0xZZ"})).unwrap_err();
+    assert_eq!(e, (-32602, "Invalid argument".to_string()));
+    let e = create(json!({"ctrlr": "vhost.1", "dev_name": "Nope"})).unwrap_err();
+    assert_eq!(e, (-32602, "No such device".to_string()));
+    let e = create(json!({"ctrlr": "vhost.1"})).unwrap_err();
+    assert_eq!(e.0, -32602);
+    assert!(
+        e.1.contains("dev_name"),
+        "message does not name the parameter: {}",
+        e.1
+    );
+    for bad in ["", "a/b", "..", ".", &"x".repeat(200)] {
+        let e = create(json!({"ctrlr": bad, "dev_name": "Malloc0"})).unwrap_err();
+        assert_eq!(e.0, -32602, "name {bad:?} accepted");
+    }
+    // Nothing was created by the failed calls.
+    assert_eq!(d.rpc_ok("vhost_get_controllers", json!({})), json!([]));
+    assert_eq!(
+        d.rpc_ok("bdev_get_bdevs", json!({"name": "Malloc0"}))[0]["claimed"],
+        false
+    );
+    let files: Vec<_> = std::fs::read_dir(d.socket_dir()).unwrap().collect();
+    assert!(files.iter().all(|f| {
+        let n = f.as_ref().unwrap().file_name();
+        !n.to_string_lossy().starts_with("vhost")
+    }));
+
+    assert_eq!(
+        create(json!({"ctrlr": "vhost.1", "dev_name": "Malloc0", "cpumask": "[0]"})).unwrap(),
+        json!(true)
+    );
+    let sock = d.socket_dir().join("vhost.1");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    malloc(&d, "Malloc1", 8);
+    let e = create(json!({"ctrlr": "vhost.1", "dev_name": "Malloc1"})).unwrap_err();
+    assert_eq!(e, (-32602, "File exists".to_string()));
+    // Claimed by vhost.1: another controller cannot take it, and it cannot be deleted.
+    let e = create(json!({"ctrlr": "vhost.2", "dev_name": "Malloc0"})).unwrap_err();
+    assert!(e.1.contains("vhost.1"), "{e:?}");
+    let e = d
+        .rpc("bdev_malloc_delete", json!({"name": "Malloc0"}))
+        .unwrap_err();
+    assert!(e.1.contains("vhost controller vhost.1"), "{e:?}");
+    assert_eq!(
+        d.rpc_ok("bdev_get_bdevs", json!({"name": "Malloc0"}))[0]["claimed"],
+        true
+    );
+
+    let c = d.rpc_ok("vhost_get_controllers", json!({"name": "vhost.1"}));
+    assert_eq!(c[0]["ctrlr"], "vhost.1");
+    assert_eq!(c[0]["cpumask"], "0x1");
+    assert_eq!(c[0]["socket"], sock.to_str().unwrap());
+    assert_eq!(
+        c[0]["backend_specific"],
+        json!({"block": {"readonly": false, "bdev": "Malloc0", "transport": "vhost_user_blk"}})
+    );
+    let e = d
+        .rpc("vhost_get_controllers", json!({"name": "nope"}))
+        .unwrap_err();
+    assert_eq!(e, (-32603, "No such device".to_string()));
+    let e = d
+        .rpc("vhost_delete_controller", json!({"ctrlr": "nope"}))
+        .unwrap_err();
+    assert_eq!(e, (-32602, "No such device".to_string()));
+
+    d.rpc_ok("vhost_delete_controller", json!({"ctrlr": "vhost.1"}));
+    assert!(!sock.exists());
+    d.rpc_ok("bdev_malloc_delete", json!({"name": "Malloc0"}));
+}
+
+#[test]
+fn delete_refused_while_a_frontend_is_connected() {
+    let d = Daemon::start();
+    malloc(&d, "Malloc0", 4);
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
+    );
+    let sock = d.socket_dir().join("vhost.0");
+    let c = BlkClient::connect(sock.to_str().unwrap(), 1, 1 << 20).unwrap();
+    let e = d
+        .rpc("vhost_delete_controller", json!({"ctrlr": "vhost.0"}))
+        .unwrap_err();
+    assert_eq!(e, (-32602, "Device or resource busy".to_string()));
+    let ctl = d.rpc_ok("vhost_get_controllers", json!({}));
+    assert_eq!(ctl[0]["sessions"].as_array().unwrap().len(), 1, "{ctl}");
+    drop(c);
+    // Bounded wait for the daemon to notice the disconnect.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match d.rpc("vhost_delete_controller", json!({"ctrlr": "vhost.0"})) {
+            Ok(_) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "still refused: {e:?}"),
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn saved_config_replays_to_the_same_bdevs_and_controllers() {
+    let mut d = Daemon::start_with(&["-m", "0x1"]);
+    malloc(&d, "Malloc0", 8);
+    d.rpc_ok(
+        "bdev_null_create",
+        json!({"name": "Null0", "num_blocks": 4096, "block_size": 4096}),
+    );
+    d.rpc_ok(
+        "bdev_set_qos_limit",
+        json!({"name": "Null0", "rw_ios_per_sec": 20000}),
+    );
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
+    );
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.ro", "dev_name": "Null0", "readonly": true, "cpumask": "0x1"}),
+    );
+    let out = d.blockctl(&["save_config"]);
+    assert!(out.status.success());
+    let file = d.tmp_dir().join("config.json");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let bdevs = d.rpc_ok("bdev_get_bdevs", json!({}));
+    let ctrls = d.rpc_ok("vhost_get_controllers", json!({}));
+    assert!(d.stop().success());
+
+    let d2 = Daemon::start_with(&["-m", "0x1", "--json", file.to_str().unwrap()]);
+    assert_eq!(d2.rpc_ok("bdev_get_bdevs", json!({})), bdevs);
+    let mut ctrls2 = d2.rpc_ok("vhost_get_controllers", json!({}));
+    // Socket paths differ (each test daemon has its own directory).
+    for c in ctrls2
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .chain([].iter_mut())
+    {
+        c["socket"] = Value::Null;
+    }
+    let mut ctrls = ctrls;
+    for c in ctrls.as_array_mut().unwrap() {
+        c["socket"] = Value::Null;
+    }
+    assert_eq!(ctrls2, ctrls);
+}
+
+#[test]
+fn sigterm_drains_flushes_and_removes_sockets() {
+    let mut d = Daemon::start();
+    let img = d.tmp_dir().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    d.rpc_ok(
+        "bdev_aio_create",
+        json!({"filename": img.to_str().unwrap(), "name": "aio0", "block_size": 512}),
+    );
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "aio0"}),
+    );
+    let sock = d.socket_dir().join("vhost.0");
+    let mut c = BlkClient::connect(sock.to_str().unwrap(), 1, 1 << 20).unwrap();
+    pattern(&mut c.buf()[..65536], 4096, 11);
+    assert_eq!(c.write(0, 4096, 65536), 0);
+    assert_eq!(c.flush(0), 0);
+    d.signal(libc::SIGTERM);
+    let st = d.wait(std::time::Duration::from_secs(20));
+    assert!(st.success(), "exit status {st:?}\n{}", d.log());
+    assert!(!sock.exists(), "vhost socket left behind");
+    assert!(!d.rpc_socket().exists(), "RPC socket left behind");
+    let data = std::fs::read(&img).unwrap();
+    let mut want = vec![0u8; 65536];
+    pattern(&mut want, 4096, 11);
+    assert!(
+        data[4096..4096 + 65536] == want[..],
+        "flushed data not in the file"
+    );
+    drop(c);
+}
+
+#[test]
+fn spdk_rpc_py_drives_the_seed_flow() {
+    let Some(rpc) = common::spdk_rpc() else {
+        panic!("spdk-rpc (PyPI package spdk) is not installed: run scripts/install-deps.sh");
+    };
+    let d = Daemon::start_with(&["-m", "0x1"]);
+    let run = |args: &[&str]| {
+        let o = Command::new(&rpc)
+            .arg("-s")
+            .arg(d.rpc_socket())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = run(&["bdev_malloc_create", "-b", "Malloc0", "64", "512"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "Malloc0");
+    let (code, _, err) = run(&[
+        "vhost_create_blk_controller",
+        "--cpumask",
+        "0x1",
+        "vhost.1",
+        "Malloc0",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = run(&["vhost_get_controllers"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["backend_specific"]["block"]["bdev"], "Malloc0");
+    let (code, out, err) = run(&[
+        "vhost_create_blk_controller",
+        "--cpumask",
+        "0x4",
+        "vhost.2",
+        "Malloc0",
+    ]);
+    assert_ne!(code, Some(0));
+    assert!((out + &err).contains("Invalid argument"));
+    let (code, out, err) = run(&["bdev_get_iostat", "--names", "Malloc0"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["bdevs"][0]["name"], "Malloc0");
+    let (code, out, err) = run(&["bdev_get_bdevs", "-b", "Malloc0"]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["product_name"], "Malloc disk");
+    assert_eq!(v[0]["claimed"], true);
+}
