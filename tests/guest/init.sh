@@ -119,11 +119,13 @@ sc_multiqueue() {
     cpu=$((cpu + 1))
   done
   taskset -p -c 0-$((ncpu - 1)) $$ >/dev/null
-  # Requests queued per hardware queue (debugfs): proves each virtqueue carried I/O.
+  # Dispatch runs per hardware queue (blk-mq debugfs `run`): each virtqueue carried I/O.
   if mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
     for h in /sys/kernel/debug/block/vda/hctx*; do
-      [ -e "$h/queued" ] && R "vda.${h##*/}.queued" "$(cat $h/queued)"
+      [ -e "$h/run" ] && R "vda.${h##*/}.run" "$(cat $h/run)"
     done
+  else
+    R debugfs unavailable
   fi
 }
 

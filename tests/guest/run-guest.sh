@@ -45,9 +45,16 @@ for d in "$@"; do
 done
 qemu+=(-kernel "$KERNEL" -initrd "$INITRD" -append "$append" -serial "file:$console" -no-reboot)
 
+# Quote like tests/common/guest.rs shell_join: only words with unsafe characters.
+quote() {
+  local w out=()
+  for w in "$@"; do
+    if [[ -n $w && $w =~ ^[A-Za-z0-9_=,./:+@%-]+$ ]]; then out+=("$w"); else out+=("'${w//\'/\'\\\'\'}'"); fi
+  done
+  echo "${out[*]}"
+}
 echo "# QEMU command line:"
-printf '%q ' "${qemu[@]}"
-echo
+quote "${qemu[@]}"
 [ $dry -eq 0 ] || exit 0
 start=$(date +%s.%N)
 rc=0
