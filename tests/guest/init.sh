@@ -1,0 +1,204 @@
+#!/bin/sh
+# /init of blockd's test guest (busybox). Runs the scenario named on the kernel command
+# line (`blockd.scenario=NAME`, options `blockd.arg=KEY=VALUE`, repeatable), prints
+# machine-readable lines on the console and powers off:
+#   BLOCKD-RESULT <key>=<value>      (value: one token, no spaces)
+#   BLOCKD-DONE ok | BLOCKD-DONE fail <reason>
+# Patterns: sector LBA (512-byte units, absolute on the disk) holds the 512 bytes
+#   printf '%-8.8s %016x%486s\n' TAG LBA ''
+# so the host can recompute them (tests/common/guest.rs `pattern`). A region written
+# with TAG is reported as `<disk>.region.<TAG>=<offset>+<length>` (bytes).
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+echo 1 >/proc/sys/kernel/printk
+
+R() { echo "BLOCKD-RESULT $1=$2"; }
+finish() { sync; echo "BLOCKD-DONE $*"; poweroff -f; sleep 5; exit 1; }
+fail() { finish fail "$*"; }
+MiB=1048576
+# util-linux blkdiscard (has -z) if the image carries it; busybox's applet otherwise.
+BLKDISCARD=blkdiscard
+[ -x /usr/sbin/blkdiscard ] && BLKDISCARD=/usr/sbin/blkdiscard
+
+scenario=none
+for w in $(cat /proc/cmdline); do
+  case $w in
+    blockd.scenario=*) scenario=${w#blockd.scenario=} ;;
+    blockd.arg=*=*) kv=${w#blockd.arg=}; eval "arg_$(echo "${kv%%=*}" | tr -c 'a-zA-Z0-9_\n' _)=\${kv#*=}" ;;
+  esac
+done
+R scenario "$scenario"
+
+while read -r m; do
+  insmod "/lib/modules/$m.ko" 2>/tmp/insmod.err || R "insmod.$m" "$(tr ' ' _ </tmp/insmod.err)"
+done </etc/modules.order
+
+# Disks appear during insmod; give udev-less devtmpfs a bounded moment.
+want=${arg_disks:-1}
+i=0
+while [ "$(ls -d /sys/block/vd* 2>/dev/null | wc -l)" -lt "$want" ] && [ $i -lt 50 ]; do
+  usleep 100000; i=$((i + 1))
+done
+[ -b /dev/vda ] || fail "no /dev/vda"
+
+# pattern TAG FIRST_LBA COUNT: the deterministic pattern on stdout.
+pattern() {
+  p_lba=$2; p_end=$(($2 + $3))
+  while [ $p_lba -lt $p_end ]; do
+    printf '%-8.8s %016x%486s\n' "$1" $p_lba ''
+    p_lba=$((p_lba + 1))
+  done
+}
+
+# write_verify DISK TAG OFFSET LENGTH direct|buffered [BS]: writes the pattern, reads it
+# back with O_DIRECT (from the target, not the page cache) and compares.
+write_verify() {
+  wv_dev=/dev/$1 wv_bs=${6:-65536}
+  pattern "$2" $(($3 / 512)) $(($4 / 512)) >/tmp/w
+  if [ "$5" = direct ]; then
+    dd if=/tmp/w of=$wv_dev bs=$wv_bs seek=$3 oflag=seek_bytes,direct conv=notrunc 2>/tmp/dd.err
+  else
+    dd if=/tmp/w of=$wv_dev bs=$wv_bs seek=$3 oflag=seek_bytes conv=notrunc,fsync 2>/tmp/dd.err
+  fi || { R "$1.error.$2" "$(tail -1 /tmp/dd.err | tr ' ' _)"; return 1; }
+  R "$1.region.$2" "$3+$4"
+  dd if=$wv_dev of=/tmp/r bs=$wv_bs skip=$3 count=$4 iflag=skip_bytes,count_bytes,direct 2>/tmp/dd.err ||
+    { R "$1.error.$2" "$(tail -1 /tmp/dd.err | tr ' ' _)"; return 1; }
+  cmp -s /tmp/w /tmp/r || return 1
+  if [ "$5" = buffered ]; then
+    echo 3 >/proc/sys/vm/drop_caches
+    dd if=$wv_dev of=/tmp/r bs=$wv_bs skip=$3 count=$4 iflag=skip_bytes,count_bytes 2>/dev/null &&
+      cmp -s /tmp/w /tmp/r || return 1
+  fi
+}
+
+# check NAME COMMAND...: runs COMMAND, reports NAME=ok|fail, returns its status.
+check() {
+  c_name=$1; shift
+  if "$@"; then R "$c_name" ok; else R "$c_name" fail; return 1; fi
+}
+
+disk_info() {
+  q=/sys/block/$1/queue
+  R "$1.size" "$(cat /sys/block/$1/size)"
+  R "$1.logical_block_size" "$(cat $q/logical_block_size)"
+  R "$1.physical_block_size" "$(cat $q/physical_block_size)"
+  R "$1.ro" "$(cat /sys/block/$1/ro)"
+  R "$1.queues" "$(ls -d /sys/block/$1/mq/* | wc -l)"
+  R "$1.write_cache" "$(tr ' ' _ <$q/write_cache)"
+  R "$1.discard_max_bytes" "$(cat $q/discard_max_bytes)"
+  R "$1.write_zeroes_max_bytes" "$(cat $q/write_zeroes_max_bytes)"
+}
+
+# rejected NAME COMMAND...: runs COMMAND expecting failure; reports NAME=rejected|accepted.
+rejected() {
+  r_name=$1; shift
+  if "$@" >/tmp/rej.out 2>&1; then R "$r_name" accepted; else R "$r_name" rejected; fi
+  R "$r_name.detail" "$(tail -1 /tmp/rej.out | tr ' ' _)"
+}
+
+sc_seed() {
+  disk_info vda
+  check vda.pattern.direct write_verify vda direct 0 $MiB direct || fail "direct pattern"
+  check vda.pattern.buffered write_verify vda buffered $((8 * MiB)) $MiB buffered || fail "buffered pattern"
+}
+
+sc_multiqueue() {
+  disk_info vda
+  ncpu=$(nproc)
+  R cpus "$ncpu"
+  for q in /sys/block/vda/mq/*; do
+    R "vda.mq.${q##*/}.cpu_list" "$(tr -d ' ' <$q/cpu_list)"
+  done
+  cpu=0
+  while [ $cpu -lt "$ncpu" ]; do
+    taskset -p -c $cpu $$ >/dev/null
+    check "vda.pattern.cpu$cpu" write_verify vda "cpu$cpu" $(((16 + cpu) * MiB)) $MiB direct || fail "cpu$cpu pattern"
+    cpu=$((cpu + 1))
+  done
+  taskset -p -c 0-$((ncpu - 1)) $$ >/dev/null
+  # Dispatch runs per hardware queue (blk-mq debugfs `run`): each virtqueue carried I/O.
+  if mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
+    for h in /sys/kernel/debug/block/vda/hctx*; do
+      [ -e "$h/run" ] && R "vda.${h##*/}.run" "$(cat $h/run)"
+    done
+  else
+    R debugfs unavailable
+  fi
+}
+
+sc_discard() {
+  disk_info vda
+  check vda.pattern.discard write_verify vda discard $((32 * MiB)) $MiB direct || fail "discard pre-pattern"
+  check vda.pattern.zero write_verify vda zero $((34 * MiB)) $MiB direct || fail "zero pre-pattern"
+  check vda.discard $BLKDISCARD -f -o $((32 * MiB)) -l $MiB /dev/vda || fail "blkdiscard"
+  check vda.zeroout $BLKDISCARD -f -z -o $((34 * MiB)) -l $MiB /dev/vda || fail "blkdiscard -z"
+  head -c $MiB /dev/zero >/tmp/z
+  dd if=/dev/vda of=/tmp/r bs=65536 skip=$((34 * MiB)) count=$MiB iflag=skip_bytes,count_bytes,direct 2>/dev/null
+  check vda.zeroout.verify cmp -s /tmp/z /tmp/r || fail "zeroed range reads non-zero"
+}
+
+sc_readonly() {
+  disk_info vda
+  [ "$(cat /sys/block/vda/ro)" = 1 ] || fail "disk not read-only"
+  dd if=/dev/vda of=/tmp/r bs=65536 count=$MiB iflag=count_bytes,direct 2>/dev/null || fail "read failed"
+  R vda.read.sha256.0+$MiB "$(sha256sum </tmp/r | cut -d' ' -f1)"
+  pattern readonly 0 8 >/tmp/w
+  if dd if=/tmp/w of=/dev/vda bs=4096 oflag=direct conv=notrunc 2>/tmp/dd.err; then
+    R vda.write accepted; fail "write to read-only disk succeeded"
+  fi
+  R vda.write rejected
+  R vda.write.error "$(tail -1 /tmp/dd.err | tr ' ' _)"
+}
+
+sc_flush() {
+  disk_info vda
+  R vda.fua "$(cat /sys/block/vda/queue/fua)"
+  check vda.pattern.flush write_verify vda flush $((40 * MiB)) $MiB buffered || fail "flush pattern"
+  check vda.sync sync || fail "sync"
+}
+
+sc_many() {
+  n=0
+  for b in /sys/block/vd*; do
+    d=${b##*/}
+    disk_info "$d"
+    check "$d.pattern.$d" write_verify "$d" "$d" 0 $MiB direct || fail "$d pattern"
+    n=$((n + 1))
+  done
+  R disks $n
+  [ $n -ge "$want" ] || fail "only $n disks"
+}
+
+sc_hostile() {
+  disk_info vda
+  sectors=$(cat /sys/block/vda/size)
+  bytes=$((sectors * 512))
+  # The kernel bounds-checks these itself; the target must just keep serving.
+  dd if=/dev/vda of=/tmp/r bs=512 skip="$sectors" count=1 iflag=direct 2>/dev/null
+  R hostile.read_past_end_bytes "$(wc -c </tmp/r)"
+  pattern past 0 1 >/tmp/w
+  rejected hostile.write_past_end dd if=/tmp/w of=/dev/vda bs=512 seek="$sectors" oflag=direct conv=notrunc
+  # busybox's blkdiscard: util-linux's clamps the range to the device and does nothing.
+  rejected hostile.discard_past_end busybox blkdiscard -o "$bytes" -l 4096 /dev/vda
+  # Last sectors, a huge request (split by the kernel at max_sectors/seg_max), a storm.
+  check hostile.last_4k write_verify vda last $((bytes - 4096)) 4096 direct
+  check hostile.big_io write_verify vda big $((48 * MiB)) $((4 * MiB)) direct $((4 * MiB))
+  pids=""
+  for j in 0 1 2 3 4 5 6 7; do
+    dd if=/dev/vda of=/dev/null bs=4096 skip=$((j * 256)) count=256 iflag=direct 2>/dev/null &
+    pids="$pids $!"
+  done
+  storm=ok
+  for p in $pids; do wait "$p" || storm=fail; done
+  R hostile.read_storm $storm
+  check hostile.still_serving write_verify vda after $((56 * MiB)) 65536 direct || fail "target stopped serving"
+}
+
+case $scenario in
+  seed | multiqueue | discard | readonly | flush | many | hostile) "sc_$scenario" ;;
+  *) fail "unknown scenario $scenario" ;;
+esac
+finish ok
