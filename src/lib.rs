@@ -14,6 +14,7 @@ pub mod bdev;
 pub mod bench;
 pub mod config;
 pub mod cpumask;
+pub mod rbd;
 pub mod reactor;
 pub mod rpc;
 pub mod vhost;
