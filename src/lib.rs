@@ -15,6 +15,7 @@ pub mod bench;
 pub mod config;
 pub mod cpumask;
 pub mod rbd;
+pub mod rbdcli;
 pub mod reactor;
 pub mod rpc;
 pub mod vhost;

@@ -335,3 +335,15 @@ pub(crate) fn c_buf_to_string(buf: &[c_char]) -> String {
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
+
+impl std::fmt::Debug for Rados {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rados(cluster {} as client.{})", self.label, self.user)
+    }
+}
+
+impl std::fmt::Debug for IoCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IoCtx(pool {} of {:?})", self.pool, self.rados)
+    }
+}

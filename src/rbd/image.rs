@@ -637,3 +637,9 @@ impl Drop for Image {
         }
     }
 }
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({})", self.what)
+    }
+}
