@@ -23,7 +23,10 @@ const POOL: &str = "testpool";
 
 fn have_ceph() -> bool {
     Command::new("sh")
-        .args(["-c", "command -v ceph-mon && command -v ceph-osd && command -v rbd"])
+        .args([
+            "-c",
+            "command -v ceph-mon && command -v ceph-osd && command -v rbd",
+        ])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
@@ -225,7 +228,9 @@ fn bad_keyring_is_permission_denied_naming_the_cluster() {
 fn wait(ch: &mut BdevChannel, n: usize) -> Vec<(u64, IoResult)> {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let fd = ch.completion_fd().expect("rbd channels have a completion fd");
+    let fd = ch
+        .completion_fd()
+        .expect("rbd channels have a completion fd");
     while got.len() < n {
         assert!(Instant::now() < deadline, "timed out waiting for rbd I/O");
         let mut p = libc::pollfd {
@@ -420,7 +425,10 @@ fn resize_from_rbd_cli_reaches_the_bdev() {
     let s2 = seen.clone();
     bdev.subscribe_resize(Box::new(move |n| s2.store(n as u32, Ordering::SeqCst)));
     let t = Instant::now();
-    rbd_cli(&conf, &["resize", "--size", "16M", &format!("{POOL}/{image}")]);
+    rbd_cli(
+        &conf,
+        &["resize", "--size", "16M", &format!("{POOL}/{image}")],
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while bdev.num_blocks() != 4096 {
         assert!(
@@ -518,14 +526,21 @@ fn cli_import_export_snap_rollback_clone() {
     {
         let spec = blockd::rbd::ImageSpec::parse(&img).unwrap();
         let r = connect(&conf);
-        let im = r.ioctx(&spec.pool).unwrap().open(&spec.image, None).unwrap();
+        let im = r
+            .ioctx(&spec.pool)
+            .unwrap()
+            .open(&spec.image, None)
+            .unwrap();
         im.write_at(0, &pattern(1 << 20, 42)).unwrap();
     }
     blockctl(&conf, &["image", "export", &img, &s(&out)]).unwrap();
     assert!(std::fs::read(&out).unwrap() != orig);
     blockctl(&conf, &["image", "snap", "rollback", &format!("{img}@s1")]).unwrap();
     blockctl(&conf, &["image", "export", &img, &s(&out)]).unwrap();
-    assert!(std::fs::read(&out).unwrap() == orig, "rollback did not restore");
+    assert!(
+        std::fs::read(&out).unwrap() == orig,
+        "rollback did not restore"
+    );
 
     // Clone a protected snapshot: the child reads the parent's data.
     blockctl(&conf, &["image", "snap", "protect", &format!("{img}@s1")]).unwrap();
@@ -538,7 +553,11 @@ fn cli_import_export_snap_rollback_clone() {
     {
         let spec = blockd::rbd::ImageSpec::parse(&child).unwrap();
         let r = connect(&conf);
-        let im = r.ioctx(&spec.pool).unwrap().open(&spec.image, None).unwrap();
+        let im = r
+            .ioctx(&spec.pool)
+            .unwrap()
+            .open(&spec.image, None)
+            .unwrap();
         assert_eq!(im.info().unwrap().parent, Some(format!("{img}@s1")));
     }
     assert!(blockctl(&conf, &["image", "snap", "unprotect", &format!("{img}@s1")]).is_err());
@@ -557,7 +576,11 @@ fn cli_import_export_snap_rollback_clone() {
 
     // Create + ls.
     let small = unique("small");
-    blockctl(&conf, &["image", "create", "--size", "4", &format!("{POOL}/{small}")]).unwrap();
+    blockctl(
+        &conf,
+        &["image", "create", "--size", "4", &format!("{POOL}/{small}")],
+    )
+    .unwrap();
     let names = connect(&conf).ioctx(POOL).unwrap().list_images().unwrap();
     assert!(names.contains(&small));
     blockctl(&conf, &["image", "rm", &format!("{POOL}/{small}")]).unwrap();
@@ -580,7 +603,11 @@ fn cluster_info_and_default_names_via_rpc() {
     assert_eq!(v["cluster_name"], name.as_str());
     assert_eq!(v["config_param"]["rbd_cache"], "false");
     let all = cluster::info(None).unwrap();
-    assert!(all.as_array().unwrap().iter().any(|c| c["cluster_name"] == name.as_str()));
+    assert!(all
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["cluster_name"] == name.as_str()));
     let e = cluster::register(ClusterConfig {
         name: name.clone(),
         ..Default::default()
@@ -614,14 +641,20 @@ fn rpc_errors_carry_errno_and_names() {
         serde_json::json!({"pool_name": POOL, "rbd_name": "nosuch", "block_size": 512}),
     )
     .unwrap_err();
-    assert_eq!((e.code, e.message.as_str()), (-2, "image testpool/nosuch not found"));
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (-2, "image testpool/nosuch not found")
+    );
     let e = call(
         "bdev_rbd_create",
         serde_json::json!({"pool_name": POOL, "rbd_name": "x", "block_size": 512,
                            "cluster_name": "nosuch"}),
     )
     .unwrap_err();
-    assert_eq!((e.code, e.message.as_str()), (-2, "cluster nosuch is not registered"));
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (-2, "cluster nosuch is not registered")
+    );
     let e = call("bdev_rbd_create", serde_json::json!({"pool_name": POOL})).unwrap_err();
     assert_eq!(e.code, -32602);
     let e = call("bdev_rbd_delete", serde_json::json!({"name": "nosuch"})).unwrap_err();
@@ -641,10 +674,17 @@ fn rpc_errors_carry_errno_and_names() {
     .unwrap();
     assert!(n.as_str().unwrap().starts_with("Ceph"), "{n}");
     assert_eq!(
-        call("bdev_rbd_resize", serde_json::json!({"name": n, "new_size": 8})).unwrap(),
+        call(
+            "bdev_rbd_resize",
+            serde_json::json!({"name": n, "new_size": 8})
+        )
+        .unwrap(),
         true
     );
-    assert_eq!(rbdbdev::get(n.as_str().unwrap()).unwrap().num_blocks(), 16384);
+    assert_eq!(
+        rbdbdev::get(n.as_str().unwrap()).unwrap().num_blocks(),
+        16384
+    );
     assert_eq!(
         call("bdev_rbd_delete", serde_json::json!({"name": n})).unwrap(),
         true

@@ -112,7 +112,10 @@ impl Rados {
                     e.errno,
                     format!(
                         "configuration file {} of cluster {} not found",
-                        opts.config_file.as_deref().unwrap_or_else(|| "".as_ref()).display(),
+                        opts.config_file
+                            .as_deref()
+                            .unwrap_or_else(|| "".as_ref())
+                            .display(),
                         r.label
                     ),
                 )
@@ -127,7 +130,10 @@ impl Rados {
             &what,
         )?;
         if let Some(k) = &opts.key_file {
-            r.conf_set("keyring", &path_cstr(k, "key_file")?.into_string().unwrap_or_default())?;
+            r.conf_set(
+                "keyring",
+                &path_cstr(k, "key_file")?.into_string().unwrap_or_default(),
+            )?;
         }
         for (k, v) in &opts.config {
             r.conf_set(k, v)?;
@@ -188,7 +194,11 @@ impl Rados {
         let mut buf = vec![0 as c_char; 64];
         // SAFETY: live handle, buffer of the given length.
         let rc = unsafe { (self.api.rados_cluster_fsid)(self.h, buf.as_mut_ptr(), buf.len()) };
-        check(rc as i64, "getting the fsid of", &format!("cluster {}", self.label))?;
+        check(
+            rc as i64,
+            "getting the fsid of",
+            &format!("cluster {}", self.label),
+        )?;
         Ok(c_buf_to_string(&buf))
     }
 
@@ -222,11 +232,13 @@ impl Rados {
         loop {
             let mut buf = vec![0u8; len];
             // SAFETY: buffer of `len` bytes; returns the needed length when too small.
-            let rc = unsafe {
-                (self.api.rados_pool_list)(self.h, buf.as_mut_ptr() as *mut c_char, len)
-            };
-            let need = check(rc as i64, "listing pools of", &format!("cluster {}", self.label))?
-                as usize;
+            let rc =
+                unsafe { (self.api.rados_pool_list)(self.h, buf.as_mut_ptr() as *mut c_char, len) };
+            let need = check(
+                rc as i64,
+                "listing pools of",
+                &format!("cluster {}", self.label),
+            )? as usize;
             if need > len {
                 len = need;
                 continue;

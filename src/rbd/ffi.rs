@@ -198,7 +198,10 @@ fn load() -> Result<Api, String> {
     // SAFETY: dlopen/dlsym with NUL-terminated names; the handles are never closed, so the
     // resolved pointers stay valid for the life of the process.
     unsafe {
-        let rados = libc::dlopen(c"librados.so.2".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
+        let rados = libc::dlopen(
+            c"librados.so.2".as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_GLOBAL,
+        );
         if rados.is_null() {
             return Err(format!(
                 "librados is not installed: apt install librados2 ({})",

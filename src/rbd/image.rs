@@ -166,11 +166,19 @@ impl IoCtx {
             if rc == -libc::ERANGE {
                 continue;
             }
-            check(rc as i64, "listing images of", &format!("pool {}", self.pool()))?;
+            check(
+                rc as i64,
+                "listing images of",
+                &format!("pool {}", self.pool()),
+            )?;
             let mut names: Vec<String> = specs[..max]
                 .iter()
                 // SAFETY: librbd filled `max` specs with C strings.
-                .map(|s| unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned())
+                .map(|s| {
+                    unsafe { CStr::from_ptr(s.name) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
                 .collect();
             // SAFETY: frees what rbd_list2 allocated.
             unsafe { (self.api().rbd_image_spec_list_cleanup)(specs.as_mut_ptr(), max) };
@@ -432,7 +440,9 @@ impl Image {
             let mut out = Vec::with_capacity(n);
             for s in &v[..n] {
                 // SAFETY: librbd filled `n` entries with C strings.
-                let name = unsafe { CStr::from_ptr(s.name) }.to_string_lossy().into_owned();
+                let name = unsafe { CStr::from_ptr(s.name) }
+                    .to_string_lossy()
+                    .into_owned();
                 out.push(SnapInfo {
                     id: s.id,
                     size: s.size,
@@ -491,9 +501,8 @@ impl Image {
     /// Synchronous read of `buf.len()` bytes at `off` (CLI export). Returns bytes read.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> RbdResult<usize> {
         // SAFETY: live image, buffer of the given length.
-        let rc = unsafe {
-            (self.api.rbd_read)(self.h, off, buf.len(), buf.as_mut_ptr() as *mut c_char)
-        };
+        let rc =
+            unsafe { (self.api.rbd_read)(self.h, off, buf.len(), buf.as_mut_ptr() as *mut c_char) };
         Ok(check(rc as i64, &format!("reading at {off} from"), &self.what)? as usize)
     }
 
@@ -506,7 +515,11 @@ impl Image {
         if n != buf.len() {
             return Err(RbdError::new(
                 libc::EIO,
-                format!("short write at {off} to {}: {n} of {}", self.what, buf.len()),
+                format!(
+                    "short write at {off} to {}: {n} of {}",
+                    self.what,
+                    buf.len()
+                ),
             ));
         }
         Ok(())

@@ -32,9 +32,7 @@ impl ImageSpec {
             None => ("rbd", rest),
         };
         if pool.is_empty() || image.is_empty() || image.contains('/') {
-            return Err(RbdError::invalid(format!(
-                "{s:?} is not POOL/IMAGE[@SNAP]"
-            )));
+            return Err(RbdError::invalid(format!("{s:?} is not POOL/IMAGE[@SNAP]")));
         }
         Ok(ImageSpec {
             pool: pool.into(),

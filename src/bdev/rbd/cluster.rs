@@ -81,7 +81,10 @@ impl ClusterConfig {
 
 /// Configuration keys holding key material.
 pub fn is_secret(key: &str) -> bool {
-    matches!(key.replace('-', "_").as_str(), "key" | "keyfile" | "keyring")
+    matches!(
+        key.replace('-', "_").as_str(),
+        "key" | "keyfile" | "keyring"
+    )
 }
 
 struct Entry {
@@ -103,8 +106,8 @@ pub fn connect_on(opts: &ConnectOptions, core_mask: Option<&str>) -> RbdResult<A
     let Some(mask) = core_mask else {
         return Rados::connect(opts);
     };
-    let mask = CpuMask::parse(mask)
-        .map_err(|e| RbdError::invalid(format!("core_mask {mask:?}: {e}")))?;
+    let mask =
+        CpuMask::parse(mask).map_err(|e| RbdError::invalid(format!("core_mask {mask:?}: {e}")))?;
     let opts = opts.clone();
     std::thread::spawn(move || {
         // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cores < CPU_SETSIZE.
@@ -193,7 +196,9 @@ pub fn info(name: Option<&str>) -> RbdResult<Value> {
     let map = clusters();
     match name {
         Some(n) => Ok(map.get(n).ok_or_else(|| not_registered(n))?.cfg.to_json()),
-        None => Ok(Value::Array(map.values().map(|e| e.cfg.to_json()).collect())),
+        None => Ok(Value::Array(
+            map.values().map(|e| e.cfg.to_json()).collect(),
+        )),
     }
 }
 
@@ -235,7 +240,10 @@ mod tests {
 
     #[test]
     fn unknown_cluster() {
-        assert_eq!(unregister("nosuch-cluster").unwrap_err().errno, libc::ENOENT);
+        assert_eq!(
+            unregister("nosuch-cluster").unwrap_err().errno,
+            libc::ENOENT
+        );
         assert_eq!(
             acquire("nosuch-cluster", "b").unwrap_err().message,
             "cluster nosuch-cluster is not registered"

@@ -374,7 +374,9 @@ pub fn get(name: &str) -> Option<Arc<Bdev>> {
 pub fn create(cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
     check_block_size(cfg.block_size).map_err(RbdError::invalid)?;
     if cfg.pool_name.is_empty() || cfg.rbd_name.is_empty() {
-        return Err(RbdError::invalid("pool_name and rbd_name must not be empty"));
+        return Err(RbdError::invalid(
+            "pool_name and rbd_name must not be empty",
+        ));
     }
     if exists(&cfg.name) {
         return Err(RbdError::new(
@@ -439,9 +441,7 @@ pub fn create(cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
             shared: shared.clone(),
         }),
     );
-    shared
-        .start_watch(Arc::downgrade(&bdev))
-        .map_err(release)?;
+    shared.start_watch(Arc::downgrade(&bdev)).map_err(release)?;
     let mut map = bdevs();
     if map.contains_key(&cfg.name) {
         drop(map);
