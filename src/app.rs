@@ -25,7 +25,7 @@ pub struct AppOptions {
 /// Everything the daemon manages.
 pub struct App {
     pub opts: AppOptions,
-    pub reactors: Reactors,
+    pub reactors: Arc<Reactors>,
     pub bdevs: BdevRegistry,
     pub vhost: VhostRegistry,
     pub rpc: RpcMethods,
@@ -36,7 +36,7 @@ impl App {
     pub fn new(opts: AppOptions, reactors: Reactors) -> Arc<Self> {
         Arc::new(App {
             opts,
-            reactors,
+            reactors: Arc::new(reactors),
             bdevs: BdevRegistry::default(),
             vhost: VhostRegistry::default(),
             rpc: RpcMethods::all(),

@@ -99,7 +99,9 @@ impl CpuMask {
 
     /// The cores, ascending.
     pub fn cores(&self) -> Vec<usize> {
-        (0..self.bits.len() * 64).filter(|&c| self.contains(c)).collect()
+        (0..self.bits.len() * 64)
+            .filter(|&c| self.contains(c))
+            .collect()
     }
 
     /// True when no core is selected.
@@ -158,9 +160,15 @@ mod tests {
         assert_eq!(CpuMask::parse("[0,1]").unwrap().cores(), vec![0, 1]);
         assert_eq!(CpuMask::parse("[0-3]").unwrap().cores(), vec![0, 1, 2, 3]);
         assert_eq!(CpuMask::parse("[2, 5-6]").unwrap().cores(), vec![2, 5, 6]);
-        assert_eq!(CpuMask::parse("0x10000000000000001").unwrap().cores(), vec![0, 64]);
+        assert_eq!(
+            CpuMask::parse("0x10000000000000001").unwrap().cores(),
+            vec![0, 64]
+        );
         assert_eq!(CpuMask::parse("0x4").unwrap().to_string(), "0x4");
-        assert_eq!(CpuMask::parse("[0,64]").unwrap().to_string(), "0x10000000000000001");
+        assert_eq!(
+            CpuMask::parse("[0,64]").unwrap().to_string(),
+            "0x10000000000000001"
+        );
     }
 
     #[test]

@@ -104,15 +104,28 @@ impl IoVecs {
 /// One operation on a bdev. Offsets and lengths are in bytes and block-aligned.
 #[derive(Clone, Copy, Debug)]
 pub enum IoOp {
-    Read { offset: u64, iovs: IoVecs },
-    Write { offset: u64, iovs: IoVecs },
+    Read {
+        offset: u64,
+        iovs: IoVecs,
+    },
+    Write {
+        offset: u64,
+        iovs: IoVecs,
+    },
     /// Make every completed write durable (virtio-blk FLUSH, NBD_CMD_FLUSH, SYNCHRONIZE CACHE).
     Flush,
     /// Deallocate a range (virtio-blk DISCARD, NBD_CMD_TRIM, SCSI UNMAP); reads after it may
     /// return anything the backend chooses, in practice zeroes.
-    Unmap { offset: u64, len: u64 },
+    Unmap {
+        offset: u64,
+        len: u64,
+    },
     /// Zero a range; `may_unmap` allows deallocating it (virtio-blk WRITE_ZEROES with UNMAP).
-    WriteZeroes { offset: u64, len: u64, may_unmap: bool },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    },
 }
 
 impl IoOp {
@@ -246,7 +259,7 @@ pub struct Bdev {
 
 /// Why a block size was refused.
 pub fn check_block_size(block_size: u32) -> Result<(), String> {
-    if block_size < 512 || block_size > 65536 || !block_size.is_power_of_two() {
+    if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() {
         return Err(format!(
             "block_size {block_size} must be a power of two between 512 and 65536"
         ));

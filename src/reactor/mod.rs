@@ -72,6 +72,15 @@ pub trait Poller {
     fn next_deadline(&self) -> Option<Instant> {
         None
     }
+
+    /// Asks the poller to stop taking new work. The reactor keeps polling it until
+    /// [`Poller::finished`], then removes and drops it (on this thread).
+    fn request_stop(&mut self) {}
+
+    /// True once a stopping poller has nothing in flight and may be dropped.
+    fn finished(&self) -> bool {
+        false
+    }
 }
 
 /// Identifies a poller on its reactor.
@@ -156,9 +165,14 @@ impl ReactorCtx {
         Some(p)
     }
 
-    /// Access to a poller of this reactor (e.g. to drain it before removal).
-    pub fn poller_mut(&mut self, id: PollerId) -> Option<&mut (dyn Poller + 'static)> {
-        self.pollers.get_mut(&id.0).map(|b| b.as_mut())
+    /// Asks a poller to stop (see [`Poller::request_stop`]); it is removed once finished.
+    pub fn stop_poller(&mut self, id: PollerId) {
+        if let Some(p) = self.pollers.get_mut(&id.0) {
+            p.request_stop();
+            if p.finished() {
+                self.remove_poller(id);
+            }
+        }
     }
 }
 
@@ -381,8 +395,21 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
         }
 
         let mut work = 0;
+        let mut done = false;
         for p in ctx.pollers.values_mut() {
             work += p.poll();
+            done |= p.finished();
+        }
+        if done {
+            let finished: Vec<u64> = ctx
+                .pollers
+                .iter()
+                .filter(|(_, p)| p.finished())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in finished {
+                ctx.remove_poller(PollerId(id));
+            }
         }
         let now = Instant::now();
         let spent = now.duration_since(last_tick).as_nanos() as u64;
@@ -427,9 +454,10 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
             p.disarm();
         }
         let now = Instant::now();
-        ctx.shared
-            .idle_ns
-            .fetch_add(now.duration_since(last_tick).as_nanos() as u64, Ordering::Relaxed);
+        ctx.shared.idle_ns.fetch_add(
+            now.duration_since(last_tick).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
         last_tick = now;
         last_work = now;
     }

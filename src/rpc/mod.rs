@@ -93,7 +93,8 @@ pub type RpcHandler = fn(&Arc<App>, Option<Value>) -> RpcResult;
 /// as `{}` so that all-optional parameter sets work.
 pub fn params<T: DeserializeOwned>(p: Option<Value>) -> Result<T, RpcError> {
     let v = p.unwrap_or_else(|| Value::Object(Default::default()));
-    serde_json::from_value(v).map_err(|e| RpcError::invalid_params(format!("Invalid parameters: {e}")))
+    serde_json::from_value(v)
+        .map_err(|e| RpcError::invalid_params(format!("Invalid parameters: {e}")))
 }
 
 /// Rejects any params, for methods that take none (SPDK answers -32602 for
@@ -102,9 +103,7 @@ pub fn no_params(p: Option<Value>) -> Result<(), RpcError> {
     match p {
         None => Ok(()),
         Some(Value::Object(m)) if m.is_empty() => Ok(()),
-        Some(_) => Err(RpcError::invalid_params(
-            "this method takes no parameters",
-        )),
+        Some(_) => Err(RpcError::invalid_params("this method takes no parameters")),
     }
 }
 

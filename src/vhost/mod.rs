@@ -1,22 +1,241 @@
-//! vhost-user controllers. (being written)
+//! vhost-user controllers: one Unix socket each in the socket directory, one frontend (QEMU,
+//! libblkio) at a time, a virtio device model whose queues run on the reactors.
+//!
+//! Protocol messages of every controller are handled by a single control thread
+//! ([`events`]), as SPDK's vhost-events thread does; the data path never leaves the
+//! reactors.
 
 pub mod blk;
+pub mod device;
+mod events;
+pub mod session;
 
-use serde_json::Value;
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde_json::{json, Value};
 
 use crate::app::App;
+use crate::cpumask::CpuMask;
+use crate::rpc::RpcError;
+use device::VirtioDevice;
+use session::Session;
 
-/// All controllers.
+/// Longest controller name: the socket path must fit `sun_path` (108 bytes) with the
+/// directory, so names are kept well below.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks a controller name: it becomes a file name in the socket directory, so `/`, `..`,
+/// empty, NUL and over-long names are refused.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("controller name is empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "controller name is {} bytes long, the limit is {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if name.contains('/') || name.contains('\0') || name == "." || name == ".." {
+        return Err(format!("controller name '{name}' is not a plain file name"));
+    }
+    Ok(())
+}
+
+/// A vhost-user controller.
+pub struct Controller {
+    pub name: String,
+    pub cpumask: CpuMask,
+    pub socket: PathBuf,
+    pub device: Arc<dyn VirtioDevice>,
+    session: Mutex<Option<Arc<Mutex<Session>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Controller {
+    /// Whether a frontend is connected.
+    pub fn connected(&self) -> bool {
+        lock(&self.session).is_some()
+    }
+
+    /// The object `vhost_get_controllers` returns (SPDK's shape).
+    pub fn to_json(&self) -> Value {
+        let sessions: Vec<Value> = lock(&self.session)
+            .iter()
+            .map(|s| {
+                let s = lock(s);
+                json!({"name": format!("{}s0", self.name), "started": s.running_rings() > 0,
+                       "running_queues": s.running_rings(), "reactors": s.cores()})
+            })
+            .collect();
+        json!({
+            "ctrlr": self.name,
+            "cpumask": self.cpumask.to_string(),
+            "delay_base_us": 0,
+            "iops_threshold": 60000,
+            "socket": self.socket.display().to_string(),
+            "sessions": sessions,
+            "backend_specific": self.device.backend_specific(),
+        })
+    }
+
+    fn attach(&self, s: Arc<Mutex<Session>>) -> bool {
+        let mut cur = lock(&self.session);
+        if cur.is_some() {
+            return false;
+        }
+        *cur = Some(s);
+        true
+    }
+
+    /// Stops the session's rings and forgets it (frontend gone).
+    fn detach(&self) {
+        let s = lock(&self.session).take();
+        if let Some(s) = s {
+            lock(&s).stop_all();
+            tracing::info!(ctrlr = %self.name, "frontend disconnected");
+        }
+    }
+}
+
+/// All controllers of the daemon.
 #[derive(Default)]
-pub struct VhostRegistry {}
+pub struct VhostRegistry {
+    ctrlrs: Mutex<BTreeMap<String, Arc<Controller>>>,
+    events: OnceLock<Arc<events::Events>>,
+}
+
+/// What [`VhostRegistry::create`] needs.
+pub struct NewController {
+    pub name: String,
+    pub cpumask: CpuMask,
+    pub device: Arc<dyn VirtioDevice>,
+}
 
 impl VhostRegistry {
+    fn events(&self, app: &App) -> Result<&Arc<events::Events>, RpcError> {
+        if let Some(e) = self.events.get() {
+            return Ok(e);
+        }
+        let e = events::Events::start(app.reactors.clone())
+            .map_err(|e| RpcError::internal(format!("cannot start the vhost event thread: {e}")))?;
+        Ok(self.events.get_or_init(|| e))
+    }
+
+    /// The controller named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Controller>> {
+        lock(&self.ctrlrs).get(name).cloned()
+    }
+
+    /// Every controller, by name.
+    pub fn list(&self) -> Vec<Arc<Controller>> {
+        lock(&self.ctrlrs).values().cloned().collect()
+    }
+
+    /// Whether a controller of that name exists.
+    pub fn exists(&self, name: &str) -> bool {
+        lock(&self.ctrlrs).contains_key(name)
+    }
+
+    /// Creates the controller's socket and starts accepting a frontend on it. On failure
+    /// nothing is left behind (the caller releases what the device holds).
+    pub fn create(&self, app: &App, c: NewController) -> Result<Arc<Controller>, RpcError> {
+        let socket = app.opts.socket_dir.join(&c.name);
+        let mut map = lock(&self.ctrlrs);
+        if map.contains_key(&c.name) {
+            return Err(RpcError::invalid_params_errno(libc::EEXIST));
+        }
+        let listener = bind_socket(&socket, app.opts.socket_mode).map_err(|e| {
+            tracing::error!(ctrlr = %c.name, "cannot create socket {}: {e}", socket.display());
+            RpcError::invalid_params(format!("cannot create socket {}: {e}", socket.display()))
+        })?;
+        let ctrl = Arc::new(Controller {
+            name: c.name.clone(),
+            cpumask: c.cpumask,
+            socket: socket.clone(),
+            device: c.device,
+            session: Mutex::new(None),
+        });
+        if let Err(e) = self.events(app).and_then(|ev| {
+            ev.add_listener(ctrl.clone(), listener)
+                .map_err(|e| RpcError::internal(format!("cannot watch {}: {e}", socket.display())))
+        }) {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+        map.insert(c.name.clone(), ctrl.clone());
+        tracing::info!(ctrlr = %c.name, socket = %socket.display(), cpumask = %ctrl.cpumask, "controller created");
+        Ok(ctrl)
+    }
+
+    /// Deletes a controller; refused (-32602 "Device or resource busy") while a frontend is
+    /// connected, as SPDK does.
+    pub fn delete(&self, name: &str) -> Result<(), RpcError> {
+        let mut map = lock(&self.ctrlrs);
+        let Some(ctrl) = map.get(name).cloned() else {
+            return Err(RpcError::invalid_params_errno(libc::ENODEV));
+        };
+        if ctrl.connected() {
+            tracing::error!(ctrlr = %name, "cannot delete: a frontend is connected");
+            return Err(RpcError::invalid_params_errno(libc::EBUSY));
+        }
+        if let Some(ev) = self.events.get() {
+            ev.remove_controller(&ctrl);
+        }
+        map.remove(name);
+        drop(map);
+        let _ = std::fs::remove_file(&ctrl.socket);
+        ctrl.device.close();
+        tracing::info!(ctrlr = %name, "controller deleted");
+        Ok(())
+    }
+
     /// Stops every controller: disconnects frontends after draining their queues, removes
-    /// the sockets.
-    pub fn shutdown_all(&self, _app: &App) {}
+    /// the sockets, releases the bdevs.
+    pub fn shutdown_all(&self, _app: &App) {
+        let ctrls: Vec<Arc<Controller>> = std::mem::take(&mut *lock(&self.ctrlrs))
+            .into_values()
+            .collect();
+        for ctrl in ctrls {
+            if let Some(ev) = self.events.get() {
+                ev.remove_controller(&ctrl);
+            }
+            ctrl.detach();
+            let _ = std::fs::remove_file(&ctrl.socket);
+            ctrl.device.close();
+        }
+    }
 
     /// `framework_get_config` entries of subsystem `vhost_blk` (method, params).
     pub fn config_entries(&self) -> Vec<(&'static str, Value)> {
-        Vec::new()
+        lock(&self.ctrlrs)
+            .values()
+            .map(|c| c.device.config_entry(&c.name, &c.cpumask.to_string()))
+            .collect()
     }
+}
+
+/// Binds a vhost-user socket, replacing a stale socket file but refusing one a live
+/// process listens on; sets its mode.
+fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }

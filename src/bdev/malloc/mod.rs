@@ -1,3 +1,398 @@
-//! The `malloc` backend. (being written)
+//! The `malloc` backend (SPDK's `bdev_malloc`): a bdev in RAM.
+//!
+//! The data lives in one anonymous private mapping (`MAP_NORESERVE`, so a big bdev costs
+//! only what is written). Unmap and write-zeroes give whole pages back with
+//! `madvise(MADV_DONTNEED)` (they read back as zeroes) and zero the partial pages at the
+//! edges. Every operation is a memcpy done at submit; its completion is reported by the next
+//! `reap`. Channels on several reactors access the memory concurrently, as a disk would be:
+//! the frontends order dependent requests, not this backend.
 
 pub mod rpc;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{check_block_size, Bdev, BdevBackend, BdevParams, BdevRegistry, Errno, IoChannel};
+use super::{IoOp, IoResult, IoTypes};
+use crate::rpc::RpcError;
+
+/// `product_name` of malloc bdevs.
+pub const PRODUCT_NAME: &str = "Malloc disk";
+
+/// What `bdev_malloc_create` needs; `name` None = first free `MallocN`.
+#[derive(Clone, Debug)]
+pub struct MallocOpts {
+    pub name: Option<String>,
+    pub uuid: Option<Uuid>,
+    pub num_blocks: u64,
+    pub block_size: u32,
+}
+
+/// An anonymous mapping, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; concurrent access goes through
+// raw pointers only (see the module doc).
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(len: usize) -> std::io::Result<Self> {
+        // SAFETY: a fresh anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    /// Whether `[offset, offset + len)` lies inside the mapping.
+    fn contains(&self, offset: u64, len: u64) -> bool {
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.len as u64)
+    }
+
+    /// Zeroes `[offset, offset + len)` (in range), dropping the whole pages.
+    fn zero(&self, offset: usize, len: usize) {
+        // SAFETY: sysconf has no preconditions.
+        let page = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as usize;
+        let end = offset + len;
+        let first = offset.div_ceil(page) * page;
+        let last = end / page * page;
+        // SAFETY: every range below is inside the mapping (caller checked `contains`).
+        unsafe {
+            if first < last {
+                std::ptr::write_bytes(self.ptr.add(offset), 0, first - offset);
+                let r = libc::madvise(
+                    self.ptr.add(first).cast(),
+                    last - first,
+                    libc::MADV_DONTNEED,
+                );
+                if r != 0 {
+                    std::ptr::write_bytes(self.ptr.add(first), 0, last - first);
+                }
+                std::ptr::write_bytes(self.ptr.add(last), 0, end - last);
+            } else {
+                std::ptr::write_bytes(self.ptr.add(offset), 0, len);
+            }
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `new` with this length and is unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// The malloc backend.
+struct MallocBackend {
+    mem: Arc<Mapping>,
+}
+
+/// A channel: memcpy at submit, completions queued for `reap`.
+struct MallocChannel {
+    mem: Arc<Mapping>,
+    done: VecDeque<(u64, IoResult)>,
+}
+
+impl MallocChannel {
+    /// Copies between the bdev and the iovecs.
+    ///
+    /// # Safety
+    /// The iovecs must be valid for the direction of the copy.
+    unsafe fn copy(&self, offset: u64, iovs: super::IoVecs, write: bool) -> IoResult {
+        if !self.mem.contains(offset, iovs.total_len()) {
+            return Err(Errno(libc::EINVAL));
+        }
+        let mut pos = offset as usize;
+        for v in iovs.as_slice() {
+            let disk = self.mem.ptr.add(pos);
+            let buf: *mut u8 = v.iov_base.cast();
+            if write {
+                std::ptr::copy_nonoverlapping(buf, disk, v.iov_len);
+            } else {
+                std::ptr::copy_nonoverlapping(disk, buf, v.iov_len);
+            }
+            pos += v.iov_len;
+        }
+        Ok(())
+    }
+}
+
+impl IoChannel for MallocChannel {
+    unsafe fn submit(&mut self, tag: u64, op: IoOp) {
+        let r = match op {
+            IoOp::Read { offset, iovs } => self.copy(offset, iovs, false),
+            IoOp::Write { offset, iovs } => self.copy(offset, iovs, true),
+            IoOp::Flush => Ok(()),
+            IoOp::Unmap { offset, len } | IoOp::WriteZeroes { offset, len, .. } => {
+                if self.mem.contains(offset, len) {
+                    self.mem.zero(offset as usize, len as usize);
+                    Ok(())
+                } else {
+                    Err(Errno(libc::EINVAL))
+                }
+            }
+        };
+        self.done.push_back((tag, r));
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(u64, IoResult)) -> usize {
+        let n = self.done.len();
+        while let Some((t, r)) = self.done.pop_front() {
+            done(t, r);
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}
+
+impl BdevBackend for MallocBackend {
+    fn product_name(&self) -> &'static str {
+        PRODUCT_NAME
+    }
+
+    fn io_types(&self) -> IoTypes {
+        IoTypes {
+            flush: true,
+            unmap: true,
+            write_zeroes: true,
+        }
+    }
+
+    fn open_channel(&self) -> std::io::Result<Box<dyn IoChannel>> {
+        Ok(Box::new(MallocChannel {
+            mem: self.mem.clone(),
+            done: VecDeque::new(),
+        }))
+    }
+
+    fn config(&self, bdev: &Bdev) -> Option<(&'static str, Value)> {
+        Some((
+            "bdev_malloc_create",
+            json!({"name": bdev.name(), "uuid": bdev.uuid().to_string(),
+                   "num_blocks": bdev.num_blocks(), "block_size": bdev.block_size()}),
+        ))
+    }
+}
+
+/// Creates a malloc bdev and registers it (`bdev_malloc_create`).
+pub fn create(registry: &BdevRegistry, opts: MallocOpts) -> Result<Arc<Bdev>, RpcError> {
+    check_block_size(opts.block_size).map_err(RpcError::invalid_params)?;
+    if opts.num_blocks == 0 {
+        return Err(RpcError::invalid_params(
+            "num_blocks must be greater than 0",
+        ));
+    }
+    let len = opts
+        .num_blocks
+        .checked_mul(opts.block_size as u64)
+        .and_then(|l| usize::try_from(l).ok())
+        .ok_or_else(|| RpcError::invalid_params("num_blocks * block_size overflows"))?;
+    let name = match opts.name {
+        Some(n) if n.is_empty() => return Err(RpcError::invalid_params("name must not be empty")),
+        Some(n) => n,
+        None => registry.first_free_name("Malloc"),
+    };
+    if registry.get(&name).is_some() {
+        return Err(super::registry::RegistryError::Exists(name).into());
+    }
+    let mem = Mapping::new(len).map_err(|e| {
+        let errno = e.raw_os_error().unwrap_or(libc::ENOMEM);
+        RpcError::errno_msg(
+            errno,
+            format!("cannot allocate {len} bytes for {name}: {e}"),
+        )
+    })?;
+    let bdev = Bdev::new(
+        BdevParams {
+            name,
+            uuid: opts.uuid,
+            block_size: opts.block_size,
+            num_blocks: opts.num_blocks,
+        },
+        Box::new(MallocBackend { mem: Arc::new(mem) }),
+    );
+    registry.add(bdev.clone())?;
+    tracing::info!(bdev = bdev.name(), bytes = len, "malloc bdev created");
+    Ok(bdev)
+}
+
+/// Deletes a malloc bdev (`bdev_malloc_delete`); its memory goes when the last channel
+/// closes.
+pub fn delete(registry: &BdevRegistry, name: &str) -> Result<(), RpcError> {
+    registry.remove_product(name, Some(PRODUCT_NAME))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::channel::test_support::{err, iov, reap_all, submit};
+    use crate::bdev::IoVecs;
+
+    fn opts(name: Option<&str>) -> MallocOpts {
+        MallocOpts {
+            name: name.map(str::to_string),
+            uuid: None,
+            num_blocks: 64,
+            block_size: 512,
+        }
+    }
+
+    #[test]
+    fn default_names_and_duplicates() {
+        let r = BdevRegistry::default();
+        assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc0");
+        assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc1");
+        let e = err(create(&r, opts(Some("Malloc1"))));
+        assert_eq!(e.code, -libc::EEXIST);
+        delete(&r, "Malloc0").unwrap();
+        assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc0");
+        assert_eq!(
+            err(create(
+                &r,
+                MallocOpts {
+                    block_size: 1000,
+                    ..opts(None)
+                }
+            ))
+            .code,
+            -32602
+        );
+    }
+
+    #[test]
+    fn malloc_io_roundtrip() {
+        let r = BdevRegistry::default();
+        // 64 KiB: page-sized unmaps take the madvise path.
+        let b = create(
+            &r,
+            MallocOpts {
+                num_blocks: 128,
+                ..opts(Some("M"))
+            },
+        )
+        .unwrap();
+        let mut ch = b.open_channel().unwrap();
+        let mut a: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut c = vec![0x11u8; 512];
+        let mut rd = vec![0u8; 8192 + 512];
+        // Write 8 KiB at 4096 from two iovecs, then 512 at 0.
+        let (a1, a2) = a.split_at_mut(1536);
+        let w = [iov(a1), iov(a2)];
+        let w2 = [iov(&mut c)];
+        // SAFETY: all buffers outlive the reaps.
+        unsafe {
+            submit(
+                &mut ch,
+                1,
+                IoOp::Write {
+                    offset: 4096,
+                    iovs: IoVecs::from_slice(&w),
+                },
+            );
+            submit(
+                &mut ch,
+                2,
+                IoOp::Write {
+                    offset: 0,
+                    iovs: IoVecs::from_slice(&w2),
+                },
+            );
+        }
+        assert!(reap_all(&mut ch, 2).iter().all(|r| r.1.is_ok()));
+        let (r1, r2) = rd.split_at_mut(512);
+        let rv = [iov(r1), iov(r2)];
+        // SAFETY: as above.
+        unsafe {
+            submit(
+                &mut ch,
+                3,
+                IoOp::Read {
+                    offset: 3584,
+                    iovs: IoVecs::from_slice(&rv),
+                },
+            )
+        };
+        assert_eq!(reap_all(&mut ch, 1), vec![(3, Ok(()))]);
+        assert!(rd[..512].iter().all(|&x| x == 0));
+        assert_eq!(&rd[512..], &a[..]);
+
+        // Unmap [4608, 4608 + 8192 - 1024): partial pages at both ends, one whole page.
+        // SAFETY: no buffers.
+        unsafe {
+            submit(
+                &mut ch,
+                4,
+                IoOp::Unmap {
+                    offset: 4608,
+                    len: 7168,
+                },
+            );
+            submit(
+                &mut ch,
+                5,
+                IoOp::WriteZeroes {
+                    offset: 0,
+                    len: 512,
+                    may_unmap: false,
+                },
+            );
+        }
+        assert!(reap_all(&mut ch, 2).iter().all(|r| r.1.is_ok()));
+        let mut back = vec![0xffu8; 65536];
+        let bv = [iov(&mut back)];
+        // SAFETY: as above.
+        unsafe {
+            submit(
+                &mut ch,
+                6,
+                IoOp::Read {
+                    offset: 0,
+                    iovs: IoVecs::from_slice(&bv),
+                },
+            )
+        };
+        assert_eq!(reap_all(&mut ch, 1), vec![(6, Ok(()))]);
+        assert!(back[..4096].iter().all(|&x| x == 0));
+        assert_eq!(&back[4096..4608], &a[..512]);
+        assert!(back[4608..11776].iter().all(|&x| x == 0));
+        assert_eq!(&back[11776..12288], &a[7680..]);
+        assert!(back[12288..].iter().all(|&x| x == 0));
+
+        let s = b.stats.to_json("M");
+        assert_eq!(s["num_write_ops"], 2);
+        assert_eq!(s["bytes_written"], 8192 + 512);
+        assert_eq!(s["num_read_ops"], 2);
+        assert_eq!(s["bytes_unmapped"], 7168);
+        assert_eq!(s["num_write_zeroes_ops"], 1);
+        assert_eq!(s["io_error"], 0);
+        let (m, p) = b.backend().config(&b).unwrap();
+        assert_eq!(
+            (m, p["block_size"].as_u64()),
+            ("bdev_malloc_create", Some(512))
+        );
+    }
+}

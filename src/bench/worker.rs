@@ -1,0 +1,257 @@
+//! One queue's load loop: keeps `qd` requests in flight on a libblkio queue, recycling each
+//! slot as soon as it completes, and records per-I/O latency without allocating.
+
+use std::mem::MaybeUninit;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use blkio::{Blkioq, Completion, ReqFlags};
+
+use super::args::Pattern;
+use super::histogram::Histogram;
+use super::verify;
+
+/// What a worker does.
+#[derive(Debug, Clone, Copy)]
+pub enum Work {
+    /// Run `pattern` until the deadline.
+    Timed {
+        /// I/O pattern.
+        pattern: Pattern,
+        /// Read percentage for `randrw`.
+        rwmixread: u8,
+        /// When to stop submitting.
+        deadline: Instant,
+    },
+    /// Write the verify pattern once over the worker's range.
+    VerifyWrite,
+    /// Read the worker's range once and compare with the verify pattern.
+    VerifyRead,
+}
+
+/// One worker's assignment.
+#[derive(Debug, Clone, Copy)]
+pub struct Job {
+    /// What to do.
+    pub work: Work,
+    /// Block size in bytes.
+    pub bs: u64,
+    /// Requests in flight.
+    pub qd: usize,
+    /// This worker's block range for sequential work: `[first_block, first_block + blocks)`.
+    pub first_block: u64,
+    /// Blocks in the range.
+    pub blocks: u64,
+    /// Blocks of the whole test area, for random offsets.
+    pub total_blocks: u64,
+    /// Seed of the pattern and of the random offsets.
+    pub seed: u64,
+    /// Longest wait for a completion before declaring the device dead.
+    pub io_timeout: Duration,
+    /// CPU to pin the thread to.
+    pub cpu: Option<usize>,
+}
+
+/// What a worker did.
+pub struct Stats {
+    /// Completed reads.
+    pub reads: u64,
+    /// Completed writes.
+    pub writes: u64,
+    /// Latency of every completed I/O.
+    pub hist: Histogram,
+    /// Wall time from the first submission to the last completion.
+    pub elapsed: Duration,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    start: Instant,
+    offset: u64,
+    write: bool,
+}
+
+/// xorshift64*: cheap per-I/O randomness, deterministic per seed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks against its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            bail!("cpu {cpu} out of range");
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pinning to cpu {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `job` on `queue`. `buf` is the worker's `qd * bs` bytes inside a memory region
+/// mapped into the device; slot `i` uses `buf + i * bs`.
+pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
+    if let Some(cpu) = job.cpu {
+        pin(cpu)?;
+    }
+    let bs = job.bs as usize;
+    let mut slots = vec![
+        Slot {
+            start: Instant::now(),
+            offset: 0,
+            write: false
+        };
+        job.qd
+    ];
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..job.qd).map(|_| MaybeUninit::uninit()).collect();
+    let mut rng = Rng(job.seed ^ (job.first_block.wrapping_add(1)).wrapping_mul(0x9E37_79B9));
+    if rng.0 == 0 {
+        rng.0 = 1;
+    }
+    let mut stats = Stats {
+        reads: 0,
+        writes: 0,
+        hist: Histogram::new(),
+        elapsed: Duration::ZERO,
+    };
+    let mut next_seq = 0u64; // index within the range
+    let mut issued = 0u64;
+    let mut in_flight = 0usize;
+    let started = Instant::now();
+
+    // Chooses the next I/O, or None when the job is done.
+    let mut next_io = |rng: &mut Rng| -> Option<(u64, bool)> {
+        let seq = |n: &mut u64| {
+            let b = job.first_block + *n % job.blocks;
+            *n += 1;
+            b * job.bs
+        };
+        match job.work {
+            Work::Timed {
+                pattern,
+                rwmixread,
+                deadline,
+            } => {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                let write = match pattern {
+                    Pattern::Read | Pattern::Randread => false,
+                    Pattern::Write | Pattern::Randwrite => true,
+                    Pattern::Randrw => rng.next() % 100 >= u64::from(rwmixread),
+                };
+                let offset = if pattern.random() {
+                    rng.next() % job.total_blocks * job.bs
+                } else {
+                    seq(&mut next_seq)
+                };
+                Some((offset, write))
+            }
+            Work::VerifyWrite | Work::VerifyRead => {
+                if issued >= job.blocks {
+                    return None;
+                }
+                issued += 1;
+                Some((seq(&mut next_seq), matches!(job.work, Work::VerifyWrite)))
+            }
+        }
+    };
+
+    let submit = |queue: &mut Blkioq, slot: usize, offset: u64, write: bool, s: &mut Slot| {
+        // SAFETY: slot buffers are disjoint `bs`-byte pieces of the mapped region, and this
+        // slot's previous request has completed.
+        let p = unsafe { buf.add(slot * bs) };
+        if write {
+            if matches!(job.work, Work::VerifyWrite) {
+                // SAFETY: as above; no request uses this buffer now.
+                verify::fill(
+                    unsafe { std::slice::from_raw_parts_mut(p, bs) },
+                    offset,
+                    job.seed,
+                );
+            }
+            queue.write(offset, p, bs, slot, ReqFlags::empty());
+        } else {
+            queue.read(offset, p, bs, slot, ReqFlags::empty());
+        }
+        *s = Slot {
+            start: Instant::now(),
+            offset,
+            write,
+        };
+    };
+
+    for (i, s) in slots.iter_mut().enumerate() {
+        let Some((offset, write)) = next_io(&mut rng) else {
+            break;
+        };
+        submit(queue, i, offset, write, s);
+        in_flight += 1;
+    }
+
+    while in_flight > 0 {
+        let mut timeout = job.io_timeout;
+        let n = queue
+            .do_io(&mut completions, 1, Some(&mut timeout), None)
+            .map_err(|e| {
+                anyhow!(
+                    "waiting for completions ({in_flight} in flight, timeout {:?}): {e}",
+                    job.io_timeout
+                )
+            })?;
+        let now = Instant::now();
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first `n` entries.
+            let c = unsafe { c.assume_init_ref() };
+            let slot = c.user_data;
+            let s = *slots
+                .get(slot)
+                .ok_or_else(|| anyhow!("completion for unknown request {slot}"))?;
+            in_flight -= 1;
+            if c.ret != 0 {
+                bail!(
+                    "{} of {bs} bytes at offset {} failed: {}",
+                    if s.write { "write" } else { "read" },
+                    s.offset,
+                    std::io::Error::from_raw_os_error(-c.ret)
+                );
+            }
+            stats
+                .hist
+                .record(u64::try_from(now.duration_since(s.start).as_nanos()).unwrap_or(u64::MAX));
+            if s.write {
+                stats.writes += 1;
+            } else {
+                stats.reads += 1;
+                if matches!(job.work, Work::VerifyRead) {
+                    // SAFETY: the read into this slot's buffer has completed.
+                    let data = unsafe { std::slice::from_raw_parts(buf.add(slot * bs), bs) };
+                    if let Err((pos, want, got)) = verify::check(data, s.offset, job.seed) {
+                        bail!(
+                            "verify failed: block at offset {} differs at byte {pos}: \
+                             expected {want:#018x}, read {got:#018x}",
+                            s.offset
+                        );
+                    }
+                }
+            }
+            if let Some((offset, write)) = next_io(&mut rng) {
+                submit(queue, slot, offset, write, &mut slots[slot]);
+                in_flight += 1;
+            }
+        }
+    }
+    stats.elapsed = started.elapsed();
+    Ok(stats)
+}

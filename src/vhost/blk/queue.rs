@@ -1,0 +1,361 @@
+//! One virtio-blk virtqueue served on a reactor: pops requests, submits them to the bdev
+//! channel with the guest's buffers (zero-copy), completes them into the used ring.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{BlkRequest, RequestKind};
+use super::BlkShared;
+use crate::bdev::{BdevChannel, Errno, IoOp, IoResult, IoVecs};
+use crate::reactor::Poller;
+use crate::vhost::device::{GuestMem, QueueSetup};
+
+/// At most this many requests are popped per poll, so that one busy queue does not starve
+/// the other pollers of its reactor.
+const POP_BUDGET: usize = 128;
+
+/// An in-flight request.
+struct Slot {
+    req: BlkRequest,
+    /// Keeps the guest memory the request points into mapped until it completes, even if
+    /// the frontend removes the region meanwhile.
+    mem: Option<Arc<GuestMemoryMmap>>,
+    /// Bdev operations still outstanding (a discard of several segments issues several).
+    pending: u32,
+    status: u8,
+    /// Write-through mode (CONFIG_WCE writeback=0): flush after the write completes.
+    flush_after: bool,
+}
+
+/// The poller of one virtio-blk queue.
+pub struct BlkQueue {
+    index: u16,
+    queue: Queue,
+    mem: GuestMem,
+    kick: EventFd,
+    call: Option<EventFd>,
+    chan: BdevChannel,
+    shared: Arc<BlkShared>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+    stopping: bool,
+    stopped: Option<Sender<u16>>,
+    /// Scratch lists reused by every poll (no allocation on the hot path).
+    done: Vec<u32>,
+    reflush: Vec<u32>,
+}
+
+impl BlkQueue {
+    /// Builds the poller; opens the bdev channel on the calling (reactor) thread.
+    pub fn new(setup: QueueSetup, shared: Arc<BlkShared>) -> std::io::Result<Self> {
+        let chan = shared.bdev.open_channel()?;
+        let n = setup.queue.size().max(1) as usize;
+        let slots = (0..n)
+            .map(|_| Slot {
+                req: BlkRequest::default(),
+                mem: None,
+                pending: 0,
+                status: 0,
+                flush_after: false,
+            })
+            .collect();
+        Ok(BlkQueue {
+            index: setup.index,
+            queue: setup.queue,
+            mem: setup.mem,
+            kick: setup.kick,
+            call: setup.call,
+            chan,
+            shared,
+            slots,
+            free: (0..n as u32).rev().collect(),
+            in_flight: 0,
+            stopping: false,
+            stopped: Some(setup.stopped),
+            done: Vec::with_capacity(n),
+            reflush: Vec::new(),
+        })
+    }
+
+    /// Applies a bdev completion to its request; true when the request is complete.
+    fn on_bdev_done(slot: &mut Slot, res: IoResult) -> bool {
+        if let Err(e) = res {
+            if slot.status == VIRTIO_BLK_S_OK as u8 {
+                slot.status = status_of(e);
+            }
+        }
+        slot.pending = slot.pending.saturating_sub(1);
+        slot.pending == 0
+    }
+
+    /// Writes the status, returns the descriptor chain to the guest, frees the slot.
+    fn complete(&mut self, tag: u32, mem: &GuestMemoryMmap) {
+        let Some(slot) = self.slots.get_mut(tag as usize) else {
+            return;
+        };
+        let used_len = if slot.status == VIRTIO_BLK_S_OK as u8 {
+            slot.req.used_len()
+        } else {
+            1
+        };
+        // The status address was validated at parse time; a failure here means the
+        // frontend removed the memory meanwhile: nothing more can be reported.
+        let _ = mem.write_obj(slot.status, slot.req.status_addr);
+        if let Err(e) = self.queue.add_used(mem, slot.req.head_index, used_len) {
+            tracing::warn!(
+                queue = self.index,
+                "cannot return a request to the guest: {e}"
+            );
+        }
+        slot.mem = None;
+        self.free.push(tag);
+        self.in_flight -= 1;
+    }
+
+    /// Starts a parsed request; returns false when it completed at once.
+    fn start(&mut self, tag: u32, mem: &Arc<GuestMemoryMmap>) -> bool {
+        let readonly = self.shared.readonly;
+        let writethrough = !self.shared.writeback();
+        let id = self.shared.id.clone();
+        let slot = &mut self.slots[tag as usize];
+        slot.status = VIRTIO_BLK_S_OK as u8;
+        slot.pending = 0;
+        slot.flush_after = false;
+        let req = &slot.req;
+        let offset = req.sector.saturating_mul(512);
+        // SAFETY (all submits below): the iovecs live in `slot.req`, which is not touched
+        // until the request completes, and point into guest memory kept mapped by
+        // `slot.mem` for as long.
+        match req.kind {
+            RequestKind::In => unsafe {
+                self.chan.submit(
+                    tag as u64,
+                    IoOp::Read {
+                        offset,
+                        iovs: IoVecs::from_slice(&req.data),
+                    },
+                );
+                slot.pending = 1;
+            },
+            RequestKind::Out if readonly => slot.status = VIRTIO_BLK_S_IOERR as u8,
+            RequestKind::Out => unsafe {
+                self.chan.submit(
+                    tag as u64,
+                    IoOp::Write {
+                        offset,
+                        iovs: IoVecs::from_slice(&req.data),
+                    },
+                );
+                slot.pending = 1;
+                slot.flush_after = writethrough;
+            },
+            RequestKind::Flush => unsafe {
+                self.chan.submit(tag as u64, IoOp::Flush);
+                slot.pending = 1;
+            },
+            RequestKind::GetId => {
+                // SAFETY: `mem` (the memory the request was parsed against) is alive.
+                unsafe { req.copy_to_data(&id) };
+            }
+            RequestKind::Discard | RequestKind::WriteZeroes if readonly => {
+                slot.status = VIRTIO_BLK_S_IOERR as u8
+            }
+            RequestKind::Discard | RequestKind::WriteZeroes => {
+                let discard = req.kind == RequestKind::Discard;
+                for seg in &req.segments {
+                    let offset = seg.sector.saturating_mul(512);
+                    let len = seg.num_sectors as u64 * 512;
+                    let op = if discard {
+                        IoOp::Unmap { offset, len }
+                    } else {
+                        IoOp::WriteZeroes {
+                            offset,
+                            len,
+                            may_unmap: seg.unmap,
+                        }
+                    };
+                    // SAFETY: no buffers involved.
+                    unsafe { self.chan.submit(tag as u64, op) };
+                    slot.pending += 1;
+                }
+            }
+        }
+        if slot.pending > 0 {
+            slot.mem = Some(mem.clone());
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn status_of(e: Errno) -> u8 {
+    if e.0 == libc::ENOTSUP || e.0 == libc::EOPNOTSUPP {
+        VIRTIO_BLK_S_UNSUPP as u8
+    } else {
+        VIRTIO_BLK_S_IOERR as u8
+    }
+}
+
+impl Poller for BlkQueue {
+    fn poll(&mut self) -> usize {
+        let guard = self.mem.memory();
+        let mem: Arc<GuestMemoryMmap> = guard.into_inner();
+        let mut work = 0;
+
+        // Completions first: they free slots for new requests.
+        let mut done = std::mem::take(&mut self.done);
+        let mut reflush = std::mem::take(&mut self.reflush);
+        {
+            let slots = &mut self.slots;
+            self.chan.poll(&mut |tag, res| {
+                let Some(slot) = slots.get_mut(tag as usize) else {
+                    return;
+                };
+                if BlkQueue::on_bdev_done(slot, res) {
+                    if slot.flush_after && slot.status == VIRTIO_BLK_S_OK as u8 {
+                        slot.flush_after = false;
+                        reflush.push(tag as u32);
+                    } else {
+                        done.push(tag as u32);
+                    }
+                }
+            });
+        }
+        for &tag in &reflush {
+            self.slots[tag as usize].pending = 1;
+            // SAFETY: a flush carries no buffers.
+            unsafe { self.chan.submit(tag as u64, IoOp::Flush) };
+        }
+        if !reflush.is_empty() {
+            self.chan.kick();
+        }
+        let completed = done.len();
+        for &tag in &done {
+            self.complete(tag, &mem);
+        }
+        done.clear();
+        reflush.clear();
+        self.done = done;
+        self.reflush = reflush;
+        work += completed;
+
+        if !self.stopping {
+            let limits = self.shared.limits();
+            let mut popped = 0;
+            while popped < POP_BUDGET {
+                let Some(&tag) = self.free.last() else { break };
+                let Some(chain) = self.queue.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                self.free.pop();
+                self.in_flight += 1;
+                popped += 1;
+                let slot = &mut self.slots[tag as usize];
+                match slot.req.parse_into(chain, &limits) {
+                    Ok(()) => {
+                        if !self.start(tag, &mem) {
+                            self.complete(tag, &mem);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(queue = self.index, "bad request: {e}");
+                        match e.status_addr {
+                            Some(addr) => {
+                                slot.req.status_addr = addr;
+                                slot.req.head_index = e.head_index;
+                                slot.status = e.error.status();
+                                self.complete(tag, &mem);
+                            }
+                            None => {
+                                // Nowhere to write a status: hand the chain back unused.
+                                if let Err(e) = self.queue.add_used(&*mem, e.head_index, 0) {
+                                    tracing::warn!(
+                                        queue = self.index,
+                                        "cannot return a chain: {e}"
+                                    );
+                                }
+                                self.free.push(tag);
+                                self.in_flight -= 1;
+                            }
+                        }
+                    }
+                }
+            }
+            work += popped;
+            if popped > 0 {
+                self.chan.kick();
+            }
+        }
+
+        if completed > 0 || work > 0 {
+            match self.queue.needs_notification(&*mem) {
+                Ok(true) | Err(_) => {
+                    if let Some(call) = &self.call {
+                        let _ = call.write(1);
+                    }
+                }
+                Ok(false) => {}
+            }
+        }
+        work
+    }
+
+    fn arm(&mut self) -> bool {
+        if self.stopping {
+            return false;
+        }
+        let mem = self.mem.memory();
+        // True when descriptors arrived since the last pop (virtio 1.2 §2.7.10 with
+        // EVENT_IDX: avail_event is set to our position first).
+        self.queue.enable_notification(&*mem).unwrap_or(true) && !self.free.is_empty()
+    }
+
+    fn disarm(&mut self) {
+        let mem = self.mem.memory();
+        let _ = self.queue.disable_notification(&*mem);
+        let _ = self.kick.read();
+    }
+
+    fn wake_fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.kick.as_raw_fd()];
+        if let Some(fd) = self.chan.completion_fd() {
+            v.push(fd);
+        }
+        v
+    }
+
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.chan.next_deadline()
+    }
+
+    fn request_stop(&mut self) {
+        self.stopping = true;
+    }
+
+    fn finished(&self) -> bool {
+        self.stopping && self.in_flight == 0
+    }
+}
+
+impl Drop for BlkQueue {
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            tracing::error!(
+                queue = self.index,
+                in_flight = self.in_flight,
+                "queue dropped with requests in flight"
+            );
+        }
+        if let Some(tx) = self.stopped.take() {
+            let _ = tx.send(self.queue.next_avail());
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! What a vhost-user controller serves: a virtio device model (blk, later scsi) whose
+//! queues run as pollers on the reactors.
+
+use std::sync::mpsc::Sender;
+
+use serde_json::Value;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use virtio_queue::Queue;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::reactor::{Poller, ReactorCtx};
+
+/// Guest memory as the frontend shared it (memfd, hugetlbfs or plain file regions), swapped
+/// atomically when the frontend adds or removes regions.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// Everything a queue poller needs, handed over when the frontend has set a ring up
+/// (vhost-user: after SET_VRING_KICK with addresses and, with PROTOCOL_FEATURES, enabled).
+pub struct QueueSetup {
+    /// Queue index within the device.
+    pub index: u16,
+    /// The split virtqueue (virtio 1.2 §2.7), ready, positioned at the frontend's base.
+    pub queue: Queue,
+    pub mem: GuestMem,
+    /// Guest → device notifications (non-blocking eventfd).
+    pub kick: EventFd,
+    /// Device → guest interrupts; `None` when the frontend polls.
+    pub call: Option<EventFd>,
+    /// Receives the ring's next available index once the poller has stopped and finished
+    /// every request it took (the answer to GET_VRING_BASE).
+    pub stopped: Sender<u16>,
+}
+
+/// A virtio device model served over vhost-user.
+pub trait VirtioDevice: Send + Sync {
+    /// Device feature bits offered (virtio 1.2 §6 and the device's own section).
+    fn features(&self) -> u64;
+
+    /// vhost-user protocol features offered.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+
+    /// Maximum number of queues the frontend may use.
+    fn num_queues(&self) -> usize;
+
+    /// Maximum ring size.
+    fn max_queue_size(&self) -> u16;
+
+    /// The device configuration space (virtio 1.2 §4.1.4.3), as of now.
+    fn config_space(&self) -> Vec<u8>;
+
+    /// A write of the driver into the configuration space.
+    fn write_config(&self, offset: u32, data: &[u8]) -> std::io::Result<()>;
+
+    /// Builds the poller of one queue; runs on the reactor that will poll it.
+    fn start_queue(
+        &self,
+        ctx: &mut ReactorCtx,
+        setup: QueueSetup,
+        acked_features: u64,
+    ) -> std::io::Result<Box<dyn Poller>>;
+
+    /// `backend_specific` of `vhost_get_controllers`.
+    fn backend_specific(&self) -> Value;
+
+    /// The RPC (method, params) that recreates the controller named `ctrlr`.
+    fn config_entry(&self, ctrlr: &str, cpumask: &str) -> (&'static str, Value);
+
+    /// The controller is being deleted: release what the device holds (bdev claims).
+    fn close(&self);
+}

@@ -1,0 +1,570 @@
+//! One vhost-user connection (a "session" in SPDK's terms): the frontend's view of the
+//! device, as set up by the messages of QEMU's docs/interop/vhost-user.rst.
+//!
+//! The session owns guest memory mappings and ring addresses; when a ring is complete it
+//! places the ring's poller on the least-loaded reactor of the controller's cpumask. Ring
+//! stops (GET_VRING_BASE, disconnect) wait until the poller has finished every request it
+//! took, so that no completion writes into memory the frontend has taken back.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::device::{GuestMem, QueueSetup, VirtioDevice};
+use crate::cpumask::CpuMask;
+use crate::reactor::{PollerId, Reactors};
+
+/// How long a ring stop waits for in-flight requests before giving up on them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most memory regions a frontend may add (vhost-user CONFIGURE_MEM_SLOTS).
+const MAX_MEM_SLOTS: u64 = 509;
+
+/// A region of frontend virtual addresses, to translate ring addresses (which the frontend
+/// gives in its own address space) to guest physical addresses.
+struct AddrMapping {
+    vmm_addr: u64,
+    size: u64,
+    gpa_base: u64,
+}
+
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    addr_set: bool,
+    base: u16,
+    kick: Option<File>,
+    call: Option<File>,
+    enabled: bool,
+    running: Option<RunningRing>,
+}
+
+struct RunningRing {
+    core: usize,
+    poller: PollerId,
+    stopped: mpsc::Receiver<u16>,
+}
+
+/// The state of one frontend connection.
+pub struct Session {
+    ctrlr: String,
+    device: Arc<dyn VirtioDevice>,
+    reactors: Arc<Reactors>,
+    cpumask: CpuMask,
+    owned: bool,
+    acked_features: u64,
+    acked_protocol_features: u64,
+    mem: GuestMem,
+    mappings: Vec<AddrMapping>,
+    vrings: Vec<Vring>,
+    backend_req: Option<Backend>,
+}
+
+fn invalid(what: &'static str) -> VuError {
+    VuError::InvalidOperation(what)
+}
+
+fn req_err(e: impl std::fmt::Display) -> VuError {
+    VuError::ReqHandlerError(io::Error::other(e.to_string()))
+}
+
+impl Session {
+    /// A fresh session for controller `ctrlr`.
+    pub fn new(
+        ctrlr: &str,
+        device: Arc<dyn VirtioDevice>,
+        reactors: Arc<Reactors>,
+        cpumask: CpuMask,
+    ) -> Self {
+        let n = device.num_queues();
+        Session {
+            ctrlr: ctrlr.to_string(),
+            device,
+            reactors,
+            cpumask,
+            owned: false,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            mem: GuestMemoryAtomic_new(),
+            mappings: Vec::new(),
+            vrings: (0..n).map(|_| Vring::default()).collect(),
+            backend_req: None,
+        }
+    }
+
+    /// Number of rings running on reactors.
+    pub fn running_rings(&self) -> usize {
+        self.vrings.iter().filter(|v| v.running.is_some()).count()
+    }
+
+    /// Reactor cores this session's rings run on.
+    pub fn cores(&self) -> Vec<usize> {
+        let mut c: Vec<usize> = self
+            .vrings
+            .iter()
+            .filter_map(|v| v.running.as_ref().map(|r| r.core))
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or(VuError::InvalidParam)
+    }
+
+    fn vmm_va_to_gpa(&self, va: u64) -> VuResult<u64> {
+        self.mappings
+            .iter()
+            .find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size)
+            .map(|m| va - m.vmm_addr + m.gpa_base)
+            .ok_or_else(|| req_err(format!("ring address {va:#x} is outside guest memory")))
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Starts ring `index` on a reactor when it is complete: addresses, kick fd, and enabled
+    /// (rings start enabled when PROTOCOL_FEATURES was not negotiated, vhost-user.rst
+    /// "Ring states").
+    fn maybe_start(&mut self, index: usize) -> VuResult<()> {
+        let enabled_by_default = !self.protocol_features_acked();
+        let features = self.acked_features;
+        let v = &self.vrings[index];
+        if v.running.is_some() || !v.addr_set || v.kick.is_none() {
+            return Ok(());
+        }
+        if !(v.enabled || enabled_by_default) {
+            return Ok(());
+        }
+        let mut queue = Queue::new(self.device.max_queue_size()).map_err(req_err)?;
+        queue.set_size(v.size);
+        queue
+            .try_set_desc_table_address(GuestAddress(v.desc))
+            .map_err(req_err)?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(v.avail))
+            .map_err(req_err)?;
+        queue
+            .try_set_used_ring_address(GuestAddress(v.used))
+            .map_err(req_err)?;
+        queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        queue.set_next_avail(v.base);
+        let mem = self.mem.memory();
+        // The used index continues from where the frontend's ring is (e.g. after a
+        // reconnect), virtio 1.2 §2.7.8.
+        let used = queue
+            .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(req_err)?;
+        queue.set_next_used(used.0);
+        queue.set_ready(true);
+        if !queue.is_valid(&*mem) {
+            return Err(req_err(format!(
+                "controller {}: ring {index} does not fit in guest memory",
+                self.ctrlr
+            )));
+        }
+        let kick = dup_eventfd(v.kick.as_ref())?.ok_or(VuError::InvalidParam)?;
+        let call = dup_eventfd(v.call.as_ref())?;
+        let (tx, rx) = mpsc::channel();
+        let setup = QueueSetup {
+            index: index as u16,
+            queue,
+            mem: self.mem.clone(),
+            kick,
+            call,
+            stopped: tx,
+        };
+        let core = self.reactors.pick(&self.cpumask).ok_or_else(|| {
+            req_err(format!(
+                "controller {}: no reactor in cpumask {}",
+                self.ctrlr, self.cpumask
+            ))
+        })?;
+        let device = self.device.clone();
+        let name = format!("{}.q{index}", self.ctrlr);
+        let started = self
+            .reactors
+            .call(core, move |ctx| {
+                let poller = device.start_queue(ctx, setup, features)?;
+                Ok::<_, io::Error>(ctx.add_poller(&name, poller))
+            })
+            .ok_or_else(|| req_err("reactor is gone"))?
+            .map_err(VuError::ReqHandlerError)?;
+        tracing::debug!(ctrlr = %self.ctrlr, ring = index, core, "ring started");
+        self.vrings[index].running = Some(RunningRing {
+            core,
+            poller: started,
+            stopped: rx,
+        });
+        Ok(())
+    }
+
+    /// Stops ring `index` if it runs, waiting until its in-flight requests are done;
+    /// returns the next available index to resume from.
+    fn stop_ring(&mut self, index: usize) -> u16 {
+        let Some(r) = self.vrings[index].running.take() else {
+            return self.vrings[index].base;
+        };
+        let poller = r.poller;
+        self.reactors
+            .run(r.core, move |ctx| ctx.stop_poller(poller));
+        match r.stopped.recv_timeout(STOP_TIMEOUT) {
+            Ok(next_avail) => {
+                self.vrings[index].base = next_avail;
+                next_avail
+            }
+            Err(_) => {
+                tracing::error!(
+                    ctrlr = %self.ctrlr,
+                    ring = index,
+                    "ring did not finish its requests in {STOP_TIMEOUT:?}; abandoning them"
+                );
+                self.vrings[index].base
+            }
+        }
+    }
+
+    /// Stops every ring (frontend gone, controller deleted, daemon stopping).
+    pub fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_ring(i);
+        }
+    }
+}
+
+#[allow(non_snake_case)]
+fn GuestMemoryAtomic_new() -> GuestMem {
+    vm_memory::GuestMemoryAtomic::new(GuestMemoryMmap::new())
+}
+
+/// Duplicates an eventfd received from the frontend and makes it non-blocking, so a
+/// reactor draining it never blocks.
+fn dup_eventfd(f: Option<&File>) -> VuResult<Option<EventFd>> {
+    let Some(f) = f else { return Ok(None) };
+    let dup = f.try_clone().map_err(VuError::ReqHandlerError)?;
+    let fd = dup.into_raw_fd();
+    // SAFETY: fd is a valid descriptor we own; F_SETFL only changes its status flags.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        // SAFETY: fd is owned and becomes owned by the EventFd.
+        Ok(Some(EventFd::from_raw_fd(fd)))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for Session {
+    fn set_owner(&mut self) -> VuResult<()> {
+        if self.owned {
+            return Err(invalid("already owned"));
+        }
+        self.owned = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.stop_all();
+        self.owned = false;
+        self.acked_features = 0;
+        self.acked_protocol_features = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.stop_all();
+        for v in &mut self.vrings {
+            *v = Vring::default();
+        }
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.device.features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !self.device.features() != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.acked_features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening.is_some() {
+            return Err(invalid("postcopy is not supported"));
+        }
+        let mut regions = Vec::new();
+        let mut mappings = Vec::new();
+        for (region, file) in ctx.iter().zip(files) {
+            let r = GuestRegionMmap::new(
+                region.mmap_region(file)?,
+                GuestAddress(region.guest_phys_addr),
+            )
+            .ok_or(VuError::InvalidParam)?;
+            mappings.push(AddrMapping {
+                vmm_addr: region.user_addr,
+                size: region.memory_size,
+                gpa_base: region.guest_phys_addr,
+            });
+            regions.push(r);
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(req_err)?;
+        self.mem.lock().map_err(req_err)?.replace(mem);
+        self.mappings = mappings;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let max = self.device.max_queue_size() as u32;
+        let v = self.vring(index)?;
+        if num == 0 || num > max || !num.is_power_of_two() {
+            return Err(VuError::InvalidParam);
+        }
+        v.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let desc = self.vmm_va_to_gpa(descriptor)?;
+        let used = self.vmm_va_to_gpa(used)?;
+        let avail = self.vmm_va_to_gpa(available)?;
+        let v = self.vring(index)?;
+        v.desc = desc;
+        v.used = used;
+        v.avail = avail;
+        v.addr_set = true;
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let v = self.vring(index)?;
+        v.base = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.vring(index)?;
+        let next_avail = self.stop_ring(index as usize);
+        let v = &mut self.vrings[index as usize];
+        v.kick = None;
+        v.call = None;
+        Ok(VhostUserVringState::new(index, next_avail as u32))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let running = self.vring(index as u32)?.running.is_some();
+        if running {
+            // A new kick fd for a running ring: restart it with the new fd.
+            self.stop_ring(index as usize);
+        }
+        self.vring(index as u32)?.kick = fd;
+        self.maybe_start(index as usize)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let running = self.vring(index as u32)?.running.is_some();
+        if running {
+            self.stop_ring(index as usize);
+        }
+        self.vring(index as u32)?.call = fd;
+        self.maybe_start(index as usize)
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.vring(index as u32)?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(self.device.protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.device.num_queues() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        if !self.protocol_features_acked() {
+            return Err(VuError::InactiveFeature(
+                VhostUserVirtioFeatures::PROTOCOL_FEATURES,
+            ));
+        }
+        self.vring(index)?.enabled = enable;
+        if enable {
+            self.maybe_start(index as usize)
+        } else {
+            self.stop_ring(index as usize);
+            Ok(())
+        }
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        let cfg = self.device.config_space();
+        let start = offset as usize;
+        let end = start
+            .checked_add(size as usize)
+            .ok_or(VuError::InvalidParam)?;
+        if end > cfg.len() {
+            return Err(VuError::InvalidParam);
+        }
+        Ok(cfg[start..end].to_vec())
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
+        self.device
+            .write_config(offset, buf)
+            .map_err(VuError::ReqHandlerError)
+    }
+
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        if self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0 {
+            backend.set_reply_ack_flag(true);
+        }
+        self.backend_req = Some(backend);
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(invalid("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(invalid("shared objects are not supported"))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        Err(invalid("inflight tracking is not offered"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(invalid("inflight tracking is not offered"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        file: File,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        if postcopy_listening.is_some() {
+            return Err(invalid("postcopy is not supported"));
+        }
+        if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
+            return Err(VuError::InvalidParam);
+        }
+        let r = Arc::new(
+            GuestRegionMmap::new(
+                region.mmap_region(file)?,
+                GuestAddress(region.guest_phys_addr),
+            )
+            .ok_or(VuError::InvalidParam)?,
+        );
+        let mem = self.mem.memory().insert_region(r).map_err(req_err)?;
+        self.mem.lock().map_err(req_err)?.replace(mem);
+        self.mappings.push(AddrMapping {
+            vmm_addr: region.user_addr,
+            size: region.memory_size,
+            gpa_base: region.guest_phys_addr,
+        });
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let (mem, _) = self
+            .mem
+            .memory()
+            .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
+            .map_err(req_err)?;
+        self.mem.lock().map_err(req_err)?.replace(mem);
+        self.mappings
+            .retain(|m| m.gpa_base != region.guest_phys_addr);
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(invalid("device state transfer is not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(invalid("device state transfer is not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(invalid("shared memory regions are not supported"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(invalid("dirty logging is not supported"))
+    }
+}
