@@ -673,6 +673,12 @@ fn rpc_errors_carry_errno_and_names() {
     )
     .unwrap();
     assert!(n.as_str().unwrap().starts_with("Ceph"), "{n}");
+    let b = app
+        .bdevs
+        .get(n.as_str().unwrap())
+        .expect("published in app.bdevs");
+    assert_eq!(b.to_json()["product_name"], "Ceph Rbd Disk");
+    drop(b);
     assert_eq!(
         call(
             "bdev_rbd_resize",
@@ -689,6 +695,7 @@ fn rpc_errors_carry_errno_and_names() {
         call("bdev_rbd_delete", serde_json::json!({"name": n})).unwrap(),
         true
     );
+    assert!(app.bdevs.get(n.as_str().unwrap()).is_none());
     connect(&conf)
         .ioctx(POOL)
         .unwrap()

@@ -79,8 +79,11 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
         uuid: p.uuid,
     })
     .map_err(err)?;
-    // TODO(merge): publish in the daemon registry once `BdevRegistry::add` lands on main:
-    // app.bdevs.add(bdev.clone()).
+    if let Err(e) = app.bdevs.add(bdev.clone()) {
+        // Lost a race for the name: undo.
+        let _ = super::delete(bdev.name());
+        return Err(e.into());
+    }
     Ok(json!(bdev.name()))
 }
 
@@ -92,16 +95,13 @@ struct NameParams {
 
 fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     let p: NameParams = params(p)?;
-    let bdev = super::get(&p.name).ok_or_else(|| RpcError::errno(libc::ENODEV))?;
-    if let Some(owner) = bdev.claimed_by() {
-        return Err(RpcError::errno_msg(
-            libc::EBUSY,
-            format!("bdev {} is used by {owner}", p.name),
-        ));
+    if !super::exists(&p.name) {
+        return Err(RpcError::errno(libc::ENODEV));
     }
-    let _ = app;
+    // Refused (EBUSY, naming the owner) while a controller claims it; closes the backend.
+    app.bdevs
+        .remove_product(&p.name, Some(super::PRODUCT_NAME))?;
     super::delete(&p.name).map_err(err)?;
-    // TODO(merge): app.bdevs.remove(&p.name).
     Ok(json!(true))
 }
 
