@@ -15,6 +15,8 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod cpumask;
+pub mod rbd;
+pub mod rbdcli;
 pub mod reactor;
 pub mod rpc;
 pub mod vhost;

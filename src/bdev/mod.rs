@@ -12,6 +12,7 @@ pub mod channel;
 pub mod malloc;
 pub mod null;
 pub mod qos;
+pub mod rbd;
 pub mod registry;
 pub mod rpc;
 pub mod stats;

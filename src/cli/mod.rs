@@ -85,6 +85,12 @@ commands! {
     Rpc(raw::RawArgs),
     /// vhost-user-blk load generator (libblkio).
     Bench(crate::bench::BenchArgs),
+    /// RBD images, straight to the cluster (like `rbd`): create, ls, info, snap, import ...
+    #[command(subcommand)]
+    Image(crate::rbdcli::image::ImageCommand),
+    /// RBD pools, straight to the cluster: create, init, ls, rm.
+    #[command(subcommand)]
+    Pool(crate::rbdcli::pool::PoolCommand),
 }
 
 impl Run for crate::bench::BenchArgs {

@@ -122,6 +122,7 @@ impl RpcMethods {
         crate::bdev::malloc::rpc::register(&mut m);
         crate::bdev::null::rpc::register(&mut m);
         crate::bdev::aio::rpc::register(&mut m);
+        crate::bdev::rbd::rpc::register(&mut m);
         crate::vhost::blk::rpc::register(&mut m);
         m
     }

@@ -1,0 +1,507 @@
+//! The `rbd` backend: a Ceph RBD image through librbd (SPDK's `bdev_rbd`).
+//!
+//! I/O goes through `rbd_aio_readv`/`writev`/`flush`/`discard`/`write_zeroes` with the
+//! frontend's iovecs (guest memory) directly, without a copy. librbd calls the completion
+//! callback on one of its own threads: it pushes `(tag, result)` onto the channel's queue
+//! and signals the channel's eventfd ([`IoChannel::completion_fd`]); the reactor then reaps
+//! on its own thread. Blocking librbd calls (open, stat, resize, close) only happen on the
+//! control (RPC) thread or on the bdev's watcher thread, never in the I/O path.
+//!
+//! Size changes made elsewhere (`rbd resize`, another client) arrive through
+//! `rbd_update_watch`: the callback wakes the bdev's watcher thread, which re-stats the
+//! image and calls [`Bdev::set_num_blocks`], which notifies the frontends.
+
+pub mod cluster;
+pub mod rpc;
+
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    check_block_size, Bdev, BdevBackend, BdevParams, Errno, IoChannel, IoOp, IoResult, IoTypes,
+};
+use crate::rbd::ffi::{rbd_completion_t, Api};
+use crate::rbd::image::AioOp;
+use crate::rbd::{ConnectOptions, Image, Rados, RbdError, RbdResult};
+
+/// `product_name` of rbd bdevs (SPDK's).
+pub const PRODUCT_NAME: &str = "Ceph Rbd Disk";
+
+/// What `bdev_rbd_create` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct RbdBdevConfig {
+    pub name: String,
+    pub user_id: Option<String>,
+    pub pool_name: String,
+    pub rbd_name: String,
+    pub block_size: u32,
+    /// librados options for a connection of this bdev's own (ignored with a cluster).
+    pub config: Option<BTreeMap<String, String>>,
+    pub cluster_name: Option<String>,
+    pub uuid: Option<Uuid>,
+}
+
+/// The backend's state shared by the bdev, its channels and its watcher thread.
+struct Shared {
+    cfg: RbdBdevConfig,
+    image: Arc<Image>,
+    config_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    watch: Mutex<Option<Watch>>,
+}
+
+/// A registered `rbd_update_watch` and the thread it wakes.
+struct Watch {
+    handle: u64,
+    ctx: *mut WatchCtx,
+    thread: JoinHandle<()>,
+}
+
+// SAFETY: `ctx` is only dereferenced by librbd's callback and freed after unwatch.
+unsafe impl Send for Watch {}
+
+struct WatchCtx {
+    tx: Mutex<mpsc::Sender<()>>,
+}
+
+unsafe extern "C" fn watch_cb(arg: *mut c_void) {
+    // SAFETY: `arg` is the WatchCtx registered with the watch, alive until unwatch returns.
+    let ctx = unsafe { &*(arg as *const WatchCtx) };
+    let _ = lock(&ctx.tx).send(());
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Starts watching the image header for size changes made elsewhere.
+    fn start_watch(&self, bdev: Weak<Bdev>) -> RbdResult<()> {
+        let (tx, rx) = mpsc::channel::<()>();
+        let image = self.image.clone();
+        let block_size = self.cfg.block_size as u64;
+        let thread = std::thread::Builder::new()
+            .name(format!("rbd-watch-{}", self.cfg.name))
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let Some(bdev) = bdev.upgrade() else { break };
+                    match image.size() {
+                        Ok(size) => {
+                            let blocks = size / block_size;
+                            if blocks != bdev.num_blocks() {
+                                tracing::info!(
+                                    "{}: {} resized to {size} bytes ({blocks} blocks)",
+                                    bdev.name(),
+                                    image.what()
+                                );
+                                bdev.set_num_blocks(blocks);
+                            }
+                        }
+                        Err(e) => tracing::warn!("{}: {e}", bdev.name()),
+                    }
+                }
+            })
+            .map_err(|e| RbdError::new(libc::EAGAIN, format!("spawning watcher: {e}")))?;
+        let ctx = Box::into_raw(Box::new(WatchCtx { tx: Mutex::new(tx) }));
+        // SAFETY: ctx stays alive until stop_watch frees it after update_unwatch.
+        match unsafe { self.image.update_watch(watch_cb, ctx as *mut c_void) } {
+            Ok(handle) => {
+                *lock(&self.watch) = Some(Watch {
+                    handle,
+                    ctx,
+                    thread,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // SAFETY: not registered: we still own ctx. Dropping it ends the thread.
+                drop(unsafe { Box::from_raw(ctx) });
+                let _ = thread.join();
+                Err(e)
+            }
+        }
+    }
+
+    fn stop_watch(&self) {
+        let Some(w) = lock(&self.watch).take() else {
+            return;
+        };
+        if let Err(e) = self.image.update_unwatch(w.handle) {
+            // The callback may still run: leak the context rather than free it under it.
+            tracing::warn!("{}: {e}", self.cfg.name);
+            return;
+        }
+        // SAFETY: unwatched, so librbd no longer uses ctx; dropping the sender stops the
+        // thread.
+        drop(unsafe { Box::from_raw(w.ctx) });
+        let _ = w.thread.join();
+    }
+}
+
+/// The rbd backend of one bdev.
+pub struct RbdBackend {
+    shared: Arc<Shared>,
+}
+
+impl BdevBackend for RbdBackend {
+    fn product_name(&self) -> &'static str {
+        PRODUCT_NAME
+    }
+
+    fn io_types(&self) -> IoTypes {
+        IoTypes {
+            flush: true,
+            unmap: true,
+            write_zeroes: true,
+        }
+    }
+
+    fn open_channel(&self) -> std::io::Result<Box<dyn IoChannel>> {
+        Ok(Box::new(RbdChannel {
+            image: self.shared.image.clone(),
+            api: self.shared.image.api(),
+            queue: Arc::new(CompletionQueue {
+                done: Mutex::new(Vec::new()),
+                efd: EventFd::new(EFD_NONBLOCK)?,
+            }),
+            in_flight: 0,
+            batch: Vec::new(),
+        }))
+    }
+
+    fn driver_specific(&self) -> Value {
+        let c = &self.shared.cfg;
+        let mut rbd = json!({ "pool_name": c.pool_name, "rbd_name": c.rbd_name });
+        if let Some(f) = &self.shared.config_file {
+            rbd["config_file"] = json!(f);
+        }
+        if let Some(f) = &self.shared.key_file {
+            rbd["key_file"] = json!(f);
+        }
+        if let Some(n) = &c.cluster_name {
+            rbd["cluster_name"] = json!(n);
+        }
+        json!({ "rbd": rbd })
+    }
+
+    fn config(&self, bdev: &Bdev) -> Option<(&'static str, Value)> {
+        let c = &self.shared.cfg;
+        let mut p = json!({
+            "name": bdev.name(),
+            "pool_name": c.pool_name,
+            "rbd_name": c.rbd_name,
+            "block_size": c.block_size,
+            "uuid": bdev.uuid().to_string(),
+        });
+        if let Some(u) = &c.user_id {
+            p["user_id"] = json!(u);
+        }
+        if let Some(cfg) = &c.config {
+            p["config"] = json!(cfg);
+        }
+        if let Some(n) = &c.cluster_name {
+            p["cluster_name"] = json!(n);
+        }
+        Some(("bdev_rbd_create", p))
+    }
+
+    fn close(&self) -> std::io::Result<()> {
+        self.shared.stop_watch();
+        self.shared
+            .image
+            .flush()
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno))
+    }
+}
+
+/// Completions pushed by librbd threads, reaped by the channel's reactor.
+struct CompletionQueue {
+    done: Mutex<Vec<(u64, IoResult)>>,
+    efd: EventFd,
+}
+
+impl CompletionQueue {
+    fn push(&self, tag: u64, r: IoResult) {
+        lock(&self.done).push((tag, r));
+        let _ = self.efd.write(1);
+    }
+}
+
+/// What a completion callback needs: owned by the aio until its callback runs.
+struct AioCtx {
+    tag: u64,
+    /// For reads: the byte count librbd must report.
+    expect: Option<u64>,
+    api: &'static Api,
+    queue: Arc<CompletionQueue>,
+}
+
+unsafe extern "C" fn aio_done(c: rbd_completion_t, arg: *mut c_void) {
+    // SAFETY: `arg` is the AioCtx leaked by `submit` for exactly this completion.
+    let ctx = unsafe { Box::from_raw(arg as *mut AioCtx) };
+    // SAFETY: `c` is this callback's live completion; we release it exactly once.
+    let rv = unsafe { (ctx.api.rbd_aio_get_return_value)(c) };
+    unsafe { (ctx.api.rbd_aio_release)(c) };
+    let r = if rv < 0 {
+        Err(Errno(i32::try_from(-rv).unwrap_or(libc::EIO)))
+    } else if ctx.expect.is_some_and(|n| rv as u64 != n) {
+        Err(Errno(libc::EIO))
+    } else {
+        Ok(())
+    };
+    ctx.queue.push(ctx.tag, r);
+}
+
+/// A reactor's channel to an rbd image.
+struct RbdChannel {
+    image: Arc<Image>,
+    api: &'static Api,
+    queue: Arc<CompletionQueue>,
+    in_flight: usize,
+    batch: Vec<(u64, IoResult)>,
+}
+
+impl IoChannel for RbdChannel {
+    unsafe fn submit(&mut self, tag: u64, op: IoOp) {
+        self.in_flight += 1;
+        let iov_op = |iovs: super::IoVecs| match i32::try_from(iovs.count()) {
+            Ok(n) => Ok((iovs.as_slice().as_ptr(), n)),
+            Err(_) => Err(libc::EINVAL),
+        };
+        let (aio, expect) = match op {
+            IoOp::Read { offset, iovs } => match iov_op(iovs) {
+                Ok((iov, cnt)) => (
+                    AioOp::Readv {
+                        iov,
+                        cnt,
+                        off: offset,
+                    },
+                    Some(iovs.total_len()),
+                ),
+                Err(e) => return self.queue.push(tag, Err(Errno(e))),
+            },
+            IoOp::Write { offset, iovs } => match iov_op(iovs) {
+                Ok((iov, cnt)) => (
+                    AioOp::Writev {
+                        iov,
+                        cnt,
+                        off: offset,
+                    },
+                    None,
+                ),
+                Err(e) => return self.queue.push(tag, Err(Errno(e))),
+            },
+            IoOp::Flush => (AioOp::Flush, None),
+            IoOp::Unmap { offset, len } => (AioOp::Discard { off: offset, len }, None),
+            IoOp::WriteZeroes { offset, len, .. } => {
+                (AioOp::WriteZeroes { off: offset, len }, None)
+            }
+        };
+        let ctx = Box::into_raw(Box::new(AioCtx {
+            tag,
+            expect,
+            api: self.api,
+            queue: self.queue.clone(),
+        }));
+        let c = match self.image.aio_completion(ctx as *mut c_void, aio_done) {
+            Ok(c) => c,
+            Err(e) => {
+                drop(Box::from_raw(ctx));
+                return self.queue.push(tag, Err(Errno(e)));
+            }
+        };
+        if let Err(e) = self.image.aio_start(aio, c) {
+            // Not started: the callback will never run; undo both allocations.
+            (self.api.rbd_aio_release)(c);
+            drop(Box::from_raw(ctx));
+            self.queue.push(tag, Err(Errno(e)));
+        }
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(u64, IoResult)) -> usize {
+        // Drain the eventfd before taking the queue: a push after the swap re-signals it.
+        let _ = self.queue.efd.read();
+        std::mem::swap(&mut *lock(&self.queue.done), &mut self.batch);
+        let n = self.batch.len();
+        for (tag, r) in self.batch.drain(..) {
+            done(tag, r);
+        }
+        self.in_flight -= n.min(self.in_flight);
+        n
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.queue.efd.as_raw_fd())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+/// An rbd bdev the module manages: the generic bdev plus what delete/resize need.
+struct Entry {
+    bdev: Arc<Bdev>,
+    shared: Arc<Shared>,
+}
+
+static BDEVS: Mutex<BTreeMap<String, Entry>> = Mutex::new(BTreeMap::new());
+
+fn bdevs() -> MutexGuard<'static, BTreeMap<String, Entry>> {
+    lock(&BDEVS)
+}
+
+/// Whether an rbd bdev called `name` exists.
+pub fn exists(name: &str) -> bool {
+    bdevs().contains_key(name)
+}
+
+/// The rbd bdev called `name`.
+pub fn get(name: &str) -> Option<Arc<Bdev>> {
+    bdevs().get(name).map(|e| e.bdev.clone())
+}
+
+/// Opens the image and builds the bdev (blocking: control thread only). The caller has
+/// checked that the name is free in the daemon's registry.
+pub fn create(cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
+    check_block_size(cfg.block_size).map_err(RbdError::invalid)?;
+    if cfg.pool_name.is_empty() || cfg.rbd_name.is_empty() {
+        return Err(RbdError::invalid(
+            "pool_name and rbd_name must not be empty",
+        ));
+    }
+    if exists(&cfg.name) {
+        return Err(RbdError::new(
+            libc::EEXIST,
+            format!("bdev {} already exists", cfg.name),
+        ));
+    }
+    let (conn, config_file, key_file) = match &cfg.cluster_name {
+        Some(c) => {
+            let (conn, ccfg) = cluster::acquire(c, &cfg.name)?;
+            (
+                conn,
+                ccfg.config_file.map(PathBuf::from),
+                ccfg.key_file.map(PathBuf::from),
+            )
+        }
+        None => {
+            let opts = ConnectOptions {
+                label: String::new(),
+                user_id: cfg.user_id.clone(),
+                config_file: None,
+                key_file: None,
+                config: cfg.config.clone().unwrap_or_default(),
+            };
+            (Rados::connect(&opts)?, None, None)
+        }
+    };
+    let release = |e: RbdError| {
+        if let Some(c) = &cfg.cluster_name {
+            cluster::release(c, &cfg.name);
+        }
+        e
+    };
+    let opened = conn
+        .ioctx(&cfg.pool_name)
+        .and_then(|io| io.open(&cfg.rbd_name, None))
+        .and_then(|img| img.size().map(|s| (img, s)));
+    let (image, size) = opened.map_err(release)?;
+    let blocks = size / cfg.block_size as u64;
+    if blocks == 0 {
+        return Err(release(RbdError::invalid(format!(
+            "{} ({size} bytes) is smaller than one block of {}",
+            image.what(),
+            cfg.block_size
+        ))));
+    }
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        image: Arc::new(image),
+        config_file,
+        key_file,
+        watch: Mutex::new(None),
+    });
+    let bdev = Bdev::new(
+        BdevParams {
+            name: cfg.name.clone(),
+            uuid: cfg.uuid,
+            block_size: cfg.block_size,
+            num_blocks: blocks,
+        },
+        Box::new(RbdBackend {
+            shared: shared.clone(),
+        }),
+    );
+    shared.start_watch(Arc::downgrade(&bdev)).map_err(release)?;
+    let mut map = bdevs();
+    if map.contains_key(&cfg.name) {
+        drop(map);
+        shared.stop_watch();
+        return Err(release(RbdError::new(
+            libc::EEXIST,
+            format!("bdev {} already exists", cfg.name),
+        )));
+    }
+    map.insert(
+        cfg.name.clone(),
+        Entry {
+            bdev: bdev.clone(),
+            shared,
+        },
+    );
+    Ok(bdev)
+}
+
+fn no_such_bdev(name: &str) -> RbdError {
+    RbdError::new(libc::ENODEV, format!("rbd bdev {name} not found"))
+}
+
+/// Deletes an rbd bdev: stops the watch, flushes, and releases its cluster. The image is
+/// closed when the last channel using it is dropped.
+pub fn delete(name: &str) -> RbdResult<Arc<Bdev>> {
+    let e = bdevs().remove(name).ok_or_else(|| no_such_bdev(name))?;
+    let r = e.bdev.backend().close();
+    if let Some(c) = &e.shared.cfg.cluster_name {
+        cluster::release(c, name);
+    }
+    if let Err(err) = r {
+        tracing::warn!("{name}: flushing on delete: {err}");
+    }
+    Ok(e.bdev)
+}
+
+/// `bdev_rbd_resize`: grows the image to `new_size_mib` MiB (shrinking is refused, as in
+/// SPDK: a guest would lose data) and tells the frontends.
+pub fn resize(name: &str, new_size_mib: u64) -> RbdResult<()> {
+    let (bdev, shared) = {
+        let map = bdevs();
+        let e = map.get(name).ok_or_else(|| no_such_bdev(name))?;
+        (e.bdev.clone(), e.shared.clone())
+    };
+    let bytes = new_size_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| RbdError::invalid(format!("new_size {new_size_mib} MiB is too large")))?;
+    let cur = shared.image.size()?;
+    if bytes < cur {
+        return Err(RbdError::invalid(format!(
+            "new size {new_size_mib} MiB of bdev {name} is smaller than the current {cur} bytes"
+        )));
+    }
+    shared.image.resize(bytes)?;
+    bdev.set_num_blocks(bytes / shared.cfg.block_size as u64);
+    Ok(())
+}
+
+/// Names of the rbd bdevs.
+pub fn names() -> Vec<String> {
+    bdevs().keys().cloned().collect()
+}

@@ -1,0 +1,705 @@
+//! RBD tests against a real single-node Ceph cluster.
+//!
+//! The cluster: `$CEPH_CONF` when set (e.g. `.ci/run` started one), otherwise
+//! `scripts/ceph-cluster.sh start target/ceph-test` once for all test binaries (a file lock
+//! serializes the start; the script reuses a running cluster). Stop it with
+//! `scripts/ceph-cluster.sh stop target/ceph-test`. Without Ceph binaries every test prints
+//! a SKIP line and passes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use blockd::bdev::rbd::cluster::{self, ClusterConfig};
+use blockd::bdev::rbd::{self as rbdbdev, RbdBdevConfig};
+use blockd::bdev::{Bdev, BdevChannel, IoOp, IoResult, IoVecs};
+use blockd::rbd::{ConnectOptions, CreateOptions, Rados};
+use clap::Parser;
+
+const POOL: &str = "testpool";
+
+fn have_ceph() -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            "command -v ceph-mon && command -v ceph-osd && command -v rbd",
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+        && blockd::rbd::ffi::api().is_ok()
+}
+
+/// The cluster's ceph.conf, or `None` (after printing SKIP) when Ceph is not installed.
+fn conf() -> Option<PathBuf> {
+    static CONF: OnceLock<Option<PathBuf>> = OnceLock::new();
+    CONF.get_or_init(|| {
+        if let Ok(c) = std::env::var("CEPH_CONF") {
+            if Path::new(&c).exists() {
+                return Some(PathBuf::from(c));
+            }
+        }
+        if !have_ceph() {
+            return None;
+        }
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let dir = root.join("target/ceph-test");
+        std::fs::create_dir_all(root.join("target")).unwrap();
+        // flock(1) serializes concurrent test binaries; the script is idempotent.
+        let st = Command::new("flock")
+            .arg(root.join("target/ceph-test.lock"))
+            .arg(root.join("scripts/ceph-cluster.sh"))
+            .arg("start")
+            .arg(&dir)
+            .env(
+                "CEPH_MON_PORT_V2",
+                std::env::var("CEPH_MON_PORT_V2").unwrap_or("13300".into()),
+            )
+            .env(
+                "CEPH_MON_PORT_V1",
+                std::env::var("CEPH_MON_PORT_V1").unwrap_or("16789".into()),
+            )
+            .status()
+            .expect("running scripts/ceph-cluster.sh");
+        assert!(st.success(), "scripts/ceph-cluster.sh start failed");
+        let conf = dir.join("ceph.conf");
+        // bdevs created without a cluster use the default search, which honours CEPH_CONF.
+        std::env::set_var("CEPH_CONF", &conf);
+        Some(conf)
+    })
+    .clone()
+}
+
+macro_rules! need_ceph {
+    () => {
+        match conf() {
+            Some(c) => c,
+            None => {
+                eprintln!("SKIP: Ceph (ceph-mon, ceph-osd, rbd, librbd1) is not installed");
+                return;
+            }
+        }
+    };
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn connect(conf: &Path) -> Arc<Rados> {
+    Rados::connect(&ConnectOptions {
+        config_file: Some(conf.to_path_buf()),
+        ..Default::default()
+    })
+    .expect("connecting to the test cluster")
+}
+
+fn rbd_cli(conf: &Path, args: &[&str]) {
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(conf)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rbd {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bindings_create_stat_resize_remove() {
+    let conf = need_ceph!();
+    let r = connect(&conf);
+    assert!(r.pool_list().unwrap().contains(&POOL.to_string()));
+    let io = r.ioctx(POOL).unwrap();
+    let name = unique("life");
+    io.create_image(&name, 8 << 20, &CreateOptions::default())
+        .unwrap();
+    assert!(io.list_images().unwrap().contains(&name));
+    let e = io
+        .create_image(&name, 8 << 20, &CreateOptions::default())
+        .unwrap_err();
+    assert_eq!(e.errno, libc::EEXIST, "{e}");
+    {
+        let img = io.open(&name, None).unwrap();
+        let info = img.info().unwrap();
+        assert_eq!(info.size, 8 << 20);
+        assert_eq!(info.order, 22);
+        assert_eq!(info.num_objs, 2);
+        assert!(info.block_name_prefix.starts_with("rbd_data."), "{info:?}");
+        assert!(info.features.contains(&"layering"), "{info:?}");
+        img.resize(16 << 20).unwrap();
+        assert_eq!(img.size().unwrap(), 16 << 20);
+        // The rbd tool sees the same image.
+        let out = Command::new("rbd")
+            .arg("-c")
+            .arg(&conf)
+            .args(["info", "--format", "json", &format!("{POOL}/{name}")])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["size"], 16 << 20);
+        assert_eq!(v["block_name_prefix"], info.block_name_prefix.as_str());
+    }
+    io.remove_image(&name).unwrap();
+    assert!(!io.list_images().unwrap().contains(&name));
+    let e = io.open(&name, None).unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+}
+
+#[test]
+fn missing_image_is_enoent_with_its_name() {
+    let conf = need_ceph!();
+    let r = connect(&conf);
+    let e = r.ioctx(POOL).unwrap().open("nosuch", None).unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert_eq!(e.message, "image testpool/nosuch not found");
+    let e = r.ioctx("nosuchpool").unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert_eq!(e.message, "pool nosuchpool not found");
+    // Through the bdev layer, with the default connection (CEPH_CONF).
+    let e = rbdbdev::create(RbdBdevConfig {
+        name: unique("nosuch"),
+        pool_name: POOL.into(),
+        rbd_name: "nosuch".into(),
+        block_size: 512,
+        ..Default::default()
+    })
+    .err()
+    .unwrap();
+    assert_eq!(e.errno, libc::ENOENT);
+    assert_eq!(e.message, "image testpool/nosuch not found");
+}
+
+#[test]
+fn bad_keyring_is_permission_denied_naming_the_cluster() {
+    let conf = need_ceph!();
+    let dir = tempfile::tempdir().unwrap();
+    let kr = dir.path().join("bad.keyring");
+    // A well-formed key that the cluster does not know.
+    std::fs::write(
+        &kr,
+        "[client.admin]\n\tkey = AQBQ3ZVmAAAAABAAx1FJ6m7nLpNRSnC5fRBT+Q==\n",
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = Rados::connect(&ConnectOptions {
+        label: "badcluster".into(),
+        config_file: Some(conf.clone()),
+        key_file: Some(kr.clone()),
+        ..Default::default()
+    })
+    .err()
+    .unwrap();
+    assert!(
+        e.errno == libc::EACCES || e.errno == libc::EPERM,
+        "errno {}: {e}",
+        e.errno
+    );
+    assert_eq!(
+        e.message,
+        "permission denied connecting to cluster badcluster as client.admin"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20));
+    // Registering a cluster with that keyring fails the same way and registers nothing.
+    let name = unique("bad");
+    let e = cluster::register(ClusterConfig {
+        name: name.clone(),
+        config_file: Some(conf.display().to_string()),
+        key_file: Some(kr.display().to_string()),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(e.message.contains(&format!("cluster {name}")), "{e}");
+    assert_eq!(cluster::info(Some(&name)).unwrap_err().errno, libc::ENOENT);
+}
+
+/// Waits (bounded) for `n` completions on `ch`.
+fn wait(ch: &mut BdevChannel, n: usize) -> Vec<(u64, IoResult)> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let fd = ch
+        .completion_fd()
+        .expect("rbd channels have a completion fd");
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "timed out waiting for rbd I/O");
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 100) };
+        ch.poll(&mut |tag, r| got.push((tag, r)));
+    }
+    assert_eq!(ch.in_flight(), 0);
+    got
+}
+
+fn io(ch: &mut BdevChannel, tag: u64, op: IoOp) -> IoResult {
+    // SAFETY: the buffers outlive `wait`, which returns after the completion.
+    unsafe { ch.submit(tag, op) };
+    ch.kick();
+    let r = wait(ch, 1);
+    assert_eq!(r[0].0, tag);
+    r[0].1
+}
+
+fn iov(buf: &mut [u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    }
+}
+
+fn register_test_cluster(conf: &Path) -> String {
+    let name = unique("cl");
+    cluster::register(ClusterConfig {
+        name: name.clone(),
+        config_file: Some(conf.display().to_string()),
+        connections: Some(2),
+        ..Default::default()
+    })
+    .unwrap();
+    name
+}
+
+fn make_bdev(conf: &Path, cluster: Option<&str>, size: u64) -> (Arc<Bdev>, String) {
+    let r = connect(conf);
+    let image = unique("bdev");
+    r.ioctx(POOL)
+        .unwrap()
+        .create_image(&image, size, &CreateOptions::default())
+        .unwrap();
+    let bdev = rbdbdev::create(RbdBdevConfig {
+        name: unique("Ceph"),
+        pool_name: POOL.into(),
+        rbd_name: image.clone(),
+        block_size: 4096,
+        cluster_name: cluster.map(String::from),
+        ..Default::default()
+    })
+    .unwrap();
+    (bdev, image)
+}
+
+#[test]
+fn channel_write_read_discard_zeroes_flush() {
+    let conf = need_ceph!();
+    let cl = register_test_cluster(&conf);
+    let (bdev, image) = make_bdev(&conf, Some(&cl), 8 << 20);
+    assert_eq!(bdev.num_blocks(), 2048);
+    let j = bdev.to_json();
+    assert_eq!(j["product_name"], "Ceph Rbd Disk");
+    assert_eq!(j["driver_specific"]["rbd"]["pool_name"], POOL);
+    assert_eq!(j["driver_specific"]["rbd"]["rbd_name"], image.as_str());
+    assert_eq!(j["driver_specific"]["rbd"]["cluster_name"], cl.as_str());
+    let (m, p) = bdev.backend().config(&bdev).unwrap();
+    assert_eq!(m, "bdev_rbd_create");
+    assert_eq!(p["block_size"], 4096);
+
+    // Unregistering a cluster in use is refused, naming the bdev.
+    let e = cluster::unregister(&cl).unwrap_err();
+    assert_eq!(e.errno, libc::EBUSY);
+    assert!(e.message.contains(bdev.name()), "{e}");
+
+    let mut ch = bdev.open_channel().unwrap();
+    // Two-iovec write of 12 KiB at 1 MiB: pattern A then pattern B.
+    let mut a = vec![0xA5u8; 8192];
+    let mut b: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+    let iovs = [iov(&mut a), iov(&mut b)];
+    let w = IoOp::Write {
+        offset: 1 << 20,
+        // SAFETY: `a`, `b`, `iovs` outlive the I/O.
+        iovs: unsafe { IoVecs::from_slice(&iovs) },
+    };
+    assert_eq!(io(&mut ch, 1, w), Ok(()));
+    assert_eq!(io(&mut ch, 2, IoOp::Flush), Ok(()));
+
+    // A second, independent open sees the data.
+    let r = connect(&conf);
+    let other = r.ioctx(POOL).unwrap().open(&image, None).unwrap();
+    let mut got = vec![0u8; 12288];
+    other.read_at(1 << 20, &mut got).unwrap();
+    assert_eq!(&got[..8192], &a[..]);
+    assert_eq!(&got[8192..], &b[..]);
+
+    // Read it back through the channel into a three-iovec list.
+    let mut r1 = vec![0u8; 4096];
+    let mut r2 = vec![0u8; 4096];
+    let mut r3 = vec![0u8; 4096];
+    let riovs = [iov(&mut r1), iov(&mut r2), iov(&mut r3)];
+    let rd = IoOp::Read {
+        offset: 1 << 20,
+        // SAFETY: as above.
+        iovs: unsafe { IoVecs::from_slice(&riovs) },
+    };
+    assert_eq!(io(&mut ch, 3, rd), Ok(()));
+    assert_eq!(r1, a[..4096]);
+    assert_eq!(r2, a[4096..]);
+    assert_eq!(r3, b);
+
+    // Write zeroes over the first 4 KiB.
+    let wz = IoOp::WriteZeroes {
+        offset: 1 << 20,
+        len: 4096,
+        may_unmap: false,
+    };
+    assert_eq!(io(&mut ch, 4, wz), Ok(()));
+    // librbd's default cache (writearound after the first flush) acknowledges writes
+    // before the OSDs have them: another client sees them after a flush.
+    assert_eq!(io(&mut ch, 41, IoOp::Flush), Ok(()));
+    other.read_at(1 << 20, &mut got).unwrap();
+    assert!(got[..4096].iter().all(|x| *x == 0));
+    assert_eq!(&got[4096..8192], &a[4096..]);
+    assert_eq!(&got[8192..], &b[..]);
+    // Discard the whole first object (librbd skips partial-object discards by default,
+    // rbd_skip_partial_discard, which discard semantics allow).
+    let um = IoOp::Unmap {
+        offset: 0,
+        len: 4 << 20,
+    };
+    assert_eq!(io(&mut ch, 5, um), Ok(()));
+    assert_eq!(io(&mut ch, 51, IoOp::Flush), Ok(()));
+    other.read_at(1 << 20, &mut got).unwrap();
+    assert!(got.iter().all(|x| *x == 0));
+
+    // Out of range: librbd's error comes back through reap.
+    let mut big = vec![0u8; 4096];
+    let biov = [iov(&mut big)];
+    let oob = IoOp::Read {
+        offset: 16 << 20,
+        // SAFETY: as above.
+        iovs: unsafe { IoVecs::from_slice(&biov) },
+    };
+    assert!(io(&mut ch, 6, oob).is_err());
+
+    // Many in flight at once: all complete, each tag once.
+    let mut bufs: Vec<Vec<u8>> = (0..32).map(|i| vec![i as u8; 4096]).collect();
+    let iovs: Vec<[libc::iovec; 1]> = bufs.iter_mut().map(|b| [iov(b)]).collect();
+    for (i, v) in iovs.iter().enumerate() {
+        let op = IoOp::Write {
+            offset: i as u64 * 4096,
+            // SAFETY: `bufs`/`iovs` outlive the wait below.
+            iovs: unsafe { IoVecs::from_slice(v) },
+        };
+        // SAFETY: as above.
+        unsafe { ch.submit(100 + i as u64, op) };
+    }
+    ch.kick();
+    let mut done = wait(&mut ch, 32);
+    done.sort_by_key(|d| d.0);
+    assert_eq!(
+        done.iter().map(|d| d.0).collect::<Vec<_>>(),
+        (100..132).collect::<Vec<_>>()
+    );
+    assert!(done.iter().all(|d| d.1.is_ok()));
+    assert_eq!(io(&mut ch, 200, IoOp::Flush), Ok(()));
+    other.read_at(31 * 4096, &mut got[..4096]).unwrap();
+    assert!(got[..4096].iter().all(|x| *x == 31));
+
+    drop(ch);
+    drop(other);
+    rbdbdev::delete(bdev.name()).unwrap();
+    drop(bdev);
+    cluster::unregister(&cl).unwrap();
+    r.ioctx(POOL).unwrap().remove_image(&image).unwrap();
+}
+
+#[test]
+fn resize_from_rbd_cli_reaches_the_bdev() {
+    let conf = need_ceph!();
+    // No cluster: the bdev's own connection through CEPH_CONF.
+    let (bdev, image) = make_bdev(&conf, None, 8 << 20);
+    let seen = Arc::new(AtomicU32::new(0));
+    let s2 = seen.clone();
+    bdev.subscribe_resize(Box::new(move |n| s2.store(n as u32, Ordering::SeqCst)));
+    let t = Instant::now();
+    rbd_cli(
+        &conf,
+        &["resize", "--size", "16M", &format!("{POOL}/{image}")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while bdev.num_blocks() != 4096 {
+        assert!(
+            Instant::now() < deadline,
+            "bdev still has {} blocks",
+            bdev.num_blocks()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 4096);
+    eprintln!("resize seen after {:?}", t.elapsed());
+
+    // bdev_rbd_resize: grows, refuses to shrink.
+    rbdbdev::resize(bdev.name(), 24).unwrap();
+    assert_eq!(bdev.num_blocks(), 24 * 256);
+    let e = rbdbdev::resize(bdev.name(), 8).unwrap_err();
+    assert_eq!(e.errno, libc::EINVAL);
+    assert_eq!(
+        connect(&conf)
+            .ioctx(POOL)
+            .unwrap()
+            .open(&image, None)
+            .unwrap()
+            .size()
+            .unwrap(),
+        24 << 20
+    );
+    rbdbdev::delete(bdev.name()).unwrap();
+    drop(bdev);
+    connect(&conf)
+        .ioctx(POOL)
+        .unwrap()
+        .remove_image(&image)
+        .unwrap();
+}
+
+/// `blockctl image|pool` as blockctl will wire them.
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Top,
+}
+
+#[derive(clap::Subcommand)]
+enum Top {
+    #[command(subcommand)]
+    Image(blockd::rbdcli::image::ImageCommand),
+    #[command(subcommand)]
+    Pool(blockd::rbdcli::pool::PoolCommand),
+}
+
+fn blockctl(conf: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let mut v = vec!["blockctl".to_string()];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v.push("--conf".into());
+    v.push(conf.display().to_string());
+    match Cli::try_parse_from(v)?.cmd {
+        Top::Image(c) => blockd::rbdcli::image::run(c),
+        Top::Pool(c) => blockd::rbdcli::pool::run(c),
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    // Data, a zero hole (skipped on import), data again.
+    for (i, b) in v.iter_mut().enumerate() {
+        if !(len / 3..2 * len / 3).contains(&i) {
+            *b = (i as u8).wrapping_mul(7).wrapping_add(seed);
+        }
+    }
+    v
+}
+
+#[test]
+fn cli_import_export_snap_rollback_clone() {
+    let conf = need_ceph!();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let orig = pattern(6 << 20, 1);
+    std::fs::write(&src, &orig).unwrap();
+    let img = format!("{POOL}/{}", unique("cli"));
+    let s = |p: &Path| p.display().to_string();
+
+    blockctl(&conf, &["pool", "ls"]).unwrap();
+    blockctl(&conf, &["image", "import", &s(&src), &img]).unwrap();
+    blockctl(&conf, &["image", "info", &img]).unwrap();
+    let out = dir.path().join("out.img");
+    blockctl(&conf, &["image", "export", &img, &s(&out)]).unwrap();
+    assert!(std::fs::read(&out).unwrap() == orig, "export differs");
+
+    // Snapshot, overwrite, roll back.
+    blockctl(&conf, &["image", "snap", "create", &format!("{img}@s1")]).unwrap();
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, pattern(6 << 20, 99)).unwrap();
+    {
+        let spec = blockd::rbd::ImageSpec::parse(&img).unwrap();
+        let r = connect(&conf);
+        let im = r
+            .ioctx(&spec.pool)
+            .unwrap()
+            .open(&spec.image, None)
+            .unwrap();
+        im.write_at(0, &pattern(1 << 20, 42)).unwrap();
+    }
+    blockctl(&conf, &["image", "export", &img, &s(&out)]).unwrap();
+    assert!(std::fs::read(&out).unwrap() != orig);
+    blockctl(&conf, &["image", "snap", "rollback", &format!("{img}@s1")]).unwrap();
+    blockctl(&conf, &["image", "export", &img, &s(&out)]).unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == orig,
+        "rollback did not restore"
+    );
+
+    // Clone a protected snapshot: the child reads the parent's data.
+    blockctl(&conf, &["image", "snap", "protect", &format!("{img}@s1")]).unwrap();
+    blockctl(&conf, &["image", "snap", "ls", &img]).unwrap();
+    let child = format!("{img}-child");
+    blockctl(&conf, &["image", "clone", &format!("{img}@s1"), &child]).unwrap();
+    blockctl(&conf, &["image", "export", &child, &s(&out)]).unwrap();
+    assert!(std::fs::read(&out).unwrap() == orig, "clone differs");
+    // Parent of the clone shows in info; the snapshot cannot be unprotected while it exists.
+    {
+        let spec = blockd::rbd::ImageSpec::parse(&child).unwrap();
+        let r = connect(&conf);
+        let im = r
+            .ioctx(&spec.pool)
+            .unwrap()
+            .open(&spec.image, None)
+            .unwrap();
+        assert_eq!(im.info().unwrap().parent, Some(format!("{img}@s1")));
+    }
+    assert!(blockctl(&conf, &["image", "snap", "unprotect", &format!("{img}@s1")]).is_err());
+
+    // Resize and rm; errors name the image.
+    blockctl(&conf, &["image", "resize", "--size", "8", &child]).unwrap();
+    assert!(blockctl(&conf, &["image", "resize", "--size", "1", &child]).is_err());
+    blockctl(&conf, &["image", "rm", &child]).unwrap();
+    blockctl(&conf, &["image", "snap", "unprotect", &format!("{img}@s1")]).unwrap();
+    let e = blockctl(&conf, &["image", "rm", &img]).unwrap_err();
+    assert!(e.to_string().contains(&img), "{e}");
+    blockctl(&conf, &["image", "snap", "rm", &format!("{img}@s1")]).unwrap();
+    blockctl(&conf, &["image", "rm", &img]).unwrap();
+    let e = blockctl(&conf, &["image", "info", &img]).unwrap_err();
+    assert_eq!(e.to_string(), format!("image {img} not found"));
+
+    // Create + ls.
+    let small = unique("small");
+    blockctl(
+        &conf,
+        &["image", "create", "--size", "4", &format!("{POOL}/{small}")],
+    )
+    .unwrap();
+    let names = connect(&conf).ioctx(POOL).unwrap().list_images().unwrap();
+    assert!(names.contains(&small));
+    blockctl(&conf, &["image", "rm", &format!("{POOL}/{small}")]).unwrap();
+}
+
+#[test]
+fn cluster_info_and_default_names_via_rpc() {
+    let conf = need_ceph!();
+    let mut p = BTreeMap::new();
+    p.insert("rbd_cache".to_string(), "false".to_string());
+    let name = unique("info");
+    cluster::register(ClusterConfig {
+        name: name.clone(),
+        config_file: Some(conf.display().to_string()),
+        config_param: Some(p),
+        ..Default::default()
+    })
+    .unwrap();
+    let v = cluster::info(Some(&name)).unwrap();
+    assert_eq!(v["cluster_name"], name.as_str());
+    assert_eq!(v["config_param"]["rbd_cache"], "false");
+    let all = cluster::info(None).unwrap();
+    assert!(all
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["cluster_name"] == name.as_str()));
+    let e = cluster::register(ClusterConfig {
+        name: name.clone(),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(e.errno, libc::EEXIST);
+    cluster::unregister(&name).unwrap();
+}
+
+#[test]
+fn rpc_errors_carry_errno_and_names() {
+    let conf = need_ceph!();
+    let _ = conf;
+    let reactors = blockd::reactor::Reactors::start(
+        &blockd::cpumask::CpuMask::from_cores([0]),
+        Default::default(),
+    )
+    .unwrap();
+    let app = blockd::app::App::new(
+        blockd::app::AppOptions {
+            cpumask: blockd::cpumask::CpuMask::from_cores([0]),
+            socket_dir: std::env::temp_dir(),
+            rpc_socket: std::env::temp_dir().join(unique("rpc")),
+            socket_mode: 0o600,
+        },
+        reactors,
+    );
+    let call = |m: &str, p: serde_json::Value| app.rpc.call(&app, m, Some(p));
+    let e = call(
+        "bdev_rbd_create",
+        serde_json::json!({"pool_name": POOL, "rbd_name": "nosuch", "block_size": 512}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (-2, "image testpool/nosuch not found")
+    );
+    let e = call(
+        "bdev_rbd_create",
+        serde_json::json!({"pool_name": POOL, "rbd_name": "x", "block_size": 512,
+                           "cluster_name": "nosuch"}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (-2, "cluster nosuch is not registered")
+    );
+    let e = call("bdev_rbd_create", serde_json::json!({"pool_name": POOL})).unwrap_err();
+    assert_eq!(e.code, -32602);
+    let e = call("bdev_rbd_delete", serde_json::json!({"name": "nosuch"})).unwrap_err();
+    assert_eq!(e.code, -19);
+
+    // Default name Ceph<N>, then delete.
+    let image = unique("rpc");
+    connect(&conf)
+        .ioctx(POOL)
+        .unwrap()
+        .create_image(&image, 4 << 20, &CreateOptions::default())
+        .unwrap();
+    let n = call(
+        "bdev_rbd_create",
+        serde_json::json!({"pool_name": POOL, "rbd_name": image, "block_size": 512}),
+    )
+    .unwrap();
+    assert!(n.as_str().unwrap().starts_with("Ceph"), "{n}");
+    let b = app
+        .bdevs
+        .get(n.as_str().unwrap())
+        .expect("published in app.bdevs");
+    assert_eq!(b.to_json()["product_name"], "Ceph Rbd Disk");
+    drop(b);
+    assert_eq!(
+        call(
+            "bdev_rbd_resize",
+            serde_json::json!({"name": n, "new_size": 8})
+        )
+        .unwrap(),
+        true
+    );
+    assert_eq!(
+        rbdbdev::get(n.as_str().unwrap()).unwrap().num_blocks(),
+        16384
+    );
+    assert_eq!(
+        call("bdev_rbd_delete", serde_json::json!({"name": n})).unwrap(),
+        true
+    );
+    assert!(app.bdevs.get(n.as_str().unwrap()).is_none());
+    connect(&conf)
+        .ioctx(POOL)
+        .unwrap()
+        .remove_image(&image)
+        .unwrap();
+    app.reactors.shutdown();
+}
