@@ -135,7 +135,9 @@ impl Events {
                         let _ = self
                             .epoll
                             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        // Drop the connection (socket, handler's session reference) first.
                         lock(&self.entries).remove(&token);
+                        drop(h);
                         ctrl.detach();
                     } else {
                         tracing::warn!(ctrlr = %ctrl.name, "vhost-user request failed: {e}");

@@ -95,11 +95,17 @@ impl Controller {
         true
     }
 
-    /// Stops the session's rings and forgets it (frontend gone).
+    /// Stops the session's rings and forgets it (frontend gone). The session stays visible
+    /// (and the controller busy) until its rings have stopped and its resources (guest
+    /// memory mappings, eventfds) are released.
     fn detach(&self) {
-        let s = lock(&self.session).take();
+        let s = lock(&self.session).clone();
         if let Some(s) = s {
             lock(&s).stop_all();
+            // Other references (the connection's request handler) are gone by now, so
+            // this drop releases the mappings and eventfds.
+            *lock(&self.session) = None;
+            drop(s);
             tracing::info!(ctrlr = %self.name, "frontend disconnected");
         }
     }
