@@ -14,6 +14,7 @@ target=${TARGET:-blockd}
 work=/tmp/blockd-demo
 image=$work/local0.img
 sock=$work/vhost.0
+bash "$repo/scripts/install-deps.sh" demo
 mkdir -p "$work"
 rm -f "$sock" "$image"
 truncate -s 64M "$image"
