@@ -56,6 +56,9 @@ pub enum BdevCmd {
         /// Open read-only.
         #[arg(short = 'r', long)]
         readonly: bool,
+        /// Offer unmap and write-zeroes, done with fallocate (punch hole, zero range).
+        #[arg(long)]
+        fallocate: bool,
         /// UUID of the bdev (default: random).
         #[arg(short = 'u', long)]
         uuid: Option<String>,
@@ -162,6 +165,7 @@ impl Run for BdevCmd {
                 name,
                 block_size,
                 readonly,
+                fallocate,
                 uuid,
             } => ctx.call_print(
                 "bdev_aio_create",
@@ -170,6 +174,7 @@ impl Run for BdevCmd {
                     ("name", Some(json!(name))),
                     ("block_size", block_size.map(|b| json!(b))),
                     ("readonly", readonly.then_some(json!(true))),
+                    ("fallocate", fallocate.then_some(json!(true))),
                     ("uuid", uuid.map(|u| json!(u))),
                 ]),
             ),

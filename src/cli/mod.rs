@@ -14,6 +14,7 @@ pub mod bdev;
 pub mod client;
 pub mod framework;
 pub mod raw;
+pub mod rbd;
 pub mod vhost;
 
 use std::cell::RefCell;
@@ -77,6 +78,8 @@ macro_rules! commands {
 commands! {
     #[command(flatten)]
     Bdev(bdev::BdevCmd),
+    #[command(flatten)]
+    Rbd(rbd::RbdCmd),
     #[command(flatten)]
     Vhost(vhost::VhostCmd),
     #[command(flatten)]

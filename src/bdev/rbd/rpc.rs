@@ -42,6 +42,9 @@ struct CreateParams {
     config: Option<BTreeMap<String, String>>,
     cluster_name: Option<String>,
     uuid: Option<Uuid>,
+    /// rpc.py ≥ 24 sends it; read-only rbd bdevs are not implemented yet.
+    #[serde(default)]
+    read_only: bool,
 }
 
 /// Whether `name` is taken by any bdev of the daemon.
@@ -51,6 +54,11 @@ fn name_taken(app: &Arc<App>, name: &str) -> bool {
 
 fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     let p: CreateParams = params(p)?;
+    if p.read_only {
+        return Err(RpcError::invalid_params(
+            "read_only rbd bdevs are not supported: export the bdev through a read-only controller (vhost_create_blk_controller -r)",
+        ));
+    }
     let name = match p.name {
         Some(n) if n.is_empty() => return Err(RpcError::invalid_params("name must not be empty")),
         Some(n) => {
