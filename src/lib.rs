@@ -14,6 +14,7 @@ pub mod bdev;
 pub mod bench;
 pub mod config;
 pub mod cpumask;
+pub mod nbd;
 pub mod reactor;
 pub mod rpc;
 pub mod vhost;
