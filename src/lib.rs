@@ -12,6 +12,7 @@
 pub mod app;
 pub mod bdev;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod cpumask;
 pub mod nbd;

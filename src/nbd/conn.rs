@@ -639,9 +639,7 @@ impl Conn {
     /// Moves payload bytes into the pending write's buffer (buffered bytes first, then
     /// straight from the socket); submits the write once complete.
     fn read_payload(&mut self) -> Option<usize> {
-        let Some(p) = self.payload.as_mut() else {
-            return None;
-        };
+        let p = self.payload.as_mut()?;
         let slot = p.slot;
         let Some(req) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
             self.payload = None;
@@ -999,7 +997,7 @@ impl Conn {
         }
         if q.typ != proto::CMD_BLOCK_STATUS {
             let bs = e.bdev.block_size() as u64;
-            if q.offset % bs != 0 || q.len as u64 % bs != 0 {
+            if !q.offset.is_multiple_of(bs) || !(q.len as u64).is_multiple_of(bs) {
                 return Err(proto::EINVAL);
             }
         }

@@ -550,7 +550,7 @@ mod tests {
     fn info_payloads() {
         assert_eq!(
             info_export(0x1000, 0x15),
-            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x15]
+            [0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0x15]
         );
         assert_eq!(
             info_block_size(512, 4096, 1 << 25),

@@ -1,0 +1,3 @@
+//! `blockctl` subcommands implemented as library code (wired into `src/bin/blockctl.rs`).
+
+pub mod map;
