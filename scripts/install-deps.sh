@@ -10,6 +10,19 @@ for pkg in qemu-system-x86 qemu-block-extra fio libnbd-bin busybox-static xz-uti
            ceph-mon ceph-osd ceph-mgr ceph-common librbd1 librados2 kmod; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
+# SPDK's own rpc.py (`spdk-rpc`, PyPI package spdk), the reference client the RPC tests run
+# against blockd: into the project's venv unless already on PATH (tests look in both).
+root=$(cd "$(dirname "$0")/.." && pwd)
+if ! command -v spdk-rpc >/dev/null && [ ! -x "$root/.cache/venv/bin/spdk-rpc" ]; then
+  if ! python3 -m venv "$root/.cache/venv" >/dev/null 2>&1; then
+    rm -rf "$root/.cache/venv"
+    DEBIAN_FRONTEND=noninteractive $([ "$(id -u)" -eq 0 ] || echo sudo) \
+      sh -c "apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv" >/dev/null
+    python3 -m venv "$root/.cache/venv"
+  fi
+  "$root/.cache/venv/bin/pip" install -q spdk==26.9
+fi
+
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""

@@ -1,2 +1,158 @@
-//! Saved configurations (`rpc.py save_config`, `framework_get_config`) replayed by
-//! `blockd --json`. (being written)
+//! Saved configurations: what `framework_get_config` answers, what `rpc.py save_config`
+//! assembles, and what `blockd --json` replays.
+//!
+//! A configuration is SPDK's JSON config file:
+//! `{"subsystems":[{"subsystem":"bdev","config":[{"method":..,"params":{..}},..]},..]}`.
+//! Each entry is the RPC call that recreates one object, so replaying a configuration is
+//! calling those methods in dependency order (bdevs before the controllers that use them).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::rpc::{code, RpcError};
+
+/// A subsystem of `framework_get_subsystems`: a group of objects saved and replayed together.
+pub struct Subsystem {
+    /// Name, as in SPDK (`bdev`, `vhost_blk`).
+    pub name: &'static str,
+    /// Subsystems whose objects must exist before this one's are created.
+    pub depends_on: &'static [&'static str],
+    /// The `{method, params}` entries that recreate this subsystem's objects.
+    pub config: fn(&App) -> Vec<Value>,
+}
+
+/// Every subsystem, in initialization (dependency) order. Add one line per new subsystem.
+pub const SUBSYSTEMS: &[Subsystem] = &[
+    Subsystem {
+        name: "bdev",
+        depends_on: &[],
+        config: bdev_config,
+    },
+    Subsystem {
+        name: "vhost_blk",
+        depends_on: &["bdev"],
+        config: vhost_blk_config,
+    },
+];
+
+fn entry(method: &str, params: Value) -> Value {
+    json!({"method": method, "params": params})
+}
+
+/// bdev: each bdev's creation call, then its QoS limits when any is set (as SPDK's
+/// `bdev_qos_config_json`, which writes only the nonzero limits).
+fn bdev_config(app: &App) -> Vec<Value> {
+    let mut out = Vec::new();
+    for bdev in app.bdevs.list() {
+        let Some((method, params)) = bdev.backend().config(&bdev) else {
+            continue;
+        };
+        out.push(entry(method, params));
+        let l = bdev.qos.limits();
+        let mut p = serde_json::Map::new();
+        for (k, v) in [
+            ("rw_ios_per_sec", l.rw_ios_per_sec),
+            ("rw_mbytes_per_sec", l.rw_mbytes_per_sec),
+            ("r_mbytes_per_sec", l.r_mbytes_per_sec),
+            ("w_mbytes_per_sec", l.w_mbytes_per_sec),
+        ] {
+            if v != 0 {
+                p.insert(k.into(), json!(v));
+            }
+        }
+        if !p.is_empty() {
+            p.insert("name".into(), json!(bdev.name()));
+            out.push(entry("bdev_set_qos_limit", Value::Object(p)));
+        }
+    }
+    out
+}
+
+fn vhost_blk_config(app: &App) -> Vec<Value> {
+    app.vhost
+        .config_entries()
+        .into_iter()
+        .map(|(m, p)| entry(m, p))
+        .collect()
+}
+
+/// The subsystem named `name`.
+pub fn subsystem(name: &str) -> Option<&'static Subsystem> {
+    SUBSYSTEMS.iter().find(|s| s.name == name)
+}
+
+/// `framework_get_config`: the entries of subsystem `name`; -32602 for an unknown one.
+pub fn subsystem_config(app: &App, name: &str) -> Result<Vec<Value>, RpcError> {
+    let s = subsystem(name).ok_or_else(|| {
+        RpcError::new(
+            code::INVALID_PARAMS,
+            format!("No such device: subsystem '{name}' does not exist"),
+        )
+    })?;
+    Ok((s.config)(app))
+}
+
+/// The whole configuration, as `rpc.py save_config` assembles it.
+pub fn save(app: &App) -> Value {
+    let subsystems: Vec<Value> = SUBSYSTEMS
+        .iter()
+        .map(|s| json!({"subsystem": s.name, "config": (s.config)(app)}))
+        .collect();
+    json!({ "subsystems": subsystems })
+}
+
+/// Replays a configuration through the RPC methods, subsystems in dependency order whatever
+/// their order in the file. Stops at the first failure with an error naming the subsystem,
+/// the entry's index and method, and the RPC error. Entries may be batch arrays (SPDK 25+
+/// `--with-batches`): their calls run in order.
+pub fn load(app: &Arc<App>, cfg: &Value) -> anyhow::Result<()> {
+    let list = cfg
+        .get("subsystems")
+        .and_then(Value::as_array)
+        .context("configuration has no \"subsystems\" array")?;
+    let mut named = Vec::new();
+    for (i, s) in list.iter().enumerate() {
+        let name = s
+            .get("subsystem")
+            .and_then(Value::as_str)
+            .with_context(|| format!("subsystems[{i}] has no \"subsystem\" name"))?;
+        let rank = SUBSYSTEMS
+            .iter()
+            .position(|k| k.name == name)
+            .with_context(|| format!("configuration names unknown subsystem '{name}'"))?;
+        let entries = match s.get("config") {
+            None | Some(Value::Null) => &[][..],
+            Some(Value::Array(a)) => a.as_slice(),
+            Some(_) => anyhow::bail!("subsystem '{name}': \"config\" is not an array"),
+        };
+        named.push((rank, name, entries));
+    }
+    named.sort_by_key(|(rank, _, _)| *rank);
+    for (_, name, entries) in named {
+        for (i, e) in entries.iter().enumerate() {
+            let calls: Vec<&Value> = match e {
+                Value::Array(batch) => batch.iter().collect(),
+                one => vec![one],
+            };
+            for call in calls {
+                let method = call
+                    .get("method")
+                    .and_then(Value::as_str)
+                    .with_context(|| format!("subsystem '{name}' entry {i}: no \"method\""))?;
+                let params = call.get("params").filter(|p| !p.is_null()).cloned();
+                app.rpc.call(app, method, params).map_err(|e| {
+                    anyhow::anyhow!(
+                        "subsystem '{name}' entry {i} ({method}) failed: {} (code {})",
+                        e.message,
+                        e.code
+                    )
+                })?;
+                tracing::debug!(subsystem = name, index = i, method, "config entry replayed");
+            }
+        }
+    }
+    Ok(())
+}

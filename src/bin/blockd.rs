@@ -1,1 +1,183 @@
-fn main() {}
+//! `blockd`: the daemon. Flags follow SPDK's vhost app (`-m`, `-S`, `-r`, `--json`).
+//!
+//! Start-up order: bind the RPC socket (so a second daemon on the same socket fails before it
+//! touches anything), start the reactors, replay `--json`, then serve RPCs. SIGTERM/SIGINT
+//! stop the RPC server, drain and flush everything (`App::shutdown`) and exit 0.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use blockd::app::{App, AppOptions};
+use blockd::cpumask::CpuMask;
+use blockd::reactor::{PollMode, PollOptions, Reactors};
+use blockd::rpc::server::{RpcListener, RpcServer};
+
+/// Userspace block-storage target for VMs (vhost-user-blk), managed over SPDK-compatible
+/// JSON-RPC.
+#[derive(Parser, Debug)]
+#[command(name = "blockd", version)]
+struct Args {
+    /// Cores to run reactors on: hex (0x3) or list ([0,1], [0-3]).
+    #[arg(short = 'm', long = "cpumask", default_value = "0x1", value_parser = parse_mask)]
+    cpumask: CpuMask,
+    /// Directory where vhost-user sockets are created.
+    #[arg(short = 'S', long = "socket-dir", default_value = "/var/tmp")]
+    socket_dir: PathBuf,
+    /// JSON-RPC socket.
+    #[arg(
+        short = 'r',
+        long = "rpc-socket",
+        default_value = "/var/tmp/blockd.sock"
+    )]
+    rpc_socket: PathBuf,
+    /// Configuration to replay at start (as written by `blockctl save_config`).
+    #[arg(long = "json")]
+    json: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax: info, debug, blockd::vhost=trace, ...).
+    #[arg(short = 'L', long = "log-level", default_value = "info")]
+    log_level: String,
+    /// When reactors sleep instead of busy-polling.
+    #[arg(long = "poll", value_enum, default_value = "adaptive")]
+    poll: PollMode,
+    /// How long an adaptive reactor polls without work before sleeping (microseconds).
+    #[arg(long = "poll-idle-us", default_value_t = 200)]
+    poll_idle_us: u64,
+    /// Mode of the vhost-user sockets (octal).
+    #[arg(long = "socket-mode", default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+}
+
+fn parse_mask(s: &str) -> Result<CpuMask, String> {
+    CpuMask::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("'{s}' is not an octal file mode (e.g. 0600)")),
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread spawned after),
+/// so that only [`wait_for_signal`] receives them.
+fn block_signals() -> anyhow::Result<libc::sigset_t> {
+    // SAFETY: the sigset is initialized by sigemptyset before use; pthread_sigmask only
+    // reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            anyhow::bail!("pthread_sigmask: {}", std::io::Error::from_raw_os_error(r));
+        }
+        Ok(set)
+    }
+}
+
+/// Waits for one of the blocked signals; returns its number.
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid initialized sigset, `sig` is writable.
+        let r = unsafe { libc::sigwait(set, &mut sig) };
+        if r == 0 {
+            return sig;
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let signals = block_signals()?;
+    if !args.socket_dir.is_dir() {
+        anyhow::bail!(
+            "socket directory {} does not exist or is not a directory",
+            args.socket_dir.display()
+        );
+    }
+    let listener = RpcListener::bind(&args.rpc_socket)?;
+    let poll = PollOptions {
+        mode: args.poll,
+        idle_threshold: Duration::from_micros(args.poll_idle_us),
+    };
+    let reactors = Reactors::start(&args.cpumask, poll)?;
+    let app = App::new(
+        AppOptions {
+            cpumask: args.cpumask.clone(),
+            socket_dir: args.socket_dir.clone(),
+            rpc_socket: args.rpc_socket.clone(),
+            socket_mode: args.socket_mode,
+        },
+        reactors,
+    );
+    if let Some(path) = &args.json {
+        let replay = std::fs::read(path)
+            .with_context(|| format!("cannot read {}", path.display()))
+            .and_then(|b| {
+                serde_json::from_slice(&b)
+                    .with_context(|| format!("{} is not valid JSON", path.display()))
+            })
+            .and_then(|cfg| blockd::config::load(&app, &cfg))
+            .with_context(|| format!("replaying {}", path.display()));
+        if let Err(e) = replay {
+            app.shutdown();
+            return Err(e);
+        }
+        tracing::info!(config = %path.display(), "configuration replayed");
+    }
+    let server = RpcServer::serve(app.clone(), listener)?;
+    tracing::info!(
+        rpc_socket = %args.rpc_socket.display(),
+        socket_dir = %args.socket_dir.display(),
+        cpumask = %args.cpumask,
+        pid = std::process::id(),
+        "blockd ready"
+    );
+    let sig = wait_for_signal(&signals);
+    tracing::info!(signal = sig, "shutting down");
+    server.stop();
+    app.shutdown();
+    tracing::info!("blockd stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // clap exits with 2 on usage errors; blockd's contract is 1 for any start failure.
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("blockd: invalid --log-level '{}': {e}", args.log_level);
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blockd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

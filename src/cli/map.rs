@@ -174,3 +174,27 @@ mod tests {
         );
     }
 }
+
+impl super::Run for MapCommand {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<()> {
+        let mut transport_err = None;
+        let mut call = |m: &str, p: Value| -> Result<Value, RpcError> {
+            ctx.call(m, Some(p)).map_err(|e| match e {
+                super::client::ClientError::Rpc { code, message, .. } => {
+                    RpcError::new(code as i32, message)
+                }
+                other => {
+                    let r = RpcError::internal(other.to_string());
+                    transport_err = Some(other);
+                    r
+                }
+            })
+        };
+        let r = run(&self, &mut call, &mut std::io::stdout());
+        match transport_err {
+            // Connection problems read better in the client's own words.
+            Some(e) => Err(e.into()),
+            None => r,
+        }
+    }
+}

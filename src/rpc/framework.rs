@@ -1,7 +1,90 @@
 //! Framework methods: `rpc_get_methods`, `spdk_get_version`, `framework_get_reactors`,
-//! `framework_get_subsystems`, `framework_get_config`. (being written)
+//! `framework_get_subsystems`, `framework_get_config`, with SPDK's params and result shapes
+//! (`lib/rpc/rpc.c`, `lib/event/app_rpc.c`, `lib/init/subsystem_rpc.c`).
 
-use super::RpcMethods;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{no_params, params, RpcMethods, RpcResult};
+use crate::app::App;
+use crate::config;
 
 /// Registers the framework methods.
-pub fn register(_m: &mut RpcMethods) {}
+pub fn register(m: &mut RpcMethods) {
+    m.add("rpc_get_methods", rpc_get_methods);
+    m.add("spdk_get_version", spdk_get_version);
+    m.add("framework_get_reactors", framework_get_reactors);
+    m.add("framework_get_subsystems", framework_get_subsystems);
+    m.add("framework_get_config", framework_get_config);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetMethods {
+    /// Only methods callable in the current state: blockd has no pre-init state, so all.
+    #[serde(default)]
+    #[allow(dead_code)]
+    current: bool,
+    /// blockd has no deprecated aliases.
+    #[serde(default)]
+    #[allow(dead_code)]
+    include_aliases: bool,
+}
+
+/// `rpc_get_methods`: every method name, sorted.
+fn rpc_get_methods(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    let _: GetMethods = params(p)?;
+    Ok(json!(app.rpc.names()))
+}
+
+/// `spdk_get_version`: blockd's version in SPDK's result shape. Takes no params (SPDK
+/// answers -32602 when given any).
+fn spdk_get_version(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    no_params(p)?;
+    let num = |s: &str| s.parse::<u64>().unwrap_or(0);
+    Ok(json!({
+        "version": format!("blockd v{}", env!("CARGO_PKG_VERSION")),
+        "fields": {
+            "major": num(env!("CARGO_PKG_VERSION_MAJOR")),
+            "minor": num(env!("CARGO_PKG_VERSION_MINOR")),
+            "patch": num(env!("CARGO_PKG_VERSION_PATCH")),
+            "suffix": env!("CARGO_PKG_VERSION_PRE"),
+            "commit": "",
+        }
+    }))
+}
+
+/// `framework_get_reactors`: per-core busy/idle time and pollers.
+fn framework_get_reactors(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    no_params(p)?;
+    Ok(app.reactors.to_json())
+}
+
+/// `framework_get_subsystems`: subsystems in initialization order with their dependencies.
+fn framework_get_subsystems(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    no_params(p)?;
+    Ok(Value::Array(
+        config::SUBSYSTEMS
+            .iter()
+            .map(|s| json!({"subsystem": s.name, "depends_on": s.depends_on}))
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetConfig {
+    name: String,
+    /// SPDK 25+ clients send it; blockd never groups entries into batches.
+    #[serde(default)]
+    #[allow(dead_code)]
+    with_batches: bool,
+}
+
+/// `framework_get_config {name}`: the `{method, params}` list that recreates the subsystem.
+fn framework_get_config(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    let req: GetConfig = params(p)?;
+    Ok(Value::Array(config::subsystem_config(app, &req.name)?))
+}

@@ -1,1 +1,575 @@
-//! The JSON-RPC Unix socket server. (being written)
+//! The JSON-RPC Unix socket server, wire-compatible with SPDK's (`lib/jsonrpc`).
+//!
+//! Framing is SPDK's: a client writes JSON-RPC 2.0 request objects back to back with no
+//! delimiter (whitespace between them is allowed); one object may arrive in many reads and
+//! one read may hold several objects. Each connection is served on its own thread (this is
+//! the control plane; handlers may block while they wait on reactors), requests of one
+//! connection are answered in order. Errors follow JSON-RPC 2.0 §5.1: malformed JSON answers
+//! -32700 with a null id and closes the connection (the stream cannot be resynchronised),
+//! a structurally invalid request answers -32600, an unknown method -32601. A request
+//! without an `id` member is a notification (§4.1): it runs and gets no answer.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{code, RpcError};
+use crate::app::App;
+
+/// Unparsed bytes a connection may accumulate before it is answered -32700 and closed
+/// (SPDK caps a request at a similar size).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// Connections served at once (SPDK's `SPDK_JSONRPC_MAX_CONNS`); more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A client that stops reading its answers blocks its connection thread at most this long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The RPC socket, bound and listening but not served yet.
+///
+/// `blockd` binds before it starts reactors and replays `--json`, so that a second daemon
+/// pointed at the same socket fails before it touches anything; clients that connect during
+/// the replay wait in the listen backlog. Dropping it removes the socket file (only if the
+/// file is still the one it created).
+pub struct RpcListener {
+    listener: UnixListener,
+    path: PathBuf,
+    ident: (u64, u64),
+}
+
+impl RpcListener {
+    /// Binds `path`. A live daemon answering on it is an error naming its pid; a stale socket
+    /// file (nobody listening) is replaced; anything that is not a socket is left alone and
+    /// is an error; a missing parent directory is an error naming it.
+    pub fn bind(path: &Path) -> anyhow::Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                anyhow::bail!(
+                    "cannot create RPC socket {}: directory {} does not exist",
+                    path.display(),
+                    parent.display()
+                );
+            }
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
+                Ok(s) => {
+                    let pid = peer_pid(&s)
+                        .map(|p| format!("pid {p}"))
+                        .unwrap_or_else(|| "pid unknown".into());
+                    anyhow::bail!(
+                        "RPC socket {} is in use by another blockd ({pid})",
+                        path.display()
+                    );
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(socket = %path.display(), "removing stale RPC socket");
+                    std::fs::remove_file(path).map_err(|e| {
+                        anyhow::anyhow!("cannot remove stale RPC socket {}: {e}", path.display())
+                    })?;
+                }
+                Err(e) => anyhow::bail!(
+                    "RPC socket {} exists and cannot be probed: {e}",
+                    path.display()
+                ),
+            },
+            Ok(_) => anyhow::bail!(
+                "cannot create RPC socket {}: a file that is not a socket exists there",
+                path.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot create RPC socket {}: {e}", path.display()),
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| anyhow::anyhow!("cannot create RPC socket {}: {e}", path.display()))?;
+        let md = std::fs::symlink_metadata(path)
+            .map_err(|e| anyhow::anyhow!("RPC socket {} vanished: {e}", path.display()))?;
+        Ok(RpcListener {
+            listener,
+            path: path.to_path_buf(),
+            ident: (md.dev(), md.ino()),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RpcListener {
+    fn drop(&mut self) {
+        // Remove the file only if it is still ours (a later daemon may have replaced it).
+        if let Ok(md) = std::fs::symlink_metadata(&self.path) {
+            if (md.dev(), md.ino()) == self.ident {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// The pid of the process at the other end of a Unix socket (`SO_PEERCRED`).
+fn peer_pid(s: &UnixStream) -> Option<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+struct Shared {
+    stopping: AtomicBool,
+    next_conn: AtomicU64,
+    /// Open connections (clones used to shut them down on stop).
+    conns: Mutex<HashMap<u64, UnixStream>>,
+}
+
+/// A running JSON-RPC server: one accept thread, one thread per connection.
+pub struct RpcServer {
+    shared: Arc<Shared>,
+    listener: Mutex<Option<Arc<RpcListener>>>,
+    accept: Mutex<Option<JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RpcServer {
+    /// Binds `path` (see [`RpcListener::bind`]) and serves `app`'s methods on it.
+    pub fn start(app: Arc<App>, path: &Path) -> anyhow::Result<RpcServer> {
+        Self::serve(app, RpcListener::bind(path)?)
+    }
+
+    /// Serves `app`'s methods on an already bound socket.
+    pub fn serve(app: Arc<App>, listener: RpcListener) -> anyhow::Result<RpcServer> {
+        let shared = Arc::new(Shared {
+            stopping: AtomicBool::new(false),
+            next_conn: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+        });
+        let path = listener.path.clone();
+        let listener = Arc::new(listener);
+        let t = {
+            let shared = shared.clone();
+            let listener = listener.clone();
+            std::thread::Builder::new()
+                .name("rpc_accept".into())
+                .spawn(move || accept_loop(app, &listener, shared))?
+        };
+        Ok(RpcServer {
+            shared,
+            listener: Mutex::new(Some(listener)),
+            accept: Mutex::new(Some(t)),
+            path,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting, closes open connections (a handler already running finishes, its
+    /// answer is lost) and removes the socket file. Idempotent.
+    pub fn stop(&self) {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(l) = lock(&self.listener).as_ref() {
+            // On Linux, shutdown() of a listening socket wakes a blocked accept() (EINVAL).
+            // SAFETY: the fd is owned by the listener, alive while we hold the Arc.
+            unsafe { libc::shutdown(l.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if let Some(t) = lock(&self.accept).take() {
+            let _ = t.join();
+        }
+        for (_, c) in lock(&self.shared.conns).drain() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        // Last reference: dropping it closes the fd and removes the file.
+        lock(&self.listener).take();
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(app: Arc<App>, listener: &RpcListener, shared: Arc<Shared>) {
+    loop {
+        let accepted = listener.listener.accept();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::warn!("RPC accept failed: {e}");
+                    // Out of fds and the like: do not spin.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+        };
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut conns = lock(&shared.conns);
+            if conns.len() >= MAX_CONNECTIONS {
+                tracing::warn!("refusing RPC connection: {MAX_CONNECTIONS} already open");
+                continue;
+            }
+            match stream.try_clone() {
+                Ok(c) => {
+                    conns.insert(id, c);
+                }
+                Err(e) => {
+                    tracing::warn!("RPC connection dropped: {e}");
+                    continue;
+                }
+            }
+        }
+        let app = app.clone();
+        let shared2 = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("rpc_conn{id}"))
+            .spawn(move || {
+                if let Err(e) = serve_connection(&app, stream) {
+                    tracing::debug!(conn = id, "RPC connection ended: {e}");
+                }
+                lock(&shared2.conns).remove(&id);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start RPC connection thread: {e}");
+            lock(&shared.conns).remove(&id);
+        }
+    }
+}
+
+fn serve_connection(app: &Arc<App>, mut stream: UnixStream) -> io::Result<()> {
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut framer = Framer::default();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        framer.push(&chunk[..n]);
+        loop {
+            match framer.next_value() {
+                Frame::Value(v) => {
+                    if let Some(reply) = handle_request(app, v) {
+                        write_reply(&mut stream, &reply)?;
+                    }
+                }
+                Frame::NeedMore => break,
+                Frame::Error(e) => {
+                    tracing::debug!("RPC parse error: {e}");
+                    write_reply(
+                        &mut stream,
+                        &error_reply(Value::Null, code::PARSE_ERROR, "Parse error"),
+                    )?;
+                    return Ok(());
+                }
+            }
+        }
+        if framer.pending() > MAX_REQUEST_BYTES {
+            tracing::warn!("RPC request larger than {MAX_REQUEST_BYTES} bytes, closing");
+            write_reply(
+                &mut stream,
+                &error_reply(Value::Null, code::PARSE_ERROR, "Parse error"),
+            )?;
+            return Ok(());
+        }
+    }
+}
+
+fn write_reply(stream: &mut UnixStream, reply: &Value) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    stream.write_all(&bytes)
+}
+
+fn error_reply(id: Value, code: i32, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+/// Validates one decoded value as a JSON-RPC 2.0 request (§4), runs it, and returns the
+/// answer (`None` for a notification).
+pub(crate) fn handle_request(app: &Arc<App>, v: Value) -> Option<Value> {
+    let invalid = |id: Value| Some(error_reply(id, code::INVALID_REQUEST, "Invalid Request"));
+    let Value::Object(mut req) = v else {
+        // Batches (arrays) are not supported, like SPDK before v24.
+        return invalid(Value::Null);
+    };
+    let id = match req.remove("id") {
+        None => None,
+        Some(id @ (Value::Number(_) | Value::String(_) | Value::Null)) => Some(id),
+        Some(_) => return invalid(Value::Null),
+    };
+    let reply_id = id.clone().unwrap_or(Value::Null);
+    if req.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return invalid(reply_id);
+    }
+    let method = match req.remove("method") {
+        Some(Value::String(m)) => m,
+        _ => return invalid(reply_id),
+    };
+    let params = match req.remove("params") {
+        None | Some(Value::Null) => None,
+        Some(p @ (Value::Object(_) | Value::Array(_))) => Some(p),
+        Some(_) => return invalid(reply_id),
+    };
+    tracing::debug!(%method, id = %reply_id, "RPC request");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        app.rpc.call(app, &method, params)
+    }))
+    .unwrap_or_else(|_| {
+        tracing::error!(%method, "RPC handler panicked");
+        Err(RpcError::internal(format!("internal error in {method}")))
+    });
+    let id = id?;
+    Some(match result {
+        Ok(r) => json!({"jsonrpc": "2.0", "id": id, "result": r}),
+        Err(e) => {
+            tracing::debug!(%method, code = e.code, message = %e.message, "RPC error");
+            error_reply(id, e.code, &e.message)
+        }
+    })
+}
+
+/// The outcome of [`Framer::next_value`].
+#[derive(Debug)]
+pub(crate) enum Frame {
+    Value(Value),
+    NeedMore,
+    Error(serde_json::Error),
+}
+
+/// Splits a byte stream into JSON values without a delimiter, like SPDK's server.
+///
+/// A cheap scanner follows nesting and strings across reads to find where a top-level value
+/// may end, so serde only parses a value once it is complete; serde is also tried whenever
+/// the unparsed tail has doubled since the last try, so that garbage is answered without
+/// waiting for a value to end. Both keep the work linear in the bytes received, even when a
+/// client sends one byte at a time.
+#[derive(Default)]
+pub(crate) struct Framer {
+    buf: Vec<u8>,
+    /// Start of the unconsumed bytes in `buf` (consumed ones are dropped on the next push,
+    /// so that many small requests in one read cost no repeated moves).
+    start: usize,
+    /// Offset in `buf` up to which the scanner has looked.
+    scanned: usize,
+    depth: usize,
+    in_str: bool,
+    esc: bool,
+    /// Inside a top-level scalar token (number, literal).
+    in_token: bool,
+    /// The scanner saw a possible end of a value at this offset.
+    candidate: bool,
+    /// Unconsumed length at the last parse that needed more bytes.
+    last_try: usize,
+}
+
+impl Framer {
+    /// Appends received bytes.
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Unconsumed bytes.
+    pub(crate) fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn scan(&mut self) {
+        while self.scanned < self.buf.len() && !self.candidate {
+            let b = self.buf[self.scanned];
+            self.scanned += 1;
+            if self.in_str {
+                if self.esc {
+                    self.esc = false;
+                } else if b == b'\\' {
+                    self.esc = true;
+                } else if b == b'"' {
+                    self.in_str = false;
+                    if self.depth == 0 {
+                        self.candidate = true;
+                    }
+                }
+                continue;
+            }
+            let ws = matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+            if self.in_token {
+                // A top-level scalar ends at the first byte that cannot continue it.
+                if ws || matches!(b, b'{' | b'[' | b'"' | b'}' | b']' | b',' | b':') {
+                    self.candidate = true;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_str = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    if self.depth <= 1 {
+                        self.candidate = true;
+                    }
+                    self.depth = self.depth.saturating_sub(1);
+                }
+                _ if ws => {}
+                b'-' | b'0'..=b'9' | b't' | b'f' | b'n' if self.depth == 0 => self.in_token = true,
+                _ if self.depth == 0 => self.candidate = true,
+                _ => {}
+            }
+        }
+    }
+
+    fn reset_scan(&mut self) {
+        self.scanned = self.start;
+        self.depth = 0;
+        self.in_str = false;
+        self.esc = false;
+        self.in_token = false;
+        self.candidate = false;
+        self.last_try = 0;
+    }
+
+    /// The next complete value, `NeedMore` when the bytes so far end inside one (or hold
+    /// only whitespace), or the syntax error.
+    pub(crate) fn next_value(&mut self) -> Frame {
+        self.scan();
+        let len = self.pending();
+        let grown = len >= self.last_try.saturating_mul(2).max(1);
+        if !self.candidate && !grown {
+            return Frame::NeedMore;
+        }
+        if len == self.last_try {
+            // Nothing new since a parse that needed more bytes.
+            return Frame::NeedMore;
+        }
+        let mut it =
+            serde_json::Deserializer::from_slice(&self.buf[self.start..]).into_iter::<Value>();
+        match it.next() {
+            None => {
+                // Only whitespace.
+                self.buf.clear();
+                self.start = 0;
+                self.reset_scan();
+                Frame::NeedMore
+            }
+            Some(Ok(v)) => {
+                let used = it.byte_offset();
+                self.start += used;
+                self.reset_scan();
+                Frame::Value(v)
+            }
+            Some(Err(e)) if e.is_eof() => {
+                self.last_try = len;
+                if self.candidate {
+                    // The scanner was wrong (e.g. a literal cut short); look further.
+                    self.candidate = false;
+                }
+                Frame::NeedMore
+            }
+            Some(Err(e)) => Frame::Error(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(chunks: &[&[u8]]) -> (Vec<Value>, bool) {
+        let mut f = Framer::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            f.push(c);
+            loop {
+                match f.next_value() {
+                    Frame::Value(v) => out.push(v),
+                    Frame::NeedMore => break,
+                    Frame::Error(_) => return (out, true),
+                }
+            }
+        }
+        (out, false)
+    }
+
+    #[test]
+    fn back_to_back_and_split() {
+        let two = br#"{"a":1}{"b":"}{\"x"} [1,2]"#;
+        let (v, err) = feed(&[two]);
+        assert!(!err);
+        assert_eq!(v, vec![json!({"a":1}), json!({"b":"}{\"x"}), json!([1, 2])]);
+        let chunks: Vec<&[u8]> = two.chunks(1).collect();
+        let (v2, err) = feed(&chunks);
+        assert!(!err);
+        assert_eq!(v2, v);
+    }
+
+    #[test]
+    fn garbage_is_an_error_early() {
+        assert!(feed(&[b"{abc"]).1);
+        assert!(feed(&[b"{", b"a", b"b"]).1);
+        assert!(feed(&[b"}"]).1);
+        assert!(feed(&[b"xyz"]).1);
+        let (v, err) = feed(&[b"{\"a\":1} garbage"]);
+        assert_eq!(v, vec![json!({"a":1})]);
+        assert!(err);
+    }
+
+    #[test]
+    fn scalars_and_whitespace() {
+        let (v, err) = feed(&[b"  12 ", b"true\n\"s\" "]);
+        assert!(!err);
+        assert_eq!(v, vec![json!(12), json!(true), json!("s")]);
+        let (v, _) = feed(&[b"\n\n  "]);
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn big_value_in_small_chunks() {
+        let big = json!({"k": "x".repeat(200_000), "n": [1, 2, {"z": "]}"}]});
+        let bytes = serde_json::to_vec(&big).unwrap();
+        let chunks: Vec<&[u8]> = bytes.chunks(4096).collect();
+        let (v, err) = feed(&chunks);
+        assert!(!err);
+        assert_eq!(v, vec![big]);
+    }
+}

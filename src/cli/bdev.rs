@@ -1,0 +1,222 @@
+//! bdev commands, as rpc.py's `bdev_*`: same positional arguments and flags, same
+//! size-to-blocks conversion (`total_size` in MiB).
+
+use anyhow::bail;
+use serde_json::json;
+
+use super::{params_of, Ctx, Run};
+
+/// bdev methods.
+#[derive(clap::Subcommand, Debug)]
+#[command(rename_all = "snake_case")]
+pub enum BdevCmd {
+    /// Create a bdev in RAM.
+    BdevMallocCreate {
+        /// Name of the bdev (default: Malloc<N>).
+        #[arg(short = 'b', long)]
+        name: Option<String>,
+        /// UUID of the bdev (default: random).
+        #[arg(short = 'u', long)]
+        uuid: Option<String>,
+        /// Size in MiB.
+        total_size: f64,
+        /// Block size in bytes.
+        block_size: u32,
+    },
+    /// Delete a malloc bdev.
+    BdevMallocDelete {
+        /// Name of the bdev.
+        name: String,
+    },
+    /// Create a bdev that discards writes and reads zeroes.
+    BdevNullCreate {
+        /// Name of the bdev.
+        name: String,
+        /// UUID of the bdev (default: random).
+        #[arg(short = 'u', long)]
+        uuid: Option<String>,
+        /// Size in MiB.
+        total_size: u64,
+        /// Block size in bytes.
+        block_size: u32,
+    },
+    /// Delete a null bdev.
+    BdevNullDelete {
+        /// Name of the bdev.
+        name: String,
+    },
+    /// Create a bdev over a file or block device (io_uring).
+    BdevAioCreate {
+        /// Path to the file or block device.
+        filename: String,
+        /// Name of the bdev.
+        name: String,
+        /// Block size in bytes (default: the device's logical block size).
+        block_size: Option<u32>,
+        /// Open read-only.
+        #[arg(short = 'r', long)]
+        readonly: bool,
+        /// UUID of the bdev (default: random).
+        #[arg(short = 'u', long)]
+        uuid: Option<String>,
+    },
+    /// Delete an aio bdev.
+    BdevAioDelete {
+        /// Name of the bdev.
+        name: String,
+    },
+    /// List all bdevs or one.
+    BdevGetBdevs {
+        /// Only this bdev.
+        #[arg(short = 'b', long)]
+        name: Option<String>,
+        /// Wait this many milliseconds for the bdev to appear.
+        #[arg(short = 't', long = "timeout-ms")]
+        timeout: Option<u64>,
+    },
+    /// I/O statistics of all bdevs or one.
+    BdevGetIostat {
+        /// Only this bdev.
+        #[arg(short = 'b', long)]
+        name: Option<String>,
+    },
+    /// Set QoS rate limits on a bdev (0 = unlimited).
+    BdevSetQosLimit {
+        /// Name of the bdev.
+        name: String,
+        /// Read+write I/Os per second.
+        #[arg(long)]
+        rw_ios_per_sec: Option<u64>,
+        /// Read+write MiB per second.
+        #[arg(long)]
+        rw_mbytes_per_sec: Option<u64>,
+        /// Read MiB per second.
+        #[arg(long)]
+        r_mbytes_per_sec: Option<u64>,
+        /// Write MiB per second.
+        #[arg(long)]
+        w_mbytes_per_sec: Option<u64>,
+    },
+}
+
+/// rpc.py's `num_blocks = total_size * 1024 * 1024 // block_size`.
+fn num_blocks(total_size_mib: f64, block_size: u32) -> anyhow::Result<u64> {
+    if block_size == 0 {
+        bail!("block_size must be greater than 0");
+    }
+    if !(total_size_mib.is_finite() && total_size_mib > 0.0) {
+        bail!("total_size must be a positive number of MiB");
+    }
+    let blocks = (total_size_mib * 1_048_576.0 / f64::from(block_size)).floor();
+    if blocks >= u64::MAX as f64 {
+        bail!("total_size {total_size_mib} MiB is too large");
+    }
+    Ok(blocks as u64)
+}
+
+fn name_only(ctx: &Ctx, method: &str, name: String) -> anyhow::Result<()> {
+    ctx.call_print(method, params_of(vec![("name", Some(json!(name)))]))
+}
+
+impl Run for BdevCmd {
+    fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
+        match self {
+            BdevCmd::BdevMallocCreate {
+                name,
+                uuid,
+                total_size,
+                block_size,
+            } => ctx.call_print(
+                "bdev_malloc_create",
+                params_of(vec![
+                    (
+                        "num_blocks",
+                        Some(json!(num_blocks(total_size, block_size)?)),
+                    ),
+                    ("block_size", Some(json!(block_size))),
+                    ("name", name.map(|n| json!(n))),
+                    ("uuid", uuid.map(|u| json!(u))),
+                ]),
+            ),
+            BdevCmd::BdevMallocDelete { name } => name_only(ctx, "bdev_malloc_delete", name),
+            BdevCmd::BdevNullCreate {
+                name,
+                uuid,
+                total_size,
+                block_size,
+            } => ctx.call_print(
+                "bdev_null_create",
+                params_of(vec![
+                    (
+                        "num_blocks",
+                        Some(json!(num_blocks(total_size as f64, block_size)?)),
+                    ),
+                    ("block_size", Some(json!(block_size))),
+                    ("name", Some(json!(name))),
+                    ("uuid", uuid.map(|u| json!(u))),
+                ]),
+            ),
+            BdevCmd::BdevNullDelete { name } => name_only(ctx, "bdev_null_delete", name),
+            BdevCmd::BdevAioCreate {
+                filename,
+                name,
+                block_size,
+                readonly,
+                uuid,
+            } => ctx.call_print(
+                "bdev_aio_create",
+                params_of(vec![
+                    ("filename", Some(json!(filename))),
+                    ("name", Some(json!(name))),
+                    ("block_size", block_size.map(|b| json!(b))),
+                    ("readonly", readonly.then_some(json!(true))),
+                    ("uuid", uuid.map(|u| json!(u))),
+                ]),
+            ),
+            BdevCmd::BdevAioDelete { name } => name_only(ctx, "bdev_aio_delete", name),
+            BdevCmd::BdevGetBdevs { name, timeout } => ctx.call_print(
+                "bdev_get_bdevs",
+                params_of(vec![
+                    ("name", name.map(|n| json!(n))),
+                    ("timeout", timeout.map(|t| json!(t))),
+                ]),
+            ),
+            BdevCmd::BdevGetIostat { name } => ctx.call_print(
+                "bdev_get_iostat",
+                params_of(vec![("name", name.map(|n| json!(n)))]),
+            ),
+            BdevCmd::BdevSetQosLimit {
+                name,
+                rw_ios_per_sec,
+                rw_mbytes_per_sec,
+                r_mbytes_per_sec,
+                w_mbytes_per_sec,
+            } => ctx.call_print(
+                "bdev_set_qos_limit",
+                params_of(vec![
+                    ("name", Some(json!(name))),
+                    ("rw_ios_per_sec", rw_ios_per_sec.map(|v| json!(v))),
+                    ("rw_mbytes_per_sec", rw_mbytes_per_sec.map(|v| json!(v))),
+                    ("r_mbytes_per_sec", r_mbytes_per_sec.map(|v| json!(v))),
+                    ("w_mbytes_per_sec", w_mbytes_per_sec.map(|v| json!(v))),
+                ]),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_as_rpc_py() {
+        assert_eq!(num_blocks(64.0, 512).unwrap(), 131_072);
+        assert_eq!(num_blocks(1.0, 4096).unwrap(), 256);
+        assert_eq!(num_blocks(0.5, 512).unwrap(), 1024);
+        assert_eq!(num_blocks(1.0, 3000).unwrap(), 349);
+        assert!(num_blocks(1.0, 0).is_err());
+        assert!(num_blocks(-1.0, 512).is_err());
+        assert!(num_blocks(f64::NAN, 512).is_err());
+    }
+}
