@@ -58,8 +58,8 @@ pub fn run(cmd: &MapCommand, call: Call<'_>, out: &mut dyn Write) -> anyhow::Res
                 Err(e) if e.code == -libc::ENODEV && e.message.contains("nbd support") => {
                     anyhow::bail!(
                         "cannot map {}: {}\nwithout kernel nbd, export the bdev over a socket:\n  \
-                         blockctl nbd_server_start --unix-path /var/tmp/nbd.sock  (rpc: nbd_server_start)\n  \
-                         blockctl nbd_export_add {}  (rpc: nbd_export_add)\n  \
+                         blockctl rpc nbd_server_start '{{\"unix_path\":\"/var/tmp/nbd.sock\"}}'\n  \
+                         blockctl rpc nbd_export_add '{{\"bdev_name\":\"{}\"}}'\n  \
                          then e.g. qemu-img info 'nbd+unix:///{}?socket=/var/tmp/nbd.sock'",
                         a.bdev,
                         e.message,
@@ -109,6 +109,30 @@ pub fn run(cmd: &MapCommand, call: Call<'_>, out: &mut dyn Write) -> anyhow::Res
     }
 }
 
+impl super::Run for MapCommand {
+    fn run(self, ctx: &super::Ctx) -> anyhow::Result<()> {
+        let mut transport_err = None;
+        let mut call = |m: &str, p: Value| -> Result<Value, RpcError> {
+            ctx.call(m, Some(p)).map_err(|e| match e {
+                super::client::ClientError::Rpc { code, message, .. } => {
+                    RpcError::new(code as i32, message)
+                }
+                other => {
+                    let r = RpcError::internal(other.to_string());
+                    transport_err = Some(other);
+                    r
+                }
+            })
+        };
+        let r = run(&self, &mut call, &mut std::io::stdout());
+        match transport_err {
+            // Connection problems read better in the client's own words.
+            Some(e) => Err(e.into()),
+            None => r,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,7 +168,11 @@ mod tests {
             &mut out,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("nbd_export_add Other"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(r#"nbd_export_add '{"bdev_name":"Other"}'"#),
+            "{e}"
+        );
         out.clear();
         run(&MapCommand::Showmapped, &mut fake, &mut out).unwrap();
         assert_eq!(
@@ -159,7 +187,6 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        drop(fake);
         assert_eq!(
             calls[0].1,
             json!({"bdev_name": "Malloc0", "nbd_device": "/dev/nbd3"})
@@ -172,29 +199,5 @@ mod tests {
                 json!({"nbd_device": "/dev/nbd-none"})
             )
         );
-    }
-}
-
-impl super::Run for MapCommand {
-    fn run(self, ctx: &super::Ctx) -> anyhow::Result<()> {
-        let mut transport_err = None;
-        let mut call = |m: &str, p: Value| -> Result<Value, RpcError> {
-            ctx.call(m, Some(p)).map_err(|e| match e {
-                super::client::ClientError::Rpc { code, message, .. } => {
-                    RpcError::new(code as i32, message)
-                }
-                other => {
-                    let r = RpcError::internal(other.to_string());
-                    transport_err = Some(other);
-                    r
-                }
-            })
-        };
-        let r = run(&self, &mut call, &mut std::io::stdout());
-        match transport_err {
-            // Connection problems read better in the client's own words.
-            Some(e) => Err(e.into()),
-            None => r,
-        }
     }
 }
