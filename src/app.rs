@@ -28,6 +28,7 @@ pub struct App {
     pub reactors: Arc<Reactors>,
     pub bdevs: BdevRegistry,
     pub vhost: VhostRegistry,
+    pub nbd: crate::nbd::NbdState,
     pub rpc: RpcMethods,
 }
 
@@ -39,6 +40,7 @@ impl App {
             reactors: Arc::new(reactors),
             bdevs: BdevRegistry::default(),
             vhost: VhostRegistry::default(),
+            nbd: crate::nbd::NbdState::default(),
             rpc: RpcMethods::all(),
         })
     }
@@ -49,6 +51,7 @@ impl App {
     /// backends, remove the sockets, stop the reactors.
     pub fn shutdown(&self) {
         self.vhost.shutdown_all(self);
+        self.nbd.shutdown(&self.reactors);
         self.bdevs.close_all();
         self.reactors.shutdown();
     }

@@ -13,6 +13,7 @@
 pub mod bdev;
 pub mod client;
 pub mod framework;
+pub mod map;
 pub mod raw;
 pub mod rbd;
 pub mod vhost;
@@ -84,6 +85,8 @@ commands! {
     Vhost(vhost::VhostCmd),
     #[command(flatten)]
     Framework(framework::FrameworkCmd),
+    #[command(flatten)]
+    Map(map::MapCommand),
     /// Call any method: `blockctl rpc <method> ['{"json":"params"}' | -]`.
     Rpc(raw::RawArgs),
     /// vhost-user-blk load generator (libblkio).

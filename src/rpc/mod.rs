@@ -124,6 +124,7 @@ impl RpcMethods {
         crate::bdev::aio::rpc::register(&mut m);
         crate::bdev::rbd::rpc::register(&mut m);
         crate::vhost::blk::rpc::register(&mut m);
+        crate::nbd::rpc::register(&mut m);
         m
     }
 
