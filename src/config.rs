@@ -36,6 +36,11 @@ pub const SUBSYSTEMS: &[Subsystem] = &[
         depends_on: &["bdev"],
         config: vhost_blk_config,
     },
+    Subsystem {
+        name: "nbd",
+        depends_on: &["bdev"],
+        config: nbd_config,
+    },
 ];
 
 fn entry(method: &str, params: Value) -> Value {
@@ -45,7 +50,10 @@ fn entry(method: &str, params: Value) -> Value {
 /// bdev: each bdev's creation call, then its QoS limits when any is set (as SPDK's
 /// `bdev_qos_config_json`, which writes only the nonzero limits).
 fn bdev_config(app: &App) -> Vec<Value> {
-    let mut out = Vec::new();
+    let mut out: Vec<Value> = crate::bdev::rbd::cluster::config_entries()
+        .into_iter()
+        .map(|(m, p)| entry(m, p))
+        .collect();
     for bdev in app.bdevs.list() {
         let Some((method, params)) = bdev.backend().config(&bdev) else {
             continue;
@@ -69,6 +77,14 @@ fn bdev_config(app: &App) -> Vec<Value> {
         }
     }
     out
+}
+
+fn nbd_config(app: &App) -> Vec<Value> {
+    app.nbd
+        .config_entries()
+        .into_iter()
+        .map(|(m, p)| entry(m, p))
+        .collect()
 }
 
 fn vhost_blk_config(app: &App) -> Vec<Value> {
