@@ -158,6 +158,7 @@ impl Events {
             ctrl.device.clone(),
             self.reactors.clone(),
             ctrl.cpumask.clone(),
+            ctrl.notifier.clone(),
         )));
         let fd = stream.as_raw_fd();
         let handler = Handler::from_stream(stream, session.clone());

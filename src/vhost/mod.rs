@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{json, Value};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
 use crate::app::App;
 use crate::cpumask::CpuMask;
@@ -46,12 +47,41 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Tells the connected frontend that the device's configuration space changed
+/// (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the backend request channel, when the frontend
+/// set one up with BACKEND_REQ): the guest then re-reads it, e.g. a new capacity.
+#[derive(Clone, Default)]
+pub struct ConfigNotifier {
+    channel: Arc<Mutex<Option<Backend>>>,
+}
+
+impl ConfigNotifier {
+    /// Sends the notification; false when no frontend channel is there to carry it.
+    pub fn notify(&self) -> bool {
+        let Some(b) = lock(&self.channel).clone() else {
+            return false;
+        };
+        match b.handle_config_change() {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("config change notification failed: {e}");
+                false
+            }
+        }
+    }
+
+    pub(crate) fn set(&self, b: Option<Backend>) {
+        *lock(&self.channel) = b;
+    }
+}
+
 /// A vhost-user controller.
 pub struct Controller {
     pub name: String,
     pub cpumask: CpuMask,
     pub socket: PathBuf,
     pub device: Arc<dyn VirtioDevice>,
+    notifier: ConfigNotifier,
     session: Mutex<Option<Arc<Mutex<Session>>>>,
 }
 
@@ -106,6 +136,7 @@ impl Controller {
             // this drop releases the mappings and eventfds.
             *lock(&self.session) = None;
             drop(s);
+            self.notifier.set(None);
             tracing::info!(ctrlr = %self.name, "frontend disconnected");
         }
     }
@@ -123,6 +154,8 @@ pub struct NewController {
     pub name: String,
     pub cpumask: CpuMask,
     pub device: Arc<dyn VirtioDevice>,
+    /// The notifier the device uses to announce configuration changes.
+    pub notifier: ConfigNotifier,
 }
 
 impl VhostRegistry {
@@ -167,6 +200,7 @@ impl VhostRegistry {
             cpumask: c.cpumask,
             socket: socket.clone(),
             device: c.device,
+            notifier: c.notifier,
             session: Mutex::new(None),
         });
         if let Err(e) = self.events(app).and_then(|ev| {

@@ -29,6 +29,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMma
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
+use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
 use crate::reactor::{PollerId, Reactors};
 
@@ -78,7 +79,7 @@ pub struct Session {
     mem: GuestMem,
     mappings: Vec<AddrMapping>,
     vrings: Vec<Vring>,
-    backend_req: Option<Backend>,
+    notifier: ConfigNotifier,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -96,6 +97,7 @@ impl Session {
         device: Arc<dyn VirtioDevice>,
         reactors: Arc<Reactors>,
         cpumask: CpuMask,
+        notifier: ConfigNotifier,
     ) -> Self {
         let n = device.num_queues();
         Session {
@@ -109,7 +111,7 @@ impl Session {
             mem: GuestMemoryAtomic_new(),
             mappings: Vec::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
-            backend_req: None,
+            notifier,
         }
     }
 
@@ -480,7 +482,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         if self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0 {
             backend.set_reply_ack_flag(true);
         }
-        self.backend_req = Some(backend);
+        self.notifier.set(Some(backend));
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {

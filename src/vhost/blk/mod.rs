@@ -18,6 +18,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use crate::bdev::Bdev;
 use crate::reactor::{Poller, ReactorCtx};
 use crate::vhost::device::{QueueSetup, VirtioDevice};
+use crate::vhost::ConfigNotifier;
 use config::BlkGeometry;
 use request::RequestLimits;
 
@@ -53,6 +54,8 @@ impl BlkShared {
 pub struct BlkDevice {
     ctrlr: String,
     shared: Arc<BlkShared>,
+    /// The bdev resize subscription that announces new capacities to the guest.
+    resize_watch: u64,
 }
 
 /// The GET_ID string (virtio 1.2 §5.2.6): the bdev name, or its uuid when the name does
@@ -66,8 +69,10 @@ fn device_id(bdev: &Bdev) -> Vec<u8> {
 }
 
 impl BlkDevice {
-    /// A device for controller `ctrlr` over `bdev` (which the caller has claimed).
-    pub fn new(ctrlr: &str, bdev: Arc<Bdev>, readonly: bool) -> Self {
+    /// A device for controller `ctrlr` over `bdev` (which the caller has claimed). A resize
+    /// of the bdev reaches the guest through `notifier` (virtio 1.2 §5.2.2: the device
+    /// notifies a capacity change with a configuration change notification).
+    pub fn new(ctrlr: &str, bdev: Arc<Bdev>, readonly: bool, notifier: ConfigNotifier) -> Self {
         let unmap = bdev.backend().io_types().unmap;
         let limits = RequestLimits {
             capacity_sectors: bdev.size() / 512,
@@ -88,8 +93,14 @@ impl BlkDevice {
             max_write_zeroes_sectors: config::MAX_WRITE_ZEROES_SECTORS,
             read_only: readonly,
         };
+        let name = ctrlr.to_string();
+        let resize_watch = bdev.subscribe_resize(Box::new(move |blocks| {
+            let sent = notifier.notify();
+            tracing::info!(ctrlr = %name, blocks, notified = sent, "bdev resized");
+        }));
         BlkDevice {
             ctrlr: ctrlr.to_string(),
+            resize_watch,
             shared: Arc::new(BlkShared {
                 id: device_id(&bdev),
                 bdev,
@@ -179,6 +190,7 @@ impl VirtioDevice for BlkDevice {
     }
 
     fn close(&self) {
+        self.shared.bdev.unsubscribe_resize(self.resize_watch);
         self.shared.bdev.release(&self.claim_name());
     }
 }

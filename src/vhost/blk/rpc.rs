@@ -10,7 +10,8 @@ use super::{claim_name, BlkDevice};
 use crate::app::App;
 use crate::cpumask::CpuMask;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
-use crate::vhost::{validate_name, NewController};
+use crate::vhost::device::VirtioDevice;
+use crate::vhost::{validate_name, ConfigNotifier, NewController};
 
 /// Registers the vhost methods.
 pub fn register(m: &mut RpcMethods) {
@@ -88,18 +89,25 @@ fn create_blk_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
             bdev.name()
         )));
     }
-    let device = Arc::new(BlkDevice::new(&p.ctrlr, bdev.clone(), p.readonly));
+    let notifier = ConfigNotifier::default();
+    let device = Arc::new(BlkDevice::new(
+        &p.ctrlr,
+        bdev.clone(),
+        p.readonly,
+        notifier.clone(),
+    ));
     match app.vhost.create(
         app,
         NewController {
             name: p.ctrlr.clone(),
             cpumask,
-            device,
+            device: device.clone(),
+            notifier,
         },
     ) {
         Ok(_) => Ok(json!(true)),
         Err(e) => {
-            bdev.release(&owner);
+            device.close();
             Err(e)
         }
     }
