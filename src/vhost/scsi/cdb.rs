@@ -511,7 +511,7 @@ pub fn parse_unmap(params: &[u8], bdev: &Bdev, out: &mut Vec<(u64, u64)>) -> Res
     if data_len + 2 > params.len() || desc_len + 8 > params.len() || desc_len > data_len {
         return Err(sense::PARAM_LIST_LENGTH_ERROR);
     }
-    if desc_len % 16 != 0 {
+    if !desc_len.is_multiple_of(16) {
         return Err(sense::PARAM_LIST_LENGTH_ERROR);
     }
     let count = desc_len / 16;
