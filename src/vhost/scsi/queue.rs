@@ -430,6 +430,8 @@ impl RequestQueue {
         };
         let bytes = slot.resp.to_bytes();
         let used = match write_stream(mem, &slot.req.streams.writable, 0, &bytes) {
+            // No room for a response (a rejected chain): nothing written.
+            Ok(()) if slot.req.streams.writable.is_empty() => 0,
             Ok(()) => RESP_LEN + slot.data_in_bytes,
             // The frontend removed the memory meanwhile: nothing can be reported.
             Err(_) => 0,
@@ -966,3 +968,6 @@ impl Drop for EventQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -576,6 +576,3 @@ impl Event {
         b
     }
 }
-
-#[cfg(test)]
-mod tests;
