@@ -125,6 +125,7 @@ impl RpcMethods {
         crate::bdev::rbd::rpc::register(&mut m);
         crate::vhost::blk::rpc::register(&mut m);
         crate::nbd::rpc::register(&mut m);
+        crate::vhost::scsi::rpc::register(&mut m);
         m
     }
 

@@ -68,4 +68,26 @@ pub trait VirtioDevice: Send + Sync {
 
     /// The controller is being deleted: release what the device holds (bdev claims).
     fn close(&self);
+
+    /// Every RPC (method, params) that recreates the controller, in order (a scsi
+    /// controller adds its targets after creating itself).
+    fn config_entries(&self, ctrlr: &str, cpumask: &str) -> Vec<(&'static str, Value)> {
+        vec![self.config_entry(ctrlr, cpumask)]
+    }
+
+    /// The `framework_get_config` subsystem the controller belongs to.
+    fn subsystem(&self) -> &'static str {
+        "vhost_blk"
+    }
+
+    /// True while the controller must not be deleted (SPDK refuses to delete a scsi
+    /// controller that still has targets: -EBUSY).
+    fn busy(&self) -> bool {
+        false
+    }
+
+    /// The concrete device, for RPCs specific to one device type.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }

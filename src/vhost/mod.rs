@@ -8,6 +8,7 @@
 pub mod blk;
 pub mod device;
 mod events;
+pub mod scsi;
 pub mod session;
 
 use std::collections::BTreeMap;
@@ -226,6 +227,10 @@ impl VhostRegistry {
             tracing::error!(ctrlr = %name, "cannot delete: a frontend is connected");
             return Err(RpcError::invalid_params_errno(libc::EBUSY));
         }
+        if ctrl.device.busy() {
+            tracing::error!(ctrlr = %name, "cannot delete: the controller is not empty");
+            return Err(RpcError::invalid_params_errno(libc::EBUSY));
+        }
         if let Some(ev) = self.events.get() {
             ev.remove_controller(&ctrl);
         }
@@ -255,9 +260,16 @@ impl VhostRegistry {
 
     /// `framework_get_config` entries of subsystem `vhost_blk` (method, params).
     pub fn config_entries(&self) -> Vec<(&'static str, Value)> {
+        self.subsystem_config_entries("vhost_blk")
+    }
+
+    /// `framework_get_config` entries of the controllers of `subsystem` ("vhost_blk",
+    /// "vhost_scsi").
+    pub fn subsystem_config_entries(&self, subsystem: &str) -> Vec<(&'static str, Value)> {
         lock(&self.ctrlrs)
             .values()
-            .map(|c| c.device.config_entry(&c.name, &c.cpumask.to_string()))
+            .filter(|c| c.device.subsystem() == subsystem)
+            .flat_map(|c| c.device.config_entries(&c.name, &c.cpumask.to_string()))
             .collect()
     }
 }

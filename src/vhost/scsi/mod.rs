@@ -1,0 +1,354 @@
+//! vhost-user-scsi controllers: the virtio-scsi device model (virtio 1.2 §5.6) with up to
+//! [`MAX_TARGETS`] targets, each a bdev exposed as LUN 0 (as SPDK's vhost-scsi).
+//!
+//! Queue 0 is the control queue (task management, async notifications), queue 1 the event
+//! queue (hot-plug events), queues 2.. the request queues. [`request`] parses descriptor
+//! chains, [`cdb`] emulates the SCSI commands (SPC-4/SBC-3) with [`sense`] data, [`queue`]
+//! runs the three kinds of queues on the reactors, [`config`] is the configuration space
+//! and [`rpc`] the SPDK-compatible methods.
+//!
+//! Targets are added and removed at any time: the table is shared with the request queues,
+//! which notice a new generation and open or retire their bdev channels; a connected
+//! driver is told with a TRANSPORT_RESET event, reason RESCAN or REMOVED (§5.6.6.3.1).
+
+pub mod cdb;
+pub mod config;
+pub mod queue;
+pub mod request;
+pub mod rpc;
+pub mod sense;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use virtio_bindings::virtio_scsi::{
+    VIRTIO_SCSI_EVT_RESET_REMOVED, VIRTIO_SCSI_EVT_RESET_RESCAN, VIRTIO_SCSI_T_TRANSPORT_RESET,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bdev::Bdev;
+use crate::reactor::{Poller, ReactorCtx};
+use crate::vhost::device::{QueueSetup, VirtioDevice};
+use request::{Event, LunAddr};
+
+/// Targets per controller (SPDK's `SPDK_VHOST_SCSI_CTRLR_MAX_DEVS`).
+pub const MAX_TARGETS: usize = 8;
+/// Request queues offered (the frontend's `num_queues` may be lower).
+pub const NUM_REQUEST_QUEUES: usize = 16;
+/// Control + event + request queues.
+pub const NUM_QUEUES: usize = 2 + NUM_REQUEST_QUEUES;
+/// Events kept while the driver has no event buffer posted; beyond, EVENTS_MISSED is set.
+const MAX_PENDING_EVENTS: usize = 64;
+
+/// One target: a bdev as LUN 0.
+pub struct ScsiTarget {
+    /// Target number (0..MAX_TARGETS).
+    pub id: u8,
+    pub bdev: Arc<Bdev>,
+    claim: String,
+    /// Commands in flight on this target over all queues (task management waits for it).
+    pub in_flight: AtomicUsize,
+}
+
+/// Events for the driver and whether one was dropped.
+#[derive(Default)]
+pub(crate) struct EventQueueState {
+    pub(crate) pending: VecDeque<Event>,
+    pub(crate) missed: bool,
+    /// An event queue poller runs (a driver is connected and set the queue up).
+    pub(crate) running: bool,
+}
+
+/// What the RPC thread and the queues of one controller share.
+pub struct ScsiShared {
+    ctrlr: String,
+    targets: Mutex<[Option<Arc<ScsiTarget>>; MAX_TARGETS]>,
+    /// Bumped on every target table change; queues resync when it moves.
+    generation: AtomicU64,
+    pub(crate) events: Mutex<EventQueueState>,
+    /// Wakes the event queue poller when an event is queued.
+    pub(crate) event_wake: EventFd,
+    closed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ScsiShared {
+    /// The current table generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A copy of the target table.
+    pub fn targets(&self) -> [Option<Arc<ScsiTarget>>; MAX_TARGETS] {
+        lock(&self.targets).clone()
+    }
+
+    /// The target `id`, if present.
+    pub fn target(&self, id: u8) -> Option<Arc<ScsiTarget>> {
+        lock(&self.targets).get(id as usize).cloned().flatten()
+    }
+
+    /// Queues a TRANSPORT_RESET event for `target` if a driver listens.
+    fn notify(&self, target: u8, reason: u32) {
+        let mut ev = lock(&self.events);
+        if !ev.running {
+            return;
+        }
+        if ev.pending.len() >= MAX_PENDING_EVENTS {
+            ev.missed = true;
+        } else {
+            ev.pending.push_back(Event {
+                event: VIRTIO_SCSI_T_TRANSPORT_RESET,
+                lun: LunAddr::encode(target, 0),
+                reason,
+            });
+        }
+        drop(ev);
+        let _ = self.event_wake.write(1);
+    }
+}
+
+/// Why a target could not be added or removed; maps to SPDK's errno.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TargetError {
+    #[error("target number {0} is out of range (0..{MAX_TARGETS})")]
+    OutOfRange(i64),
+    #[error("target {0} already exists")]
+    Exists(u8),
+    #[error("all {MAX_TARGETS} targets are in use")]
+    Full,
+    #[error("target {0} does not exist")]
+    NoTarget(u8),
+    #[error("bdev {bdev} is already claimed by {holder}")]
+    Claimed { bdev: String, holder: String },
+}
+
+impl TargetError {
+    /// The errno SPDK answers with (`vhost_scsi.c`).
+    pub fn errno(&self) -> i32 {
+        match self {
+            TargetError::OutOfRange(_) => libc::EINVAL,
+            TargetError::Exists(_) => libc::EEXIST,
+            TargetError::Full => libc::ENOSPC,
+            TargetError::NoTarget(_) => libc::ENODEV,
+            TargetError::Claimed { .. } => libc::EBUSY,
+        }
+    }
+}
+
+/// A virtio-scsi device.
+pub struct ScsiDevice {
+    shared: Arc<ScsiShared>,
+}
+
+/// How a scsi controller names itself when it claims a target's bdev.
+pub fn claim_name(ctrlr: &str, target: u8) -> String {
+    format!("vhost scsi controller {ctrlr} target {target}")
+}
+
+impl ScsiDevice {
+    /// A device without targets for controller `ctrlr`.
+    pub fn new(ctrlr: &str) -> std::io::Result<Self> {
+        Ok(ScsiDevice {
+            shared: Arc::new(ScsiShared {
+                ctrlr: ctrlr.to_string(),
+                targets: Mutex::new(Default::default()),
+                generation: AtomicU64::new(0),
+                events: Mutex::new(EventQueueState::default()),
+                event_wake: EventFd::new(EFD_NONBLOCK)?,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The shared state (for the queues).
+    pub fn shared(&self) -> &Arc<ScsiShared> {
+        &self.shared
+    }
+
+    /// Adds `bdev` as target `num` (-1: the first free one), claiming it; a connected
+    /// driver gets a RESCAN event. Returns the target number.
+    pub fn add_target(&self, num: i64, bdev: Arc<Bdev>) -> Result<u8, TargetError> {
+        let mut t = lock(&self.shared.targets);
+        let id = if num < 0 {
+            t.iter()
+                .position(Option::is_none)
+                .ok_or(TargetError::Full)? as u8
+        } else if num >= MAX_TARGETS as i64 {
+            return Err(TargetError::OutOfRange(num));
+        } else {
+            num as u8
+        };
+        if t[id as usize].is_some() {
+            return Err(TargetError::Exists(id));
+        }
+        let claim = claim_name(&self.shared.ctrlr, id);
+        bdev.claim(&claim).map_err(|holder| TargetError::Claimed {
+            bdev: bdev.name().to_string(),
+            holder,
+        })?;
+        t[id as usize] = Some(Arc::new(ScsiTarget {
+            id,
+            bdev,
+            claim,
+            in_flight: AtomicUsize::new(0),
+        }));
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        drop(t);
+        self.shared.notify(id, VIRTIO_SCSI_EVT_RESET_RESCAN);
+        tracing::info!(ctrlr = %self.shared.ctrlr, target = id, "scsi target added");
+        Ok(id)
+    }
+
+    /// Removes target `num` and releases its bdev; a connected driver gets a REMOVED event.
+    /// Commands in flight on it finish normally (the queues keep its channel until then);
+    /// new commands get BAD_TARGET.
+    pub fn remove_target(&self, num: i64) -> Result<(), TargetError> {
+        if !(0..MAX_TARGETS as i64).contains(&num) {
+            return Err(TargetError::OutOfRange(num));
+        }
+        let id = num as u8;
+        let mut t = lock(&self.shared.targets);
+        let Some(target) = t[id as usize].take() else {
+            return Err(TargetError::NoTarget(id));
+        };
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        drop(t);
+        target.bdev.release(&target.claim);
+        self.shared.notify(id, VIRTIO_SCSI_EVT_RESET_REMOVED);
+        tracing::info!(ctrlr = %self.shared.ctrlr, target = id, "scsi target removed");
+        Ok(())
+    }
+
+    /// Number of targets.
+    pub fn target_count(&self) -> usize {
+        lock(&self.shared.targets).iter().flatten().count()
+    }
+}
+
+impl VirtioDevice for ScsiDevice {
+    fn features(&self) -> u64 {
+        config::features()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        config::MAX_QUEUE_SIZE
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        config::config_space()
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> std::io::Result<()> {
+        // §5.6.4: the driver may write sense_size and cdb_size; blockd keeps the defaults
+        // (as QEMU's vhost-scsi does), so only rewriting the same value is accepted.
+        let same = match (offset, data) {
+            (config::SENSE_SIZE_OFFSET, [a, b, c, d]) => {
+                u32::from_le_bytes([*a, *b, *c, *d]) == request::SENSE_SIZE as u32
+            }
+            (config::CDB_SIZE_OFFSET, [a, b, c, d]) => {
+                u32::from_le_bytes([*a, *b, *c, *d]) == request::CDB_SIZE as u32
+            }
+            _ => false,
+        };
+        if same {
+            return Ok(());
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "controller {}: config write at offset {offset} ({} bytes) is not supported",
+                self.shared.ctrlr,
+                data.len()
+            ),
+        ))
+    }
+
+    fn start_queue(
+        &self,
+        _ctx: &mut ReactorCtx,
+        setup: QueueSetup,
+        _acked_features: u64,
+    ) -> std::io::Result<Box<dyn Poller>> {
+        Ok(match setup.index {
+            0 => Box::new(queue::ControlQueue::new(setup, self.shared.clone())),
+            1 => Box::new(queue::EventQueue::new(setup, self.shared.clone())?),
+            _ => Box::new(queue::RequestQueue::new(setup, self.shared.clone())),
+        })
+    }
+
+    fn backend_specific(&self) -> Value {
+        let targets: Vec<Value> = self
+            .shared
+            .targets()
+            .iter()
+            .flatten()
+            .map(|t| {
+                json!({"target_name": format!("Target {}", t.id), "id": t.id,
+                       "scsi_dev_num": t.id,
+                       "luns": [{"id": 0, "bdev_name": t.bdev.name()}]})
+            })
+            .collect();
+        json!({ "scsi": targets })
+    }
+
+    fn config_entry(&self, ctrlr: &str, cpumask: &str) -> (&'static str, Value) {
+        (
+            "vhost_create_scsi_controller",
+            json!({"ctrlr": ctrlr, "cpumask": cpumask}),
+        )
+    }
+
+    fn config_entries(&self, ctrlr: &str, cpumask: &str) -> Vec<(&'static str, Value)> {
+        let mut v = vec![self.config_entry(ctrlr, cpumask)];
+        for t in self.shared.targets().iter().flatten() {
+            v.push((
+                "vhost_scsi_controller_add_target",
+                json!({"ctrlr": ctrlr, "scsi_target_num": t.id, "bdev_name": t.bdev.name()}),
+            ));
+        }
+        v
+    }
+
+    fn subsystem(&self) -> &'static str {
+        "vhost_scsi"
+    }
+
+    fn busy(&self) -> bool {
+        self.target_count() > 0
+    }
+
+    fn close(&self) {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut t = lock(&self.shared.targets);
+        for slot in t.iter_mut() {
+            if let Some(target) = slot.take() {
+                target.bdev.release(&target.claim);
+            }
+        }
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+}

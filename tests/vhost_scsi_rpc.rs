@@ -1,0 +1,183 @@
+//! vhost-scsi controller RPCs, SPDK-compatible: create, add/remove targets, the
+//! `vhost_get_controllers` shape, delete refused while targets remain, claims.
+
+use std::sync::Arc;
+
+use blockd::app::{App, AppOptions};
+use blockd::cpumask::CpuMask;
+use blockd::reactor::{PollOptions, Reactors};
+use serde_json::{json, Value};
+
+struct TestDaemon {
+    app: Arc<App>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = AppOptions {
+            cpumask: CpuMask::parse("0x1").unwrap(),
+            socket_dir: dir.path().to_path_buf(),
+            rpc_socket: dir.path().join("blockd.sock"),
+            socket_mode: 0o600,
+        };
+        let reactors = Reactors::start(&opts.cpumask, PollOptions::default()).unwrap();
+        TestDaemon {
+            app: App::new(opts, reactors),
+            _dir: dir,
+        }
+    }
+
+    fn rpc(&self, method: &str, params: Value) -> Result<Value, (i32, String)> {
+        self.app
+            .rpc
+            .call(&self.app, method, Some(params))
+            .map_err(|e| (e.code, e.message))
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.app.shutdown();
+    }
+}
+
+#[test]
+fn scsi_controller_lifecycle() {
+    let d = TestDaemon::start();
+    for n in ["Malloc0", "Malloc1"] {
+        d.rpc(
+            "bdev_malloc_create",
+            json!({"name": n, "num_blocks": 2048, "block_size": 512}),
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        d.rpc(
+            "vhost_create_scsi_controller",
+            json!({"ctrlr": "scsi.0", "delay": false})
+        )
+        .unwrap(),
+        json!(true)
+    );
+    assert_eq!(
+        d.rpc("vhost_create_scsi_controller", json!({"ctrlr": "scsi.0"}))
+            .unwrap_err(),
+        (-32602, "File exists".into())
+    );
+    assert_eq!(
+        d.rpc(
+            "vhost_create_scsi_controller",
+            json!({"ctrlr": "scsi.1", "cpumask": "0x2"})
+        )
+        .unwrap_err()
+        .0,
+        -32602
+    );
+    assert_eq!(
+        d.rpc(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": "scsi.0", "scsi_target_num": -1, "bdev_name": "Malloc0"})
+        )
+        .unwrap(),
+        json!(0)
+    );
+    assert_eq!(
+        d.rpc(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": "scsi.0", "scsi_target_num": 3, "bdev_name": "Malloc1"})
+        )
+        .unwrap(),
+        json!(3)
+    );
+    // Claimed, occupied slot, out of range, unknown bdev, unknown controller.
+    assert_eq!(
+        d.rpc(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": "scsi.0", "scsi_target_num": 1, "bdev_name": "Malloc0"})
+        )
+        .unwrap_err()
+        .0,
+        -32602
+    );
+    assert_eq!(
+        d.rpc(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": "scsi.0", "scsi_target_num": 3, "bdev_name": "Malloc0"})
+        )
+        .unwrap_err(),
+        (-32602, "File exists".into())
+    );
+    assert_eq!(
+        d.rpc(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": "scsi.0", "scsi_target_num": 8, "bdev_name": "Malloc0"})
+        )
+        .unwrap_err(),
+        (-32602, "Invalid argument".into())
+    );
+    assert_eq!(
+        d.rpc(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": "scsi.0", "scsi_target_num": 1, "bdev_name": "Nope"})
+        )
+        .unwrap_err(),
+        (-32602, "No such device".into())
+    );
+    assert_eq!(
+        d.rpc(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": "nope", "scsi_target_num": 1, "bdev_name": "Malloc0"})
+        )
+        .unwrap_err(),
+        (-32602, "No such device".into())
+    );
+    let c = d
+        .rpc("vhost_get_controllers", json!({"name": "scsi.0"}))
+        .unwrap();
+    assert_eq!(
+        c[0]["backend_specific"],
+        json!({"scsi": [
+            {"target_name": "Target 0", "id": 0, "scsi_dev_num": 0, "luns": [{"id": 0, "bdev_name": "Malloc0"}]},
+            {"target_name": "Target 3", "id": 3, "scsi_dev_num": 3, "luns": [{"id": 0, "bdev_name": "Malloc1"}]}
+        ]})
+    );
+    let entries = d.app.vhost.subsystem_config_entries("vhost_scsi");
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[2].0, "vhost_scsi_controller_add_target");
+    assert!(
+        d.app.vhost.config_entries().is_empty(),
+        "no vhost_blk entries"
+    );
+    // Delete refused while targets remain.
+    assert_eq!(
+        d.rpc("vhost_delete_controller", json!({"ctrlr": "scsi.0"}))
+            .unwrap_err(),
+        (-32602, "Device or resource busy".into())
+    );
+    assert_eq!(
+        d.rpc(
+            "vhost_scsi_controller_remove_target",
+            json!({"ctrlr": "scsi.0", "scsi_target_num": 5})
+        )
+        .unwrap_err(),
+        (-32602, "No such device".into())
+    );
+    for t in [0, 3] {
+        assert_eq!(
+            d.rpc(
+                "vhost_scsi_controller_remove_target",
+                json!({"ctrlr": "scsi.0", "scsi_target_num": t})
+            )
+            .unwrap(),
+            json!(true)
+        );
+    }
+    assert!(d.app.bdevs.get("Malloc0").unwrap().claimed_by().is_none());
+    assert_eq!(
+        d.rpc("vhost_delete_controller", json!({"ctrlr": "scsi.0"}))
+            .unwrap(),
+        json!(true)
+    );
+}
