@@ -37,6 +37,11 @@ pub const SUBSYSTEMS: &[Subsystem] = &[
         config: vhost_blk_config,
     },
     Subsystem {
+        name: "vhost_scsi",
+        depends_on: &["bdev"],
+        config: vhost_scsi_config,
+    },
+    Subsystem {
         name: "nbd",
         depends_on: &["bdev"],
         config: nbd_config,
@@ -82,6 +87,14 @@ fn bdev_config(app: &App) -> Vec<Value> {
 fn nbd_config(app: &App) -> Vec<Value> {
     app.nbd
         .config_entries()
+        .into_iter()
+        .map(|(m, p)| entry(m, p))
+        .collect()
+}
+
+fn vhost_scsi_config(app: &App) -> Vec<Value> {
+    app.vhost
+        .subsystem_config_entries("vhost_scsi")
         .into_iter()
         .map(|(m, p)| entry(m, p))
         .collect()

@@ -219,6 +219,22 @@ pub(crate) fn release(name: &str, user: &str) {
     }
 }
 
+/// `framework_get_config` entries that re-register every cluster (before the rbd bdevs
+/// that name them, as SPDK's rbd module writes them). The call carries what was given,
+/// `key` included when it was passed in `config_param`, since a replay cannot connect
+/// without it: protect saved configurations like keyrings.
+pub fn config_entries() -> Vec<(&'static str, Value)> {
+    clusters()
+        .values()
+        .map(|e| {
+            (
+                "bdev_rbd_register_cluster",
+                serde_json::to_value(&e.cfg).unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,20 +265,4 @@ mod tests {
             "cluster nosuch-cluster is not registered"
         );
     }
-}
-
-/// `framework_get_config` entries that re-register every cluster (before the rbd bdevs
-/// that name them, as SPDK's rbd module writes them). The call carries what was given,
-/// `key` included when it was passed in `config_param`, since a replay cannot connect
-/// without it: protect saved configurations like keyrings.
-pub fn config_entries() -> Vec<(&'static str, Value)> {
-    clusters()
-        .values()
-        .map(|e| {
-            (
-                "bdev_rbd_register_cluster",
-                serde_json::to_value(&e.cfg).unwrap_or(Value::Null),
-            )
-        })
-        .collect()
 }
