@@ -165,6 +165,7 @@ api! {
     rbd fn rbd_get_modify_timestamp(rbd_image_t, *mut libc::timespec) -> c_int;
     rbd fn rbd_snap_get_timestamp(rbd_image_t, u64, *mut libc::timespec) -> c_int;
     rbd fn rbd_flatten(rbd_image_t) -> c_int;
+    rbd fn rbd_lock_release(rbd_image_t) -> c_int;
     rbd fn rbd_diff_iterate2(rbd_image_t, *const c_char, u64, u64, u8, u8, rbd_diff_cb, *mut c_void) -> c_int;
     rbd fn rbd_watchers_list(rbd_image_t, *mut rbd_image_watcher_t, *mut usize) -> c_int;
     rbd fn rbd_watchers_list_cleanup(*mut rbd_image_watcher_t, usize) -> ();

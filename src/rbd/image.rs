@@ -535,6 +535,14 @@ impl Image {
         Ok(ctime(&ts))
     }
 
+    /// Gives up the exclusive lock if this handle owns it (so that another client's writes
+    /// need not wait for this one's watch to time out); `false` when it did not own it.
+    /// The next write through this handle takes it again.
+    pub fn lock_release(&self) -> bool {
+        // SAFETY: live image.
+        unsafe { (self.api.rbd_lock_release)(self.h) == 0 }
+    }
+
     /// Copies the parent's data into this clone and detaches it.
     pub fn flatten(&self) -> RbdResult<()> {
         // SAFETY: live image.
