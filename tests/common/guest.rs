@@ -271,15 +271,16 @@ impl Guest {
             format!("memory-backend-memfd,id=mem,size={mem},share=on"),
         ];
         for (i, d) in opts.disks.iter().enumerate() {
-            let dev = match d.kind {
-                DiskKind::VhostUserBlk => "vhost-user-blk-pci",
-                DiskKind::VhostUserScsi => "vhost-user-scsi-pci",
+            // The two devices spell the queue-count property differently (QEMU 10).
+            let (dev, queues) = match d.kind {
+                DiskKind::VhostUserBlk => ("vhost-user-blk-pci", "num-queues"),
+                DiskKind::VhostUserScsi => ("vhost-user-scsi-pci", "num_queues"),
             };
             a.push("-chardev".into());
             a.push(format!("socket,id=char{i},path={}", d.socket.display()));
             a.push("-device".into());
             a.push(format!(
-                "{dev},id=disk{i},chardev=char{i},num-queues={}",
+                "{dev},id=disk{i},chardev=char{i},{queues}={}",
                 d.num_queues
             ));
         }
