@@ -250,8 +250,29 @@ sc_scsi() {
   check sda.pattern.after write_verify sda after $((40 * MiB)) 65536 direct || fail "sda after hot-remove"
 }
 
+# reads_zero OFFSET LENGTH: the range of vda reads back as zeros (O_DIRECT).
+reads_zero() {
+  head -c "$2" /dev/zero >/tmp/z
+  dd if=/dev/vda of=/tmp/r bs=65536 skip="$1" count="$2" iflag=skip_bytes,count_bytes,direct 2>/dev/null &&
+    cmp -s /tmp/z /tmp/r
+}
+
+# Ceph RBD in one boot: seed, discard of a whole 4 MiB object (librbd skips partial-object
+# discards), write-zeroes, flush, then online resize (`rbd resize` on the host).
+sc_rbd() {
+  sc_seed
+  check vda.pattern.object write_verify vda object $((16 * MiB)) $((4 * MiB)) direct $MiB || fail "object pattern"
+  check vda.discard $BLKDISCARD -f -o $((16 * MiB)) -l $((4 * MiB)) /dev/vda || fail "blkdiscard"
+  check vda.discard.verify reads_zero $((16 * MiB)) $((4 * MiB)) || fail "discarded object reads non-zero"
+  check vda.pattern.zero write_verify vda zero $((34 * MiB)) $MiB direct || fail "zero pre-pattern"
+  check vda.zeroout $BLKDISCARD -f -z -o $((34 * MiB)) -l $MiB /dev/vda || fail "blkdiscard -z"
+  check vda.zeroout.verify reads_zero $((34 * MiB)) $MiB || fail "zeroed range reads non-zero"
+  sc_flush
+  sc_resize
+}
+
 case $scenario in
-  seed | multiqueue | discard | readonly | flush | many | hostile | resize | scsi) "sc_$scenario" ;;
+  seed | multiqueue | discard | readonly | flush | many | hostile | resize | scsi | rbd) "sc_$scenario" ;;
   *) fail "unknown scenario $scenario" ;;
 esac
 finish ok
