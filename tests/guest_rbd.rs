@@ -5,9 +5,9 @@
 //! and `rbd du`; the resize is made with the `rbd` CLI and reaches the guest through the
 //! image's update watch → `Bdev::set_num_blocks` → virtio config change.
 
-mod common;
 #[path = "common/ceph.rs"]
 mod ceph;
+mod common;
 #[path = "common/guest.rs"]
 mod guest;
 
@@ -67,7 +67,9 @@ fn rbd_image_in_a_guest_seed_discard_flush_resize() {
     g.wait_for("BLOCKD-WAIT resize", Duration::from_secs(90))
         .expect("guest never waited for the resize");
     ceph::rbd_cli(&conf, &["resize", "--size", "96M", &spec]);
-    let run = g.finish(Duration::from_secs(60)).expect("finishing the guest");
+    let run = g
+        .finish(Duration::from_secs(60))
+        .expect("finishing the guest");
     eprintln!("rbd: {:.1?}\n{}", run.elapsed, run.command_line);
     run.assert_ok();
 
@@ -99,7 +101,9 @@ fn rbd_image_in_a_guest_seed_discard_flush_resize() {
     );
     assert!(ext.iter().any(|&(o, _)| o == 0), "{ext:?}");
     let du = json_of(ceph::rbd_cli(&conf, &["du", "--format", "json", &spec]));
-    let used = du["images"][0]["used_size"].as_u64().expect("rbd du used_size");
+    let used = du["images"][0]["used_size"]
+        .as_u64()
+        .expect("rbd du used_size");
     // `rbd du` counts whole 4 MiB objects (object map): the guest wrote into objects
     // 0, 2, 4, 8, 10 and 16 (direct, buffered, object, zero, flush, grown); object 4 went.
     const OBJECT: u64 = 4 * MIB;

@@ -51,7 +51,9 @@ fn aio_rescan_grows_the_disk_of_a_running_guest() {
     let b = d.rpc_ok("bdev_get_bdevs", json!({"name": "grow"}));
     assert_eq!(b[0]["num_blocks"], 96 * MIB / 512);
 
-    let run = g.finish(Duration::from_secs(60)).expect("finishing the guest");
+    let run = g
+        .finish(Duration::from_secs(60))
+        .expect("finishing the guest");
     eprintln!("resize: {:.1?}\n{}", run.elapsed, run.command_line);
     run.assert_ok();
     assert_eq!(run.require_u64("vda.size"), 64 * MIB / 512);
@@ -70,7 +72,9 @@ fn aio_rescan_grows_the_disk_of_a_running_guest() {
 #[test]
 fn aio_rescan_errors() {
     let d = Daemon::start();
-    let e = d.rpc("bdev_aio_rescan", json!({"name": "nope"})).unwrap_err();
+    let e = d
+        .rpc("bdev_aio_rescan", json!({"name": "nope"}))
+        .unwrap_err();
     assert_eq!(e.0, -(libc::ENODEV as i64), "{e:?}");
     d.rpc_ok(
         "bdev_malloc_create",

@@ -393,7 +393,11 @@ impl RunningGuest {
                     );
                 }
             }
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("QEMU exited ({st}) before {marker:?}\n{}", self.log_tail());
             }
             if Instant::now() >= deadline {

@@ -24,12 +24,12 @@
 pub mod rpc;
 
 use std::alloc::Layout;
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use io_uring::{opcode, types, IoUring};
@@ -249,8 +249,9 @@ pub fn rescan(registry: &BdevRegistry, name: &str) -> Result<(), RpcError> {
         .and_then(Weak::upgrade)
         .ok_or_else(|| RpcError::errno_msg(libc::ENODEV, format!("aio bdev {name} not found")))?;
     let fd = file.fd.as_raw_fd();
-    // SAFETY: fstat on a descriptor the bdev keeps open; `st` is written by the call.
+    // SAFETY: `stat` is plain old data, all-zero is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor the bdev keeps open; `st` is valid for writes.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         let e = std::io::Error::last_os_error();
         return Err(RpcError::errno_msg(
