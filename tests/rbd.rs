@@ -1,20 +1,15 @@
 //! RBD tests against a real single-node Ceph cluster.
 //!
-//! The cluster: `$CEPH_CONF` when set (e.g. `.ci/run` started one), otherwise
-//! `scripts/ceph-cluster.sh start target/ceph-test` once for all test binaries (a file lock
-//! serializes the start; the script reuses a running cluster). Stop it with
-//! `scripts/ceph-cluster.sh stop target/ceph-test`. The monitor ports derive from the
-//! checkout's path (so several checkouts on one machine do not collide) unless
-//! CEPH_MON_PORT_V2/V1 are set. Without Ceph binaries every test prints a SKIP line and
-//! passes.
+//! The cluster comes from tests/common/ceph.rs (`$CEPH_CONF`, or one started by
+//! scripts/ceph-cluster.sh). Without Ceph binaries every test prints a SKIP line and passes.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockd::bdev::rbd::cluster::{self, ClusterConfig};
@@ -23,65 +18,9 @@ use blockd::bdev::{Bdev, BdevChannel, IoOp, IoResult, IoVecs};
 use blockd::rbd::{ConnectOptions, CreateOptions, Rados};
 use clap::Parser;
 
-const POOL: &str = "testpool";
-
-fn have_ceph() -> bool {
-    Command::new("sh")
-        .args([
-            "-c",
-            "command -v ceph-mon && command -v ceph-osd && command -v rbd",
-        ])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-        && blockd::rbd::ffi::api().is_ok()
-}
-
-/// The cluster's ceph.conf, or `None` (after printing SKIP) when Ceph is not installed.
-fn conf() -> Option<PathBuf> {
-    static CONF: OnceLock<Option<PathBuf>> = OnceLock::new();
-    CONF.get_or_init(|| {
-        if let Ok(c) = std::env::var("CEPH_CONF") {
-            if Path::new(&c).exists() {
-                return Some(PathBuf::from(c));
-            }
-        }
-        if !have_ceph() {
-            return None;
-        }
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let dir = root.join("target/ceph-test");
-        std::fs::create_dir_all(root.join("target")).unwrap();
-        // Ports from the checkout's path: 20000-39998, v1 = v2 + 1.
-        let h = root
-            .to_string_lossy()
-            .bytes()
-            .fold(5381u32, |h, b| h.wrapping_mul(33) ^ b as u32);
-        let v2 = 20000 + 2 * (h % 10000);
-        // flock(1) serializes concurrent test binaries; the script is idempotent.
-        let st = Command::new("flock")
-            .arg(root.join("target/ceph-test.lock"))
-            .arg(root.join("scripts/ceph-cluster.sh"))
-            .arg("start")
-            .arg(&dir)
-            .env(
-                "CEPH_MON_PORT_V2",
-                std::env::var("CEPH_MON_PORT_V2").unwrap_or(v2.to_string()),
-            )
-            .env(
-                "CEPH_MON_PORT_V1",
-                std::env::var("CEPH_MON_PORT_V1").unwrap_or((v2 + 1).to_string()),
-            )
-            .status()
-            .expect("running scripts/ceph-cluster.sh");
-        assert!(st.success(), "scripts/ceph-cluster.sh start failed");
-        let conf = dir.join("ceph.conf");
-        // bdevs created without a cluster use the default search, which honours CEPH_CONF.
-        std::env::set_var("CEPH_CONF", &conf);
-        Some(conf)
-    })
-    .clone()
-}
+#[path = "common/ceph.rs"]
+mod ceph;
+use ceph::{conf, unique, POOL};
 
 macro_rules! need_ceph {
     () => {
@@ -95,15 +34,6 @@ macro_rules! need_ceph {
     };
 }
 
-fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 fn connect(conf: &Path) -> Arc<Rados> {
     Rados::connect(&ConnectOptions {
         config_file: Some(conf.to_path_buf()),
@@ -113,17 +43,7 @@ fn connect(conf: &Path) -> Arc<Rados> {
 }
 
 fn rbd_cli(conf: &Path, args: &[&str]) {
-    let out = Command::new("rbd")
-        .arg("-c")
-        .arg(conf)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rbd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ceph::rbd_cli(conf, args);
 }
 
 #[test]

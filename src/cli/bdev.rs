@@ -68,6 +68,11 @@ pub enum BdevCmd {
         /// Name of the bdev.
         name: String,
     },
+    /// Re-read the size of an aio bdev's file (after it grew); frontends are told.
+    BdevAioRescan {
+        /// Name of the bdev.
+        name: String,
+    },
     /// List all bdevs or one.
     BdevGetBdevs {
         /// Only this bdev.
@@ -79,8 +84,8 @@ pub enum BdevCmd {
     },
     /// I/O statistics of all bdevs or one.
     BdevGetIostat {
-        /// Only this bdev.
-        #[arg(short = 'b', long)]
+        /// Only these bdevs, comma-separated (rpc.py ≥ 24 `--names`; `-b/--name` as v23.05).
+        #[arg(short = 'b', long = "names", alias = "name")]
         name: Option<String>,
     },
     /// Set QoS rate limits on a bdev (0 = unlimited).
@@ -88,16 +93,16 @@ pub enum BdevCmd {
         /// Name of the bdev.
         name: String,
         /// Read+write I/Os per second.
-        #[arg(long)]
+        #[arg(long = "rw-ios-per-sec")]
         rw_ios_per_sec: Option<u64>,
         /// Read+write MiB per second.
-        #[arg(long)]
+        #[arg(long = "rw-mbytes-per-sec")]
         rw_mbytes_per_sec: Option<u64>,
         /// Read MiB per second.
-        #[arg(long)]
+        #[arg(long = "r-mbytes-per-sec")]
         r_mbytes_per_sec: Option<u64>,
         /// Write MiB per second.
-        #[arg(long)]
+        #[arg(long = "w-mbytes-per-sec")]
         w_mbytes_per_sec: Option<u64>,
     },
 }
@@ -179,6 +184,7 @@ impl Run for BdevCmd {
                 ]),
             ),
             BdevCmd::BdevAioDelete { name } => name_only(ctx, "bdev_aio_delete", name),
+            BdevCmd::BdevAioRescan { name } => name_only(ctx, "bdev_aio_rescan", name),
             BdevCmd::BdevGetBdevs { name, timeout } => ctx.call_print(
                 "bdev_get_bdevs",
                 params_of(vec![
@@ -188,7 +194,7 @@ impl Run for BdevCmd {
             ),
             BdevCmd::BdevGetIostat { name } => ctx.call_print(
                 "bdev_get_iostat",
-                params_of(vec![("name", name.map(|n| json!(n)))]),
+                params_of(vec![("names", name.map(|n| json!(n)))]),
             ),
             BdevCmd::BdevSetQosLimit {
                 name,
