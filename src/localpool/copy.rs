@@ -17,7 +17,7 @@ use super::error::{Error, Result};
 /// `_IOW(0x94, 9, int)`: make the destination share all extents of the source.
 const FICLONE: libc::c_ulong = 0x4004_9409;
 
-/// Bytes per read/write of a copy; also the granularity at which zeros are skipped.
+/// Bytes per read of a copy.
 pub const CHUNK: usize = 1 << 20;
 
 /// Called with the number of bytes done so far.
@@ -116,8 +116,35 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Granularity at which zeros are left as holes (the usual filesystem block).
+const HOLE: usize = 4096;
+
 fn is_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
+}
+
+/// Writes `buf` at `off` except its all-zero [`HOLE`]-sized pieces (runs of non-zero
+/// pieces go in one write), so that zeros stay (or become) holes in a fresh file.
+fn write_nonzero(dst: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
+    let mut i = 0;
+    while i < buf.len() {
+        let end = (i + HOLE).min(buf.len());
+        if is_zero(&buf[i..end]) {
+            i = end;
+            continue;
+        }
+        let mut j = end;
+        while j < buf.len() {
+            let e = (j + HOLE).min(buf.len());
+            if is_zero(&buf[j..e]) {
+                break;
+            }
+            j = e;
+        }
+        dst.write_all_at(&buf[i..j], off + i as u64)?;
+        i = j;
+    }
+    Ok(())
 }
 
 /// Copies the first `len` bytes of `src` into `dst` at the same offsets, writing only
@@ -137,9 +164,7 @@ pub fn sparse_copy(src: &File, dst: &File, len: u64, progress: Progress) -> std:
                     format!("source shrank during the copy (at byte {off})"),
                 ));
             }
-            if !is_zero(&buf[..n]) {
-                dst.write_all_at(&buf[..n], off)?;
-            }
+            write_nonzero(dst, &buf[..n], off)?;
             off += n as u64;
             progress(off);
         }
@@ -189,9 +214,7 @@ pub fn import_stream(src: &mut dyn Read, dst: &File, progress: Progress) -> std:
         if n == 0 {
             break;
         }
-        if !is_zero(&buf[..n]) {
-            dst.write_all_at(&buf[..n], off)?;
-        }
+        write_nonzero(dst, &buf[..n], off)?;
         off += n as u64;
         progress(off);
     }

@@ -144,7 +144,7 @@ impl Pool {
         if size < m.size {
             if !allow_shrink {
                 return Err(Error::Invalid(format!(
-                    "shrinking {}/{name} from {} to {size} bytes loses data: allow shrink",
+                    "shrinking {}/{name} from {} to {size} bytes loses data",
                     self.name, m.size
                 )));
             }

@@ -2,6 +2,7 @@
 //! the cluster directly (no daemon), like the `rbd` tool.
 
 pub mod image;
+pub mod local;
 pub mod pool;
 
 use std::path::PathBuf;
