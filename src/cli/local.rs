@@ -19,14 +19,14 @@ pub enum LocalCmd {
         #[arg(short = 'b', long)]
         name: Option<String>,
         /// Block size in bytes (default 512).
-        #[arg(long)]
+        #[arg(long = "block-size")]
         block_size: Option<u32>,
         /// Serve the image read-only.
         #[arg(short = 'r', long)]
         readonly: bool,
         /// Root of the local pools as the daemon sees it (default: its $BLOCKD_POOL_DIR,
         /// else /var/lib/blockd/pools).
-        #[arg(long)]
+        #[arg(long = "pool-dir")]
         pool_dir: Option<String>,
         /// UUID of the bdev (default: random).
         #[arg(short = 'u', long)]
