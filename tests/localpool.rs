@@ -41,7 +41,10 @@ fn fails(root: &Path, args: &[&str], msg: &str) {
     let o = ctl(root, args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "blockctl {args:?} succeeded");
-    assert!(err.contains(msg), "blockctl {args:?}: {err:?} lacks {msg:?}");
+    assert!(
+        err.contains(msg),
+        "blockctl {args:?}: {err:?} lacks {msg:?}"
+    );
 }
 
 fn json_of(root: &Path, args: &[&str]) -> Value {
@@ -62,13 +65,20 @@ fn cli_image_workflow() {
     ok(root, &["pool", "create", "local:p"]);
     fails(root, &["pool", "create", "local:p"], "already exists");
     assert_eq!(json_of(root, &["pool", "ls", "--local"]), json!(["p"]));
-    fails(root, &["image", "create", "local:nopool/x", "-s", "1"], "does not exist");
+    fails(
+        root,
+        &["image", "create", "local:nopool/x", "-s", "1"],
+        "does not exist",
+    );
     ok(root, &["image", "create", "local:p/vm", "-s", "64"]);
     assert_eq!(json_of(root, &["image", "ls", "local:p"]), json!(["vm"]));
     // -L makes unprefixed specs local.
     assert_eq!(json_of(root, &["image", "-L", "ls", "p"]), json!(["vm"]));
     let info = json_of(root, &["image", "info", "local:p/vm"]);
-    assert_eq!((info["size"].as_u64(), info["used"].as_u64()), (Some(64 * MIB), Some(0)));
+    assert_eq!(
+        (info["size"].as_u64(), info["used"].as_u64()),
+        (Some(64 * MIB), Some(0))
+    );
     let path = image_path(root, "p", "vm");
     File::options()
         .write(true)
@@ -79,7 +89,11 @@ fn cli_image_workflow() {
 
     // Snapshot, protect, clone, diverge, flatten.
     ok(root, &["image", "snap", "create", "local:p/vm@s1"]);
-    fails(root, &["image", "clone", "local:p/vm@s1", "local:p/c"], "not protected");
+    fails(
+        root,
+        &["image", "clone", "local:p/vm@s1", "local:p/c"],
+        "not protected",
+    );
     ok(root, &["image", "snap", "protect", "local:p/vm@s1"]);
     ok(root, &["image", "clone", "local:p/vm@s1", "local:p/c"]);
     let snaps = json_of(root, &["image", "snap", "ls", "local:p/vm"]);
@@ -87,14 +101,21 @@ fn cli_image_workflow() {
     assert_eq!(snaps[0]["protected"], true);
     assert_eq!(snaps[0]["children"], json!([{"pool": "p", "image": "c"}]));
     let c = json_of(root, &["image", "info", "local:p/c"]);
-    assert_eq!(c["parent"], json!({"pool": "p", "image": "vm", "snapshot": "s1"}));
+    assert_eq!(
+        c["parent"],
+        json!({"pool": "p", "image": "vm", "snapshot": "s1"})
+    );
     let mut b = [0u8; 11];
     File::open(image_path(root, "p", "c"))
         .unwrap()
         .read_exact_at(&mut b, 5 * MIB)
         .unwrap();
     assert_eq!(&b, b"version one");
-    fails(root, &["image", "snap", "unprotect", "local:p/vm@s1"], "p/c");
+    fails(
+        root,
+        &["image", "snap", "unprotect", "local:p/vm@s1"],
+        "p/c",
+    );
     ok(root, &["image", "flatten", "local:p/c"]);
     assert!(json_of(root, &["image", "info", "local:p/c"])["parent"].is_null());
     ok(root, &["image", "snap", "unprotect", "local:p/vm@s1"]);
@@ -107,7 +128,10 @@ fn cli_image_workflow() {
         .write_all_at(b"version two", 5 * MIB)
         .unwrap();
     ok(root, &["image", "snap", "rollback", "local:p/vm@s1"]);
-    File::open(&path).unwrap().read_exact_at(&mut b, 5 * MIB).unwrap();
+    File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut b, 5 * MIB)
+        .unwrap();
     assert_eq!(&b, b"version one");
 
     // du: provisioned and allocated, snapshots first.
@@ -119,9 +143,23 @@ fn cli_image_workflow() {
     assert!(ok(root, &["image", "du", "local:p/vm"]).contains("<TOTAL>"));
 
     // Resize and rm rules, as rbd.
-    fails(root, &["image", "resize", "local:p/vm", "-s", "32"], "--allow-shrink");
+    fails(
+        root,
+        &["image", "resize", "local:p/vm", "-s", "32"],
+        "--allow-shrink",
+    );
     ok(root, &["image", "resize", "local:p/vm", "-s", "128"]);
-    ok(root, &["image", "resize", "local:p/vm", "-s", "32", "--allow-shrink"]);
+    ok(
+        root,
+        &[
+            "image",
+            "resize",
+            "local:p/vm",
+            "-s",
+            "32",
+            "--allow-shrink",
+        ],
+    );
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 32 * MIB);
     fails(root, &["image", "rm", "local:p/vm"], "snapshot");
     ok(root, &["image", "snap", "rm", "local:p/vm@s1"]);
@@ -144,14 +182,20 @@ fn cli_import_export_sparse() {
     let f = File::create(&src).unwrap();
     f.set_len(48 * MIB).unwrap();
     f.write_all_at(b"MBR!", 510).unwrap();
-    f.write_all_at(&vec![0x5a; 2 * MIB as usize], 20 * MIB).unwrap();
+    f.write_all_at(&vec![0x5a; 2 * MIB as usize], 20 * MIB)
+        .unwrap();
     drop(f);
     let expect = std::fs::read(&src).unwrap();
     let src_s = src.to_str().unwrap();
 
     ok(root, &["image", "import", src_s, "local:p/a"]);
-    let used = json_of(root, &["image", "info", "local:p/a"])["used"].as_u64().unwrap();
-    assert!((2 * MIB..3 * MIB).contains(&used), "holes kept: used {used}");
+    let used = json_of(root, &["image", "info", "local:p/a"])["used"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (2 * MIB..3 * MIB).contains(&used),
+        "holes kept: used {used}"
+    );
 
     // Import from a pipe (stdin), export to a pipe (stdout).
     let mut child = Command::new(blockctl_bin())
@@ -168,7 +212,10 @@ fn cli_import_export_sparse() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("done"));
     let b = json_of(root, &["image", "info", "local:p/b"]);
     assert_eq!(b["size"], 48 * MIB);
-    assert!(b["used"].as_u64().unwrap() < 3 * MIB, "stdin import is sparse");
+    assert!(
+        b["used"].as_u64().unwrap() < 3 * MIB,
+        "stdin import is sparse"
+    );
     let out = Command::new(blockctl_bin())
         .args(["image", "export", "local:p/b", "-", "--pool-dir"])
         .arg(root)
@@ -180,11 +227,21 @@ fn cli_import_export_sparse() {
 
     // Export to a file: same bytes, holes preserved.
     let dst = d.path().join("out.raw");
-    ok(root, &["image", "export", "local:p/a", dst.to_str().unwrap()]);
-    assert!(std::fs::read(&dst).unwrap() == expect, "file export differs");
+    ok(
+        root,
+        &["image", "export", "local:p/a", dst.to_str().unwrap()],
+    );
+    assert!(
+        std::fs::read(&dst).unwrap() == expect,
+        "file export differs"
+    );
     let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
     assert!(blocks < 3 * MIB, "export allocated {blocks}");
-    fails(root, &["image", "import", src_s, "local:p/a"], "already exists");
+    fails(
+        root,
+        &["image", "import", src_s, "local:p/a"],
+        "already exists",
+    );
 }
 
 #[test]
@@ -226,8 +283,19 @@ fn daemon_serves_local_image() {
     let root_s = root.to_str().unwrap().to_string();
     ok(&root, &["pool", "create", "local:p"]);
     ok(&root, &["image", "create", "local:p/vm", "-s", "16"]);
-    let out = d.blockctl(&["bdev_local_create", "-p", "local:p", "vm", "--pool-dir", &root_s]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = d.blockctl(&[
+        "bdev_local_create",
+        "-p",
+        "local:p",
+        "vm",
+        "--pool-dir",
+        &root_s,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Local0");
     let bdevs = d.rpc_ok("bdev_get_bdevs", json!({"name": "Local0"}));
     assert_eq!(bdevs[0]["num_blocks"], 16 * MIB / 512);
@@ -235,11 +303,17 @@ fn daemon_serves_local_image() {
     assert_eq!(bdevs[0]["driver_specific"]["local"]["image"], "vm");
     // A second writer on the same image is refused.
     let (code, msg) = d
-        .rpc("bdev_local_create", json!({"pool": "p", "image": "vm", "pool_dir": root_s}))
+        .rpc(
+            "bdev_local_create",
+            json!({"pool": "p", "image": "vm", "pool_dir": root_s}),
+        )
         .unwrap_err();
     assert_eq!(code, -(libc::EBUSY as i64), "{msg}");
     let (code, _) = d
-        .rpc("bdev_local_create", json!({"pool": "p", "image": "nope", "pool_dir": root_s}))
+        .rpc(
+            "bdev_local_create",
+            json!({"pool": "p", "image": "nope", "pool_dir": root_s}),
+        )
         .unwrap_err();
     assert_eq!(code, -(libc::ENOENT as i64));
 
@@ -258,7 +332,10 @@ fn daemon_serves_local_image() {
     // The data is in the image file.
     let path = image_path(&root, "p", "vm");
     let mut got = vec![0u8; 65536];
-    File::open(&path).unwrap().read_exact_at(&mut got, off).unwrap();
+    File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut got, off)
+        .unwrap();
     assert!(got == first, "written data not in the image file");
 
     // Snapshot while served (after the flush above), then keep writing.
@@ -268,17 +345,39 @@ fn daemon_serves_local_image() {
     assert_eq!(c.write(0, off, 65536), 0);
     assert_eq!(c.flush(0), 0);
     let snap = d.tmp_dir().join("snap.raw");
-    ok(&root, &["image", "export", "local:p/vm@live", snap.to_str().unwrap()]);
-    File::open(&snap).unwrap().read_exact_at(&mut got, off).unwrap();
-    assert!(got == first, "the snapshot lacks the data flushed before it");
-    File::open(&path).unwrap().read_exact_at(&mut got, off).unwrap();
-    assert!(got == second, "the image lacks the data written after the snapshot");
+    ok(
+        &root,
+        &["image", "export", "local:p/vm@live", snap.to_str().unwrap()],
+    );
+    File::open(&snap)
+        .unwrap()
+        .read_exact_at(&mut got, off)
+        .unwrap();
+    assert!(
+        got == first,
+        "the snapshot lacks the data flushed before it"
+    );
+    File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut got, off)
+        .unwrap();
+    assert!(
+        got == second,
+        "the image lacks the data written after the snapshot"
+    );
     // Discard punches a hole: the image stays sparse.
     assert_eq!(c.discard(0, 0, 16 * MIB), 0);
-    assert_eq!(json_of(&root, &["image", "info", "local:p/vm"])["in_use"], true);
+    assert_eq!(
+        json_of(&root, &["image", "info", "local:p/vm"])["in_use"],
+        true
+    );
 
     // A served image cannot be rolled back or removed.
-    fails(&root, &["image", "snap", "rollback", "local:p/vm@live"], "served");
+    fails(
+        &root,
+        &["image", "snap", "rollback", "local:p/vm@live"],
+        "served",
+    );
     ok(&root, &["image", "snap", "rm", "local:p/vm@live"]);
     fails(&root, &["image", "rm", "local:p/vm"], "served");
 
@@ -298,7 +397,10 @@ fn daemon_serves_local_image() {
     drop(c);
     d.rpc_ok("vhost_delete_controller", json!({"ctrlr": "vhost.0"}));
     d.rpc_ok("bdev_local_delete", json!({"name": "Local0"}));
-    assert_eq!(json_of(&root, &["image", "info", "local:p/vm"])["in_use"], false);
+    assert_eq!(
+        json_of(&root, &["image", "info", "local:p/vm"])["in_use"],
+        false
+    );
     let saved = d.tmp_dir().join("config.json");
     let full = json!({"subsystems": [{"subsystem": "bdev", "config": [entry]}]});
     std::fs::write(&saved, full.to_string()).unwrap();
@@ -306,5 +408,8 @@ fn daemon_serves_local_image() {
     let d2 = Daemon::start_with(&["-m", "0x1", "--json", saved.to_str().unwrap()]);
     let b2 = d2.rpc_ok("bdev_get_bdevs", json!({"name": "Local0"}));
     assert_eq!(b2[0]["uuid"], uuid);
-    assert_eq!(json_of(&root, &["image", "info", "local:p/vm"])["in_use"], true);
+    assert_eq!(
+        json_of(&root, &["image", "info", "local:p/vm"])["in_use"],
+        true
+    );
 }

@@ -177,10 +177,7 @@ pub fn sparse_copy(src: &File, dst: &File, len: u64, progress: Progress) -> std:
 /// `dst` is removed again when the copy fails.
 pub fn clone_file(src: &Path, dst: &Path, progress: Progress) -> Result<CopyMethod> {
     let s = File::open(src).map_err(|e| Error::io("opening", src, e))?;
-    let len = s
-        .metadata()
-        .map_err(|e| Error::io("stat", src, e))?
-        .len();
+    let len = s.metadata().map_err(|e| Error::io("stat", src, e))?.len();
     let d = File::options()
         .read(true)
         .write(true)

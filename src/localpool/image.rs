@@ -291,7 +291,11 @@ impl Pool {
         if s.protected == protected {
             return Err(Error::Invalid(format!(
                 "snapshot {pool}/{image}@{snap} is already {}",
-                if protected { "protected" } else { "unprotected" }
+                if protected {
+                    "protected"
+                } else {
+                    "unprotected"
+                }
             )));
         }
         if !protected && !s.children.is_empty() {
@@ -340,7 +344,10 @@ impl Pool {
         // The destination pool may have been removed since it was opened.
         let dest = self.root.pool_unlocked(&dest.name)?;
         if dest.meta_path(child).exists() {
-            return Err(Error::Exists(format!("image {}/{child} (local)", dest.name)));
+            return Err(Error::Exists(format!(
+                "image {}/{child} (local)",
+                dest.name
+            )));
         }
         let data = dest.data_path(child);
         let _ = std::fs::remove_file(&data);

@@ -72,16 +72,16 @@ fn names_are_checked() {
 fn pools_and_images() {
     let (_d, pool) = setup();
     let root = pool.root().clone();
-    assert_eq!(
-        root.create_pool("p").unwrap_err().errno(),
-        libc::EEXIST
-    );
+    assert_eq!(root.create_pool("p").unwrap_err().errno(), libc::EEXIST);
     root.create_pool("q").unwrap();
     assert_eq!(root.list_pools().unwrap(), ["p", "q"]);
     assert_eq!(root.pool("nope").unwrap_err().errno(), libc::ENOENT);
     pool.create_image("b", 8 * MIB).unwrap();
     pool.create_image("a", MIB).unwrap();
-    assert_eq!(pool.create_image("a", MIB).unwrap_err().errno(), libc::EEXIST);
+    assert_eq!(
+        pool.create_image("a", MIB).unwrap_err().errno(),
+        libc::EEXIST
+    );
     assert_eq!(pool.list_images().unwrap(), ["a", "b"]);
     let i = pool.info("b").unwrap();
     assert_eq!((i.size, i.used, i.snapshot_count), (8 * MIB, 0, 0));
@@ -166,7 +166,11 @@ fn clone_reads_parent_then_diverges_and_flattens() {
     assert_eq!(read(&other, "vm1", 0, 12), b"golden image");
     let parent = other.info("vm1").unwrap().parent.unwrap();
     assert_eq!(
-        (parent.pool.as_str(), parent.image.as_str(), parent.snapshot.as_str()),
+        (
+            parent.pool.as_str(),
+            parent.image.as_str(),
+            parent.snapshot.as_str()
+        ),
         ("p", "gold", "base")
     );
     // Diverge both ways.
@@ -175,9 +179,7 @@ fn clone_reads_parent_then_diverges_and_flattens() {
     assert_eq!(read(&other, "vm1", 0, 12), b"childn image");
     assert_eq!(read(&pool, "gold", 0, 5), b"GOLD!");
     // Unprotect is refused while the clone exists; flatten drops the link.
-    let e = pool
-        .snap_set_protected("gold", "base", false)
-        .unwrap_err();
+    let e = pool.snap_set_protected("gold", "base", false).unwrap_err();
     assert!(e.to_string().contains("other/vm1"), "{e}");
     other.flatten("vm1").unwrap();
     assert!(other.info("vm1").unwrap().parent.is_none());
@@ -207,7 +209,7 @@ fn du_counts_allocated_bytes() {
     for e in &du {
         assert_eq!(e.provisioned_size, 64 * MIB);
         assert!(
-            e.used_size >= MIB && e.used_size < 4 * MIB,
+            (MIB..4 * MIB).contains(&e.used_size),
             "{}: {}",
             e.name,
             e.used_size
@@ -222,9 +224,11 @@ fn import_export_keep_holes() {
     let f = File::create(&src).unwrap();
     f.set_len(64 * MIB).unwrap();
     f.write_all_at(b"head", 0).unwrap();
-    f.write_all_at(&vec![7u8; 3 * MIB as usize], 32 * MIB).unwrap();
+    f.write_all_at(&vec![7u8; 3 * MIB as usize], 32 * MIB)
+        .unwrap();
     // Allocated zeros become holes too.
-    f.write_all_at(&vec![0u8; 2 * MIB as usize], 40 * MIB).unwrap();
+    f.write_all_at(&vec![0u8; 2 * MIB as usize], 40 * MIB)
+        .unwrap();
     f.sync_all().unwrap();
     let expect = std::fs::read(&src).unwrap();
 
@@ -235,7 +239,7 @@ fn import_export_keep_holes() {
         .unwrap();
     assert_eq!((n, seen), (64 * MIB, 64 * MIB));
     let used = pool.info("imp").unwrap().used;
-    assert!(used >= 3 * MIB && used < 5 * MIB, "used {used}");
+    assert!((3 * MIB..5 * MIB).contains(&used), "used {used}");
     assert_eq!(
         pool.import("imp", ImportSource::File(&f), &mut noop())
             .unwrap_err()
@@ -284,13 +288,19 @@ fn served_image_is_protected() {
     pool.create_image("vm", 4 * MIB).unwrap();
     pool.snap_create("vm", "s").unwrap();
     let served = pool.serve("vm", false).unwrap();
-    assert_eq!((served.size, served.path.clone()), (4 * MIB, pool.data_path("vm")));
+    assert_eq!(
+        (served.size, served.path.clone()),
+        (4 * MIB, pool.data_path("vm"))
+    );
     assert!(pool.info("vm").unwrap().in_use);
     assert_eq!(pool.serve("vm", false).unwrap_err().errno(), libc::EBUSY);
     assert_eq!(pool.serve("vm", true).unwrap_err().errno(), libc::EBUSY);
     let e = pool.snap_rollback("vm", "s", &mut noop()).unwrap_err();
     assert_eq!(e.errno(), libc::EBUSY, "{e}");
-    assert_eq!(pool.resize("vm", MIB, true).unwrap_err().errno(), libc::EBUSY);
+    assert_eq!(
+        pool.resize("vm", MIB, true).unwrap_err().errno(),
+        libc::EBUSY
+    );
     pool.resize("vm", 8 * MIB, false).unwrap();
     // Snapshots of a served image are allowed.
     pool.snap_create("vm", "live").unwrap();

@@ -187,8 +187,7 @@ impl Progress {
         self.last = Some(now);
         let secs = now.duration_since(self.start).as_secs_f64().max(1e-3);
         let rate = human((done as f64 / secs) as u64);
-        if self.total > 0 {
-            let pct = done.saturating_mul(100) / self.total;
+        if let Some(pct) = done.saturating_mul(100).checked_div(self.total) {
             eprint!(
                 "\r{}: {pct:>3}% ({} of {}, {rate}/s)\x1b[K",
                 self.what,
@@ -368,15 +367,12 @@ fn local_image(
             let (cpool, cs) = parse(root, c)?;
             let total = ppool.info(&pimage)?.size;
             let mut pr = Progress::new("Cloning image", total);
-            let how = ppool.clone_image(&pimage, &psnap, &cpool, &cs.image, &mut |d| {
-                pr.update(d)
-            })?;
+            let how =
+                ppool.clone_image(&pimage, &psnap, &cpool, &cs.image, &mut |d| pr.update(d))?;
             pr.done(&format!("{how:?}").to_lowercase());
         }
         ImageCommand::Import {
-            ref file,
-            ref spec,
-            ..
+            ref file, ref spec, ..
         } => {
             let Some(spec) = opts.local(spec) else {
                 return Ok(Some(cmd));
@@ -384,9 +380,7 @@ fn local_image(
             import(root, file, spec)?;
         }
         ImageCommand::Export {
-            ref spec,
-            ref file,
-            ..
+            ref spec, ref file, ..
         } => {
             let Some(spec) = opts.local(spec) else {
                 return Ok(Some(cmd));
@@ -466,7 +460,12 @@ fn du(opts: &LocalOpts, pool: &Pool, image: &str) -> anyhow::Result<()> {
         );
     }
     if rows.len() > 1 {
-        println!("{:<w$}  {:>12}  {:>12}", "<TOTAL>", human(prov), human(used));
+        println!(
+            "{:<w$}  {:>12}  {:>12}",
+            "<TOTAL>",
+            human(prov),
+            human(used)
+        );
     }
     Ok(())
 }
@@ -519,7 +518,12 @@ fn import(root: &PoolRoot, file: &Path, spec: &str) -> anyhow::Result<()> {
             })?
         }
     };
-    pr.done(&format!("{} to {PREFIX}{}/{}", human(size), pool.name(), s.image));
+    pr.done(&format!(
+        "{} to {PREFIX}{}/{}",
+        human(size),
+        pool.name(),
+        s.image
+    ));
     Ok(())
 }
 

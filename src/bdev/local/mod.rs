@@ -111,7 +111,11 @@ pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> Result<Arc<Bdev>, Rpc
         let _ = bdev.backend().close();
         return Err(e.into());
     }
-    tracing::info!(bdev = bdev.name(), num_blocks = bdev.num_blocks(), "local bdev created");
+    tracing::info!(
+        bdev = bdev.name(),
+        num_blocks = bdev.num_blocks(),
+        "local bdev created"
+    );
     Ok(bdev)
 }
 
@@ -158,10 +162,7 @@ impl BdevBackend for LocalBackend {
 
     fn close(&self) -> std::io::Result<()> {
         let r = self.inner.backend().close();
-        self.served
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.served.lock().unwrap_or_else(|e| e.into_inner()).take();
         r
     }
 }
