@@ -395,7 +395,12 @@ fn daemon_serves_local_image() {
     let uuid = bdevs[0]["uuid"].clone();
     assert_eq!(entry["params"]["uuid"], uuid);
     drop(c);
-    d.rpc_ok("vhost_delete_controller", json!({"ctrlr": "vhost.0"}));
+    // Bounded wait for the daemon to notice the disconnect.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = d.rpc("vhost_delete_controller", json!({"ctrlr": "vhost.0"})) {
+        assert!(std::time::Instant::now() < deadline, "still refused: {e:?}");
+        std::thread::yield_now();
+    }
     d.rpc_ok("bdev_local_delete", json!({"name": "Local0"}));
     assert_eq!(
         json_of(&root, &["image", "info", "local:p/vm"])["in_use"],
