@@ -396,6 +396,7 @@ pub fn create(cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
         None => {
             let opts = ConnectOptions {
                 label: String::new(),
+                cluster: None,
                 user_id: cfg.user_id.clone(),
                 config_file: None,
                 key_file: None,
