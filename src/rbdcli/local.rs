@@ -7,8 +7,8 @@
 //! unchanged. The root of the local pools is `--pool-dir`, else `$BLOCKD_POOL_DIR`, else
 //! `/var/lib/blockd/pools`.
 //!
-//! `--format json` applies to `ls`, `info`, `du` and `snap ls` (both backends for `ls`,
-//! `info` and `snap ls`). Progress of import/export/rollback/clone is shown on stderr when
+//! `--format json` (the rbd commands' own flag) applies to `ls`, `info`, `du`, `status` and
+//! `snap ls` of local pools too; sizes use the rbd commands' syntax. Progress of import/export/rollback/clone is shown on stderr when
 //! it is a terminal; the summary line always.
 
 use std::fs::File;
@@ -22,6 +22,7 @@ use serde_json::json;
 
 use super::image::{ImageCommand, SnapCommand};
 use super::pool::PoolCommand;
+use super::CephArgs;
 use crate::localpool::{ExportDest, ImportSource, Pool, PoolRoot};
 use crate::rbd::ImageSpec;
 
@@ -47,8 +48,8 @@ pub struct LocalOpts {
     /// /var/lib/blockd/pools).
     #[arg(long, global = true, value_name = "DIR")]
     pub pool_dir: Option<PathBuf>,
-    /// Output format of ls, info, du and snap ls.
-    #[arg(long, global = true, value_enum, default_value_t = Format::Plain)]
+    /// Output format: taken from the command's own `--format` (see [`CephArgs`]).
+    #[arg(skip)]
     pub format: Format,
 }
 
@@ -68,30 +69,13 @@ impl LocalOpts {
     }
 }
 
-/// `blockctl image ...`: the rbd commands plus the local-only ones.
+/// `blockctl image ...`: the rbd commands, on Ceph or a local pool.
 #[derive(clap::Args, Debug)]
 pub struct ImageArgs {
     #[command(flatten)]
     pub opts: LocalOpts,
     #[command(subcommand)]
-    pub cmd: ImageSub,
-}
-
-/// Image subcommands: those of [`ImageCommand`] and `du`, `flatten`.
-#[derive(clap::Subcommand, Debug)]
-pub enum ImageSub {
-    #[command(flatten)]
-    Rbd(ImageCommand),
-    /// Provisioned and allocated bytes of an image and its snapshots (local pools).
-    Du {
-        /// local:POOL/IMAGE
-        spec: String,
-    },
-    /// Detach a clone from its parent snapshot (local pools).
-    Flatten {
-        /// local:POOL/IMAGE
-        spec: String,
-    },
+    pub cmd: ImageCommand,
 }
 
 /// `blockctl pool ...`.
@@ -126,11 +110,6 @@ fn parse_snap(root: &PoolRoot, spec: &str) -> anyhow::Result<(Pool, String, Stri
     Ok((root.pool(&s.pool)?, s.image, snap))
 }
 
-fn mib(size: u64) -> anyhow::Result<u64> {
-    size.checked_mul(1 << 20)
-        .ok_or_else(|| anyhow!("size {size} MiB is too large"))
-}
-
 /// `bytes` in the largest binary unit with at most one decimal (`1.5 GiB`).
 fn human(bytes: u64) -> String {
     const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -162,11 +141,11 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(what: &'static str, total: u64) -> Self {
+    fn new(what: &'static str, total: u64, quiet: bool) -> Self {
         Progress {
             what,
             total,
-            tty: std::io::stderr().is_terminal(),
+            tty: !quiet && std::io::stderr().is_terminal(),
             start: Instant::now(),
             last: None,
         }
@@ -207,52 +186,43 @@ impl Progress {
     }
 }
 
-fn ceph_only(what: &str) -> anyhow::Error {
-    anyhow!("{what} is implemented for local pools only (local:POOL/IMAGE)")
+/// The connection/format arguments every image subcommand has.
+fn ceph_of(cmd: &ImageCommand) -> &CephArgs {
+    match cmd {
+        ImageCommand::Create { ceph, .. }
+        | ImageCommand::Ls { ceph, .. }
+        | ImageCommand::Info { ceph, .. }
+        | ImageCommand::Resize { ceph, .. }
+        | ImageCommand::Rm { ceph, .. }
+        | ImageCommand::Clone { ceph, .. }
+        | ImageCommand::Flatten { ceph, .. }
+        | ImageCommand::Du { ceph, .. }
+        | ImageCommand::Import { ceph, .. }
+        | ImageCommand::Export { ceph, .. }
+        | ImageCommand::Status { ceph, .. } => ceph,
+        ImageCommand::Snap(
+            SnapCommand::Create { ceph, .. }
+            | SnapCommand::Ls { ceph, .. }
+            | SnapCommand::Rm { ceph, .. }
+            | SnapCommand::Rollback { ceph, .. }
+            | SnapCommand::Protect { ceph, .. }
+            | SnapCommand::Unprotect { ceph, .. },
+        ) => ceph,
+    }
 }
 
 /// Runs an `image` subcommand on the local pool or Ceph, as its spec says.
-pub fn run_image(opts: &LocalOpts, cmd: ImageSub) -> anyhow::Result<()> {
+pub fn run_image(opts: &LocalOpts, cmd: ImageCommand) -> anyhow::Result<()> {
+    let mut opts = opts.clone();
+    opts.format = if ceph_of(&cmd).json() {
+        Format::Json
+    } else {
+        Format::Plain
+    };
     let root = opts.root();
-    match cmd {
-        ImageSub::Du { spec } => {
-            let spec = opts.local(&spec).ok_or_else(|| ceph_only("du"))?;
-            let (pool, s) = parse(&root, spec)?;
-            du(opts, &pool, &s.image)
-        }
-        ImageSub::Flatten { spec } => {
-            let spec = opts.local(&spec).ok_or_else(|| ceph_only("flatten"))?;
-            let (pool, s) = parse(&root, spec)?;
-            pool.flatten(&s.image)?;
-            Ok(())
-        }
-        ImageSub::Rbd(c) => match local_image(opts, &root, c)? {
-            None => Ok(()),
-            Some(c) => ceph_image(opts, c),
-        },
-    }
-}
-
-/// The Ceph path, with `--format json` where the Ceph commands lack it.
-fn ceph_image(opts: &LocalOpts, cmd: ImageCommand) -> anyhow::Result<()> {
-    if !opts.json() {
-        return super::image::run(cmd);
-    }
-    match cmd {
-        ImageCommand::Info { ceph, spec, .. } => super::image::run(ImageCommand::Info {
-            ceph,
-            json: true,
-            spec,
-        }),
-        ImageCommand::Ls { ceph, pool } => {
-            print_json(&ceph.connect()?.ioctx(&pool)?.list_images()?)
-        }
-        ImageCommand::Snap(SnapCommand::Ls { ceph, spec }) => {
-            let s = ImageSpec::parse(&spec)?;
-            let img = ceph.connect()?.ioctx(&s.pool)?.open(&s.image, None)?;
-            print_json(&img.snap_list()?)
-        }
-        other => super::image::run(other),
+    match local_image(&opts, &root, cmd)? {
+        None => Ok(()),
+        Some(c) => super::image::run(c),
     }
 }
 
@@ -265,21 +235,22 @@ fn local_image(
     match cmd {
         ImageCommand::Create {
             size,
-            order,
+            ref layout,
             ref spec,
             ..
         } => {
             let Some(spec) = opts.local(spec) else {
                 return Ok(Some(cmd));
             };
-            if order.is_some() {
-                bail!("--order applies to Ceph images only");
+            if layout.order.is_some() || layout.object_size.is_some() || !layout.features.is_empty()
+            {
+                bail!("--order, --object-size and --image-feature apply to Ceph images only");
             }
             let (pool, s) = parse(root, spec)?;
             if s.snap.is_some() {
                 bail!("{spec}: an image name cannot contain '@'");
             }
-            pool.create_image(&s.image, mib(size)?)?;
+            pool.create_image(&s.image, size)?;
         }
         ImageCommand::Ls { ref pool, .. } => {
             let Some(name) = opts.local(pool) else {
@@ -292,13 +263,13 @@ fn local_image(
                 names.iter().for_each(|n| println!("{n}"));
             }
         }
-        ImageCommand::Info { json, ref spec, .. } => {
+        ImageCommand::Info { ref spec, .. } => {
             let Some(spec) = opts.local(spec) else {
                 return Ok(Some(cmd));
             };
             let (pool, s) = parse(root, spec)?;
             let i = pool.info(&s.image)?;
-            if json || opts.json() {
+            if opts.json() {
                 print_json(&i)?;
             } else {
                 println!("local image '{}':", i.name);
@@ -325,7 +296,7 @@ fn local_image(
                 return Ok(Some(cmd));
             };
             let (pool, s) = parse(root, spec)?;
-            pool.resize(&s.image, mib(size)?, allow_shrink)
+            pool.resize(&s.image, size, allow_shrink)
                 .map_err(|e| match e {
                     crate::localpool::Error::Invalid(m) => anyhow!("{m}: add --allow-shrink"),
                     e => e.into(),
@@ -366,26 +337,78 @@ fn local_image(
             let (ppool, pimage, psnap) = parse_snap(root, p)?;
             let (cpool, cs) = parse(root, c)?;
             let total = ppool.info(&pimage)?.size;
-            let mut pr = Progress::new("Cloning image", total);
+            let mut pr = Progress::new("Cloning image", total, false);
             let how =
                 ppool.clone_image(&pimage, &psnap, &cpool, &cs.image, &mut |d| pr.update(d))?;
             pr.done(&format!("{how:?}").to_lowercase());
         }
         ImageCommand::Import {
-            ref file, ref spec, ..
+            ref file,
+            ref spec,
+            no_progress,
+            ..
         } => {
             let Some(spec) = opts.local(spec) else {
                 return Ok(Some(cmd));
             };
-            import(root, file, spec)?;
+            import(root, Path::new(file), spec, no_progress)?;
         }
         ImageCommand::Export {
-            ref spec, ref file, ..
+            ref spec,
+            ref file,
+            no_progress,
+            overwrite,
+            ..
         } => {
             let Some(spec) = opts.local(spec) else {
                 return Ok(Some(cmd));
             };
-            export(root, spec, file)?;
+            let file = Path::new(file);
+            if file != Path::new("-") && !overwrite && file.exists() {
+                bail!("{} exists: add --overwrite to replace it", file.display());
+            }
+            export(root, spec, file, no_progress)?;
+        }
+        ImageCommand::Flatten { ref spec, .. } => {
+            let Some(spec) = opts.local(spec) else {
+                return Ok(Some(cmd));
+            };
+            let (pool, s) = parse(root, spec)?;
+            pool.flatten(&s.image)?;
+        }
+        ImageCommand::Du {
+            ref pool, ref spec, ..
+        } => {
+            let local = match (spec, pool) {
+                (Some(s), _) => opts.local(s).map(|s| (s, true)),
+                (None, Some(p)) => opts.local(p).map(|p| (p, false)),
+                (None, None) => opts.local.then_some(("rbd", false)),
+            };
+            let Some((name, is_image)) = local else {
+                return Ok(Some(cmd));
+            };
+            if is_image {
+                let (pool, s) = parse(root, name)?;
+                du(opts, &pool, &[s.image])?;
+            } else {
+                let pool = root.pool(name)?;
+                let images = pool.list_images()?;
+                du(opts, &pool, &images)?;
+            }
+        }
+        ImageCommand::Status { ref spec, .. } => {
+            let Some(spec) = opts.local(spec) else {
+                return Ok(Some(cmd));
+            };
+            let (pool, s) = parse(root, spec)?;
+            let served = pool.in_use(&s.image)?;
+            if opts.json() {
+                print_json(&json!({ "in_use": served }))?;
+            } else if served {
+                println!("served by a blockd bdev (bdev_local_create)");
+            } else {
+                println!("not served");
+            }
         }
     }
     Ok(None)
@@ -429,7 +452,7 @@ fn snap(opts: &LocalOpts, root: &PoolRoot, cmd: &SnapCommand, spec: &str) -> any
         SnapCommand::Rm { .. } => pool.snap_remove(&image, &name)?,
         SnapCommand::Rollback { .. } => {
             let total = pool.info(&image)?.size;
-            let mut pr = Progress::new("Rolling back to snapshot", total);
+            let mut pr = Progress::new("Rolling back to snapshot", total, false);
             pool.snap_rollback(&image, &name, &mut |d| pr.update(d))?;
             pr.done(&format!("{PREFIX}{}/{image}@{name}", pool.name()));
         }
@@ -440,10 +463,15 @@ fn snap(opts: &LocalOpts, root: &PoolRoot, cmd: &SnapCommand, spec: &str) -> any
     Ok(())
 }
 
-fn du(opts: &LocalOpts, pool: &Pool, image: &str) -> anyhow::Result<()> {
-    let rows = pool.du(image)?;
-    // The image's provisioned size counts once; snapshots add what they allocate.
-    let prov = rows.last().map_or(0, |r| r.provisioned_size);
+fn du(opts: &LocalOpts, pool: &Pool, images: &[String]) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    let mut prov = 0;
+    for image in images {
+        let r = pool.du(image)?;
+        // An image's provisioned size counts once; snapshots add what they allocate.
+        prov += r.last().map_or(0, |r| r.provisioned_size);
+        rows.extend(r);
+    }
     let used: u64 = rows.iter().map(|r| r.used_size).sum();
     if opts.json() {
         return print_json(&json!({"images": rows, "total_provisioned_size": prov,
@@ -493,7 +521,7 @@ fn std_as_file(fd: std::os::fd::BorrowedFd<'_>, output: bool) -> Option<File> {
     Some(f)
 }
 
-fn import(root: &PoolRoot, file: &Path, spec: &str) -> anyhow::Result<()> {
+fn import(root: &PoolRoot, file: &Path, spec: &str, no_progress: bool) -> anyhow::Result<()> {
     let (pool, s) = parse(root, spec)?;
     if s.snap.is_some() {
         bail!("{spec}: cannot import into a snapshot");
@@ -508,7 +536,7 @@ fn import(root: &PoolRoot, file: &Path, spec: &str) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|f| f.metadata().ok())
         .map_or(0, |m| m.len());
-    let mut pr = Progress::new("Importing image", total);
+    let mut pr = Progress::new("Importing image", total, no_progress);
     let size = match &f {
         Some(f) => pool.import(&s.image, ImportSource::File(f), &mut |d| pr.update(d))?,
         None => {
@@ -527,7 +555,7 @@ fn import(root: &PoolRoot, file: &Path, spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn export(root: &PoolRoot, spec: &str, file: &Path) -> anyhow::Result<()> {
+fn export(root: &PoolRoot, spec: &str, file: &Path, no_progress: bool) -> anyhow::Result<()> {
     let (pool, s) = parse(root, spec)?;
     let size = match &s.snap {
         None => pool.info(&s.image)?.size,
@@ -545,7 +573,7 @@ fn export(root: &PoolRoot, spec: &str, file: &Path) -> anyhow::Result<()> {
     } else {
         Some(File::create(file).with_context(|| format!("creating {}", file.display()))?)
     };
-    let mut pr = Progress::new("Exporting image", size);
+    let mut pr = Progress::new("Exporting image", size, no_progress);
     let snap = s.snap.as_deref();
     let n = match &f {
         Some(f) => pool.export(&s.image, snap, ExportDest::File(f), &mut |d| pr.update(d))?,
@@ -577,15 +605,10 @@ pub fn run_pool(opts: &LocalOpts, cmd: PoolCommand) -> anyhow::Result<()> {
         }
         PoolCommand::Ls { .. } => {
             if !opts.local {
-                if opts.json() {
-                    if let PoolCommand::Ls { ceph } = cmd {
-                        return print_json(&ceph.connect()?.pool_list()?);
-                    }
-                }
                 return super::pool::run(cmd);
             }
             let pools = root.list_pools()?;
-            if opts.json() {
+            if matches!(&cmd, PoolCommand::Ls { ceph, .. } if ceph.json()) {
                 print_json(&pools)?;
             } else {
                 pools.iter().for_each(|p| println!("{p}"));
