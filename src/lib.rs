@@ -14,6 +14,7 @@ pub mod bdev;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod localpool;
 pub mod cpumask;
 pub mod nbd;
 pub mod rbd;

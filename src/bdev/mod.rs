@@ -8,6 +8,7 @@
 //! memory, handed to the backend without a copy.
 
 pub mod aio;
+pub mod local;
 pub mod channel;
 pub mod malloc;
 pub mod null;

@@ -4,6 +4,7 @@
 //! `--format json` with `rbd`'s JSON shapes.
 
 pub mod image;
+pub mod local;
 pub mod pool;
 pub mod size;
 
