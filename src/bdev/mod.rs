@@ -8,8 +8,8 @@
 //! memory, handed to the backend without a copy.
 
 pub mod aio;
-pub mod local;
 pub mod channel;
+pub mod local;
 pub mod malloc;
 pub mod null;
 pub mod qos;
@@ -173,6 +173,39 @@ pub struct IoTypes {
     pub write_zeroes: bool,
 }
 
+/// What a range of a bdev holds, as far as its backend can tell (NBD `base:allocation`,
+/// proto.md "Metadata querying"; `SEEK_DATA`/`SEEK_HOLE`; `rbd_diff_iterate2`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocState {
+    /// Allocated: reads return what was written (possibly zeroes).
+    Data,
+    /// Not allocated, reads return zeroes (a hole in a sparse file, an absent RBD object).
+    Hole,
+}
+
+/// A run of bytes with one [`AllocState`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub state: AllocState,
+}
+
+/// Most extents one [`BdevBackend::allocation`] call returns; the caller asks again for the
+/// rest of its range.
+pub const MAX_EXTENTS: usize = 1024;
+
+/// Appends `len` bytes in `state` to `out`, merging with the previous extent when the
+/// state is the same.
+pub fn push_extent(out: &mut Vec<Extent>, len: u64, state: AllocState) {
+    if len == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(e) if e.state == state => e.len += len,
+        _ => out.push(Extent { len, state }),
+    }
+}
+
 /// A backend's per-reactor I/O path (SPDK's io channel).
 ///
 /// A channel is opened on, and only used from, one reactor thread. Submission never blocks;
@@ -224,6 +257,27 @@ pub trait BdevBackend: Send + Sync + 'static {
     /// Required alignment of buffers and offsets (O_DIRECT files want 512 or 4096).
     fn buf_align(&self) -> usize {
         1
+    }
+
+    /// The allocation status of `[offset, offset + len)` (inside the bdev): extents in
+    /// order, at least one and at most [`MAX_EXTENTS`], covering the start of the range
+    /// (possibly less than all of it; never more). Backends that cannot tell report the
+    /// whole range as data, which is always correct.
+    ///
+    /// Called from any thread; when [`BdevBackend::allocation_blocks`] says so, never from
+    /// a reactor.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
+        let _ = offset;
+        Ok(vec![Extent {
+            len,
+            state: AllocState::Data,
+        }])
+    }
+
+    /// Whether [`BdevBackend::allocation`] may block (disk reads of file-system metadata,
+    /// network round trips): reactors then run it on a helper thread.
+    fn allocation_blocks(&self) -> bool {
+        false
     }
 
     /// Releases the backend when the bdev is deleted; flushes what is volatile.

@@ -21,8 +21,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::buf::{AlignedBuf, BufPool};
 use super::export::{Attachment, Exports, MAX_REQUEST_BYTES};
+use super::offload::{self, Outcome, Results};
 use super::proto::{self, Request};
-use crate::bdev::{BdevChannel, IoOp, IoResult, IoVecs};
+use crate::bdev::{AllocState, BdevChannel, Errno, Extent, IoOp, IoResult, IoVecs};
 use crate::reactor::{Poller, Reactors};
 
 /// Longest option payload accepted; longer ones are answered NBD_REP_ERR_TOO_BIG and the
@@ -40,6 +41,8 @@ const INBUF_LEN: usize = MAX_OPT_LEN + 4096;
 const FINAL_FLUSH_TAG: u64 = u64::MAX;
 /// Replies gathered per `sendmsg`.
 const MAX_IOV: usize = 64;
+/// Epoll data of the offloaded-query eventfd (the socket is 0, the channel 1).
+const EP_STATUS: u64 = 2;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -223,6 +226,11 @@ pub struct Conn {
     write_failed: bool,
     final_flush: FinalFlush,
     done_scratch: Vec<(u64, IoResult)>,
+    /// Block-status queries running on helper threads (created on first use).
+    status: Option<Arc<Results>>,
+    /// Queries sent to helpers and not answered yet.
+    status_pending: usize,
+    status_scratch: Vec<Outcome>,
 }
 
 /// Sets `O_NONBLOCK` on `fd`.
@@ -306,6 +314,9 @@ impl Conn {
             write_failed: false,
             final_flush: FinalFlush::NotStarted,
             done_scratch: Vec::new(),
+            status: None,
+            status_pending: 0,
+            status_scratch: Vec::new(),
         })
     }
 
@@ -343,7 +354,7 @@ impl Conn {
     fn want_read(&self) -> bool {
         !self.read_closed
             && !self.closing
-            && self.in_flight < MAX_IN_FLIGHT
+            && self.in_flight + self.status_pending < MAX_IN_FLIGHT
             && self.out_bytes < MAX_OUT_BYTES
     }
 
@@ -1046,14 +1057,7 @@ impl Conn {
             .is_some_and(|a| a.export.bdev.backend().io_types().flush);
         match q.typ {
             proto::CMD_BLOCK_STATUS => {
-                // Backends cannot tell holes from data: the whole range is allocated data
-                // (proto.md allows reporting less detail than exists).
-                let chunk = proto::block_status_chunk(
-                    q.cookie,
-                    proto::META_BASE_ALLOCATION_ID,
-                    &[(q.len, 0)],
-                );
-                self.queue_bytes(chunk);
+                self.block_status(q);
                 return;
             }
             proto::CMD_FLUSH if !supports_flush => {
@@ -1091,6 +1095,107 @@ impl Conn {
         } else {
             self.submit(slot);
         }
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` for `base:allocation`: the backend's allocation map, asked
+    /// here when it answers from memory, else on a helper thread (the reply is sent when
+    /// [`Conn::reap_status`] sees it; replies may come out of order, as proto.md allows).
+    fn block_status(&mut self, q: Request) {
+        let Some(att) = self.att.as_ref() else {
+            self.reply(q.cookie, proto::EINVAL);
+            return;
+        };
+        let bdev = att.export.bdev.clone();
+        let (offset, len) = (q.offset, q.len as u64);
+        let req_one = q.flags & proto::CMD_FLAG_REQ_ONE != 0;
+        let query = move || {
+            bdev.backend().allocation(offset, len).map(|mut v| {
+                if req_one {
+                    v.truncate(1);
+                }
+                v
+            })
+        };
+        if !att.export.bdev.backend().allocation_blocks() {
+            let r = query();
+            self.answer_status(q.cookie, len, r);
+            return;
+        }
+        if self.status.is_none() {
+            let r = Results::new().and_then(|r| {
+                self.ep.ctl(
+                    ControlOperation::Add,
+                    r.fd(),
+                    EpollEvent::new(EventSet::IN, EP_STATUS),
+                )?;
+                Ok(r)
+            });
+            match r {
+                Ok(r) => self.status = Some(r),
+                Err(e) => {
+                    tracing::warn!(conn = self.id, "block status queue: {e}");
+                    self.reply(q.cookie, proto::EIO);
+                    return;
+                }
+            }
+        }
+        if let Some(r) = &self.status {
+            self.status_pending += 1;
+            offload::run(r, q.cookie, query);
+        }
+    }
+
+    /// Answers finished offloaded block-status queries; returns how many.
+    fn reap_status(&mut self) -> usize {
+        if self.status_pending == 0 {
+            return 0;
+        }
+        let Some(r) = self.status.clone() else {
+            return 0;
+        };
+        let mut done = std::mem::take(&mut self.status_scratch);
+        r.take(&mut done);
+        let n = done.len();
+        for (cookie, res) in done.drain(..) {
+            self.status_pending = self.status_pending.saturating_sub(1);
+            // The length only bounds the extents; the backend already clipped them.
+            self.answer_status(cookie, u32::MAX as u64, res);
+        }
+        self.status_scratch = done;
+        n
+    }
+
+    /// Queues the block-status reply: extents as (length, NBD_STATE_*) clipped to `len`
+    /// bytes, or an error chunk.
+    fn answer_status(&mut self, cookie: u64, len: u64, r: Result<Vec<Extent>, Errno>) {
+        let extents = match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.reply(cookie, proto::wire_errno(e.0));
+                return;
+            }
+        };
+        let mut wire = Vec::with_capacity(extents.len());
+        let mut left = len;
+        for e in extents {
+            let l = e.len.min(left);
+            if l == 0 {
+                break;
+            }
+            let flags = match e.state {
+                AllocState::Data => 0,
+                AllocState::Hole => proto::STATE_HOLE | proto::STATE_ZERO,
+            };
+            // Request lengths are u32, so every extent length fits.
+            wire.push((u32::try_from(l).unwrap_or(u32::MAX), flags));
+            left -= l;
+        }
+        if wire.is_empty() {
+            // Never an empty reply: a backend that said nothing said "data".
+            wire.push((u32::try_from(len).unwrap_or(u32::MAX), 0));
+        }
+        let chunk = proto::block_status_chunk(cookie, proto::META_BASE_ALLOCATION_ID, &wire);
+        self.queue_bytes(chunk);
     }
 
     /// Hands a request to the bdev channel.
@@ -1258,7 +1363,7 @@ impl Poller for Conn {
         if !self.closing && self.entry.stop.load(Ordering::Acquire) {
             self.begin_close("server stop or export removal");
         }
-        let mut work = self.reap();
+        let mut work = self.reap() + self.reap_status();
         work += self.read_input();
         if let Some(c) = self.chan.as_mut() {
             c.kick();
@@ -1286,7 +1391,7 @@ impl Poller for Conn {
 
     fn next_deadline(&self) -> Option<Instant> {
         let chan = self.chan.as_ref().and_then(|c| c.next_deadline());
-        let close = if self.closing && !self.out.is_empty() {
+        let close = if self.closing && (!self.out.is_empty() || self.status_pending > 0) {
             self.close_deadline
         } else {
             None
@@ -1304,6 +1409,8 @@ impl Poller for Conn {
     fn finished(&self) -> bool {
         self.closing
             && self.in_flight == 0
+            && (self.status_pending == 0
+                || self.close_deadline.is_some_and(|d| Instant::now() >= d))
             && self.final_flush != FinalFlush::InFlight
             && (self.final_flush == FinalFlush::Done || self.chan.is_none())
             && (self.out.is_empty()

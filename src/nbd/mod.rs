@@ -7,6 +7,8 @@
 //! - [`conn`]: one client connection, a poller on the least-loaded reactor;
 //! - [`export`]: export name → bdev (claimed), readonly, clients;
 //! - [`kernel`]: the generic-netlink attach of `/dev/nbdX`;
+//! - [`offload`]: helper threads for blocking queries (allocation maps of files and RBD
+//!   images for `NBD_CMD_BLOCK_STATUS`);
 //! - [`rpc`]: `nbd_server_start/stop`, `nbd_export_add/remove`, `nbd_get_exports`,
 //!   `nbd_start_disk`, `nbd_stop_disk`, `nbd_get_disks`.
 
@@ -14,6 +16,7 @@ pub mod buf;
 pub mod conn;
 pub mod export;
 pub mod kernel;
+pub mod offload;
 pub mod proto;
 pub mod rpc;
 pub mod server;

@@ -584,6 +584,53 @@ impl Image {
         Ok(used)
     }
 
+    /// The objects that exist (here or, for a clone, in a parent) among those overlapping
+    /// `[off, off + len)`, as `(offset, length)` runs clipped to the range and in order
+    /// (`rbd_diff_iterate2` from the beginning of time, `include_parent`, `whole_object`).
+    /// Blocking (a round trip per object without fast-diff): never on a reactor.
+    pub fn allocated_extents(&self, off: u64, len: u64) -> RbdResult<Vec<(u64, u64)>> {
+        struct Acc {
+            start: u64,
+            end: u64,
+            runs: Vec<(u64, u64)>,
+        }
+        unsafe extern "C" fn add(o: u64, l: usize, exists: c_int, arg: *mut c_void) -> c_int {
+            // SAFETY: `arg` is the Acc below, alive for the synchronous call.
+            let acc = unsafe { &mut *(arg as *mut Acc) };
+            let s = o.max(acc.start);
+            let e = o.saturating_add(l as u64).min(acc.end);
+            if exists == 0 || s >= e {
+                return 0;
+            }
+            match acc.runs.last_mut() {
+                Some(last) if last.0 + last.1 == s => last.1 += e - s,
+                _ => acc.runs.push((s, e - s)),
+            }
+            0
+        }
+        let mut acc = Acc {
+            start: off,
+            end: off.saturating_add(len),
+            runs: Vec::new(),
+        };
+        // SAFETY: live image; the callback only runs during the call.
+        let rc = unsafe {
+            (self.api.rbd_diff_iterate2)(
+                self.h,
+                ptr::null(),
+                off,
+                len,
+                1,
+                1,
+                Some(add),
+                &mut acc as *mut Acc as *mut c_void,
+            )
+        };
+        check(rc as i64, "listing the allocated objects of", &self.what)?;
+        acc.runs.sort_unstable();
+        Ok(acc.runs)
+    }
+
     /// Clients watching the image header (every open read-write handle).
     pub fn watchers(&self) -> RbdResult<Vec<Watcher>> {
         let mut max = 16usize;

@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{check_block_size, Bdev, BdevBackend, BdevParams, BdevRegistry, Errno, IoChannel};
-use super::{IoOp, IoResult, IoTypes, IoVecs};
+use super::{push_extent, AllocState, Extent, IoOp, IoResult, IoTypes, IoVecs, MAX_EXTENTS};
 use crate::rpc::RpcError;
 
 /// `product_name` of aio bdevs.
@@ -132,6 +132,64 @@ fn open(path: &PathBuf, readonly: bool, direct: bool) -> std::io::Result<std::fs
         o.custom_flags(libc::O_DIRECT);
     }
     o.open(path)
+}
+
+/// Data and holes of `[offset, offset + len)` of `fd` from `lseek(SEEK_DATA/SEEK_HOLE)`.
+///
+/// A file system without them (`EINVAL`/`EOPNOTSUPP`), and block devices (every byte is
+/// data to `lseek`), report the whole range as data. Holes are reported only where the file
+/// system says so, so a hole always reads as zeroes; unwritten (fallocated) extents are
+/// holes to ext4/xfs/tmpfs too.
+fn seek_extents(fd: RawFd, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
+    let end = offset.saturating_add(len);
+    let mut out = Vec::new();
+    let mut pos = offset;
+    let seek = |pos: u64, whence: i32| -> Result<Option<u64>, Errno> {
+        let Ok(off) = libc::off_t::try_from(pos) else {
+            return Err(Errno(libc::EOVERFLOW));
+        };
+        // SAFETY: lseek on a descriptor the backend keeps open; I/O uses explicit offsets,
+        // so moving the file position disturbs nothing.
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            // No data at or after `pos` (SEEK_DATA), or `pos` at or past the end of file.
+            Some(libc::ENXIO) => Ok(None),
+            Some(e) => Err(Errno(e)),
+            None => Err(Errno(libc::EIO)),
+        }
+    };
+    while pos < end && out.len() < MAX_EXTENTS {
+        let data = match seek(pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(Errno(libc::EINVAL | libc::EOPNOTSUPP)) if out.is_empty() => {
+                push_extent(&mut out, len, AllocState::Data);
+                return Ok(out);
+            }
+            Err(e) => return Err(e),
+        };
+        // Past the end of the file (it shrank under the bdev) reads fail rather than return
+        // zeroes, but an extent map must cover the range: call it a hole, as the kernel does.
+        let data = data.unwrap_or(end).clamp(pos, end);
+        push_extent(&mut out, data - pos, AllocState::Hole);
+        pos = data;
+        if pos >= end {
+            break;
+        }
+        let hole = seek(pos, libc::SEEK_HOLE)?.unwrap_or(end).clamp(pos, end);
+        if hole == pos {
+            // SEEK_DATA said data starts here and SEEK_HOLE says a hole does: the file
+            // changed in between. Report what is certain (data) for one block and go on.
+            push_extent(&mut out, (end - pos).min(4096), AllocState::Data);
+            pos += (end - pos).min(4096);
+            continue;
+        }
+        push_extent(&mut out, hole - pos, AllocState::Data);
+        pos = hole;
+    }
+    Ok(out)
 }
 
 /// Creates an aio bdev and registers it (`bdev_aio_create`).
@@ -328,6 +386,17 @@ impl BdevBackend for AioBackend {
 
     fn buf_align(&self) -> usize {
         self.file.mem_align
+    }
+
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
+        seek_extents(self.file.fd.as_raw_fd(), offset, len)
+    }
+
+    /// `lseek(SEEK_DATA/SEEK_HOLE)` is usually a lookup in cached extents, but it takes the
+    /// inode lock and may read extent-tree blocks from the disk (or go over the network on
+    /// NFS/FUSE): not something a reactor may wait for.
+    fn allocation_blocks(&self) -> bool {
+        true
     }
 
     fn close(&self) -> std::io::Result<()> {

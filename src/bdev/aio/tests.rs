@@ -359,3 +359,60 @@ fn aio_create_errors_name_the_file() {
     create(&r, opts(&f, "A")).unwrap();
     assert_eq!(err(create(&r, opts(&f, "A"))).code, -libc::EEXIST);
 }
+
+#[test]
+fn aio_allocation_reports_holes_and_data() {
+    use crate::bdev::{AllocState, Extent};
+    let f = sparse_file(8 * MIB);
+    // Data at [1 MiB, 1 MiB + 64 KiB) and [6 MiB, 8 MiB); holes elsewhere.
+    let data = vec![0xabu8; 64 * 1024];
+    std::os::unix::fs::FileExt::write_all_at(f.as_file(), &data, MIB).unwrap();
+    let tail = vec![0xcdu8; 2 * MIB as usize];
+    std::os::unix::fs::FileExt::write_all_at(f.as_file(), &tail, 6 * MIB).unwrap();
+    f.as_file().sync_all().unwrap();
+    let reg = BdevRegistry::default();
+    let b = create(&reg, opts(&f, "alloc0")).unwrap();
+    assert!(b.backend().allocation_blocks());
+    let map = b.backend().allocation(0, 8 * MIB).unwrap();
+    let ext = |len, state| Extent { len, state };
+    assert_eq!(
+        map,
+        vec![
+            ext(MIB, AllocState::Hole),
+            ext(64 * 1024, AllocState::Data),
+            ext(5 * MIB - 64 * 1024, AllocState::Hole),
+            ext(2 * MIB, AllocState::Data),
+        ]
+    );
+    // A sub-range starting inside data and ending inside a hole is clipped to the range.
+    let map = b
+        .backend()
+        .allocation(MIB + 4096, 8192 + 64 * 1024)
+        .unwrap();
+    assert_eq!(
+        map,
+        vec![
+            ext(60 * 1024, AllocState::Data),
+            ext(12 * 1024, AllocState::Hole)
+        ]
+    );
+    // Punching a hole through the bdev shows up in the map.
+    let mut ch = b.open_channel().unwrap();
+    assert_eq!(
+        io(
+            &mut ch,
+            IoOp::Unmap {
+                offset: 7 * MIB,
+                len: MIB
+            }
+        ),
+        Ok(())
+    );
+    let map = b.backend().allocation(6 * MIB, 2 * MIB).unwrap();
+    assert_eq!(
+        map,
+        vec![ext(MIB, AllocState::Data), ext(MIB, AllocState::Hole)]
+    );
+    drop(ch);
+    delete(&reg, "alloc0").unwrap();
+}

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::aio::{self, AioOpts};
-use super::{Bdev, BdevBackend, BdevParams, BdevRegistry, IoChannel, IoTypes};
+use super::{Bdev, BdevBackend, BdevParams, BdevRegistry, Errno, Extent, IoChannel, IoTypes};
 use crate::localpool::{self, PoolRoot, ServedImage};
 use crate::rpc::RpcError;
 
@@ -158,6 +158,15 @@ impl BdevBackend for LocalBackend {
 
     fn buf_align(&self) -> usize {
         self.inner.backend().buf_align()
+    }
+
+    /// The image file's holes (`SEEK_HOLE`): unmapped ranges of a local image.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
+        self.inner.backend().allocation(offset, len)
+    }
+
+    fn allocation_blocks(&self) -> bool {
+        self.inner.backend().allocation_blocks()
     }
 
     fn close(&self) -> std::io::Result<()> {
