@@ -15,6 +15,7 @@ pub mod client;
 pub mod framework;
 pub mod local;
 pub mod map;
+pub mod nbd;
 pub mod raw;
 pub mod rbd;
 pub mod vhost;
@@ -86,6 +87,8 @@ commands! {
     Local(local::LocalCmd),
     #[command(flatten)]
     Vhost(vhost::VhostCmd),
+    #[command(flatten)]
+    Nbd(nbd::NbdCmd),
     #[command(flatten)]
     Framework(framework::FrameworkCmd),
     #[command(flatten)]
