@@ -231,6 +231,8 @@ pub struct Conn {
     /// Queries sent to helpers and not answered yet.
     status_pending: usize,
     status_scratch: Vec<Outcome>,
+    /// The last `recv` found the socket empty: ask epoll before the next one.
+    drained: bool,
 }
 
 /// Sets `O_NONBLOCK` on `fd`.
@@ -317,6 +319,7 @@ impl Conn {
             status: None,
             status_pending: 0,
             status_scratch: Vec::new(),
+            drained: false,
         })
     }
 
@@ -517,12 +520,16 @@ impl Conn {
             };
             if r >= 0 {
                 self.in_end += r as usize;
+                self.drained = false;
                 return Some(r as usize);
             }
             let e = std::io::Error::last_os_error();
             match e.kind() {
                 std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => return None,
+                std::io::ErrorKind::WouldBlock => {
+                    self.drained = true;
+                    return None;
+                }
                 _ => {
                     self.begin_close(&format!("recv failed: {e}"));
                     return None;
@@ -633,6 +640,9 @@ impl Conn {
 
     /// `recv_more`, closing on EOF; None when nothing was received.
     fn recv_more_or_eof(&mut self) -> Option<usize> {
+        if self.drained && !self.socket_readable() {
+            return None;
+        }
         match self.recv_more() {
             Some(0) => {
                 let why = if self.avail() > 0 || self.payload.is_some() || self.discard > 0 {
@@ -1326,6 +1336,35 @@ impl Conn {
                 self.final_flush = FinalFlush::InFlight;
             }
             _ => self.final_flush = FinalFlush::Done,
+        }
+    }
+
+    /// Whether the socket may have input, asked of the private epoll (`epoll_wait` with a
+    /// zero timeout) rather than with a `recv` that finds nothing.
+    ///
+    /// A reactor that busy-polls would otherwise call `recv` on an empty socket on every
+    /// pass: a costlier syscall than an empty `epoll_wait`, which also takes the socket's
+    /// locks the client's `send` needs (measured: nearly half of the reactor's time at
+    /// 4K QD32).
+    fn socket_readable(&mut self) -> bool {
+        if self.registered & EventSet::IN.bits() == 0 {
+            // Not watched yet (a reactor that never slept): watch it, and read this time.
+            self.update_interest();
+            return true;
+        }
+        let mut ev = [EpollEvent::default(); 4];
+        match self.ep.wait(0, &mut ev) {
+            Ok(n) => ev[..n].iter().any(|e| {
+                e.data() == 0
+                    && e.events()
+                        & (EventSet::IN
+                            | EventSet::HANG_UP
+                            | EventSet::READ_HANG_UP
+                            | EventSet::ERROR)
+                            .bits()
+                        != 0
+            }),
+            Err(_) => true,
         }
     }
 
