@@ -254,6 +254,11 @@ impl BdevChannel {
         if !self.immediate.is_empty() {
             return Some(Instant::now());
         }
+        // Backends without a completion fd (malloc, null) finish at submit time: what they
+        // hold is ready to be reaped, and nothing would wake a sleeping reactor for it.
+        if self.inner.completion_fd().is_none() && self.inner.in_flight() > 0 {
+            return Some(Instant::now());
+        }
         if self.throttled.is_empty() {
             None
         } else {

@@ -1,7 +1,7 @@
 //! QoS limits (`bdev_set_qos_limit`): token buckets shared by every channel of a bdev.
 //!
 //! As in SPDK, only reads and writes are rate limited; flush, unmap and write-zeroes pass.
-//! Each bucket refills continuously at its rate and holds at most 10 ms worth of tokens
+//! Each bucket refills continuously at its rate and holds at most 50 ms worth of tokens
 //! (at least one I/O, or 64 KiB for byte limits): bursts stay small, and a reactor that
 //! wakes up a few ms late does not lose rate. An operation is
 //! admitted when every bucket that applies to it has a positive balance; it then takes its
@@ -81,11 +81,12 @@ struct Bucket {
 }
 
 impl Bucket {
-    /// A bucket holding at most 10 ms worth of tokens (at least `min_burst`), which
-    /// absorbs a reactor waking up late without losing rate; it starts with `min_burst`
+    /// A bucket holding at most 50 ms worth of tokens (at least `min_burst`), which
+    /// absorbs a reactor waking up late (a loaded host, a 1 ms epoll granularity)
+    /// without losing rate; it starts with `min_burst`
     /// only, so a fresh limit does not begin with a burst.
     fn new(rate: u64, min_burst: f64) -> Self {
-        let burst = (rate as f64 / 100.0).max(min_burst);
+        let burst = (rate as f64 / 20.0).max(min_burst);
         Bucket {
             rate,
             burst,

@@ -79,8 +79,8 @@ pub enum BdevCmd {
     },
     /// I/O statistics of all bdevs or one.
     BdevGetIostat {
-        /// Only this bdev.
-        #[arg(short = 'b', long)]
+        /// Only these bdevs, comma-separated (rpc.py ≥ 24 `--names`; `-b/--name` as v23.05).
+        #[arg(short = 'b', long = "names", alias = "name")]
         name: Option<String>,
     },
     /// Set QoS rate limits on a bdev (0 = unlimited).
@@ -88,16 +88,16 @@ pub enum BdevCmd {
         /// Name of the bdev.
         name: String,
         /// Read+write I/Os per second.
-        #[arg(long)]
+        #[arg(long = "rw-ios-per-sec")]
         rw_ios_per_sec: Option<u64>,
         /// Read+write MiB per second.
-        #[arg(long)]
+        #[arg(long = "rw-mbytes-per-sec")]
         rw_mbytes_per_sec: Option<u64>,
         /// Read MiB per second.
-        #[arg(long)]
+        #[arg(long = "r-mbytes-per-sec")]
         r_mbytes_per_sec: Option<u64>,
         /// Write MiB per second.
-        #[arg(long)]
+        #[arg(long = "w-mbytes-per-sec")]
         w_mbytes_per_sec: Option<u64>,
     },
 }
@@ -188,7 +188,7 @@ impl Run for BdevCmd {
             ),
             BdevCmd::BdevGetIostat { name } => ctx.call_print(
                 "bdev_get_iostat",
-                params_of(vec![("name", name.map(|n| json!(n)))]),
+                params_of(vec![("names", name.map(|n| json!(n)))]),
             ),
             BdevCmd::BdevSetQosLimit {
                 name,

@@ -21,7 +21,7 @@ pub enum FrameworkCmd {
         #[arg(short = 'c', long)]
         current: bool,
         /// Include deprecated aliases.
-        #[arg(short = 'i', long)]
+        #[arg(short = 'i', long = "include-aliases")]
         include_aliases: bool,
     },
     /// Version of the daemon.
@@ -50,7 +50,7 @@ pub enum FrameworkCmd {
         #[arg(short = 'j', long = "json-conf")]
         json_conf: Option<PathBuf>,
         /// Accept deprecated method aliases.
-        #[arg(short = 'i', long)]
+        #[arg(short = 'i', long = "include-aliases")]
         include_aliases: bool,
     },
 }

@@ -22,7 +22,7 @@ pub enum RbdCmd {
         #[arg(long = "config", value_name = "key=value")]
         config: Vec<String>,
         /// A cluster registered with bdev_rbd_register_cluster.
-        #[arg(short = 'c', long)]
+        #[arg(short = 'c', long = "cluster-name")]
         cluster_name: Option<String>,
         /// UUID of the bdev (default: random).
         #[arg(short = 'u', long)]
@@ -57,13 +57,13 @@ pub enum RbdCmd {
         #[arg(long = "config-param", value_name = "key=value")]
         config_param: Vec<String>,
         /// Ceph configuration file.
-        #[arg(long)]
+        #[arg(long = "config-file")]
         config_file: Option<String>,
         /// Keyring file.
-        #[arg(long)]
+        #[arg(long = "key-file")]
         key_file: Option<String>,
         /// Cores for librados' threads.
-        #[arg(long)]
+        #[arg(long = "core-mask")]
         core_mask: Option<String>,
     },
     /// Unregister a cluster (refused while bdevs use it).

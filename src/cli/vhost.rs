@@ -21,7 +21,7 @@ pub enum VhostCmd {
         #[arg(short = 'r', long)]
         readonly: bool,
         /// Offer packed virtqueues.
-        #[arg(short = 'p', long)]
+        #[arg(short = 'p', long = "packed-ring")]
         packed_ring: bool,
     },
     /// List all controllers or one.

@@ -438,10 +438,12 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
         }
         if !pending {
             let deadline = ctx.pollers.values().filter_map(|p| p.next_deadline()).min();
+            // Round up: waking before the deadline would only spin.
             let timeout = match deadline {
                 Some(d) => d
                     .saturating_duration_since(Instant::now())
-                    .as_millis()
+                    .as_micros()
+                    .div_ceil(1000)
                     .min(i32::MAX as u128) as i32,
                 None => -1,
             };
