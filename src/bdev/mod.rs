@@ -8,8 +8,8 @@
 //! memory, handed to the backend without a copy.
 
 pub mod aio;
-pub mod local;
 pub mod channel;
+pub mod local;
 pub mod malloc;
 pub mod null;
 pub mod qos;
