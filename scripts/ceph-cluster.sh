@@ -31,31 +31,36 @@ log() { echo "ceph-cluster: $*" >&2; }
 # Runs `ceph` against this cluster with a short timeout so a dead mon never hangs us.
 c() { timeout 15 ceph -c "$conf" --connect-timeout 5 "$@"; }
 
-alive() {
-    local f=$1
-    [[ -f "$f" ]] && kill -0 "$(cat "$f")" 2>/dev/null
+# Whether the daemon of pid file $1 runs, and runs *this* cluster: a pid file copied with
+# the directory (a copied target/) names another cluster's daemons, never ours to reuse
+# or kill.
+ours() {
+    local f=$1 pid
+    [[ -f "$f" ]] || return 1
+    pid=$(cat "$f")
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-c $conf "
 }
 
+alive() { ours "$1"; }
+
 stop() {
-    local f pid
+    local f
+    # Only daemons started with this directory's ceph.conf (see `ours`).
     for f in "$dir"/run/*.pid; do
-        [[ -f "$f" ]] || continue
-        pid=$(cat "$f")
-        kill "$pid" 2>/dev/null || true
+        ours "$f" && kill "$(cat "$f")" 2>/dev/null || true
     done
     # Bounded wait for the daemons to exit, then force.
     for _ in $(seq 50); do
         local any=0
         for f in "$dir"/run/*.pid; do
-            [[ -f "$f" ]] || continue
-            kill -0 "$(cat "$f")" 2>/dev/null && any=1
+            ours "$f" && any=1
         done
         [[ $any == 0 ]] && break
         sleep 0.1
     done
     for f in "$dir"/run/*.pid; do
-        [[ -f "$f" ]] || continue
-        kill -9 "$(cat "$f")" 2>/dev/null || true
+        ours "$f" && kill -9 "$(cat "$f")" 2>/dev/null || true
     done
     rm -rf "$dir"
 }

@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # blockd demo: serve a sparse local image as vhost-user-blk and boot a real Linux guest
 # on it; print the guest's own view of the disk and the exact QEMU command line.
+# The image lives in blockd's embedded local pool (no Ceph): `blockctl pool create
+# local:demo`, `blockctl image create local:demo/local0`, served by `bdev_local_create`.
 #
 #   scripts/demo.sh              # blockd --json examples/local.json (default)
 #   TARGET=qsd scripts/demo.sh   # same with qemu-storage-daemon, as a reference
 #
-# The image and sockets live in /tmp/blockd-demo (the path examples/local.json names).
+# The pool root and sockets live in /tmp/blockd-demo (the paths examples/local.json names).
 # SPDK names the vhost socket after the controller (vhost.0) in its socket directory;
 # blockd's directory is given by BLOCKD_VHOST_DIR here (-S, as in SPDK's vhost app).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=${TARGET:-blockd}
 work=/tmp/blockd-demo
-image=$work/local0.img
+pools=$work/pools
+image=$pools/demo/local0.img
 sock=$work/vhost.0
 bash "$repo/scripts/install-deps.sh" demo
 mkdir -p "$work"
-rm -f "$sock" "$image"
-truncate -s 64M "$image"
+rm -rf "$sock" "$pools"
+(cd "$repo" && cargo build -q --bin blockd --bin blockctl)
+blockctl() { "$repo/target/debug/blockctl" "$@" --pool-dir "$pools"; }
+blockctl pool create local:demo
+blockctl image create local:demo/local0 --size 64
 
 pid=""
 cleanup() { [ -z "$pid" ] || { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }; }
@@ -25,7 +31,6 @@ trap cleanup EXIT
 
 case $target in
   blockd)
-    (cd "$repo" && cargo build -q --bin blockd)
     "$repo/target/debug/blockd" --json "$repo/examples/local.json" -S "$work" \
       -r "$work/blockd.sock" >"$work/blockd.log" 2>&1 &
     pid=$!

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod cpumask;
+pub mod localpool;
 pub mod nbd;
 pub mod rbd;
 pub mod rbdcli;

@@ -271,3 +271,59 @@ fn spdk_rpc_py_drives_the_seed_flow() {
     assert_eq!(v[0]["product_name"], "Malloc disk");
     assert_eq!(v[0]["claimed"], true);
 }
+
+#[test]
+fn scsi_controllers_through_blockctl_and_rpc_py() {
+    let rpc = common::spdk_rpc().expect("spdk-rpc is not installed: run scripts/install-deps.sh");
+    let d = Daemon::start_with(&["-m", "0x1"]);
+    malloc(&d, "Malloc0", 8);
+    malloc(&d, "Malloc1", 8);
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    ok(d.blockctl(&["vhost_create_scsi_controller", "--cpumask", "0x1", "scsi.0"]));
+    assert_eq!(
+        ok(d.blockctl(&[
+            "vhost_scsi_controller_add_target",
+            "scsi.0",
+            "-1",
+            "Malloc0"
+        ])),
+        "0"
+    );
+    let py = |args: &[&str]| {
+        Command::new(&rpc)
+            .arg("-s")
+            .arg(d.rpc_socket())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        ok(py(&[
+            "vhost_scsi_controller_add_target",
+            "scsi.0",
+            "-1",
+            "Malloc1"
+        ])),
+        "1"
+    );
+    let c: Value =
+        serde_json::from_str(&ok(py(&["vhost_get_controllers", "-n", "scsi.0"]))).unwrap();
+    assert_eq!(
+        c[0]["backend_specific"]["scsi"][1],
+        json!({"target_name": "Target 1", "id": 1, "scsi_dev_num": 1,
+               "luns": [{"id": 0, "bdev_name": "Malloc1"}]})
+    );
+    // Targets remain: the controller cannot go.
+    let o = d.blockctl(&["vhost_delete_controller", "scsi.0"]);
+    assert_eq!(o.status.code(), Some(1));
+    ok(d.blockctl(&["vhost_scsi_controller_remove_target", "scsi.0", "0"]));
+    ok(py(&["vhost_scsi_controller_remove_target", "scsi.0", "1"]));
+    ok(d.blockctl(&["vhost_delete_controller", "scsi.0"]));
+    assert_eq!(
+        d.rpc_ok("bdev_get_bdevs", json!({"name": "Malloc1"}))[0]["claimed"],
+        false
+    );
+}

@@ -9,6 +9,7 @@
 
 pub mod aio;
 pub mod channel;
+pub mod local;
 pub mod malloc;
 pub mod null;
 pub mod qos;

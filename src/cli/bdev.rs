@@ -68,6 +68,11 @@ pub enum BdevCmd {
         /// Name of the bdev.
         name: String,
     },
+    /// Re-read the size of an aio bdev's file (after it grew); frontends are told.
+    BdevAioRescan {
+        /// Name of the bdev.
+        name: String,
+    },
     /// List all bdevs or one.
     BdevGetBdevs {
         /// Only this bdev.
@@ -179,6 +184,7 @@ impl Run for BdevCmd {
                 ]),
             ),
             BdevCmd::BdevAioDelete { name } => name_only(ctx, "bdev_aio_delete", name),
+            BdevCmd::BdevAioRescan { name } => name_only(ctx, "bdev_aio_rescan", name),
             BdevCmd::BdevGetBdevs { name, timeout } => ctx.call_print(
                 "bdev_get_bdevs",
                 params_of(vec![

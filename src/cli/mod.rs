@@ -13,6 +13,7 @@
 pub mod bdev;
 pub mod client;
 pub mod framework;
+pub mod local;
 pub mod map;
 pub mod raw;
 pub mod rbd;
@@ -82,6 +83,8 @@ commands! {
     #[command(flatten)]
     Rbd(rbd::RbdCmd),
     #[command(flatten)]
+    Local(local::LocalCmd),
+    #[command(flatten)]
     Vhost(vhost::VhostCmd),
     #[command(flatten)]
     Framework(framework::FrameworkCmd),
@@ -91,12 +94,11 @@ commands! {
     Rpc(raw::RawArgs),
     /// vhost-user-blk load generator (libblkio).
     Bench(crate::bench::BenchArgs),
-    /// RBD images, straight to the cluster (like `rbd`): create, ls, info, snap, import ...
-    #[command(subcommand)]
-    Image(crate::rbdcli::image::ImageCommand),
-    /// RBD pools, straight to the cluster: create, init, ls, rm.
-    #[command(subcommand)]
-    Pool(crate::rbdcli::pool::PoolCommand),
+    /// RBD images, straight to the cluster (like `rbd`), or in a local pool (`local:POOL/IMAGE`):
+    /// create, ls, info, snap, import ...
+    Image(crate::rbdcli::local::ImageArgs),
+    /// RBD pools, straight to the cluster, or local pools (`local:POOL`, `pool ls --local`).
+    Pool(crate::rbdcli::local::PoolArgs),
 }
 
 impl Run for crate::bench::BenchArgs {

@@ -24,6 +24,40 @@ pub enum VhostCmd {
         #[arg(short = 'p', long = "packed-ring")]
         packed_ring: bool,
     },
+    /// Create a vhost-user-scsi controller (targets are added with
+    /// vhost_scsi_controller_add_target, hot-plugged when a guest is connected).
+    VhostCreateScsiController {
+        /// Name of the controller (also its socket name in the socket directory).
+        ctrlr: String,
+        /// Cores the controller may run on (within the daemon's mask).
+        #[arg(long)]
+        cpumask: Option<String>,
+        /// Accepted for rpc.py compatibility; blockd listens at once.
+        #[arg(long)]
+        delay: bool,
+    },
+    /// Add a target (LUN 0 = the bdev) to a scsi controller; prints its number.
+    VhostScsiControllerAddTarget {
+        /// Name of the controller.
+        ctrlr: String,
+        /// Target number 0-7, or -1 for the first free one.
+        #[arg(allow_negative_numbers = true)]
+        scsi_target_num: i32,
+        /// Bdev to expose.
+        bdev_name: String,
+    },
+    /// Remove a target from a scsi controller (hot-unplugged from a connected guest).
+    VhostScsiControllerRemoveTarget {
+        /// Name of the controller.
+        ctrlr: String,
+        /// Target number.
+        scsi_target_num: u32,
+    },
+    /// Start a scsi controller created with --delay.
+    VhostStartScsiController {
+        /// Name of the controller.
+        ctrlr: String,
+    },
     /// List all controllers or one.
     VhostGetControllers {
         /// Only this controller.
@@ -55,6 +89,38 @@ impl Run for VhostCmd {
                     ("readonly", readonly.then_some(json!(true))),
                     ("packed_ring", packed_ring.then_some(json!(true))),
                 ]),
+            ),
+            VhostCmd::VhostCreateScsiController {
+                ctrlr,
+                cpumask,
+                delay,
+            } => ctx.call_print(
+                "vhost_create_scsi_controller",
+                params_of(vec![
+                    ("ctrlr", Some(json!(ctrlr))),
+                    ("cpumask", cpumask.map(|c| json!(c))),
+                    ("delay", delay.then_some(json!(true))),
+                ]),
+            ),
+            VhostCmd::VhostScsiControllerAddTarget {
+                ctrlr,
+                scsi_target_num,
+                bdev_name,
+            } => ctx.call_print(
+                "vhost_scsi_controller_add_target",
+                Some(json!({"ctrlr": ctrlr, "scsi_target_num": scsi_target_num,
+                            "bdev_name": bdev_name})),
+            ),
+            VhostCmd::VhostScsiControllerRemoveTarget {
+                ctrlr,
+                scsi_target_num,
+            } => ctx.call_print(
+                "vhost_scsi_controller_remove_target",
+                Some(json!({"ctrlr": ctrlr, "scsi_target_num": scsi_target_num})),
+            ),
+            VhostCmd::VhostStartScsiController { ctrlr } => ctx.call_print(
+                "vhost_start_scsi_controller",
+                Some(json!({ "ctrlr": ctrlr })),
             ),
             VhostCmd::VhostGetControllers { name } => ctx.call_print(
                 "vhost_get_controllers",

@@ -19,6 +19,9 @@ pub struct ConnectOptions {
     /// What the connection is called in messages (a registered cluster's name, or the
     /// configuration file); "ceph" when empty.
     pub label: String,
+    /// Cluster name (`--cluster`): selects `/etc/ceph/$cluster.conf` and
+    /// `$cluster.client.$id.keyring` in the default searches; "ceph" when unset.
+    pub cluster: Option<String>,
     /// Cephx user without `client.` (default `admin`).
     pub user_id: Option<String>,
     /// Configuration file instead of the default search.
@@ -39,6 +42,8 @@ impl ConnectOptions {
             self.label.clone()
         } else if let Some(f) = &self.config_file {
             f.display().to_string()
+        } else if let Some(c) = &self.cluster {
+            c.clone()
         } else {
             "ceph".into()
         }
@@ -78,10 +83,11 @@ impl Rados {
         let user = opts.user().to_string();
         let what = format!("cluster {label} as client.{user}");
         let name = cstr(&format!("client.{user}"), "user_id")?;
+        let cluster = cstr(opts.cluster.as_deref().unwrap_or("ceph"), "cluster name")?;
         let mut h: rados_t = ptr::null_mut();
         // SAFETY: valid out-pointer and C strings.
         check(
-            unsafe { (api.rados_create2)(&mut h, c"ceph".as_ptr(), name.as_ptr(), 0) } as i64,
+            unsafe { (api.rados_create2)(&mut h, cluster.as_ptr(), name.as_ptr(), 0) } as i64,
             "creating a handle for",
             &what,
         )?;
@@ -250,6 +256,54 @@ impl Rados {
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .collect());
         }
+    }
+
+    /// Sends a monitor command (`{"prefix": "osd pool ls", "format": "json"}`) and
+    /// returns its output buffer; errors carry the monitor's status text.
+    pub fn mon_command(&self, cmd: &serde_json::Value) -> RbdResult<Vec<u8>> {
+        let c = cstr(&cmd.to_string(), "monitor command")?;
+        let mut cmds = [c.as_ptr()];
+        let (mut out, mut outlen) = (ptr::null_mut(), 0usize);
+        let (mut st, mut stlen) = (ptr::null_mut(), 0usize);
+        // SAFETY: one C string command, no input, out-pointers librados fills with buffers
+        // we free with rados_buffer_free.
+        let rc = unsafe {
+            (self.api.rados_mon_command)(
+                self.h,
+                cmds.as_mut_ptr(),
+                1,
+                ptr::null(),
+                0,
+                &mut out,
+                &mut outlen,
+                &mut st,
+                &mut stlen,
+            )
+        };
+        let take = |p: *mut c_char, n: usize| -> Vec<u8> {
+            if p.is_null() {
+                return Vec::new();
+            }
+            // SAFETY: librados returned `n` bytes at `p`; freed right after copying.
+            let v = unsafe { std::slice::from_raw_parts(p as *const u8, n) }.to_vec();
+            unsafe { (self.api.rados_buffer_free)(p) };
+            v
+        };
+        let out = take(out, outlen);
+        let status = String::from_utf8_lossy(&take(st, stlen)).into_owned();
+        if rc < 0 {
+            let prefix = cmd["prefix"].as_str().unwrap_or("monitor command");
+            let mut e = RbdError::from_rc(
+                rc as i64,
+                "running",
+                &format!("{prefix:?} on cluster {}", self.label),
+            );
+            if !status.is_empty() {
+                e.message = format!("{}: {status}", e.message);
+            }
+            return Err(e);
+        }
+        Ok(out)
     }
 
     /// An I/O context on `pool`.

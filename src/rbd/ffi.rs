@@ -85,6 +85,17 @@ pub struct rbd_snap_spec_t {
     pub name: *mut c_char,
 }
 
+/// `rbd_image_watcher_t` (from `rbd_watchers_list`).
+#[repr(C)]
+pub struct rbd_image_watcher_t {
+    pub addr: *mut c_char,
+    pub id: i64,
+    pub cookie: u64,
+}
+
+/// Callback of `rbd_diff_iterate2`: `(offset, length, exists, arg)`; non-zero stops.
+pub type rbd_diff_cb = Option<unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int>;
+
 macro_rules! api {
     ($( $lib:ident fn $name:ident ( $($arg:ty),* ) -> $ret:ty ;)*) => {
         /// Function pointers resolved from librados/librbd.
@@ -132,6 +143,8 @@ api! {
     rados fn rados_pool_list(rados_t, *mut c_char, usize) -> c_int;
     rados fn rados_pool_delete(rados_t, *const c_char) -> c_int;
     rados fn rados_application_enable(rados_ioctx_t, *const c_char, c_int) -> c_int;
+    rados fn rados_mon_command(rados_t, *mut *const c_char, usize, *const c_char, usize, *mut *mut c_char, *mut usize, *mut *mut c_char, *mut usize) -> c_int;
+    rados fn rados_buffer_free(*mut c_char) -> ();
     rbd fn rbd_version(*mut c_int, *mut c_int, *mut c_int) -> ();
     rbd fn rbd_pool_init(rados_ioctx_t, bool) -> c_int;
     rbd fn rbd_image_options_create(*mut rbd_image_options_t) -> ();
@@ -143,7 +156,19 @@ api! {
     rbd fn rbd_list2(rados_ioctx_t, *mut rbd_image_spec_t, *mut usize) -> c_int;
     rbd fn rbd_image_spec_list_cleanup(*mut rbd_image_spec_t, usize) -> ();
     rbd fn rbd_open(rados_ioctx_t, *const c_char, *mut rbd_image_t, *const c_char) -> c_int;
+    rbd fn rbd_open_read_only(rados_ioctx_t, *const c_char, *mut rbd_image_t, *const c_char) -> c_int;
     rbd fn rbd_close(rbd_image_t) -> c_int;
+    rbd fn rbd_get_op_features(rbd_image_t, *mut u64) -> c_int;
+    rbd fn rbd_get_flags(rbd_image_t, *mut u64) -> c_int;
+    rbd fn rbd_get_create_timestamp(rbd_image_t, *mut libc::timespec) -> c_int;
+    rbd fn rbd_get_access_timestamp(rbd_image_t, *mut libc::timespec) -> c_int;
+    rbd fn rbd_get_modify_timestamp(rbd_image_t, *mut libc::timespec) -> c_int;
+    rbd fn rbd_snap_get_timestamp(rbd_image_t, u64, *mut libc::timespec) -> c_int;
+    rbd fn rbd_flatten(rbd_image_t) -> c_int;
+    rbd fn rbd_lock_release(rbd_image_t) -> c_int;
+    rbd fn rbd_diff_iterate2(rbd_image_t, *const c_char, u64, u64, u8, u8, rbd_diff_cb, *mut c_void) -> c_int;
+    rbd fn rbd_watchers_list(rbd_image_t, *mut rbd_image_watcher_t, *mut usize) -> c_int;
+    rbd fn rbd_watchers_list_cleanup(*mut rbd_image_watcher_t, usize) -> ();
     rbd fn rbd_stat(rbd_image_t, *mut rbd_image_info_t, usize) -> c_int;
     rbd fn rbd_get_size(rbd_image_t, *mut u64) -> c_int;
     rbd fn rbd_get_features(rbd_image_t, *mut u64) -> c_int;

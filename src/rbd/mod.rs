@@ -9,7 +9,7 @@ pub mod image;
 
 pub use cluster::{ConnectOptions, IoCtx, Rados};
 pub use error::{RbdError, RbdResult};
-pub use image::{CreateOptions, Image, ImageInfo, SnapInfo};
+pub use image::{CreateOptions, Image, ImageInfo, SnapInfo, Watcher};
 
 /// `POOL/IMAGE[@SNAP]` as the `rbd` tool spells it; the pool defaults to `rbd`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,4 +1,6 @@
-//! `blockctl pool create|init|ls|rm`.
+//! `blockctl pool create|init|ls [--detail]|rm`.
+
+use serde_json::{json, Value};
 
 use super::CephArgs;
 
@@ -20,10 +22,13 @@ pub enum PoolCommand {
         ceph: CephArgs,
         name: String,
     },
-    /// List pools.
+    /// List pools (`--detail`: id, replication, PGs and applications, as `ceph osd pool
+    /// ls detail`).
     Ls {
         #[command(flatten)]
         ceph: CephArgs,
+        #[arg(long)]
+        detail: bool,
     },
     /// Delete a pool and all its data (needs `mon allow pool delete`).
     Rm {
@@ -53,9 +58,25 @@ pub fn run(cmd: PoolCommand) -> anyhow::Result<()> {
         PoolCommand::Init { ceph, name } => {
             ceph.connect()?.ioctx(&name)?.rbd_pool_init()?;
         }
-        PoolCommand::Ls { ceph } => {
-            for p in ceph.connect()?.pool_list()? {
-                println!("{p}");
+        PoolCommand::Ls { ceph, detail } => {
+            let r = ceph.connect()?;
+            if detail {
+                let out = r.mon_command(
+                    &json!({"prefix": "osd pool ls", "detail": "detail", "format": "json"}),
+                )?;
+                let pools: Value = serde_json::from_slice(&out)?;
+                ceph.emit(pools.clone(), || {
+                    for p in pools.as_array().into_iter().flatten() {
+                        println!("{}", detail_line(p));
+                    }
+                });
+            } else {
+                let pools = r.pool_list()?;
+                ceph.emit(json!(pools), || {
+                    for p in &pools {
+                        println!("{p}");
+                    }
+                });
             }
         }
         PoolCommand::Rm {
@@ -70,4 +91,26 @@ pub fn run(cmd: PoolCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One pool of `osd pool ls detail` as a line: `pool 2 'testpool' size 1 min_size 1
+/// pg_num 8 application rbd`.
+fn detail_line(p: &Value) -> String {
+    let apps: Vec<&str> = p["application_metadata"]
+        .as_object()
+        .map(|m| m.keys().map(|k| k.as_str()).collect())
+        .unwrap_or_default();
+    format!(
+        "pool {} '{}' size {} min_size {} pg_num {} application {}",
+        p["pool_id"],
+        p["pool_name"].as_str().unwrap_or(""),
+        p["size"],
+        p["min_size"],
+        p["pg_num"],
+        if apps.is_empty() {
+            "-".to_string()
+        } else {
+            apps.join(",")
+        }
+    )
 }

@@ -123,6 +123,7 @@ impl RpcMethods {
         crate::bdev::null::rpc::register(&mut m);
         crate::bdev::aio::rpc::register(&mut m);
         crate::bdev::rbd::rpc::register(&mut m);
+        crate::bdev::local::rpc::register(&mut m);
         crate::vhost::blk::rpc::register(&mut m);
         crate::nbd::rpc::register(&mut m);
         crate::vhost::scsi::rpc::register(&mut m);

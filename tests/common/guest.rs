@@ -6,7 +6,9 @@
 //! (tests/guest/init.sh) runs the scenario given as `blockd.scenario=`, prints
 //! `BLOCKD-RESULT key=value` lines and a final `BLOCKD-DONE ok|fail reason` on the serial
 //! console, and powers off. QEMU runs under a hard deadline; the serial log is read after
-//! QEMU exited. Include with `#[path = "common/guest.rs"] mod guest;`.
+//! QEMU exited. [`Guest::spawn`] returns while the guest runs, for scenarios in which the
+//! host acts (resize, hot-plug): the guest prints `BLOCKD-WAIT <what>` and polls for the
+//! change, the test waits for that line ([`RunningGuest::wait_for`]), acts, and finishes. Include with `#[path = "common/guest.rs"] mod guest;`.
 #![allow(dead_code)]
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -114,6 +116,9 @@ pub struct GuestOpts {
     pub disks: Vec<Disk>,
     pub smp: u32,
     pub mem_mib: u32,
+    /// Guest RAM from this file (`memory-backend-file`, e.g. a plain file or one on
+    /// hugetlbfs) instead of a memfd.
+    pub mem_path: Option<PathBuf>,
     /// QEMU is killed after this long (a boot takes 2.5–4 s under TCG on an idle host).
     pub timeout: Duration,
     /// Where the serial log and QEMU's stderr go.
@@ -131,12 +136,19 @@ impl GuestOpts {
             disks: Vec::new(),
             smp: 1,
             mem_mib: 512,
+            mem_path: None,
             timeout: Duration::from_secs(60),
             workdir: workdir.into(),
             qemu: std::env::var_os("BLOCKD_QEMU")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
         }
+    }
+
+    /// Guest RAM from a file at `path` (shared, so the backend can map it).
+    pub fn mem_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.mem_path = Some(path.into());
+        self
     }
 
     pub fn disk(mut self, disk: Disk) -> Self {
@@ -266,18 +278,25 @@ impl Guest {
             "-m".into(),
             mem.clone(),
             "-object".into(),
-            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            match &opts.mem_path {
+                None => format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+                Some(p) => format!(
+                    "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+                    p.display()
+                ),
+            },
         ];
         for (i, d) in opts.disks.iter().enumerate() {
-            let dev = match d.kind {
-                DiskKind::VhostUserBlk => "vhost-user-blk-pci",
-                DiskKind::VhostUserScsi => "vhost-user-scsi-pci",
+            // The two devices spell the queue-count property differently (QEMU 10).
+            let (dev, queues) = match d.kind {
+                DiskKind::VhostUserBlk => ("vhost-user-blk-pci", "num-queues"),
+                DiskKind::VhostUserScsi => ("vhost-user-scsi-pci", "num_queues"),
             };
             a.push("-chardev".into());
             a.push(format!("socket,id=char{i},path={}", d.socket.display()));
             a.push("-device".into());
             a.push(format!(
-                "{dev},id=disk{i},chardev=char{i},num-queues={}",
+                "{dev},id=disk{i},chardev=char{i},{queues}={}",
                 d.num_queues
             ));
         }
@@ -306,21 +325,117 @@ impl Guest {
     /// the serial log. Errors only if QEMU cannot be started or the logs cannot be read;
     /// the guest's verdict is in [`GuestRun::done`] (see [`GuestRun::assert_ok`]).
     pub fn boot(opts: &GuestOpts) -> Result<GuestRun> {
+        Self::spawn(opts)?.finish(opts.timeout)
+    }
+
+    /// Starts QEMU and returns at once: the test acts on the host while the guest runs
+    /// (the guest announces with `BLOCKD-WAIT <what>` that it waits for the host, see
+    /// [`RunningGuest::wait_for`]); [`RunningGuest::finish`] collects the run.
+    pub fn spawn(opts: &GuestOpts) -> Result<RunningGuest> {
         let image = image()?;
         std::fs::create_dir_all(&opts.workdir)
             .with_context(|| format!("creating {}", opts.workdir.display()))?;
         let argv = Self::argv(opts, image);
         let command_line = shell_join(&argv);
+        let console_path = opts.console_path();
+        // QEMU appends to an existing file: start from an empty log.
+        File::create(&console_path).context("creating the console log")?;
         let stderr = File::create(opts.stderr_path()).context("creating QEMU stderr log")?;
         let start = Instant::now();
-        let mut child = Command::new(&argv[0])
+        let child = Command::new(&argv[0])
             .args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(stderr.try_clone()?)
             .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {command_line}"))?;
-        let exit = match wait_deadline(&mut child, opts.timeout) {
+        Ok(RunningGuest {
+            argv,
+            command_line,
+            child: Some(child),
+            start,
+            console_path,
+            stderr_path: opts.stderr_path(),
+            seen: 0,
+        })
+    }
+}
+
+/// A guest whose QEMU is running (from [`Guest::spawn`]); QEMU is killed when dropped
+/// unfinished.
+pub struct RunningGuest {
+    argv: Vec<String>,
+    command_line: String,
+    child: Option<Child>,
+    start: Instant,
+    console_path: PathBuf,
+    stderr_path: PathBuf,
+    /// Console bytes already consumed by [`RunningGuest::wait_for`].
+    seen: usize,
+}
+
+/// How often [`RunningGuest::wait_for`] looks at the growing serial log.
+const CONSOLE_POLL: Duration = Duration::from_millis(20);
+
+impl RunningGuest {
+    /// The QEMU command line.
+    pub fn command_line(&self) -> &str {
+        &self.command_line
+    }
+
+    /// Waits until the serial log has a complete line containing `marker` (after what
+    /// earlier calls consumed) and returns the rest of that line after the marker. Fails
+    /// at `timeout`, when QEMU exits or the guest says `BLOCKD-DONE` first, with the log.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read(&self.console_path).unwrap_or_default();
+            let fresh = log.get(self.seen..).unwrap_or_default();
+            // Only complete lines: the guest may be in the middle of printing one.
+            let complete = fresh.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let mut off = 0;
+            for line in fresh[..complete].split_inclusive(|&b| b == b'\n') {
+                off += line.len();
+                let text = String::from_utf8_lossy(line);
+                if let Some(i) = text.find(marker) {
+                    self.seen += off;
+                    return Ok(text[i + marker.len()..].trim().to_string());
+                }
+                if text.contains("BLOCKD-DONE ") {
+                    bail!(
+                        "guest finished before {marker:?}: {}\n{}",
+                        text.trim(),
+                        self.log_tail()
+                    );
+                }
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("QEMU exited ({st}) before {marker:?}\n{}", self.log_tail());
+            }
+            if Instant::now() >= deadline {
+                bail!("no {marker:?} within {timeout:?}\n{}", self.log_tail());
+            }
+            std::thread::sleep(CONSOLE_POLL);
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        format!(
+            "qemu: {}\n--- console ---\n{}\n--- qemu stderr ---\n{}",
+            self.command_line,
+            read_lossy(&self.console_path),
+            read_lossy(&self.stderr_path)
+        )
+    }
+
+    /// Waits (at most `timeout`) for QEMU to exit, killing it then, and parses the log.
+    pub fn finish(mut self, timeout: Duration) -> Result<GuestRun> {
+        let mut child = self.child.take().context("guest already finished")?;
+        let exit = match wait_deadline(&mut child, timeout) {
             Ok(Some(status)) => Some(status),
             other => {
                 let _ = child.kill();
@@ -329,13 +444,13 @@ impl Guest {
                 None
             }
         };
-        let elapsed = start.elapsed();
-        let console = read_lossy(&opts.console_path());
-        let qemu_stderr = read_lossy(&opts.stderr_path());
+        let elapsed = self.start.elapsed();
+        let console = read_lossy(&self.console_path);
+        let qemu_stderr = read_lossy(&self.stderr_path);
         let (results, done) = parse_markers(&console);
         Ok(GuestRun {
-            argv,
-            command_line,
+            argv: std::mem::take(&mut self.argv),
+            command_line: std::mem::take(&mut self.command_line),
             exit,
             elapsed,
             console,
@@ -343,6 +458,15 @@ impl Guest {
             results,
             done,
         })
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

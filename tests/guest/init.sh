@@ -36,13 +36,28 @@ while read -r m; do
   insmod "/lib/modules/$m.ko" 2>/tmp/insmod.err || R "insmod.$m" "$(tr ' ' _ </tmp/insmod.err)"
 done </etc/modules.order
 
-# Disks appear during insmod; give udev-less devtmpfs a bounded moment.
+# Disks appear during insmod (SCSI disks after an asynchronous scan); give udev-less
+# devtmpfs a bounded moment. `blockd.arg=dev=sd` for vhost-user-scsi disks.
 want=${arg_disks:-1}
+dev=${arg_dev:-vd}
 i=0
-while [ "$(ls -d /sys/block/vd* 2>/dev/null | wc -l)" -lt "$want" ] && [ $i -lt 50 ]; do
+while [ "$(ls -d /sys/block/$dev* 2>/dev/null | wc -l)" -lt "$want" ] && [ $i -lt 100 ]; do
   usleep 100000; i=$((i + 1))
 done
-[ -b /dev/vda ] || fail "no /dev/vda"
+[ -b /dev/${dev}a ] || fail "no /dev/${dev}a"
+
+# host_wait WHAT: tells the host (tests/common/guest.rs `wait_for`) that the guest now
+# waits for it to act.
+host_wait() { echo "BLOCKD-WAIT $1"; }
+
+# poll_until SECONDS COMMAND...: runs COMMAND every 0.1 s until it succeeds (bounded).
+poll_until() {
+  p_n=$(($1 * 10)); shift
+  while ! "$@"; do
+    p_n=$((p_n - 1)); [ $p_n -gt 0 ] || return 1
+    usleep 100000
+  done
+}
 
 # pattern TAG FIRST_LBA COUNT: the deterministic pattern on stdout.
 pattern() {
@@ -197,8 +212,67 @@ sc_hostile() {
   check hostile.still_serving write_verify vda after $((56 * MiB)) 65536 direct || fail "target stopped serving"
 }
 
+size_is_not() { [ "$(cat /sys/block/$1/size)" != "$2" ]; }
+
+# Online resize: the host grows the disk while the guest runs; the config-change
+# interrupt makes virtio_blk re-read the capacity. Writes a pattern into the new space.
+sc_resize() {
+  disk_info vda
+  before=$(cat /sys/block/vda/size)
+  host_wait resize
+  poll_until 30 size_is_not vda "$before" || fail "capacity did not change"
+  R vda.size.after "$(cat /sys/block/vda/size)"
+  R vda.capacity_change_logged "$(dmesg | grep -c 'vda: detected capacity change')"
+  check vda.pattern.grown write_verify vda grown $((before * 512)) $MiB direct || fail "pattern in new space"
+}
+
+sd_present() { [ -b "/dev/$1" ] && [ -e "/sys/block/$1/size" ] && [ "$(cat /sys/block/$1/size)" -gt 0 ]; }
+sd_absent() { [ ! -e "/sys/block/$1" ]; }
+
+# vhost-user-scsi: seed + discard (UNMAP) on sda; hot-add of target 1 (sdb) and its
+# hot-remove, announced by TRANSPORT_RESET events.
+sc_scsi() {
+  disk_info sda
+  R sda.provisioning_mode "$(cat /sys/block/sda/device/scsi_disk/*/provisioning_mode 2>/dev/null)"
+  R sda.vendor "$(tr -d ' ' </sys/block/sda/device/vendor)"
+  check sda.pattern.direct write_verify sda direct 0 $MiB direct || fail "direct pattern"
+  check sda.pattern.buffered write_verify sda buffered $((8 * MiB)) $MiB buffered || fail "buffered pattern"
+  check sda.pattern.discard write_verify sda discard $((32 * MiB)) $MiB direct || fail "discard pre-pattern"
+  check sda.discard $BLKDISCARD -f -o $((32 * MiB)) -l $MiB /dev/sda || fail "blkdiscard"
+  [ "${arg_hotplug:-0}" = 1 ] || return 0
+  host_wait hotadd
+  poll_until 30 sd_present sdb || fail "sdb did not appear"
+  disk_info sdb
+  check sdb.pattern.hot write_verify sdb hot 0 $MiB direct || fail "sdb pattern"
+  host_wait hotremove
+  poll_until 30 sd_absent sdb || fail "sdb did not go away"
+  R sdb.removed yes
+  check sda.pattern.after write_verify sda after $((40 * MiB)) 65536 direct || fail "sda after hot-remove"
+}
+
+# reads_zero OFFSET LENGTH: the range of vda reads back as zeros (O_DIRECT).
+reads_zero() {
+  head -c "$2" /dev/zero >/tmp/z
+  dd if=/dev/vda of=/tmp/r bs=65536 skip="$1" count="$2" iflag=skip_bytes,count_bytes,direct 2>/dev/null &&
+    cmp -s /tmp/z /tmp/r
+}
+
+# Ceph RBD in one boot: seed, discard of a whole 4 MiB object (librbd skips partial-object
+# discards), write-zeroes, flush, then online resize (`rbd resize` on the host).
+sc_rbd() {
+  sc_seed
+  check vda.pattern.object write_verify vda object $((16 * MiB)) $((4 * MiB)) direct $MiB || fail "object pattern"
+  check vda.discard $BLKDISCARD -f -o $((16 * MiB)) -l $((4 * MiB)) /dev/vda || fail "blkdiscard"
+  check vda.discard.verify reads_zero $((16 * MiB)) $((4 * MiB)) || fail "discarded object reads non-zero"
+  check vda.pattern.zero write_verify vda zero $((34 * MiB)) $MiB direct || fail "zero pre-pattern"
+  check vda.zeroout $BLKDISCARD -f -z -o $((34 * MiB)) -l $MiB /dev/vda || fail "blkdiscard -z"
+  check vda.zeroout.verify reads_zero $((34 * MiB)) $MiB || fail "zeroed range reads non-zero"
+  sc_flush
+  sc_resize
+}
+
 case $scenario in
-  seed | multiqueue | discard | readonly | flush | many | hostile) "sc_$scenario" ;;
+  seed | multiqueue | discard | readonly | flush | many | hostile | resize | scsi | rbd) "sc_$scenario" ;;
   *) fail "unknown scenario $scenario" ;;
 esac
 finish ok

@@ -24,12 +24,13 @@
 pub mod rpc;
 
 use std::alloc::Layout;
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use io_uring::{opcode, types, IoUring};
 use serde_json::{json, Value};
@@ -199,8 +200,10 @@ pub fn create(registry: &BdevRegistry, opts: AioOpts) -> Result<Arc<Bdev>, RpcEr
         mem_align: 1,
         len_align: 1,
     });
+    let file = Arc::new(file);
+    files().insert(opts.name.clone(), Arc::downgrade(&file));
     let backend = AioBackend {
-        file: Arc::new(file),
+        file,
         filename: path_s,
         block_size,
         block_size_override: opts.block_size.is_some(),
@@ -224,6 +227,64 @@ pub fn create(registry: &BdevRegistry, opts: AioOpts) -> Result<Arc<Bdev>, RpcEr
         "aio bdev created"
     );
     Ok(bdev)
+}
+
+/// The open file of each aio bdev by name, for [`rescan`] (weak: the bdev owns the file).
+fn files() -> std::sync::MutexGuard<'static, BTreeMap<String, Weak<AioFile>>> {
+    static FILES: Mutex<BTreeMap<String, Weak<AioFile>>> = Mutex::new(BTreeMap::new());
+    FILES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Re-reads the size of aio bdev `name`'s file or block device (`bdev_aio_rescan`) and,
+/// when it changed, updates the bdev's block count, which notifies the frontends (a
+/// vhost-user-blk guest sees the new capacity). As SPDK's `spdk_bdev_notify_blockcnt_change`,
+/// shrinking a bdev that is claimed (exported) is refused with `EBUSY`.
+pub fn rescan(registry: &BdevRegistry, name: &str) -> Result<(), RpcError> {
+    let bdev = registry
+        .get(name)
+        .filter(|b| b.backend().product_name() == PRODUCT_NAME)
+        .ok_or_else(|| RpcError::errno_msg(libc::ENODEV, format!("aio bdev {name} not found")))?;
+    let file = files()
+        .get(name)
+        .and_then(Weak::upgrade)
+        .ok_or_else(|| RpcError::errno_msg(libc::ENODEV, format!("aio bdev {name} not found")))?;
+    let fd = file.fd.as_raw_fd();
+    // SAFETY: `stat` is plain old data, all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor the bdev keeps open; `st` is valid for writes.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(RpcError::errno_msg(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("cannot stat the file of aio bdev {name}: {e}"),
+        ));
+    }
+    let size = if st.st_mode & libc::S_IFMT == libc::S_IFBLK {
+        blockdev_geometry(fd)
+            .map_err(|e| {
+                RpcError::errno_msg(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("cannot size the device of aio bdev {name}: {e}"),
+                )
+            })?
+            .1
+    } else {
+        st.st_size as u64
+    };
+    let blocks = size / bdev.block_size() as u64;
+    let old = bdev.num_blocks();
+    if blocks == old {
+        return Ok(());
+    }
+    if blocks < old && bdev.claimed_by().is_some() {
+        return Err(RpcError::errno_msg(
+            libc::EBUSY,
+            format!("aio bdev {name} is in use and cannot shrink from {old} to {blocks} blocks"),
+        ));
+    }
+    tracing::info!(bdev = name, old, blocks, "aio bdev resized");
+    bdev.set_num_blocks(blocks);
+    Ok(())
 }
 
 /// Deletes an aio bdev (`bdev_aio_delete`); the file is synced and closed with the last

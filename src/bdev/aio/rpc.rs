@@ -1,4 +1,5 @@
-//! RPC handlers of the `aio` backend: `bdev_aio_create`, `bdev_aio_delete`.
+//! RPC handlers of the `aio` backend: `bdev_aio_create`, `bdev_aio_delete`,
+//! `bdev_aio_rescan`.
 
 use std::sync::Arc;
 
@@ -53,10 +54,18 @@ fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     Ok(Value::Bool(true))
 }
 
+/// `bdev_aio_rescan {name}`: re-reads the file size; true.
+fn rescan(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    let p: NameParams = params(p)?;
+    super::rescan(&app.bdevs, &p.name)?;
+    Ok(Value::Bool(true))
+}
+
 /// Registers this backend's methods.
 pub fn register(m: &mut RpcMethods) {
     m.add("bdev_aio_create", create);
     m.add("bdev_aio_delete", delete);
+    m.add("bdev_aio_rescan", rescan);
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ impl ClusterConfig {
     pub fn connect_options(&self) -> ConnectOptions {
         ConnectOptions {
             label: self.name.clone(),
+            cluster: None,
             user_id: self.user_id.clone(),
             config_file: self.config_file.as_ref().map(PathBuf::from),
             key_file: self.key_file.as_ref().map(PathBuf::from),

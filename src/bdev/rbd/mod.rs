@@ -215,10 +215,18 @@ impl BdevBackend for RbdBackend {
 
     fn close(&self) -> std::io::Result<()> {
         self.shared.stop_watch();
-        self.shared
+        let r = self
+            .shared
             .image
             .flush()
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno))
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno));
+        // At daemon shutdown the image handle is never closed (the process exits with it
+        // still referenced): hand the exclusive lock back now, or the next opener's
+        // writes (a restarted blockd, a migrated VM) stall until our watch times out.
+        if self.shared.image.lock_release() {
+            tracing::debug!("{}: released the exclusive lock", self.shared.cfg.name);
+        }
+        r
     }
 }
 
@@ -335,6 +343,13 @@ impl IoChannel for RbdChannel {
             done(tag, r);
         }
         self.in_flight -= n.min(self.in_flight);
+        if n == 0 && self.in_flight > 0 {
+            // Completions come from librbd's threads, which often share this core (a
+            // daemon pinned to one core; librados threads inherit the affinity): a polling
+            // reactor that spins on them starves the very threads it waits for. Yielding
+            // lets them run; on an otherwise idle core it returns at once.
+            std::thread::yield_now();
+        }
         n
     }
 
@@ -396,6 +411,7 @@ pub fn create(cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
         None => {
             let opts = ConnectOptions {
                 label: String::new(),
+                cluster: None,
                 user_id: cfg.user_id.clone(),
                 config_file: None,
                 key_file: None,

@@ -2,7 +2,7 @@
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_bindings::virtio_scsi::VIRTIO_SCSI_F_HOTPLUG;
+use virtio_bindings::virtio_scsi::{VIRTIO_SCSI_F_CHANGE, VIRTIO_SCSI_F_HOTPLUG};
 
 use super::request::{CDB_SIZE, EVENT_LEN, SENSE_SIZE};
 use super::{MAX_TARGETS, NUM_REQUEST_QUEUES};
@@ -19,13 +19,18 @@ pub const CMD_PER_LUN: u32 = 128;
 pub const CONFIG_LEN: usize = 36;
 
 /// Feature bits offered: VERSION_1, INDIRECT_DESC, EVENT_IDX, HOTPLUG (targets come and go
-/// with TRANSPORT_RESET events, §5.6.6.3.1) and vhost-user PROTOCOL_FEATURES. INOUT
-/// (bidirectional commands), CHANGE and T10_PI are not offered.
+/// with TRANSPORT_RESET events, §5.6.6.3.1), CHANGE and vhost-user PROTOCOL_FEATURES.
+/// CHANGE (the device may report parameter changes, §5.6.6.3.3; blockd never does) is
+/// offered as SPDK does because QEMU's vhost-user-scsi passes its own `param_change`
+/// feature through to SET_FEATURES without checking it against what the backend offered:
+/// refusing it would fail the feature negotiation of every Linux guest. INOUT
+/// (bidirectional commands) and T10_PI are not offered.
 pub fn features() -> u64 {
     (1u64 << VIRTIO_F_VERSION_1)
         | (1 << VIRTIO_RING_F_INDIRECT_DESC)
         | (1 << VIRTIO_RING_F_EVENT_IDX)
         | (1 << VIRTIO_SCSI_F_HOTPLUG)
+        | (1 << VIRTIO_SCSI_F_CHANGE)
         | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
 }
 
@@ -65,5 +70,6 @@ mod tests {
         assert_eq!(le32(CDB_SIZE_OFFSET as usize), 32);
         assert_eq!(u16::from_le_bytes([c[30], c[31]]), 7);
         assert!(features() & (1 << VIRTIO_SCSI_F_HOTPLUG) != 0);
+        assert!(features() & (1 << VIRTIO_SCSI_F_CHANGE) != 0);
     }
 }

@@ -237,10 +237,11 @@ impl VirtioDevice for ScsiDevice {
         config::features()
     }
 
+    /// No CONFIG: QEMU's vhost-user-scsi builds the configuration space itself and warns
+    /// about a backend offering it (SPDK disables it for vhost-scsi too).
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
