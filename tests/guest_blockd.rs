@@ -265,3 +265,92 @@ fn hostile_guest_leaves_other_controllers_serving() {
     let again = boot(&GuestOpts::new("seed", d.tmp_dir().join("again")).disk(Disk::blk(&sock2, 1)));
     assert_region_in_file(&again, "vda", "direct", &img2);
 }
+
+#[test]
+fn guest_memory_from_a_plain_file_and_hugetlbfs() {
+    let d = Daemon::start();
+    let (img, sock) = aio_controller(&d, "vm1", 512, json!({}));
+    // A plain file: the backend maps whatever fd the frontend shares.
+    let ram = d.tmp_dir().join("guest.ram");
+    let run = boot(
+        &GuestOpts::new("seed", d.tmp_dir().join("g-file"))
+            .mem_path(&ram)
+            .disk(Disk::blk(&sock, 1)),
+    );
+    assert_region_in_file(&run, "vda", "direct", &img);
+    wait_disconnected(&d, "vhost.vm1");
+
+    // hugetlbfs, when the machine can give 256 huge pages (added to the pool, given back).
+    let Some(huge) = hugepages::Lease::take(256, d.tmp_dir()) else {
+        eprintln!("hugetlbfs part skipped: no 2 MiB huge pages available on this machine");
+        return;
+    };
+    let run = boot(
+        &GuestOpts::new("seed", d.tmp_dir().join("g-huge"))
+            .mem_path(huge.dir().join("guest.ram"))
+            .disk(Disk::blk(&sock, 1)),
+    );
+    assert_region_in_file(&run, "vda", "buffered", &img);
+}
+
+/// Borrowing 2 MiB huge pages for one test: added to the machine-wide pool and given back.
+mod hugepages {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    const NR: &str = "/proc/sys/vm/nr_hugepages";
+
+    fn read() -> Option<u64> {
+        std::fs::read_to_string(NR).ok()?.trim().parse().ok()
+    }
+
+    fn free() -> Option<u64> {
+        let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+        m.lines()
+            .find(|l| l.starts_with("HugePages_Free:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    pub struct Lease {
+        added: u64,
+        mount: PathBuf,
+    }
+
+    impl Lease {
+        pub fn take(pages: u64, under: &Path) -> Option<Lease> {
+            let before = read()?;
+            std::fs::write(NR, (before + pages).to_string()).ok()?;
+            let added = read()?.saturating_sub(before);
+            let mount = under.join("hugetlbfs");
+            std::fs::create_dir_all(&mount).ok()?;
+            let mounted = Command::new("mount")
+                .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"])
+                .arg(&mount)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            let lease = Lease { added, mount };
+            if added < pages || !mounted || free()? < pages {
+                drop(lease);
+                return None;
+            }
+            Some(lease)
+        }
+
+        pub fn dir(&self) -> &Path {
+            &self.mount
+        }
+    }
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.mount).status();
+            if let Some(now) = read() {
+                let _ = std::fs::write(NR, now.saturating_sub(self.added).to_string());
+            }
+        }
+    }
+}

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::stats::LocalStats;
 use super::{Bdev, Errno, IoChannel, IoKind, IoOp, IoResult};
 
 /// An operation handed to the backend, indexed by the tag the backend sees.
@@ -39,6 +40,11 @@ pub struct BdevChannel {
     retry_at: Option<Instant>,
     /// Since when this channel has had something in the backend (for `io_time`).
     busy_since: Option<Instant>,
+    /// Statistics gathered since the last poll or kick, merged into the bdev's then.
+    stats: LocalStats,
+    /// The time of this batch of submissions (one clock read per batch, reset by `kick`
+    /// and `poll`): start time of the operations and QoS clock.
+    batch_now: Option<Instant>,
 }
 
 impl BdevChannel {
@@ -52,6 +58,22 @@ impl BdevChannel {
             throttled: VecDeque::new(),
             retry_at: None,
             busy_since: None,
+            stats: LocalStats::default(),
+            batch_now: None,
+        }
+    }
+
+    /// The current batch's time.
+    #[inline]
+    fn now(&mut self) -> Instant {
+        *self.batch_now.get_or_insert_with(Instant::now)
+    }
+
+    /// Publishes the batched statistics to the bdev.
+    #[inline]
+    fn flush_stats(&mut self) {
+        if self.stats.is_dirty() {
+            self.bdev.stats.merge(&mut self.stats);
         }
     }
 
@@ -96,7 +118,7 @@ impl BdevChannel {
             self.immediate.push_back((tag, Err(e)));
             return;
         }
-        let now = Instant::now();
+        let now = self.now();
         if !self.throttled.is_empty() {
             self.throttled.push_back((tag, op));
             return;
@@ -132,12 +154,14 @@ impl BdevChannel {
         if self.busy_since.is_none() {
             self.busy_since = Some(now);
         }
-        self.bdev.stats.queue_depth.fetch_add(1, Relaxed);
+        self.stats.add_queue_depth(1);
         self.inner.submit(idx as u64, op);
     }
 
     /// Hands queued submissions to the backend.
     pub fn kick(&mut self) {
+        self.batch_now = None;
+        self.flush_stats();
         self.inner.kick()
     }
 
@@ -145,6 +169,7 @@ impl BdevChannel {
     /// how many completions were reported.
     pub fn poll(&mut self, done: &mut dyn FnMut(u64, IoResult)) -> usize {
         let mut n = 0;
+        self.batch_now = None;
         while let Some((tag, r)) = self.immediate.pop_front() {
             done(tag, r);
             n += 1;
@@ -155,6 +180,7 @@ impl BdevChannel {
             inner,
             slots,
             free,
+            stats,
             ..
         } = self;
         n += inner.reap(&mut |idx, r| {
@@ -165,10 +191,13 @@ impl BdevChannel {
             free.push(idx as usize);
             let t = *now.get_or_insert_with(Instant::now);
             let lat = t.saturating_duration_since(slot.start).as_nanos() as u64;
-            bdev.stats.queue_depth.fetch_sub(1, Relaxed);
-            bdev.stats.record(slot.kind, slot.bytes, lat, r.is_ok());
+            stats.add_queue_depth(-1);
+            stats.record(slot.kind, slot.bytes, lat, r.is_ok());
             done(slot.user_tag, r);
         });
+        // Published before the caller reports the completions to its client, so whoever
+        // sees a completion also sees it counted.
+        self.flush_stats();
         if let Some(since) = self.busy_since {
             if self.free.len() == self.slots.len() {
                 let t = now.unwrap_or_else(Instant::now);
@@ -240,6 +269,12 @@ impl BdevChannel {
     /// Submitted, not yet reported.
     pub fn in_flight(&self) -> usize {
         self.immediate.len() + self.throttled.len() + self.inner.in_flight()
+    }
+}
+
+impl Drop for BdevChannel {
+    fn drop(&mut self) {
+        self.flush_stats();
     }
 }
 

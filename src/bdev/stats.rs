@@ -38,6 +38,12 @@ impl Latency {
         self.min.fetch_min(ns, Relaxed);
     }
 
+    fn add_batch(&self, sum: u64, min: u64, max: u64) {
+        self.sum.fetch_add(sum, Relaxed);
+        self.max.fetch_max(max, Relaxed);
+        self.min.fetch_min(min, Relaxed);
+    }
+
     fn min(&self) -> u64 {
         match self.min.load(Relaxed) {
             u64::MAX => 0,
@@ -71,7 +77,116 @@ pub struct BdevStats {
     write_zeroes_lat: Latency,
 }
 
+/// Statistics one channel gathers between two [`BdevStats::merge`]s, so that the hot path
+/// does plain arithmetic instead of a handful of atomic read-modify-writes per operation.
+#[derive(Default, Debug)]
+pub struct LocalStats {
+    /// ops, bytes, latency sum, min, max; indexed by [`kind_index`].
+    kinds: [LocalKind; 5],
+    errors: u64,
+    /// Change of the bdev's queue depth since the last merge.
+    pub queue_depth: i64,
+    dirty: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LocalKind {
+    ops: u64,
+    bytes: u64,
+    lat_sum: u64,
+    lat_min: u64,
+    lat_max: u64,
+}
+
+impl Default for LocalKind {
+    fn default() -> Self {
+        LocalKind {
+            ops: 0,
+            bytes: 0,
+            lat_sum: 0,
+            lat_min: u64::MAX,
+            lat_max: 0,
+        }
+    }
+}
+
+fn kind_index(kind: IoKind) -> usize {
+    match kind {
+        IoKind::Read => 0,
+        IoKind::Write => 1,
+        IoKind::Unmap => 2,
+        IoKind::WriteZeroes => 3,
+        IoKind::Flush => 4,
+    }
+}
+
+impl LocalStats {
+    /// As [`BdevStats::record`], into this batch.
+    #[inline]
+    pub fn record(&mut self, kind: IoKind, bytes: u64, latency_ns: u64, ok: bool) {
+        self.dirty = true;
+        if !ok {
+            self.errors += 1;
+            return;
+        }
+        let k = &mut self.kinds[kind_index(kind)];
+        k.ops += 1;
+        k.bytes += bytes;
+        k.lat_sum += latency_ns;
+        k.lat_min = k.lat_min.min(latency_ns);
+        k.lat_max = k.lat_max.max(latency_ns);
+    }
+
+    /// One more (or less) operation in the backend.
+    #[inline]
+    pub fn add_queue_depth(&mut self, d: i64) {
+        self.queue_depth += d;
+        self.dirty = true;
+    }
+
+    /// Whether anything was recorded since the last merge.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+}
+
 impl BdevStats {
+    /// Adds a channel's batch to the totals and clears the batch.
+    pub fn merge(&self, local: &mut LocalStats) {
+        if !local.dirty {
+            return;
+        }
+        if local.errors > 0 {
+            self.io_errors.fetch_add(local.errors, Relaxed);
+        }
+        if local.queue_depth != 0 {
+            self.queue_depth.fetch_add(local.queue_depth, Relaxed);
+        }
+        let targets = [
+            (&self.bytes_read, &self.num_read_ops, &self.read_lat),
+            (&self.bytes_written, &self.num_write_ops, &self.write_lat),
+            (&self.bytes_unmapped, &self.num_unmap_ops, &self.unmap_lat),
+            (
+                &self.bytes_write_zeroes,
+                &self.num_write_zeroes_ops,
+                &self.write_zeroes_lat,
+            ),
+        ];
+        for (k, (b, n, lat)) in local.kinds.iter().zip(targets) {
+            if k.ops > 0 {
+                b.fetch_add(k.bytes, Relaxed);
+                n.fetch_add(k.ops, Relaxed);
+                lat.add_batch(k.lat_sum, k.lat_min, k.lat_max);
+            }
+        }
+        let f = &local.kinds[4];
+        if f.ops > 0 {
+            self.num_flush_ops.fetch_add(f.ops, Relaxed);
+            self.flush_lat.add_batch(f.lat_sum, f.lat_min, f.lat_max);
+        }
+        *local = LocalStats::default();
+    }
+
     /// Accounts one completed operation of `kind` moving `bytes` that took `latency_ns`.
     /// Failed operations only count as errors, as in SPDK.
     pub fn record(&self, kind: IoKind, bytes: u64, latency_ns: u64, ok: bool) {
@@ -179,5 +294,52 @@ mod tests {
         assert_eq!(j["min_unmap_latency_ticks"], 7);
         assert_eq!(j["min_copy_latency_ticks"], 0);
         assert_eq!(j["weighted_io_time"], 467);
+    }
+
+    #[test]
+    fn batches_merge_like_single_records() {
+        let one = BdevStats::default();
+        let batched = BdevStats::default();
+        let mut local = LocalStats::default();
+        let ops = [
+            (IoKind::Read, 4096, 100, true),
+            (IoKind::Read, 512, 300, true),
+            (IoKind::Write, 8192, 50, true),
+            (IoKind::Write, 8192, 50, false),
+            (IoKind::Flush, 0, 10, true),
+            (IoKind::Unmap, 1 << 20, 7, true),
+            (IoKind::WriteZeroes, 4096, 70, true),
+        ];
+        for (k, b, l, ok) in ops {
+            one.record(k, b, l, ok);
+            local.record(k, b, l, ok);
+        }
+        local.add_queue_depth(2);
+        local.add_queue_depth(-1);
+        assert!(local.is_dirty());
+        batched.merge(&mut local);
+        assert!(!local.is_dirty());
+        let (a, b) = (one.to_json("x"), batched.to_json("x"));
+        for k in [
+            "bytes_read",
+            "num_read_ops",
+            "read_latency_ticks",
+            "max_read_latency_ticks",
+            "min_read_latency_ticks",
+            "num_write_ops",
+            "io_error",
+            "num_flush_ops",
+            "flush_latency_ticks",
+            "bytes_unmapped",
+            "min_unmap_latency_ticks",
+            "bytes_write_zeroes",
+            "weighted_io_time",
+        ] {
+            assert_eq!(a[k], b[k], "{k}");
+        }
+        assert_eq!(b["queue_depth"], 1);
+        // A second merge of an empty batch changes nothing.
+        batched.merge(&mut local);
+        assert_eq!(batched.to_json("x")["num_read_ops"], 2);
     }
 }

@@ -91,6 +91,10 @@ pub struct BenchArgs {
     /// Sleep on the completion eventfd instead of polling (low CPU).
     #[arg(long, overrides_with = "poll")]
     pub no_poll: bool,
+    /// Connect, start the queues, then stay idle this many seconds before the first request
+    /// (measures a target's idle CPU and its wake-up latency: see `first_lat_us`).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_secs)]
+    pub idle_before: f64,
     /// Give up when the device answers nothing for this many seconds.
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
@@ -127,6 +131,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("'{s}' is not a size (e.g. 4096, 4k, 1m)"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// Parses a non-negative number of seconds (`0.5`, `3`).
+pub fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if (0.0..1e6).contains(&t) => Ok(t),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds between 0 and 1e6"
+        )),
+    }
 }
 
 /// Parses a CPU list (`1`, `0,2`, `0-3`).
@@ -192,5 +206,10 @@ mod tests {
         assert!(a.polling());
         assert!(Cli::try_parse_from(["bench", "-s", "x", "--rwmixread", "101"]).is_err());
         assert!(Cli::try_parse_from(["bench", "-s", "x", "--verify-phase", "read"]).is_err());
+        let a = Cli::try_parse_from(["bench", "-s", "x", "--idle-before", "1.5"])
+            .unwrap()
+            .args;
+        assert_eq!(a.idle_before, 1.5);
+        assert!(Cli::try_parse_from(["bench", "-s", "x", "--idle-before", "-1"]).is_err());
     }
 }

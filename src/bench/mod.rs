@@ -61,6 +61,9 @@ pub struct PhaseReport {
     pub mib_s: f64,
     /// Latency in microseconds.
     pub lat_us: Latency,
+    /// Latencies of the first completions of queue 0, in microseconds, in completion order
+    /// (after `--idle-before`, the first ones show how fast the target wakes up).
+    pub first_lat_us: Vec<f64>,
 }
 
 /// Latency summary in microseconds.
@@ -232,6 +235,7 @@ fn run_phase(dev: &mut Device, name: &str, jobs: &[Job]) -> Result<PhaseReport> 
             .collect()
     });
     let mut hist = Histogram::new();
+    let mut first = Vec::new();
     let (mut reads, mut writes, mut secs) = (0u64, 0u64, 0f64);
     for (i, r) in results.into_iter().enumerate() {
         let st = r.with_context(|| format!("{name}: queue {i}"))?;
@@ -239,6 +243,9 @@ fn run_phase(dev: &mut Device, name: &str, jobs: &[Job]) -> Result<PhaseReport> 
         writes += st.writes;
         secs = secs.max(st.elapsed.as_secs_f64());
         hist.merge(&st.hist);
+        if i == 0 {
+            first = st.first;
+        }
     }
     let ios = reads + writes;
     let bs = jobs.first().map_or(0, |j| j.bs);
@@ -258,6 +265,7 @@ fn run_phase(dev: &mut Device, name: &str, jobs: &[Job]) -> Result<PhaseReport> 
             p99_9: us(hist.quantile(0.999)),
             max: us(hist.max()),
         },
+        first_lat_us: first.into_iter().map(us).collect(),
     })
 }
 
@@ -295,6 +303,7 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
                     seed: a.seed,
                     io_timeout: Duration::from_secs(a.timeout.max(1)),
                     cpu: (!cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]),
+                    idle_before: Duration::from_secs_f64(a.idle_before),
                 }
             })
             .collect()
@@ -319,7 +328,9 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
         let work = Work::Timed {
             pattern: a.pattern,
             rwmixread: a.rwmixread,
-            deadline: Instant::now() + Duration::from_secs(a.runtime),
+            deadline: Instant::now()
+                + Duration::from_secs_f64(a.idle_before)
+                + Duration::from_secs(a.runtime),
         };
         let name = format!("{:?}", a.pattern).to_lowercase();
         phases.push(run_phase(&mut dev, &name, &jobs_for(work))?);

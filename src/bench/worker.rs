@@ -50,7 +50,12 @@ pub struct Job {
     pub io_timeout: Duration,
     /// CPU to pin the thread to.
     pub cpu: Option<usize>,
+    /// Idle time between the start of the queue and the first request.
+    pub idle_before: Duration,
 }
+
+/// How many of the first completions' latencies a worker keeps apart (wake-up latency).
+pub const FIRST_LATENCIES: usize = 16;
 
 /// What a worker did.
 pub struct Stats {
@@ -62,6 +67,8 @@ pub struct Stats {
     pub hist: Histogram,
     /// Wall time from the first submission to the last completion.
     pub elapsed: Duration,
+    /// Latencies (ns) of the first [`FIRST_LATENCIES`] completions, in completion order.
+    pub first: Vec<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -104,6 +111,9 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
     if let Some(cpu) = job.cpu {
         pin(cpu)?;
     }
+    if !job.idle_before.is_zero() {
+        std::thread::sleep(job.idle_before);
+    }
     let bs = job.bs as usize;
     let mut slots = vec![
         Slot {
@@ -124,6 +134,7 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
         writes: 0,
         hist: Histogram::new(),
         elapsed: Duration::ZERO,
+        first: Vec::with_capacity(FIRST_LATENCIES),
     };
     let mut next_seq = 0u64; // index within the range
     let mut issued = 0u64;
@@ -131,7 +142,7 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
     let started = Instant::now();
 
     // Chooses the next I/O, or None when the job is done.
-    let mut next_io = |rng: &mut Rng| -> Option<(u64, bool)> {
+    let mut next_io = |rng: &mut Rng, now: Instant| -> Option<(u64, bool)> {
         let seq = |n: &mut u64| {
             let b = job.first_block + *n % job.blocks;
             *n += 1;
@@ -143,7 +154,7 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
                 rwmixread,
                 deadline,
             } => {
-                if Instant::now() >= deadline {
+                if now >= deadline {
                     return None;
                 }
                 let write = match pattern {
@@ -168,35 +179,39 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
         }
     };
 
-    let submit = |queue: &mut Blkioq, slot: usize, offset: u64, write: bool, s: &mut Slot| {
-        // SAFETY: slot buffers are disjoint `bs`-byte pieces of the mapped region, and this
-        // slot's previous request has completed.
-        let p = unsafe { buf.add(slot * bs) };
-        if write {
-            if matches!(job.work, Work::VerifyWrite) {
-                // SAFETY: as above; no request uses this buffer now.
-                verify::fill(
-                    unsafe { std::slice::from_raw_parts_mut(p, bs) },
-                    offset,
-                    job.seed,
-                );
+    // `now`: the time of the batch this submission belongs to (libblkio sends the batch on
+    // the next do_io, right after), so the client reads the clock once per batch.
+    let submit =
+        |queue: &mut Blkioq, slot: usize, offset: u64, write: bool, s: &mut Slot, now: Instant| {
+            // SAFETY: slot buffers are disjoint `bs`-byte pieces of the mapped region, and this
+            // slot's previous request has completed.
+            let p = unsafe { buf.add(slot * bs) };
+            if write {
+                if matches!(job.work, Work::VerifyWrite) {
+                    // SAFETY: as above; no request uses this buffer now.
+                    verify::fill(
+                        unsafe { std::slice::from_raw_parts_mut(p, bs) },
+                        offset,
+                        job.seed,
+                    );
+                }
+                queue.write(offset, p, bs, slot, ReqFlags::empty());
+            } else {
+                queue.read(offset, p, bs, slot, ReqFlags::empty());
             }
-            queue.write(offset, p, bs, slot, ReqFlags::empty());
-        } else {
-            queue.read(offset, p, bs, slot, ReqFlags::empty());
-        }
-        *s = Slot {
-            start: Instant::now(),
-            offset,
-            write,
+            *s = Slot {
+                start: now,
+                offset,
+                write,
+            };
         };
-    };
 
     for (i, s) in slots.iter_mut().enumerate() {
-        let Some((offset, write)) = next_io(&mut rng) else {
+        let now = Instant::now();
+        let Some((offset, write)) = next_io(&mut rng, now) else {
             break;
         };
-        submit(queue, i, offset, write, s);
+        submit(queue, i, offset, write, s, now);
         in_flight += 1;
     }
 
@@ -227,9 +242,11 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
                     std::io::Error::from_raw_os_error(-c.ret)
                 );
             }
-            stats
-                .hist
-                .record(u64::try_from(now.duration_since(s.start).as_nanos()).unwrap_or(u64::MAX));
+            let lat = u64::try_from(now.duration_since(s.start).as_nanos()).unwrap_or(u64::MAX);
+            stats.hist.record(lat);
+            if stats.first.len() < FIRST_LATENCIES {
+                stats.first.push(lat);
+            }
             if s.write {
                 stats.writes += 1;
             } else {
@@ -246,8 +263,8 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
                     }
                 }
             }
-            if let Some((offset, write)) = next_io(&mut rng) {
-                submit(queue, slot, offset, write, &mut slots[slot]);
+            if let Some((offset, write)) = next_io(&mut rng, now) {
+                submit(queue, slot, offset, write, &mut slots[slot], now);
                 in_flight += 1;
             }
         }

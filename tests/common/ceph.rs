@@ -45,8 +45,10 @@ pub fn conf() -> Option<PathBuf> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let dir = root.join("target/ceph-test");
         std::fs::create_dir_all(root.join("target")).unwrap();
-        // flock(1) serializes concurrent test binaries; the script is idempotent.
+        // flock(1) serializes concurrent test binaries; the script is idempotent. `-o`: the
+        // daemons the script starts must not inherit (and so hold forever) the lock.
         let st = Command::new("flock")
+            .arg("-o")
             .arg(root.join("target/ceph-test.lock"))
             .arg(root.join("scripts/ceph-cluster.sh"))
             .arg("start")

@@ -116,6 +116,9 @@ pub struct GuestOpts {
     pub disks: Vec<Disk>,
     pub smp: u32,
     pub mem_mib: u32,
+    /// Guest RAM from this file (`memory-backend-file`, e.g. a plain file or one on
+    /// hugetlbfs) instead of a memfd.
+    pub mem_path: Option<PathBuf>,
     /// QEMU is killed after this long (a boot takes 2.5–4 s under TCG on an idle host).
     pub timeout: Duration,
     /// Where the serial log and QEMU's stderr go.
@@ -133,12 +136,19 @@ impl GuestOpts {
             disks: Vec::new(),
             smp: 1,
             mem_mib: 512,
+            mem_path: None,
             timeout: Duration::from_secs(60),
             workdir: workdir.into(),
             qemu: std::env::var_os("BLOCKD_QEMU")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
         }
+    }
+
+    /// Guest RAM from a file at `path` (shared, so the backend can map it).
+    pub fn mem_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.mem_path = Some(path.into());
+        self
     }
 
     pub fn disk(mut self, disk: Disk) -> Self {
@@ -268,7 +278,13 @@ impl Guest {
             "-m".into(),
             mem.clone(),
             "-object".into(),
-            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            match &opts.mem_path {
+                None => format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+                Some(p) => format!(
+                    "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+                    p.display()
+                ),
+            },
         ];
         for (i, d) in opts.disks.iter().enumerate() {
             // The two devices spell the queue-count property differently (QEMU 10).

@@ -793,7 +793,14 @@ impl IoChannel for AioChannel {
         if self.in_kernel == 0 && !self.efd_dirty {
             return n;
         }
-        let has = !self.ring.completion().is_empty();
+        let mut has = !self.ring.completion().is_empty();
+        if !has && self.in_kernel > 0 {
+            // Completions of file I/O are posted by task work that runs when this thread
+            // enters the kernel; a reactor busy-polling in user space would otherwise see
+            // them only at its next interrupt or sleep. One cheap io_uring_enter runs it.
+            let _ = self.ring.submitter().submit();
+            has = !self.ring.completion().is_empty();
+        }
         if has || self.efd_dirty {
             self.drain_efd();
             self.efd_dirty = false;

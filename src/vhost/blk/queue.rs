@@ -23,9 +23,10 @@ const POP_BUDGET: usize = 128;
 /// An in-flight request.
 struct Slot {
     req: BlkRequest,
-    /// Keeps the guest memory the request points into mapped until it completes, even if
-    /// the frontend removes the region meanwhile.
-    mem: Option<Arc<GuestMemoryMmap>>,
+    /// The generation of the guest memory the request points into (see
+    /// [`BlkQueue::mem_gen`]), which stays mapped until the request completes even if the
+    /// frontend removes the region meanwhile; `None` when the request holds no memory.
+    mem_gen: Option<u32>,
     /// Bdev operations still outstanding (a discard of several segments issues several).
     pending: u32,
     status: u8,
@@ -50,6 +51,15 @@ pub struct BlkQueue {
     /// Scratch lists reused by every poll (no allocation on the hot path).
     done: Vec<u32>,
     reflush: Vec<u32>,
+    /// The guest memory new requests point into, its generation (bumped whenever the
+    /// frontend swaps the memory table) and how many in-flight requests use it. Holding
+    /// one reference per generation instead of one per request keeps reference-count
+    /// atomics off the per-request path.
+    mem_cur: Arc<GuestMemoryMmap>,
+    mem_gen: u32,
+    mem_refs: usize,
+    /// Older generations still used by in-flight requests: (generation, memory, requests).
+    mem_retired: Vec<(u32, Arc<GuestMemoryMmap>, usize)>,
 }
 
 impl BlkQueue {
@@ -60,13 +70,18 @@ impl BlkQueue {
         let slots = (0..n)
             .map(|_| Slot {
                 req: BlkRequest::default(),
-                mem: None,
+                mem_gen: None,
                 pending: 0,
                 status: 0,
                 flush_after: false,
             })
             .collect();
+        let mem_cur = setup.mem.memory().into_inner();
         Ok(BlkQueue {
+            mem_cur,
+            mem_gen: 0,
+            mem_refs: 0,
+            mem_retired: Vec::new(),
             index: setup.index,
             queue: setup.queue,
             mem: setup.mem,
@@ -114,16 +129,47 @@ impl BlkQueue {
                 "cannot return a request to the guest: {e}"
             );
         }
-        slot.mem = None;
+        if let Some(gen) = slot.mem_gen.take() {
+            self.release_mem(gen);
+        }
         self.free.push(tag);
         self.in_flight -= 1;
     }
 
+    /// The current guest memory; when the frontend swapped it, the old one is kept (as a
+    /// retired generation) until the requests that point into it complete.
+    fn refresh_mem(&mut self) -> Arc<GuestMemoryMmap> {
+        let guard = self.mem.memory();
+        if !std::ptr::eq(&*guard, Arc::as_ptr(&self.mem_cur)) {
+            let old = std::mem::replace(&mut self.mem_cur, guard.into_inner());
+            if self.mem_refs > 0 {
+                self.mem_retired.push((self.mem_gen, old, self.mem_refs));
+            }
+            self.mem_gen = self.mem_gen.wrapping_add(1);
+            self.mem_refs = 0;
+        }
+        self.mem_cur.clone()
+    }
+
+    /// A request of generation `gen` completed.
+    fn release_mem(&mut self, gen: u32) {
+        if gen == self.mem_gen {
+            self.mem_refs -= 1;
+            return;
+        }
+        if let Some(i) = self.mem_retired.iter().position(|r| r.0 == gen) {
+            self.mem_retired[i].2 -= 1;
+            if self.mem_retired[i].2 == 0 {
+                self.mem_retired.swap_remove(i);
+            }
+        }
+    }
+
     /// Starts a parsed request; returns false when it completed at once.
-    fn start(&mut self, tag: u32, mem: &Arc<GuestMemoryMmap>) -> bool {
+    fn start(&mut self, tag: u32) -> bool {
         let readonly = self.shared.readonly;
         let writethrough = !self.shared.writeback();
-        let id = self.shared.id.clone();
+        let id: &[u8] = &self.shared.id;
         let slot = &mut self.slots[tag as usize];
         slot.status = VIRTIO_BLK_S_OK as u8;
         slot.pending = 0;
@@ -132,7 +178,7 @@ impl BlkQueue {
         let offset = req.sector.saturating_mul(512);
         // SAFETY (all submits below): the iovecs live in `slot.req`, which is not touched
         // until the request completes, and point into guest memory kept mapped by
-        // `slot.mem` for as long.
+        // the memory generation recorded in `slot.mem_gen` for as long.
         match req.kind {
             RequestKind::In => unsafe {
                 self.chan.submit(
@@ -161,8 +207,8 @@ impl BlkQueue {
                 slot.pending = 1;
             },
             RequestKind::GetId => {
-                // SAFETY: `mem` (the memory the request was parsed against) is alive.
-                unsafe { req.copy_to_data(&id) };
+                // SAFETY: `mem_cur` (the memory the request was parsed against) is alive.
+                unsafe { req.copy_to_data(id) };
             }
             RequestKind::Discard | RequestKind::WriteZeroes if readonly => {
                 slot.status = VIRTIO_BLK_S_IOERR as u8
@@ -188,7 +234,8 @@ impl BlkQueue {
             }
         }
         if slot.pending > 0 {
-            slot.mem = Some(mem.clone());
+            slot.mem_gen = Some(self.mem_gen);
+            self.mem_refs += 1;
             true
         } else {
             false
@@ -206,8 +253,7 @@ fn status_of(e: Errno) -> u8 {
 
 impl Poller for BlkQueue {
     fn poll(&mut self) -> usize {
-        let guard = self.mem.memory();
-        let mem: Arc<GuestMemoryMmap> = guard.into_inner();
+        let mem = self.refresh_mem();
         let mut work = 0;
 
         // Completions first: they free slots for new requests.
@@ -261,7 +307,7 @@ impl Poller for BlkQueue {
                 let slot = &mut self.slots[tag as usize];
                 match slot.req.parse_into(chain, &limits) {
                     Ok(()) => {
-                        if !self.start(tag, &mem) {
+                        if !self.start(tag) {
                             self.complete(tag, &mem);
                         }
                     }
