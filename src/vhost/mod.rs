@@ -10,6 +10,7 @@ pub mod device;
 mod events;
 pub mod scsi;
 pub mod session;
+pub mod vring;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;

@@ -1,24 +1,18 @@
 //! One virtio-blk virtqueue served on a reactor: pops requests, submits them to the bdev
 //! channel with the guest's buffers (zero-copy), completes them into the used ring.
 
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::Sender;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{BlkRequest, RequestKind};
 use super::BlkShared;
 use crate::bdev::{BdevChannel, Errno, IoOp, IoResult, IoVecs};
 use crate::reactor::Poller;
-use crate::vhost::device::{GuestMem, QueueSetup};
-
-/// At most this many requests are popped per poll, so that one busy queue does not starve
-/// the other pollers of its reactor.
-const POP_BUDGET: usize = 128;
+use crate::vhost::device::QueueSetup;
+use crate::vhost::vring::{Vring, POP_BUDGET};
 
 /// An in-flight request.
 struct Slot {
@@ -36,18 +30,14 @@ struct Slot {
 
 /// The poller of one virtio-blk queue.
 pub struct BlkQueue {
-    index: u16,
-    queue: Queue,
-    mem: GuestMem,
-    kick: EventFd,
-    call: Option<EventFd>,
+    /// First field: dropped (answering GET_VRING_BASE) before the bdev channel closes.
+    vring: Vring,
     chan: BdevChannel,
     shared: Arc<BlkShared>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     in_flight: usize,
     stopping: bool,
-    stopped: Option<Sender<u16>>,
     /// Scratch lists reused by every poll (no allocation on the hot path).
     done: Vec<u32>,
     reflush: Vec<u32>,
@@ -66,7 +56,8 @@ impl BlkQueue {
     /// Builds the poller; opens the bdev channel on the calling (reactor) thread.
     pub fn new(setup: QueueSetup, shared: Arc<BlkShared>) -> std::io::Result<Self> {
         let chan = shared.bdev.open_channel()?;
-        let n = setup.queue.size().max(1) as usize;
+        let vring = Vring::new(setup);
+        let n = vring.size().max(1) as usize;
         let slots = (0..n)
             .map(|_| Slot {
                 req: BlkRequest::default(),
@@ -76,24 +67,19 @@ impl BlkQueue {
                 flush_after: false,
             })
             .collect();
-        let mem_cur = setup.mem.memory().into_inner();
+        let mem_cur = vring.mem().memory().into_inner();
         Ok(BlkQueue {
+            vring,
             mem_cur,
             mem_gen: 0,
             mem_refs: 0,
             mem_retired: Vec::new(),
-            index: setup.index,
-            queue: setup.queue,
-            mem: setup.mem,
-            kick: setup.kick,
-            call: setup.call,
             chan,
             shared,
             slots,
             free: (0..n as u32).rev().collect(),
             in_flight: 0,
             stopping: false,
-            stopped: Some(setup.stopped),
             done: Vec::with_capacity(n),
             reflush: Vec::new(),
         })
@@ -123,12 +109,8 @@ impl BlkQueue {
         // The status address was validated at parse time; a failure here means the
         // frontend removed the memory meanwhile: nothing more can be reported.
         let _ = mem.write_obj(slot.status, slot.req.status_addr);
-        if let Err(e) = self.queue.add_used(mem, slot.req.head_index, used_len) {
-            tracing::warn!(
-                queue = self.index,
-                "cannot return a request to the guest: {e}"
-            );
-        }
+        self.vring
+            .add_used(mem, slot.req.head_index, used_len, "a request to the guest");
         if let Some(gen) = slot.mem_gen.take() {
             self.release_mem(gen);
         }
@@ -139,7 +121,7 @@ impl BlkQueue {
     /// The current guest memory; when the frontend swapped it, the old one is kept (as a
     /// retired generation) until the requests that point into it complete.
     fn refresh_mem(&mut self) -> Arc<GuestMemoryMmap> {
-        let guard = self.mem.memory();
+        let guard = self.vring.mem().memory();
         if !std::ptr::eq(&*guard, Arc::as_ptr(&self.mem_cur)) {
             let old = std::mem::replace(&mut self.mem_cur, guard.into_inner());
             if self.mem_refs > 0 {
@@ -297,11 +279,9 @@ impl Poller for BlkQueue {
             let limits = self.shared.limits();
             let mut popped = 0;
             while popped < POP_BUDGET {
-                let Some(&tag) = self.free.last() else { break };
-                let Some(chain) = self.queue.pop_descriptor_chain(&*mem) else {
+                let Some((tag, chain)) = self.vring.pop_for_slot(&mem, &mut self.free) else {
                     break;
                 };
-                self.free.pop();
                 self.in_flight += 1;
                 popped += 1;
                 let slot = &mut self.slots[tag as usize];
@@ -312,7 +292,7 @@ impl Poller for BlkQueue {
                         }
                     }
                     Err(e) => {
-                        tracing::debug!(queue = self.index, "bad request: {e}");
+                        tracing::debug!(queue = self.vring.index(), "bad request: {e}");
                         match e.status_addr {
                             Some(addr) => {
                                 slot.req.status_addr = addr;
@@ -322,12 +302,7 @@ impl Poller for BlkQueue {
                             }
                             None => {
                                 // Nowhere to write a status: hand the chain back unused.
-                                if let Err(e) = self.queue.add_used(&*mem, e.head_index, 0) {
-                                    tracing::warn!(
-                                        queue = self.index,
-                                        "cannot return a chain: {e}"
-                                    );
-                                }
+                                self.vring.add_used(&mem, e.head_index, 0, "a chain");
                                 self.free.push(tag);
                                 self.in_flight -= 1;
                             }
@@ -342,14 +317,7 @@ impl Poller for BlkQueue {
         }
 
         if completed > 0 || work > 0 {
-            match self.queue.needs_notification(&*mem) {
-                Ok(true) | Err(_) => {
-                    if let Some(call) = &self.call {
-                        let _ = call.write(1);
-                    }
-                }
-                Ok(false) => {}
-            }
+            self.vring.notify_guest(&mem);
         }
         work
     }
@@ -358,20 +326,15 @@ impl Poller for BlkQueue {
         if self.stopping {
             return false;
         }
-        let mem = self.mem.memory();
-        // True when descriptors arrived since the last pop (virtio 1.2 §2.7.10 with
-        // EVENT_IDX: avail_event is set to our position first).
-        self.queue.enable_notification(&*mem).unwrap_or(true) && !self.free.is_empty()
+        self.vring.arm() && !self.free.is_empty()
     }
 
     fn disarm(&mut self) {
-        let mem = self.mem.memory();
-        let _ = self.queue.disable_notification(&*mem);
-        let _ = self.kick.read();
+        self.vring.disarm();
     }
 
     fn wake_fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.kick.as_raw_fd()];
+        let mut v = vec![self.vring.wake_fd()];
         if let Some(fd) = self.chan.completion_fd() {
             v.push(fd);
         }
@@ -395,13 +358,10 @@ impl Drop for BlkQueue {
     fn drop(&mut self) {
         if self.in_flight > 0 {
             tracing::error!(
-                queue = self.index,
+                queue = self.vring.index(),
                 in_flight = self.in_flight,
                 "queue dropped with requests in flight"
             );
-        }
-        if let Some(tx) = self.stopped.take() {
-            let _ = tx.send(self.queue.next_avail());
         }
     }
 }

@@ -4,12 +4,10 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_scsi::*;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -23,28 +21,15 @@ use super::sense::{self, Sense};
 use super::{lock, ScsiShared, ScsiTarget, MAX_TARGETS};
 use crate::bdev::{BdevChannel, IoOp, IoResult, IoVecs};
 use crate::reactor::Poller;
-use crate::vhost::device::{GuestMem, QueueSetup};
+use crate::vhost::device::QueueSetup;
+use crate::vhost::vring::{Vring, POP_BUDGET};
 
-/// Most chains popped per poll, so one busy queue does not starve the others.
-const POP_BUDGET: usize = 128;
 /// How long a task management function waits for the LUN's commands to finish.
 const TMF_TIMEOUT: Duration = Duration::from_secs(10);
 /// TMF response FUNCTION COMPLETE (§5.6.6.2.1; 0, the same value as `VIRTIO_SCSI_S_OK`).
 const VIRTIO_SCSI_S_FUNCTION_COMPLETE: u32 = 0;
 /// No channel: the command completed without the bdev.
 const NO_CHAN: usize = usize::MAX;
-
-/// Raises the guest interrupt if the driver wants one (§2.7.10 with EVENT_IDX).
-fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, call: &Option<EventFd>) {
-    match queue.needs_notification(mem) {
-        Ok(true) | Err(_) => {
-            if let Some(call) = call {
-                let _ = call.write(1);
-            }
-        }
-        Ok(false) => {}
-    }
-}
 
 /// A target's bdev channel on this queue.
 struct LunChan {
@@ -127,11 +112,8 @@ fn null_lun_inquiry(cdb: &[u8]) -> Vec<u8> {
 
 /// The poller of one request queue.
 pub struct RequestQueue {
-    index: u16,
-    queue: Queue,
-    mem: GuestMem,
-    kick: EventFd,
-    call: Option<EventFd>,
+    /// First field: dropped (answering GET_VRING_BASE) before the rest.
+    vring: Vring,
     shared: Arc<ScsiShared>,
     generation: u64,
     luns: [Option<usize>; MAX_TARGETS],
@@ -144,7 +126,6 @@ pub struct RequestQueue {
     free: Vec<u32>,
     in_flight: usize,
     stopping: bool,
-    stopped: Option<Sender<u16>>,
     done: Vec<u32>,
     reflush: Vec<u32>,
 }
@@ -152,16 +133,13 @@ pub struct RequestQueue {
 impl RequestQueue {
     /// Builds the poller (on its reactor thread); channels open on the first poll.
     pub fn new(setup: QueueSetup, shared: Arc<ScsiShared>) -> Self {
-        let n = setup.queue.size().max(1) as usize;
+        let vring = Vring::new(setup);
+        let n = vring.size().max(1) as usize;
         let epoll = Epoll::new()
-            .map_err(|e| tracing::warn!(queue = setup.index, "no completion epoll: {e}"))
+            .map_err(|e| tracing::warn!(queue = vring.index(), "no completion epoll: {e}"))
             .ok();
         let mut q = RequestQueue {
-            index: setup.index,
-            queue: setup.queue,
-            mem: setup.mem,
-            kick: setup.kick,
-            call: setup.call,
+            vring,
             shared,
             generation: u64::MAX,
             luns: [None; MAX_TARGETS],
@@ -172,7 +150,6 @@ impl RequestQueue {
             free: (0..n as u32).rev().collect(),
             in_flight: 0,
             stopping: false,
-            stopped: Some(setup.stopped),
             done: Vec::with_capacity(n),
             reflush: Vec::new(),
         };
@@ -230,7 +207,7 @@ impl RequestQueue {
                     self.luns[i] = Some(idx);
                 }
                 Err(e) => tracing::error!(
-                    queue = self.index,
+                    queue = self.vring.index(),
                     target = i,
                     bdev = t.bdev.name(),
                     "cannot open a bdev channel: {e}"
@@ -436,12 +413,9 @@ impl RequestQueue {
             // The frontend removed the memory meanwhile: nothing can be reported.
             Err(_) => 0,
         };
-        if let Err(e) =
-            self.queue
-                .add_used(mem, slot.req.head_index, u32::try_from(used).unwrap_or(0))
-        {
-            tracing::warn!(queue = self.index, "cannot return a command: {e}");
-        }
+        let used = u32::try_from(used).unwrap_or(0);
+        self.vring
+            .add_used(mem, slot.req.head_index, used, "a command");
         if slot.chan != NO_CHAN {
             if let Some(Some(lc)) = self.chans.get_mut(slot.chan) {
                 lc.users = lc.users.saturating_sub(1);
@@ -468,7 +442,7 @@ impl RequestQueue {
 
 impl Poller for RequestQueue {
     fn poll(&mut self) -> usize {
-        let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
         self.resync();
         if self.has_retired {
             self.reap_retired();
@@ -519,11 +493,9 @@ impl Poller for RequestQueue {
         if !self.stopping {
             let mut popped = 0;
             while popped < POP_BUDGET {
-                let Some(&tag) = self.free.last() else { break };
-                let Some(chain) = self.queue.pop_descriptor_chain(&*mem) else {
+                let Some((tag, chain)) = self.vring.pop_for_slot(&mem, &mut self.free) else {
                     break;
                 };
-                self.free.pop();
                 self.in_flight += 1;
                 popped += 1;
                 let slot = &mut self.slots[tag as usize];
@@ -534,7 +506,7 @@ impl Poller for RequestQueue {
                         }
                     }
                     Err(e) => {
-                        tracing::debug!(queue = self.index, "bad request: {e}");
+                        tracing::debug!(queue = self.vring.index(), "bad request: {e}");
                         slot.req.head_index = e.head_index;
                         slot.resp = CmdResponse {
                             response: VIRTIO_SCSI_S_FAILURE as u8,
@@ -556,7 +528,7 @@ impl Poller for RequestQueue {
         self.kick_channels();
 
         if work > 0 {
-            notify(&mut self.queue, &mem, &self.call);
+            self.vring.notify_guest(&mem);
         }
         work
     }
@@ -565,18 +537,15 @@ impl Poller for RequestQueue {
         if self.stopping {
             return false;
         }
-        let mem = self.mem.memory();
-        self.queue.enable_notification(&*mem).unwrap_or(true) && !self.free.is_empty()
+        self.vring.arm() && !self.free.is_empty()
     }
 
     fn disarm(&mut self) {
-        let mem = self.mem.memory();
-        let _ = self.queue.disable_notification(&*mem);
-        let _ = self.kick.read();
+        self.vring.disarm();
     }
 
     fn wake_fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.kick.as_raw_fd()];
+        let mut v = vec![self.vring.wake_fd()];
         if let Some(ep) = &self.epoll {
             v.push(ep.as_raw_fd());
         }
@@ -610,13 +579,10 @@ impl Drop for RequestQueue {
     fn drop(&mut self) {
         if self.in_flight > 0 {
             tracing::error!(
-                queue = self.index,
+                queue = self.vring.index(),
                 in_flight = self.in_flight,
                 "queue dropped with commands in flight"
             );
-        }
-        if let Some(tx) = self.stopped.take() {
-            let _ = tx.send(self.queue.next_avail());
         }
     }
 }
@@ -633,32 +599,23 @@ struct PendingTmf {
 
 /// The control queue's poller (§5.6.6.2).
 pub struct ControlQueue {
-    index: u16,
-    queue: Queue,
-    mem: GuestMem,
-    kick: EventFd,
-    call: Option<EventFd>,
+    /// First field: dropped (answering GET_VRING_BASE) before the rest.
+    vring: Vring,
     shared: Arc<ScsiShared>,
     streams: Streams,
     waiting: Vec<PendingTmf>,
     stopping: bool,
-    stopped: Option<Sender<u16>>,
 }
 
 impl ControlQueue {
     /// Builds the poller.
     pub fn new(setup: QueueSetup, shared: Arc<ScsiShared>) -> Self {
         ControlQueue {
-            index: setup.index,
-            queue: setup.queue,
-            mem: setup.mem,
-            kick: setup.kick,
-            call: setup.call,
+            vring: Vring::new(setup),
             shared,
             streams: Streams::default(),
             waiting: Vec::new(),
             stopping: false,
-            stopped: Some(setup.stopped),
         }
     }
 
@@ -667,9 +624,7 @@ impl ControlQueue {
             Ok(()) => bytes.len() as u32,
             Err(_) => 0,
         };
-        if let Err(e) = self.queue.add_used(mem, head, used) {
-            tracing::warn!(queue = self.index, "cannot return a control request: {e}");
-        }
+        self.vring.add_used(mem, head, used, "a control request");
     }
 
     /// The TMF response for `subtype` (§5.6.6.2.1), and whether it waits for the LUN's
@@ -750,7 +705,7 @@ impl ControlQueue {
                     w.response
                 } else {
                     tracing::warn!(
-                        queue = self.index,
+                        queue = self.vring.index(),
                         target = w.target.id,
                         "task management timed out waiting for commands"
                     );
@@ -768,11 +723,11 @@ impl ControlQueue {
 
 impl Poller for ControlQueue {
     fn poll(&mut self) -> usize {
-        let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
         let mut work = self.check_waiting(&mem);
         if !self.stopping {
             while work < POP_BUDGET {
-                let Some(mut chain) = self.queue.pop_descriptor_chain(&*mem) else {
+                let Some(mut chain) = self.vring.pop(&mem) else {
                     break;
                 };
                 let head = chain.head_index();
@@ -780,16 +735,14 @@ impl Poller for ControlQueue {
                 match parse_control(&mut chain, &mut self.streams) {
                     Ok(req) => self.handle(&mem, head, req),
                     Err(e) => {
-                        tracing::debug!(queue = self.index, "bad control request: {e}");
-                        if let Err(e) = self.queue.add_used(&*mem, head, 0) {
-                            tracing::warn!(queue = self.index, "cannot return a chain: {e}");
-                        }
+                        tracing::debug!(queue = self.vring.index(), "bad control request: {e}");
+                        self.vring.add_used(&mem, head, 0, "a chain");
                     }
                 }
             }
         }
         if work > 0 {
-            notify(&mut self.queue, &mem, &self.call);
+            self.vring.notify_guest(&mem);
         }
         work
     }
@@ -798,18 +751,15 @@ impl Poller for ControlQueue {
         if self.stopping {
             return false;
         }
-        let mem = self.mem.memory();
-        self.queue.enable_notification(&*mem).unwrap_or(true)
+        self.vring.arm()
     }
 
     fn disarm(&mut self) {
-        let mem = self.mem.memory();
-        let _ = self.queue.disable_notification(&*mem);
-        let _ = self.kick.read();
+        self.vring.disarm();
     }
 
     fn wake_fds(&self) -> Vec<RawFd> {
-        vec![self.kick.as_raw_fd()]
+        vec![self.vring.wake_fd()]
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -829,27 +779,15 @@ impl Poller for ControlQueue {
     }
 }
 
-impl Drop for ControlQueue {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stopped.take() {
-            let _ = tx.send(self.queue.next_avail());
-        }
-    }
-}
-
 /// The event queue's poller (§5.6.6.3): fills the driver's event buffers with the
 /// controller's pending events.
 pub struct EventQueue {
-    index: u16,
-    queue: Queue,
-    mem: GuestMem,
-    kick: EventFd,
+    /// First field: dropped (answering GET_VRING_BASE) before the rest.
+    vring: Vring,
     wake: EventFd,
-    call: Option<EventFd>,
     shared: Arc<ScsiShared>,
     streams: Streams,
     stopping: bool,
-    stopped: Option<Sender<u16>>,
 }
 
 impl EventQueue {
@@ -863,16 +801,11 @@ impl EventQueue {
             ev.missed = false;
         }
         Ok(EventQueue {
-            index: setup.index,
-            queue: setup.queue,
-            mem: setup.mem,
-            kick: setup.kick,
+            vring: Vring::new(setup),
             wake: shared.event_wake.try_clone()?,
-            call: setup.call,
             shared,
             streams: Streams::default(),
             stopping: false,
-            stopped: Some(setup.stopped),
         })
     }
 
@@ -884,10 +817,10 @@ impl EventQueue {
 
 impl Poller for EventQueue {
     fn poll(&mut self) -> usize {
-        let mem: Arc<GuestMemoryMmap> = self.mem.memory().into_inner();
+        let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
         let mut work = 0;
         while !self.stopping && self.has_events() {
-            let Some(mut chain) = self.queue.pop_descriptor_chain(&*mem) else {
+            let Some(mut chain) = self.vring.pop(&mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -914,15 +847,13 @@ impl Poller for EventQueue {
                     Err(_) => 0,
                 }
             } else {
-                tracing::debug!(queue = self.index, "unusable event buffer");
+                tracing::debug!(queue = self.vring.index(), "unusable event buffer");
                 0
             };
-            if let Err(e) = self.queue.add_used(&*mem, head, used) {
-                tracing::warn!(queue = self.index, "cannot return an event buffer: {e}");
-            }
+            self.vring.add_used(&mem, head, used, "an event buffer");
         }
         if work > 0 {
-            notify(&mut self.queue, &mem, &self.call);
+            self.vring.notify_guest(&mem);
         }
         work
     }
@@ -931,19 +862,16 @@ impl Poller for EventQueue {
         if self.stopping {
             return false;
         }
-        let mem = self.mem.memory();
-        self.queue.enable_notification(&*mem).unwrap_or(true) && self.has_events()
+        self.vring.arm() && self.has_events()
     }
 
     fn disarm(&mut self) {
-        let mem = self.mem.memory();
-        let _ = self.queue.disable_notification(&*mem);
-        let _ = self.kick.read();
+        self.vring.disarm();
         let _ = self.wake.read();
     }
 
     fn wake_fds(&self) -> Vec<RawFd> {
-        vec![self.kick.as_raw_fd(), self.wake.as_raw_fd()]
+        vec![self.vring.wake_fd(), self.wake.as_raw_fd()]
     }
 
     fn request_stop(&mut self) {
@@ -962,9 +890,6 @@ impl Drop for EventQueue {
             ev.running = false;
             ev.pending.clear();
             ev.missed = false;
-        }
-        if let Some(tx) = self.stopped.take() {
-            let _ = tx.send(self.queue.next_avail());
         }
     }
 }

@@ -7,11 +7,13 @@ use std::sync::mpsc;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 use super::*;
 use crate::bdev::malloc::{self, MallocOpts};
 use crate::bdev::BdevRegistry;
+use crate::vhost::device::GuestMem;
 use crate::vhost::scsi::request::REQ_HEADER_LEN;
 use crate::vhost::scsi::ScsiDevice;
 
@@ -223,10 +225,12 @@ impl Rig {
                 Instant::now() < deadline,
                 "command not completed: used {} {:?} {:?} in_flight {} next_avail {}",
                 used_idx(m, used_addr),
-                rq.queue.used_idx(m, std::sync::atomic::Ordering::Acquire),
+                rq.vring
+                    .queue()
+                    .used_idx(m, std::sync::atomic::Ordering::Acquire),
                 used_addr,
                 rq.in_flight,
-                rq.queue.next_avail()
+                rq.vring.queue().next_avail()
             );
         }
         let (id, used) = used_elem(m, used_addr, self.n - 1, QSIZE);
