@@ -8,6 +8,7 @@
 pub mod blk;
 pub mod device;
 mod events;
+pub mod guest_stream;
 pub mod scsi;
 pub mod session;
 pub mod vring;

@@ -33,6 +33,11 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError};
 
+pub use crate::vhost::guest_stream::MAX_IOVECS;
+use crate::vhost::guest_stream::{
+    copy_to_iovecs, push_iovecs, read_stream, walk, Extent, StreamError,
+};
+
 /// virtio-blk sector size: request offsets and lengths are in 512-byte units (§5.2.6).
 pub const SECTOR_SIZE: u64 = 512;
 /// Size of the request header `{le32 type, le32 reserved, le64 sector}` (§5.2.6).
@@ -41,9 +46,6 @@ pub const HEADER_LEN: u64 = 16;
 pub const SEGMENT_LEN: u64 = 16;
 /// Size of the GET_ID answer (§5.2.6: 20 bytes, not NUL-terminated if the id is 20 bytes long).
 pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
-/// Most host iovecs one request may translate to (Linux `UIO_MAXIOV`, the preadv/io_uring
-/// limit).
-pub const MAX_IOVECS: usize = 1024;
 /// Descriptors allowed on top of `seg_max` data descriptors: a header split byte by byte,
 /// plus the status descriptor.
 const FRAMING_DESCS: usize = HEADER_LEN as usize + 1;
@@ -286,6 +288,21 @@ struct Desc {
     write: bool,
 }
 
+impl Extent for Desc {
+    fn guest_range(&self) -> (u64, u32) {
+        (self.addr, self.len)
+    }
+}
+
+impl From<StreamError> for ParseError {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::BadGuestAddress { addr, len } => ParseError::BadGuestAddress { addr, len },
+            StreamError::TooManyIovecs => ParseError::TooManyIovecs,
+        }
+    }
+}
+
 /// A parsed, validated virtio-blk request. Recycle it: [`BlkRequest::parse_into`] reuses the
 /// vectors, so the hot path does not allocate once they have grown.
 ///
@@ -444,7 +461,7 @@ impl BlkRequest {
             return Err(fail(st, ParseError::HeaderTooShort(readable_len)));
         }
         let mut hdr = [0u8; HEADER_LEN as usize];
-        read_stream(mem, readable, 0, &mut hdr).map_err(|e| fail(st, e))?;
+        read_stream(mem, readable, 0, &mut hdr).map_err(|e| fail(st, e.into()))?;
         let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes([
             hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
@@ -554,21 +571,9 @@ impl BlkRequest {
     /// # Safety
     /// The guest memory the request was parsed against must still be mapped.
     pub unsafe fn copy_to_data(&self, src: &[u8]) -> usize {
-        let mut done = 0;
-        for iov in &self.data {
-            if done == src.len() {
-                break;
-            }
-            let n = iov.iov_len.min(src.len() - done);
-            // SAFETY: `iov` was translated from guest memory by `parse_into` and covers
-            // `iov_len` bytes; the caller guarantees the mapping is alive. Guest memory never
-            // overlaps a Rust slice.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src[done..].as_ptr(), iov.iov_base as *mut u8, n)
-            };
-            done += n;
-        }
-        done
+        // SAFETY: `data` was translated from guest memory by `parse_into`; the caller
+        // guarantees the mapping is alive.
+        unsafe { copy_to_iovecs(&self.data, src) }
     }
 }
 
@@ -596,61 +601,6 @@ fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), ParseErro
     }
 }
 
-/// Calls `f(guest_addr, len)` for the pieces of `descs`' byte stream in
-/// `[skip, skip + take)`; returns how many descriptors contributed.
-fn walk<F>(descs: &[Desc], skip: u64, take: u64, mut f: F) -> Result<usize, ParseError>
-where
-    F: FnMut(u64, u64) -> Result<(), ParseError>,
-{
-    let mut pos = 0u64;
-    let end = skip.saturating_add(take);
-    let mut pieces = 0;
-    for d in descs {
-        let d_start = pos;
-        let d_end = pos + u64::from(d.len);
-        pos = d_end;
-        let lo = d_start.max(skip);
-        let hi = d_end.min(end);
-        if lo >= hi {
-            if d_start >= end {
-                break;
-            }
-            continue;
-        }
-        let addr = d
-            .addr
-            .checked_add(lo - d_start)
-            .ok_or(ParseError::BadGuestAddress {
-                addr: d.addr,
-                len: u64::from(d.len),
-            })?;
-        f(addr, hi - lo)?;
-        pieces += 1;
-    }
-    Ok(pieces)
-}
-
-/// Copies `buf.len()` bytes at offset `skip` of `descs`' byte stream into `buf`.
-fn read_stream<M: GuestMemory + ?Sized>(
-    mem: &M,
-    descs: &[Desc],
-    skip: u64,
-    buf: &mut [u8],
-) -> Result<(), ParseError> {
-    let mut off = 0usize;
-    walk(descs, skip, buf.len() as u64, |addr, len| {
-        let len = len as usize; // <= buf.len()
-        mem.read_slice(&mut buf[off..off + len], GuestAddress(addr))
-            .map_err(|_| ParseError::BadGuestAddress {
-                addr,
-                len: len as u64,
-            })?;
-        off += len;
-        Ok(())
-    })?;
-    Ok(())
-}
-
 /// Translates `[skip, skip + take)` of `descs`' byte stream into host iovecs, checking
 /// `seg_max`, `size_max` and [`MAX_IOVECS`].
 fn map_data<M: GuestMemoryBackend + ?Sized>(
@@ -668,18 +618,7 @@ fn map_data<M: GuestMemoryBackend + ?Sized>(
                 max: limits.size_max,
             });
         }
-        let bad = ParseError::BadGuestAddress { addr, len };
-        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len as usize) {
-            let slice = slice.map_err(|_| bad.clone())?;
-            if out.len() == MAX_IOVECS {
-                return Err(ParseError::TooManyIovecs);
-            }
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-        Ok(())
+        push_iovecs(mem, addr, len, out).map_err(ParseError::from)
     })?;
     if pieces > limits.seg_max as usize {
         return Err(ParseError::TooManySegments {

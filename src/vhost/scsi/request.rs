@@ -21,7 +21,12 @@ use std::ops::Deref;
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend};
+
+pub use crate::vhost::guest_stream::{
+    copy_from_iovecs, copy_to_iovecs, read_stream, write_stream, MAX_IOVECS,
+};
+use crate::vhost::guest_stream::{push_iovecs, walk, Extent, StreamError};
 
 /// `cdb_size` blockd advertises and requires (the virtio default; QEMU refuses changes).
 pub const CDB_SIZE: usize = 32;
@@ -31,8 +36,6 @@ pub const SENSE_SIZE: usize = 96;
 pub const REQ_HEADER_LEN: u64 = 8 + 8 + 3 + CDB_SIZE as u64;
 /// Bytes of `virtio_scsi_cmd_resp` with 96 bytes of sense.
 pub const RESP_LEN: u64 = 4 + 4 + 2 + 1 + 1 + SENSE_SIZE as u64;
-/// Most host iovecs one request's data may map to (Linux `UIO_MAXIOV`).
-pub const MAX_IOVECS: usize = 1024;
 /// Most descriptors in one chain we accept.
 pub const MAX_DESCS: usize = 1024;
 
@@ -73,6 +76,21 @@ pub enum ParseError {
 pub struct Desc {
     pub addr: u64,
     pub len: u32,
+}
+
+impl Extent for Desc {
+    fn guest_range(&self) -> (u64, u32) {
+        (self.addr, self.len)
+    }
+}
+
+impl From<StreamError> for ParseError {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::BadGuestAddress { addr, len } => ParseError::BadGuestAddress { addr, len },
+            StreamError::TooManyIovecs => ParseError::TooManyIovecs,
+        }
+    }
 }
 
 /// The descriptors of a chain split into its readable and writable streams.
@@ -131,81 +149,6 @@ impl Streams {
     }
 }
 
-/// Calls `f(guest_addr, len)` for the pieces of `descs`' stream in `[skip, skip + take)`.
-pub fn walk<F>(descs: &[Desc], skip: u64, take: u64, mut f: F) -> Result<usize, ParseError>
-where
-    F: FnMut(u64, u64) -> Result<(), ParseError>,
-{
-    let mut pos = 0u64;
-    let end = skip.saturating_add(take);
-    let mut pieces = 0;
-    for d in descs {
-        let d_start = pos;
-        let d_end = pos + u64::from(d.len);
-        pos = d_end;
-        if d_start >= end {
-            break;
-        }
-        let lo = d_start.max(skip);
-        let hi = d_end.min(end);
-        if lo >= hi {
-            continue;
-        }
-        let addr = d
-            .addr
-            .checked_add(lo - d_start)
-            .ok_or(ParseError::BadGuestAddress {
-                addr: d.addr,
-                len: u64::from(d.len),
-            })?;
-        f(addr, hi - lo)?;
-        pieces += 1;
-    }
-    Ok(pieces)
-}
-
-/// Copies `buf.len()` bytes at offset `skip` of the stream into `buf`.
-pub fn read_stream<M: GuestMemory + ?Sized>(
-    mem: &M,
-    descs: &[Desc],
-    skip: u64,
-    buf: &mut [u8],
-) -> Result<(), ParseError> {
-    let mut off = 0usize;
-    walk(descs, skip, buf.len() as u64, |addr, len| {
-        let len = len as usize;
-        mem.read_slice(&mut buf[off..off + len], GuestAddress(addr))
-            .map_err(|_| ParseError::BadGuestAddress {
-                addr,
-                len: len as u64,
-            })?;
-        off += len;
-        Ok(())
-    })?;
-    Ok(())
-}
-
-/// Copies `buf` to offset `skip` of the stream.
-pub fn write_stream<M: GuestMemory + ?Sized>(
-    mem: &M,
-    descs: &[Desc],
-    skip: u64,
-    buf: &[u8],
-) -> Result<(), ParseError> {
-    let mut off = 0usize;
-    walk(descs, skip, buf.len() as u64, |addr, len| {
-        let len = len as usize;
-        mem.write_slice(&buf[off..off + len], GuestAddress(addr))
-            .map_err(|_| ParseError::BadGuestAddress {
-                addr,
-                len: len as u64,
-            })?;
-        off += len;
-        Ok(())
-    })?;
-    Ok(())
-}
-
 /// Translates `[skip, skip + take)` of the stream into host iovecs.
 fn map_data<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
@@ -215,19 +158,7 @@ fn map_data<M: GuestMemoryBackend + ?Sized>(
     out: &mut Vec<libc::iovec>,
 ) -> Result<(), ParseError> {
     walk(descs, skip, take, |addr, len| {
-        let bad = ParseError::BadGuestAddress { addr, len };
-        let len = usize::try_from(len).map_err(|_| bad.clone())?;
-        for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len) {
-            let slice = slice.map_err(|_| bad.clone())?;
-            if out.len() == MAX_IOVECS {
-                return Err(ParseError::TooManyIovecs);
-            }
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-        Ok(())
+        push_iovecs(mem, addr, len, out).map_err(ParseError::from)
     })?;
     Ok(())
 }
@@ -361,7 +292,7 @@ impl CmdRequest {
             return Err(fail(ParseError::HeaderTooShort(self.streams.readable_len)));
         }
         let mut hdr = [0u8; REQ_HEADER_LEN as usize];
-        read_stream(mem, &self.streams.readable, 0, &mut hdr).map_err(&fail)?;
+        read_stream(mem, &self.streams.readable, 0, &mut hdr).map_err(|e| fail(e.into()))?;
         self.lun.copy_from_slice(&hdr[0..8]);
         self.tag = u64::from_le_bytes([
             hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
@@ -407,45 +338,6 @@ impl CmdRequest {
         .map_err(&fail)?;
         Ok(())
     }
-}
-
-/// Copies `src` into `iovs`; returns the bytes copied (at most the iovecs' total).
-///
-/// # Safety
-/// The iovecs must point to live, writable memory (the guest memory they were parsed
-/// against must still be mapped).
-pub unsafe fn copy_to_iovecs(iovs: &[libc::iovec], src: &[u8]) -> usize {
-    let mut done = 0;
-    for iov in iovs {
-        if done == src.len() {
-            break;
-        }
-        let n = iov.iov_len.min(src.len() - done);
-        // SAFETY: per the caller's guarantee; guest memory never overlaps a Rust slice.
-        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), iov.iov_base as *mut u8, n) };
-        done += n;
-    }
-    done
-}
-
-/// Copies the first `dst.len()` bytes of `iovs` into `dst`; returns the bytes copied.
-///
-/// # Safety
-/// As [`copy_to_iovecs`], for reading.
-pub unsafe fn copy_from_iovecs(iovs: &[libc::iovec], dst: &mut [u8]) -> usize {
-    let mut done = 0;
-    for iov in iovs {
-        if done == dst.len() {
-            break;
-        }
-        let n = iov.iov_len.min(dst.len() - done);
-        // SAFETY: per the caller's guarantee.
-        unsafe {
-            std::ptr::copy_nonoverlapping(iov.iov_base as *const u8, dst[done..].as_mut_ptr(), n)
-        };
-        done += n;
-    }
-    done
 }
 
 /// The response header of a command (§5.6.6.1), serialized.

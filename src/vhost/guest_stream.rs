@@ -1,0 +1,169 @@
+//! One part (device-readable or device-writable) of a descriptor chain seen as a single
+//! byte stream in guest memory, as every virtio request format is defined: the device must
+//! not assume a particular arrangement of descriptors (virtio 1.2 §2.7.4), so a header may
+//! be split over several descriptors or share one with data.
+//!
+//! The device parsers (blk, scsi) copy a chain's descriptors out and validate them their
+//! own way; reading, writing and translating ranges of the resulting streams is shared
+//! here. Every address and length is guest-controlled: nothing here panics or overflows.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+
+/// Most host iovecs one request's data may map to (Linux `UIO_MAXIOV`, the preadv/io_uring
+/// limit).
+pub const MAX_IOVECS: usize = 1024;
+
+/// Why a range of a stream cannot be used; the parsers turn it into their own error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// A range not (fully) backed by guest memory, or whose address overflows.
+    BadGuestAddress { addr: u64, len: u64 },
+    /// The range maps to more than [`MAX_IOVECS`] host buffers.
+    TooManyIovecs,
+}
+
+/// A descriptor of a stream: a guest-physical range.
+pub trait Extent {
+    /// Guest-physical start address and length in bytes.
+    fn guest_range(&self) -> (u64, u32);
+}
+
+/// Calls `f(guest_addr, len)` for the pieces of the stream `descs` in `[skip, skip + take)`;
+/// returns how many descriptors contributed.
+pub fn walk<D, E, F>(descs: &[D], skip: u64, take: u64, mut f: F) -> Result<usize, E>
+where
+    D: Extent,
+    E: From<StreamError>,
+    F: FnMut(u64, u64) -> Result<(), E>,
+{
+    let mut pos = 0u64;
+    let end = skip.saturating_add(take);
+    let mut pieces = 0;
+    for d in descs {
+        let (d_addr, d_len) = d.guest_range();
+        let d_start = pos;
+        let d_end = pos + u64::from(d_len);
+        pos = d_end;
+        if d_start >= end {
+            break;
+        }
+        let lo = d_start.max(skip);
+        let hi = d_end.min(end);
+        if lo >= hi {
+            continue;
+        }
+        let addr = d_addr
+            .checked_add(lo - d_start)
+            .ok_or(StreamError::BadGuestAddress {
+                addr: d_addr,
+                len: u64::from(d_len),
+            })?;
+        f(addr, hi - lo)?;
+        pieces += 1;
+    }
+    Ok(pieces)
+}
+
+/// Copies `buf.len()` bytes at offset `skip` of the stream into `buf`.
+pub fn read_stream<M: GuestMemory + ?Sized, D: Extent>(
+    mem: &M,
+    descs: &[D],
+    skip: u64,
+    buf: &mut [u8],
+) -> Result<(), StreamError> {
+    let mut off = 0usize;
+    walk(descs, skip, buf.len() as u64, |addr, len| {
+        let len = len as usize; // <= buf.len()
+        mem.read_slice(&mut buf[off..off + len], GuestAddress(addr))
+            .map_err(|_| StreamError::BadGuestAddress {
+                addr,
+                len: len as u64,
+            })?;
+        off += len;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Copies `buf` to offset `skip` of the stream.
+pub fn write_stream<M: GuestMemory + ?Sized, D: Extent>(
+    mem: &M,
+    descs: &[D],
+    skip: u64,
+    buf: &[u8],
+) -> Result<(), StreamError> {
+    let mut off = 0usize;
+    walk(descs, skip, buf.len() as u64, |addr, len| {
+        let len = len as usize; // <= buf.len()
+        mem.write_slice(&buf[off..off + len], GuestAddress(addr))
+            .map_err(|_| StreamError::BadGuestAddress {
+                addr,
+                len: len as u64,
+            })?;
+        off += len;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Appends the host iovecs of guest range `addr`+`len` to `out` (split at memory-region
+/// boundaries), at most [`MAX_IOVECS`] in all.
+pub fn push_iovecs<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    addr: u64,
+    len: u64,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), StreamError> {
+    let bad = StreamError::BadGuestAddress { addr, len };
+    let len = usize::try_from(len).map_err(|_| bad.clone())?;
+    for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len) {
+        let slice = slice.map_err(|_| bad.clone())?;
+        if out.len() == MAX_IOVECS {
+            return Err(StreamError::TooManyIovecs);
+        }
+        out.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Copies `src` into `iovs`; returns the bytes copied (at most the iovecs' total).
+///
+/// # Safety
+/// The iovecs must point to live, writable memory (the guest memory they were translated
+/// from must still be mapped).
+pub unsafe fn copy_to_iovecs(iovs: &[libc::iovec], src: &[u8]) -> usize {
+    let mut done = 0;
+    for iov in iovs {
+        if done == src.len() {
+            break;
+        }
+        let n = iov.iov_len.min(src.len() - done);
+        // SAFETY: per the caller's guarantee; guest memory never overlaps a Rust slice.
+        unsafe { std::ptr::copy_nonoverlapping(src[done..].as_ptr(), iov.iov_base as *mut u8, n) };
+        done += n;
+    }
+    done
+}
+
+/// Copies the first `dst.len()` bytes of `iovs` into `dst`; returns the bytes copied.
+///
+/// # Safety
+/// As [`copy_to_iovecs`], for reading.
+pub unsafe fn copy_from_iovecs(iovs: &[libc::iovec], dst: &mut [u8]) -> usize {
+    let mut done = 0;
+    for iov in iovs {
+        if done == dst.len() {
+            break;
+        }
+        let n = iov.iov_len.min(dst.len() - done);
+        // SAFETY: per the caller's guarantee.
+        unsafe {
+            std::ptr::copy_nonoverlapping(iov.iov_base as *const u8, dst[done..].as_mut_ptr(), n)
+        };
+        done += n;
+    }
+    done
+}
