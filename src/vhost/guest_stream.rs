@@ -7,7 +7,9 @@
 //! own way; reading, writing and translating ranges of the resulting streams is shared
 //! here. Every address and length is guest-controlled: nothing here panics or overflows.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use std::ops::Range;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError};
 
 /// Most host iovecs one request's data may map to (Linux `UIO_MAXIOV`, the preadv/io_uring
 /// limit).
@@ -22,17 +24,22 @@ pub enum StreamError {
     TooManyIovecs,
 }
 
-/// A descriptor of a stream: a guest-physical range.
-pub trait Extent {
-    /// Guest-physical start address and length in bytes.
-    fn guest_range(&self) -> (u64, u32);
+/// One non-empty descriptor, copied out of a chain (the chain itself lives in guest memory
+/// the driver may rewrite at any time).
+#[derive(Debug, Clone, Copy)]
+pub struct Desc {
+    /// Guest-physical start address.
+    pub addr: u64,
+    /// Length in bytes (non-zero).
+    pub len: u32,
+    /// Device-writable (`VIRTQ_DESC_F_WRITE`).
+    pub write: bool,
 }
 
 /// Calls `f(guest_addr, len)` for the pieces of the stream `descs` in `[skip, skip + take)`;
 /// returns how many descriptors contributed.
-pub fn walk<D, E, F>(descs: &[D], skip: u64, take: u64, mut f: F) -> Result<usize, E>
+pub fn walk<E, F>(descs: &[Desc], skip: u64, take: u64, mut f: F) -> Result<usize, E>
 where
-    D: Extent,
     E: From<StreamError>,
     F: FnMut(u64, u64) -> Result<(), E>,
 {
@@ -40,7 +47,7 @@ where
     let end = skip.saturating_add(take);
     let mut pieces = 0;
     for d in descs {
-        let (d_addr, d_len) = d.guest_range();
+        let (d_addr, d_len) = (d.addr, d.len);
         let d_start = pos;
         let d_end = pos + u64::from(d_len);
         pos = d_end;
@@ -65,42 +72,43 @@ where
 }
 
 /// Copies `buf.len()` bytes at offset `skip` of the stream into `buf`.
-pub fn read_stream<M: GuestMemory + ?Sized, D: Extent>(
+pub fn read_stream<M: GuestMemory + ?Sized>(
     mem: &M,
-    descs: &[D],
+    descs: &[Desc],
     skip: u64,
     buf: &mut [u8],
 ) -> Result<(), StreamError> {
-    let mut off = 0usize;
-    walk(descs, skip, buf.len() as u64, |addr, len| {
-        let len = len as usize; // <= buf.len()
-        mem.read_slice(&mut buf[off..off + len], GuestAddress(addr))
-            .map_err(|_| StreamError::BadGuestAddress {
-                addr,
-                len: len as u64,
-            })?;
-        off += len;
-        Ok(())
-    })?;
-    Ok(())
+    copy_pieces(descs, skip, buf.len(), |addr, r| {
+        mem.read_slice(&mut buf[r], addr)
+    })
 }
 
 /// Copies `buf` to offset `skip` of the stream.
-pub fn write_stream<M: GuestMemory + ?Sized, D: Extent>(
+pub fn write_stream<M: GuestMemory + ?Sized>(
     mem: &M,
-    descs: &[D],
+    descs: &[Desc],
     skip: u64,
     buf: &[u8],
 ) -> Result<(), StreamError> {
+    copy_pieces(descs, skip, buf.len(), |addr, r| {
+        mem.write_slice(&buf[r], addr)
+    })
+}
+
+/// Calls `copy(guest_addr, buf_range)` for each piece of a `len`-byte copy between a buffer
+/// and offset `skip` of the stream.
+fn copy_pieces<F>(descs: &[Desc], skip: u64, len: usize, mut copy: F) -> Result<(), StreamError>
+where
+    F: FnMut(GuestAddress, Range<usize>) -> Result<(), GuestMemoryError>,
+{
     let mut off = 0usize;
-    walk(descs, skip, buf.len() as u64, |addr, len| {
-        let len = len as usize; // <= buf.len()
-        mem.write_slice(&buf[off..off + len], GuestAddress(addr))
-            .map_err(|_| StreamError::BadGuestAddress {
-                addr,
-                len: len as u64,
-            })?;
-        off += len;
+    walk(descs, skip, len as u64, |addr, n| {
+        let n = n as usize; // <= len
+        copy(GuestAddress(addr), off..off + n).map_err(|_| StreamError::BadGuestAddress {
+            addr,
+            len: n as u64,
+        })?;
+        off += n;
         Ok(())
     })?;
     Ok(())

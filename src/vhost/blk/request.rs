@@ -35,7 +35,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, G
 
 pub use crate::vhost::guest_stream::MAX_IOVECS;
 use crate::vhost::guest_stream::{
-    copy_to_iovecs, push_iovecs, read_stream, walk, Extent, StreamError,
+    copy_to_iovecs, push_iovecs, read_stream, walk, Desc, StreamError,
 };
 
 /// virtio-blk sector size: request offsets and lengths are in 512-byte units (§5.2.6).
@@ -277,20 +277,6 @@ impl RequestError {
     /// or 0 if there is no status byte (§2.7.8: used length is what was written).
     pub fn used_len(&self) -> u32 {
         u32::from(self.status_addr.is_some())
-    }
-}
-
-/// One non-empty descriptor, copied out of the chain.
-#[derive(Debug, Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    write: bool,
-}
-
-impl Extent for Desc {
-    fn guest_range(&self) -> (u64, u32) {
-        (self.addr, self.len)
     }
 }
 

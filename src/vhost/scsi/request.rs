@@ -24,9 +24,9 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend};
 
 pub use crate::vhost::guest_stream::{
-    copy_from_iovecs, copy_to_iovecs, read_stream, write_stream, MAX_IOVECS,
+    copy_from_iovecs, copy_to_iovecs, read_stream, write_stream, Desc, MAX_IOVECS,
 };
-use crate::vhost::guest_stream::{push_iovecs, walk, Extent, StreamError};
+use crate::vhost::guest_stream::{push_iovecs, walk, StreamError};
 
 /// `cdb_size` blockd advertises and requires (the virtio default; QEMU refuses changes).
 pub const CDB_SIZE: usize = 32;
@@ -69,19 +69,6 @@ pub enum ParseError {
     /// Unknown control-queue request type.
     #[error("unknown control request type {0}")]
     UnknownControlType(u32),
-}
-
-/// One non-empty descriptor, copied out of the chain.
-#[derive(Debug, Clone, Copy)]
-pub struct Desc {
-    pub addr: u64,
-    pub len: u32,
-}
-
-impl Extent for Desc {
-    fn guest_range(&self) -> (u64, u32) {
-        (self.addr, self.len)
-    }
 }
 
 impl From<StreamError> for ParseError {
@@ -128,6 +115,7 @@ impl Streams {
             let desc = Desc {
                 addr: d.addr().0,
                 len: d.len(),
+                write: d.is_write_only(),
             };
             if d.is_write_only() {
                 self.writable.push(desc);
