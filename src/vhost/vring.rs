@@ -27,6 +27,8 @@ pub struct Vring {
     kick: EventFd,
     call: Option<EventFd>,
     stopped: Sender<u16>,
+    /// The frontend asked for the ring back (GET_VRING_BASE): no more chains are popped.
+    stopping: bool,
 }
 
 impl Vring {
@@ -39,6 +41,7 @@ impl Vring {
             kick: setup.kick,
             call: setup.call,
             stopped: setup.stopped,
+            stopping: false,
         }
     }
 
@@ -50,6 +53,17 @@ impl Vring {
     /// The queue size (how many requests can be in flight at most).
     pub fn size(&self) -> u16 {
         self.queue.size()
+    }
+
+    /// Stops taking chains: the frontend wants the ring back (GET_VRING_BASE); the
+    /// poller finishes what it took, then is dropped.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// True once [`Vring::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping
     }
 
     /// The guest memory, swapped by the frontend when it adds or removes regions.
@@ -102,8 +116,11 @@ impl Vring {
 
     /// Asks the driver for kicks before the reactor sleeps; true when chains arrived since
     /// the last pop (with EVENT_IDX, avail_event is set to our position first, §2.7.10),
-    /// so the poller must not sleep.
+    /// so the poller must not sleep. A stopping ring is not armed: it takes no more chains.
     pub fn arm(&mut self) -> bool {
+        if self.stopping {
+            return false;
+        }
         let mem = self.mem.memory();
         self.queue.enable_notification(&*mem).unwrap_or(true)
     }

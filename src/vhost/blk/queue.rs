@@ -37,7 +37,6 @@ pub struct BlkQueue {
     slots: Vec<Slot>,
     free: Vec<u32>,
     in_flight: usize,
-    stopping: bool,
     /// Scratch lists reused by every poll (no allocation on the hot path).
     done: Vec<u32>,
     reflush: Vec<u32>,
@@ -79,7 +78,6 @@ impl BlkQueue {
             slots,
             free: (0..n as u32).rev().collect(),
             in_flight: 0,
-            stopping: false,
             done: Vec::with_capacity(n),
             reflush: Vec::new(),
         })
@@ -275,7 +273,7 @@ impl Poller for BlkQueue {
         self.reflush = reflush;
         work += completed;
 
-        if !self.stopping {
+        if !self.vring.is_stopping() {
             let limits = self.shared.limits();
             let mut popped = 0;
             while popped < POP_BUDGET {
@@ -323,9 +321,6 @@ impl Poller for BlkQueue {
     }
 
     fn arm(&mut self) -> bool {
-        if self.stopping {
-            return false;
-        }
         self.vring.arm() && !self.free.is_empty()
     }
 
@@ -346,11 +341,11 @@ impl Poller for BlkQueue {
     }
 
     fn request_stop(&mut self) {
-        self.stopping = true;
+        self.vring.stop();
     }
 
     fn finished(&self) -> bool {
-        self.stopping && self.in_flight == 0
+        self.vring.is_stopping() && self.in_flight == 0
     }
 }
 

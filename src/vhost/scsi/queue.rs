@@ -125,7 +125,6 @@ pub struct RequestQueue {
     slots: Vec<Slot>,
     free: Vec<u32>,
     in_flight: usize,
-    stopping: bool,
     done: Vec<u32>,
     reflush: Vec<u32>,
 }
@@ -149,7 +148,6 @@ impl RequestQueue {
             slots: (0..n).map(|_| Slot::default()).collect(),
             free: (0..n as u32).rev().collect(),
             in_flight: 0,
-            stopping: false,
             done: Vec::with_capacity(n),
             reflush: Vec::new(),
         };
@@ -490,7 +488,7 @@ impl Poller for RequestQueue {
         self.reflush = reflush;
         work += completed;
 
-        if !self.stopping {
+        if !self.vring.is_stopping() {
             let mut popped = 0;
             while popped < POP_BUDGET {
                 let Some((tag, chain)) = self.vring.pop_for_slot(&mem, &mut self.free) else {
@@ -534,9 +532,6 @@ impl Poller for RequestQueue {
     }
 
     fn arm(&mut self) -> bool {
-        if self.stopping {
-            return false;
-        }
         self.vring.arm() && !self.free.is_empty()
     }
 
@@ -567,11 +562,11 @@ impl Poller for RequestQueue {
     }
 
     fn request_stop(&mut self) {
-        self.stopping = true;
+        self.vring.stop();
     }
 
     fn finished(&self) -> bool {
-        self.stopping && self.in_flight == 0
+        self.vring.is_stopping() && self.in_flight == 0
     }
 }
 
@@ -604,7 +599,6 @@ pub struct ControlQueue {
     shared: Arc<ScsiShared>,
     streams: Streams,
     waiting: Vec<PendingTmf>,
-    stopping: bool,
 }
 
 impl ControlQueue {
@@ -615,7 +609,6 @@ impl ControlQueue {
             shared,
             streams: Streams::default(),
             waiting: Vec::new(),
-            stopping: false,
         }
     }
 
@@ -725,7 +718,7 @@ impl Poller for ControlQueue {
     fn poll(&mut self) -> usize {
         let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
         let mut work = self.check_waiting(&mem);
-        if !self.stopping {
+        if !self.vring.is_stopping() {
             while work < POP_BUDGET {
                 let Some(mut chain) = self.vring.pop(&mem) else {
                     break;
@@ -748,9 +741,6 @@ impl Poller for ControlQueue {
     }
 
     fn arm(&mut self) -> bool {
-        if self.stopping {
-            return false;
-        }
         self.vring.arm()
     }
 
@@ -771,11 +761,11 @@ impl Poller for ControlQueue {
     }
 
     fn request_stop(&mut self) {
-        self.stopping = true;
+        self.vring.stop();
     }
 
     fn finished(&self) -> bool {
-        self.stopping && self.waiting.is_empty()
+        self.vring.is_stopping() && self.waiting.is_empty()
     }
 }
 
@@ -787,7 +777,6 @@ pub struct EventQueue {
     wake: EventFd,
     shared: Arc<ScsiShared>,
     streams: Streams,
-    stopping: bool,
 }
 
 impl EventQueue {
@@ -805,7 +794,6 @@ impl EventQueue {
             wake: shared.event_wake.try_clone()?,
             shared,
             streams: Streams::default(),
-            stopping: false,
         })
     }
 
@@ -819,7 +807,7 @@ impl Poller for EventQueue {
     fn poll(&mut self) -> usize {
         let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
         let mut work = 0;
-        while !self.stopping && self.has_events() {
+        while !self.vring.is_stopping() && self.has_events() {
             let Some(mut chain) = self.vring.pop(&mem) else {
                 break;
             };
@@ -859,9 +847,6 @@ impl Poller for EventQueue {
     }
 
     fn arm(&mut self) -> bool {
-        if self.stopping {
-            return false;
-        }
         self.vring.arm() && self.has_events()
     }
 
@@ -875,11 +860,11 @@ impl Poller for EventQueue {
     }
 
     fn request_stop(&mut self) {
-        self.stopping = true;
+        self.vring.stop();
     }
 
     fn finished(&self) -> bool {
-        self.stopping
+        self.vring.is_stopping()
     }
 }
 
