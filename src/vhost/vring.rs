@@ -27,7 +27,7 @@ pub struct Vring {
     kick: EventFd,
     call: Option<EventFd>,
     stopped: Sender<u16>,
-    /// The frontend asked for the ring back (GET_VRING_BASE): no more chains are popped.
+    /// The frontend asked for the ring back (GET_VRING_BASE): the poller pops no more chains.
     stopping: bool,
 }
 
