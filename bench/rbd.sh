@@ -61,14 +61,15 @@ bench_vhost() { # socket pattern bs -> IOPS
     python3 -c 'import json,sys; print(int(json.load(sys.stdin)["phases"][0]["iops"]))'
 }
 
-bench_fio() { # rw bs -> IOPS
-  taskset -c 1 fio --name=b --ioengine=rbd --clientname=admin --pool="$POOL" --rbdname="$IMG" \
+bench_fio() { # core rw bs -> IOPS
+  local core=$1; shift
+  taskset -c "$core" fio --name=b --ioengine=rbd --clientname=admin --pool="$POOL" --rbdname="$IMG" \
       --rw="$1" --bs="$2" --iodepth=32 --time_based --runtime="$RUNTIME" \
       --output-format=json 2>/dev/null |
     python3 -c 'import json,sys; d=sys.stdin.read(); j=json.loads(d[d.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
 }
 
-declare -A B F Q
+declare -A B F F0 Q
 # blockd
 taskset -c 0 "$BLOCKD" -m 0x1 -r "$W/rpc.sock" -S "$W" -L warn & PIDS+=($!)
 wait_sock "$W/rpc.sock"
@@ -79,8 +80,10 @@ rpc vhost_delete_controller vhost.0 2>/dev/null || { sleep 1; rpc vhost_delete_c
 rpc bdev_rbd_delete Ceph0
 kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true; PIDS=()
 
-# fio rbd engine
-for w in "${WORKLOADS[@]}"; do IFS=: read -r name pat rw bs <<<"$w"; F[$name]=$(bench_fio "$rw" "$bs"); done
+# fio rbd engine: on the client's core (librbd with a core of its own), and on the target's
+# core 0 (issue 7's shared-core comparison: the same CPU budget blockd and its librbd have).
+for w in "${WORKLOADS[@]}"; do IFS=: read -r name pat rw bs <<<"$w"; F[$name]=$(bench_fio 1 "$rw" "$bs"); done
+for w in "${WORKLOADS[@]}"; do IFS=: read -r name pat rw bs <<<"$w"; F0[$name]=$(bench_fio 0 "$rw" "$bs"); done
 
 # qemu-storage-daemon
 taskset -c 0 qemu-storage-daemon \
@@ -93,11 +96,14 @@ for w in "${WORKLOADS[@]}"; do IFS=: read -r name pat rw bs <<<"$w"; Q[$name]=$(
 echo
 echo "RBD, $(date -u +%F), image ${SIZE_MIB} MiB in $POOL, QD32, ${RUNTIME}s each; blockd=$(basename "$(dirname "$BLOCKD")") build"
 echo
-echo "| workload | blockd IOPS | fio rbd IOPS | qsd IOPS | blockd/fio | blockd/qsd |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "blockd and qsd on core 0 (with their librbd threads), client on core 1; fio on core 1, and fio0 on core 0."
+echo
+echo "| workload | blockd IOPS | fio rbd IOPS | fio0 rbd IOPS | qsd IOPS | blockd/fio | blockd/fio0 | blockd/qsd |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+ratio() { python3 -c "print('%.2f' % ($1 / max($2, 1)))"; }
 for w in "${WORKLOADS[@]}"; do
   IFS=: read -r name _ _ _ <<<"$w"
-  b=${B[$name]}; f=${F[$name]}; q=${Q[$name]}
-  printf '| %s | %s | %s | %s | %s | %s |\n' "$name" "$b" "$f" "$q" \
-    "$(python3 -c "print('%.2f' % ($b / max($f, 1)))")" "$(python3 -c "print('%.2f' % ($b / max($q, 1)))")"
+  b=${B[$name]}; f=${F[$name]}; f0=${F0[$name]}; q=${Q[$name]}
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$b" "$f" "$f0" "$q" \
+    "$(ratio "$b" "$f")" "$(ratio "$b" "$f0")" "$(ratio "$b" "$q")"
 done
