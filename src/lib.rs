@@ -21,4 +21,5 @@ pub mod rbd;
 pub mod rbdcli;
 pub mod reactor;
 pub mod rpc;
+pub mod unix_socket;
 pub mod vhost;

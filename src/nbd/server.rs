@@ -4,9 +4,8 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -46,24 +45,6 @@ pub struct Server {
 enum Listener {
     Unix(UnixListener),
     Tcp(TcpListener),
-}
-
-/// Binds a Unix socket, replacing a stale socket file but refusing one a live process
-/// listens on.
-fn bind_unix(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process is listening on it",
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    l.set_nonblocking(true)?;
-    Ok(l)
 }
 
 /// What a new connection starts with.
@@ -119,7 +100,7 @@ impl Server {
         let mut listeners = Vec::new();
         let mut tcp_bound = None;
         if let Some(p) = &opts.unix_path {
-            let l = bind_unix(p, socket_mode)
+            let l = crate::unix_socket::bind_listener(p, socket_mode)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", p.display()))?;
             listeners.push(Listener::Unix(l));
         }

@@ -64,7 +64,7 @@ impl RpcListener {
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
                 Ok(s) => {
-                    let pid = peer_pid(&s)
+                    let pid = crate::unix_socket::peer_pid(&s)
                         .map(|p| format!("pid {p}"))
                         .unwrap_or_else(|| "pid unknown".into());
                     anyhow::bail!(
@@ -116,27 +116,6 @@ impl Drop for RpcListener {
             }
         }
     }
-}
-
-/// The pid of the process at the other end of a Unix socket (`SO_PEERCRED`).
-fn peer_pid(s: &UnixStream) -> Option<i32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
 struct Shared {

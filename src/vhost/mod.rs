@@ -14,9 +14,7 @@ pub mod session;
 pub mod vring;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{json, Value};
@@ -194,10 +192,11 @@ impl VhostRegistry {
         if map.contains_key(&c.name) {
             return Err(RpcError::invalid_params_errno(libc::EEXIST));
         }
-        let listener = bind_socket(&socket, app.opts.socket_mode).map_err(|e| {
-            tracing::error!(ctrlr = %c.name, "cannot create socket {}: {e}", socket.display());
-            RpcError::invalid_params(format!("cannot create socket {}: {e}", socket.display()))
-        })?;
+        let listener =
+            crate::unix_socket::bind_listener(&socket, app.opts.socket_mode).map_err(|e| {
+                tracing::error!(ctrlr = %c.name, "cannot create socket {}: {e}", socket.display());
+                RpcError::invalid_params(format!("cannot create socket {}: {e}", socket.display()))
+            })?;
         let ctrl = Arc::new(Controller {
             name: c.name.clone(),
             cpumask: c.cpumask,
@@ -274,22 +273,4 @@ impl VhostRegistry {
             .flat_map(|c| c.device.config_entries(&c.name, &c.cpumask.to_string()))
             .collect()
     }
-}
-
-/// Binds a vhost-user socket, replacing a stale socket file but refusing one a live
-/// process listens on; sets its mode.
-fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process is listening on it",
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    l.set_nonblocking(true)?;
-    Ok(l)
 }

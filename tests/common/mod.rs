@@ -251,27 +251,7 @@ impl Drop for Daemon {
     }
 }
 
-/// The pid of the process at the other end of a Unix socket (`SO_PEERCRED`).
-pub fn peer_pid(s: &UnixStream) -> Option<i32> {
-    use std::os::fd::AsRawFd;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0 && cred.pid > 0).then_some(cred.pid)
-}
+pub use blockd::unix_socket::peer_pid;
 
 /// SPDK's own rpc.py client (`spdk-rpc` from the PyPI package `spdk`): `$SPDK_RPC`, the
 /// project's venv (`.cache/venv`, made by scripts/install-deps.sh), or `spdk-rpc` on PATH.
