@@ -274,6 +274,8 @@ fn malloc_is_all_data_and_thin_rbd_maps_per_object() {
         eprintln!("SKIP: nbdinfo/qemu-io not installed (scripts/install-deps.sh)");
         return;
     }
+    // The cluster first: the fixture exports CEPH_CONF, which the daemon must inherit.
+    let ceph_conf = ceph::conf();
     let d = Daemon::start();
     let sock = d.tmp_dir().join("nbd.sock");
     ctl(
@@ -284,7 +286,7 @@ fn malloc_is_all_data_and_thin_rbd_maps_per_object() {
     ctl(&d, &["nbd_export_add", "Mal0"]);
     assert_eq!(nbd_map(&sock, "Mal0"), vec![(0, 8 * MIB, 0)]);
 
-    let Some(conf) = ceph::conf() else {
+    let Some(conf) = ceph_conf else {
         eprintln!("SKIP rbd part: Ceph is not installed");
         return;
     };
