@@ -76,6 +76,28 @@ impl ConfigNotifier {
     }
 }
 
+/// Parses a controller's `--cpumask` and checks it against the daemon's; SPDK answers
+/// -32602 "Invalid argument" and logs both masks (`vhost_dev_register`).
+pub fn controller_cpumask(app: &App, ctrlr: &str, mask: Option<&str>) -> Result<CpuMask, RpcError> {
+    let core_mask = app.reactors.mask();
+    let Some(m) = mask else {
+        return Ok(core_mask.clone());
+    };
+    let parsed = CpuMask::parse(m).map_err(|e| {
+        tracing::error!(ctrlr, "cpumask {m} is invalid: {e}");
+        RpcError::invalid_params_errno(libc::EINVAL)
+    })?;
+    if !parsed.is_subset_of(core_mask) {
+        tracing::error!(
+            ctrlr,
+            "one of selected cpu is outside of core mask(={core_mask})"
+        );
+        tracing::error!(ctrlr, "cpumask {m} is invalid (core mask is {core_mask})");
+        return Err(RpcError::invalid_params_errno(libc::EINVAL));
+    }
+    Ok(parsed)
+}
+
 /// A vhost-user controller.
 pub struct Controller {
     pub name: String,

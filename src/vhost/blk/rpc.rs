@@ -8,10 +8,9 @@ use serde_json::{json, Value};
 
 use super::{claim_name, BlkDevice};
 use crate::app::App;
-use crate::cpumask::CpuMask;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 use crate::vhost::device::VirtioDevice;
-use crate::vhost::{validate_name, ConfigNotifier, NewController};
+use crate::vhost::{controller_cpumask, validate_name, ConfigNotifier, NewController};
 
 /// Registers the vhost methods.
 pub fn register(m: &mut RpcMethods) {
@@ -33,28 +32,6 @@ struct CreateBlk {
     #[serde(default)]
     packed_ring_recovery: bool,
     transport: Option<String>,
-}
-
-/// Parses a controller's `--cpumask` and checks it against the daemon's; SPDK answers
-/// -32602 "Invalid argument" and logs both masks (`vhost_dev_register`).
-pub fn controller_cpumask(app: &App, ctrlr: &str, mask: Option<&str>) -> Result<CpuMask, RpcError> {
-    let core_mask = app.reactors.mask();
-    let Some(m) = mask else {
-        return Ok(core_mask.clone());
-    };
-    let parsed = CpuMask::parse(m).map_err(|e| {
-        tracing::error!(ctrlr, "cpumask {m} is invalid: {e}");
-        RpcError::invalid_params_errno(libc::EINVAL)
-    })?;
-    if !parsed.is_subset_of(core_mask) {
-        tracing::error!(
-            ctrlr,
-            "one of selected cpu is outside of core mask(={core_mask})"
-        );
-        tracing::error!(ctrlr, "cpumask {m} is invalid (core mask is {core_mask})");
-        return Err(RpcError::invalid_params_errno(libc::EINVAL));
-    }
-    Ok(parsed)
 }
 
 fn create_blk_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {

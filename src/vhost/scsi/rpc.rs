@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::ScsiDevice;
 use crate::app::App;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
-use crate::vhost::blk::rpc::controller_cpumask;
+use crate::vhost::controller_cpumask;
 use crate::vhost::{validate_name, Controller, NewController};
 
 /// Registers the vhost-scsi methods.
