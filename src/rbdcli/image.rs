@@ -1,8 +1,9 @@
 //! `blockctl image create|ls|info|resize|rm|snap|clone|flatten|du|export|import|status`,
 //! with `rbd`'s arguments, sizes and JSON output.
 
+use super::progress::Progress;
 use std::fs::File;
-use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use anyhow::Context;
@@ -501,45 +502,6 @@ fn snap(cmd: SnapCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A progress bar on stderr, only when stderr is a terminal (rbd's "Exporting image:
-/// 45% complete...", redrawn in place).
-struct Progress {
-    what: &'static str,
-    total: u64,
-    shown: Option<u64>,
-    on: bool,
-}
-
-impl Progress {
-    fn new(what: &'static str, total: u64, wanted: bool) -> Self {
-        Progress {
-            what,
-            total,
-            shown: None,
-            on: wanted && std::io::stderr().is_terminal(),
-        }
-    }
-
-    fn update(&mut self, done: u64) {
-        if !self.on {
-            return;
-        }
-        let pct = (done.min(self.total) * 100)
-            .checked_div(self.total)
-            .unwrap_or(100);
-        if self.shown != Some(pct) {
-            self.shown = Some(pct);
-            eprint!("\r{}: {pct}% complete...", self.what);
-        }
-    }
-
-    fn done(&mut self) {
-        if self.on {
-            eprintln!("\r{}: 100% complete...done.", self.what);
-        }
-    }
-}
-
 fn read_full(f: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -620,7 +582,7 @@ fn import(
             anyhow::bail!("{file} shrank while importing");
         }
         img.flush()?;
-        p.done();
+        p.done(None);
         Ok(())
     })();
     if let Err(e) = result {
@@ -662,7 +624,7 @@ fn export(
     }
     out.flush().with_context(|| format!("writing {file}"))?;
     drop(out);
-    p.done();
+    p.done(None);
     Ok(())
 }
 

@@ -12,30 +12,22 @@
 //! it is a terminal; the summary line always.
 
 use std::fs::File;
-use std::io::IsTerminal;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
 use super::image::{ImageCommand, SnapCommand};
 use super::pool::PoolCommand;
-use super::CephArgs;
+use super::progress::Progress;
+use super::size::human;
+use super::{CephArgs, Format};
 use crate::localpool::{ExportDest, ImportSource, Pool, PoolRoot};
 use crate::rbd::ImageSpec;
 
 /// The prefix that makes a spec local.
 pub const PREFIX: &str = "local:";
-
-/// Output format of listing commands.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Format {
-    #[default]
-    Plain,
-    Json,
-}
 
 /// Options of every `image`/`pool` subcommand, given anywhere after `image`/`pool`.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -110,80 +102,9 @@ fn parse_snap(root: &PoolRoot, spec: &str) -> anyhow::Result<(Pool, String, Stri
     Ok((root.pool(&s.pool)?, s.image, snap))
 }
 
-/// `bytes` in the largest binary unit with at most one decimal (`1.5 GiB`).
-fn human(bytes: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 || v.fract() == 0.0 {
-        format!("{v:.0} {}", U[i])
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
-
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
-}
-
-/// Progress of a long copy on stderr, redrawn in place, only when stderr is a terminal.
-struct Progress {
-    what: &'static str,
-    total: u64,
-    tty: bool,
-    start: Instant,
-    last: Option<Instant>,
-}
-
-impl Progress {
-    fn new(what: &'static str, total: u64, quiet: bool) -> Self {
-        Progress {
-            what,
-            total,
-            tty: !quiet && std::io::stderr().is_terminal(),
-            start: Instant::now(),
-            last: None,
-        }
-    }
-
-    fn update(&mut self, done: u64) {
-        if !self.tty {
-            return;
-        }
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l).as_millis() < 100)
-            && done < self.total
-        {
-            return;
-        }
-        self.last = Some(now);
-        let secs = now.duration_since(self.start).as_secs_f64().max(1e-3);
-        let rate = human((done as f64 / secs) as u64);
-        if let Some(pct) = done.saturating_mul(100).checked_div(self.total) {
-            eprint!(
-                "\r{}: {pct:>3}% ({} of {}, {rate}/s)\x1b[K",
-                self.what,
-                human(done),
-                human(self.total)
-            );
-        } else {
-            eprint!("\r{}: {} ({rate}/s)\x1b[K", self.what, human(done));
-        }
-    }
-
-    fn done(&self, summary: &str) {
-        if self.tty && self.last.is_some() {
-            eprintln!();
-        }
-        eprintln!("{}: done ({summary})", self.what);
-    }
 }
 
 /// The connection/format arguments every image subcommand has.
@@ -337,10 +258,10 @@ fn local_image(
             let (ppool, pimage, psnap) = parse_snap(root, p)?;
             let (cpool, cs) = parse(root, c)?;
             let total = ppool.info(&pimage)?.size;
-            let mut pr = Progress::new("Cloning image", total, false);
+            let mut pr = Progress::new("Cloning image", total, true);
             let how =
                 ppool.clone_image(&pimage, &psnap, &cpool, &cs.image, &mut |d| pr.update(d))?;
-            pr.done(&format!("{how:?}").to_lowercase());
+            pr.done(Some(&format!("{how:?}").to_lowercase()));
         }
         ImageCommand::Import {
             ref file,
@@ -452,9 +373,9 @@ fn snap(opts: &LocalOpts, root: &PoolRoot, cmd: &SnapCommand, spec: &str) -> any
         SnapCommand::Rm { .. } => pool.snap_remove(&image, &name)?,
         SnapCommand::Rollback { .. } => {
             let total = pool.info(&image)?.size;
-            let mut pr = Progress::new("Rolling back to snapshot", total, false);
+            let mut pr = Progress::new("Rolling back to snapshot", total, true);
             pool.snap_rollback(&image, &name, &mut |d| pr.update(d))?;
-            pr.done(&format!("{PREFIX}{}/{image}@{name}", pool.name()));
+            pr.done(Some(&format!("{PREFIX}{}/{image}@{name}", pool.name())));
         }
         SnapCommand::Protect { .. } => pool.snap_set_protected(&image, &name, true)?,
         SnapCommand::Unprotect { .. } => pool.snap_set_protected(&image, &name, false)?,
@@ -536,7 +457,7 @@ fn import(root: &PoolRoot, file: &Path, spec: &str, no_progress: bool) -> anyhow
         .as_ref()
         .and_then(|f| f.metadata().ok())
         .map_or(0, |m| m.len());
-    let mut pr = Progress::new("Importing image", total, no_progress);
+    let mut pr = Progress::new("Importing image", total, !no_progress);
     let size = match &f {
         Some(f) => pool.import(&s.image, ImportSource::File(f), &mut |d| pr.update(d))?,
         None => {
@@ -546,12 +467,12 @@ fn import(root: &PoolRoot, file: &Path, spec: &str, no_progress: bool) -> anyhow
             })?
         }
     };
-    pr.done(&format!(
+    pr.done(Some(&format!(
         "{} to {PREFIX}{}/{}",
         human(size),
         pool.name(),
         s.image
-    ));
+    )));
     Ok(())
 }
 
@@ -573,7 +494,7 @@ fn export(root: &PoolRoot, spec: &str, file: &Path, no_progress: bool) -> anyhow
     } else {
         Some(File::create(file).with_context(|| format!("creating {}", file.display()))?)
     };
-    let mut pr = Progress::new("Exporting image", size, no_progress);
+    let mut pr = Progress::new("Exporting image", size, !no_progress);
     let snap = s.snap.as_deref();
     let n = match &f {
         Some(f) => pool.export(&s.image, snap, ExportDest::File(f), &mut |d| pr.update(d))?,
@@ -584,7 +505,7 @@ fn export(root: &PoolRoot, spec: &str, file: &Path, no_progress: bool) -> anyhow
             })?
         }
     };
-    pr.done(&format!("{} from {PREFIX}{spec}", human(n)));
+    pr.done(Some(&format!("{} from {PREFIX}{spec}", human(n))));
     Ok(())
 }
 
