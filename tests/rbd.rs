@@ -915,24 +915,14 @@ fn daemon_serves_an_rbd_image() {
     let sock = d.rpc_socket().display().to_string();
 
     // SPDK's own rpc.py, unchanged.
-    match common::spdk_rpc() {
-        Some(rpc) => {
-            let out = Command::new(rpc)
-                .args(["-s", &sock, "bdev_rbd_create", POOL, &image, "512"])
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{out:?}");
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ceph0");
-        }
-        None => {
-            eprintln!("SKIP rpc.py part: spdk-rpc not installed (scripts/install-deps.sh)");
-            let n = d.rpc_ok(
-                "bdev_rbd_create",
-                json!({"pool_name": POOL, "rbd_name": image, "block_size": 512}),
-            );
-            assert_eq!(n, "Ceph0");
-        }
-    }
+    // SPDK's own rpc.py, unchanged (scripts/install-deps.sh installs it).
+    let rpc = common::spdk_rpc().expect("spdk-rpc is not installed: run scripts/install-deps.sh");
+    let out = Command::new(rpc)
+        .args(["-s", &sock, "bdev_rbd_create", POOL, &image, "512"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ceph0");
     d.rpc_ok(
         "vhost_create_blk_controller",
         json!({"ctrlr": "vhost.0", "dev_name": "Ceph0"}),

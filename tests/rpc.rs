@@ -590,10 +590,8 @@ fn blockctl_bdev_round_trip() {
 
 #[test]
 fn spdk_rpc_py_works_unchanged() {
-    let Some(rpc) = common::spdk_rpc() else {
-        eprintln!("skipped: spdk-rpc (PyPI package spdk) is not installed; scripts/install-deps.sh installs it");
-        return;
-    };
+    let rpc = common::spdk_rpc()
+        .expect("spdk-rpc (PyPI package spdk) is not installed: run scripts/install-deps.sh");
     let d = Daemon::start();
     let run = |args: &[&str]| {
         Command::new(&rpc)
