@@ -551,21 +551,9 @@ fn cluster_info_and_default_names_via_rpc() {
 fn rpc_errors_carry_errno_and_names() {
     let conf = need_ceph!();
     let _ = conf;
-    let reactors = blockd::reactor::Reactors::start(
-        &blockd::cpumask::CpuMask::from_cores([0]),
-        Default::default(),
-    )
-    .unwrap();
-    let app = blockd::app::App::new(
-        blockd::app::AppOptions {
-            cpumask: blockd::cpumask::CpuMask::from_cores([0]),
-            socket_dir: std::env::temp_dir(),
-            rpc_socket: std::env::temp_dir().join(unique("rpc")),
-            socket_mode: 0o600,
-        },
-        reactors,
-    );
-    let call = |m: &str, p: serde_json::Value| app.rpc.call(&app, m, Some(p));
+    let daemon = common::in_process::InProcess::start("0x1");
+    let app = &daemon.app;
+    let call = |m: &str, p: serde_json::Value| app.rpc.call(app, m, Some(p));
     let e = call(
         "bdev_rbd_create",
         serde_json::json!({"pool_name": POOL, "rbd_name": "nosuch", "block_size": 512}),
@@ -631,7 +619,6 @@ fn rpc_errors_carry_errno_and_names() {
         .unwrap()
         .remove_image(&image)
         .unwrap();
-    app.reactors.shutdown();
 }
 
 // ---- Against the rbd tool and a real blockd daemon ----

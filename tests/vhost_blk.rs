@@ -6,73 +6,31 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use blockd::app::{App, AppOptions};
-use blockd::cpumask::CpuMask;
-use blockd::reactor::{PollOptions, Reactors};
 use common::blk_client::{pattern, BlkClient};
+use common::in_process::InProcess;
 use serde_json::{json, Value};
 
-struct TestDaemon {
-    app: Arc<App>,
-    dir: tempfile::TempDir,
-}
-
-impl TestDaemon {
-    fn start(mask: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = AppOptions {
-            cpumask: CpuMask::parse(mask).unwrap(),
-            socket_dir: dir.path().to_path_buf(),
-            rpc_socket: dir.path().join("blockd.sock"),
-            socket_mode: 0o600,
-        };
-        let reactors = Reactors::start(&opts.cpumask, PollOptions::default()).unwrap();
-        TestDaemon {
-            app: App::new(opts, reactors),
-            dir,
-        }
+/// A malloc bdev of `mib` MiB exported as controller `ctrlr`; returns the socket path.
+fn malloc_ctrlr(d: &InProcess, bdev: &str, ctrlr: &str, mib: u64, bs: u64, extra: Value) -> String {
+    d.rpc(
+        "bdev_malloc_create",
+        json!({"name": bdev, "num_blocks": mib * 1024 * 1024 / bs, "block_size": bs}),
+    )
+    .unwrap();
+    let mut p = json!({"ctrlr": ctrlr, "dev_name": bdev});
+    if let (Some(p), Some(e)) = (p.as_object_mut(), extra.as_object()) {
+        p.extend(e.clone());
     }
-
-    fn rpc(&self, method: &str, params: Value) -> Result<Value, (i32, String)> {
-        self.app
-            .rpc
-            .call(&self.app, method, Some(params))
-            .map_err(|e| (e.code, e.message))
-    }
-
-    fn sock(&self, ctrlr: &str) -> String {
-        self.dir.path().join(ctrlr).to_str().unwrap().to_string()
-    }
-
-    /// A malloc bdev of `mib` MiB exported as controller `ctrlr`.
-    fn malloc_ctrlr(&self, bdev: &str, ctrlr: &str, mib: u64, bs: u64, extra: Value) -> String {
-        self.rpc(
-            "bdev_malloc_create",
-            json!({"name": bdev, "num_blocks": mib * 1024 * 1024 / bs, "block_size": bs}),
-        )
-        .unwrap();
-        let mut p = json!({"ctrlr": ctrlr, "dev_name": bdev});
-        if let (Some(p), Some(e)) = (p.as_object_mut(), extra.as_object()) {
-            p.extend(e.clone());
-        }
-        self.rpc("vhost_create_blk_controller", p).unwrap();
-        self.sock(ctrlr)
-    }
-}
-
-impl Drop for TestDaemon {
-    fn drop(&mut self) {
-        self.app.shutdown();
-    }
+    d.rpc("vhost_create_blk_controller", p).unwrap();
+    d.sock(ctrlr).to_str().unwrap().to_string()
 }
 
 #[test]
 fn read_write_all_sizes_and_alignments() {
-    let d = TestDaemon::start("0x1");
-    let sock = d.malloc_ctrlr("Malloc0", "vhost.0", 16, 512, json!({}));
+    let d = InProcess::start("0x1");
+    let sock = malloc_ctrlr(&d, "Malloc0", "vhost.0", 16, 512, json!({}));
     let mut c = BlkClient::connect(&sock, 1, 4 << 20).unwrap();
     assert_eq!(c.capacity, 16 << 20);
     for (i, &(off, len)) in [
@@ -100,8 +58,8 @@ fn read_write_all_sizes_and_alignments() {
 
 #[test]
 fn out_of_range_and_misaligned_fail_without_side_effects() {
-    let d = TestDaemon::start("0x1");
-    let sock = d.malloc_ctrlr("Malloc0", "vhost.0", 1, 4096, json!({}));
+    let d = InProcess::start("0x1");
+    let sock = malloc_ctrlr(&d, "Malloc0", "vhost.0", 1, 4096, json!({}));
     let mut c = BlkClient::connect(&sock, 1, 1 << 20).unwrap();
     assert_eq!(c.capacity, 1 << 20);
     pattern(&mut c.buf()[..8192], 0, 7);
@@ -123,8 +81,8 @@ fn out_of_range_and_misaligned_fail_without_side_effects() {
 
 #[test]
 fn discard_and_write_zeroes() {
-    let d = TestDaemon::start("0x1");
-    let sock = d.malloc_ctrlr("Malloc0", "vhost.0", 4, 512, json!({}));
+    let d = InProcess::start("0x1");
+    let sock = malloc_ctrlr(&d, "Malloc0", "vhost.0", 4, 512, json!({}));
     let mut c = BlkClient::connect(&sock, 1, 1 << 20).unwrap();
     pattern(&mut c.buf()[..1 << 20], 0, 3);
     assert_eq!(c.write(0, 0, 1 << 20), 0);
@@ -143,8 +101,8 @@ fn discard_and_write_zeroes() {
 
 #[test]
 fn multiqueue_and_readonly() {
-    let d = TestDaemon::start("0x1");
-    let sock = d.malloc_ctrlr("Malloc0", "vhost.0", 8, 512, json!({}));
+    let d = InProcess::start("0x1");
+    let sock = malloc_ctrlr(&d, "Malloc0", "vhost.0", 8, 512, json!({}));
     let mut c = BlkClient::connect(&sock, 2, 2 << 20).unwrap();
     for q in 0..2 {
         let off = (q as u64) << 20;
@@ -161,7 +119,7 @@ fn multiqueue_and_readonly() {
     }
     drop(c);
 
-    let ro = d.malloc_ctrlr("Malloc1", "vhost.ro", 1, 512, json!({"readonly": true}));
+    let ro = malloc_ctrlr(&d, "Malloc1", "vhost.ro", 1, 512, json!({"readonly": true}));
     // The device offers VIRTIO_BLK_F_RO: libblkio refuses read-write access...
     let err = BlkClient::connect(&ro, 1, 1 << 20)
         .err()
@@ -179,8 +137,8 @@ fn multiqueue_and_readonly() {
 
 #[test]
 fn reconnect_after_disconnect_and_delete_refused_while_connected() {
-    let d = TestDaemon::start("0x1");
-    let sock = d.malloc_ctrlr("Malloc0", "vhost.0", 1, 512, json!({}));
+    let d = InProcess::start("0x1");
+    let sock = malloc_ctrlr(&d, "Malloc0", "vhost.0", 1, 512, json!({}));
     let mut c = BlkClient::connect(&sock, 1, 1 << 20).unwrap();
     pattern(&mut c.buf()[..4096], 0, 5);
     assert_eq!(c.write(0, 0, 4096), 0);

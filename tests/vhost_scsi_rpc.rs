@@ -1,51 +1,14 @@
 //! vhost-scsi controller RPCs, SPDK-compatible: create, add/remove targets, the
 //! `vhost_get_controllers` shape, delete refused while targets remain, claims.
 
-use std::sync::Arc;
+mod common;
 
-use blockd::app::{App, AppOptions};
-use blockd::cpumask::CpuMask;
-use blockd::reactor::{PollOptions, Reactors};
-use serde_json::{json, Value};
-
-struct TestDaemon {
-    app: Arc<App>,
-    _dir: tempfile::TempDir,
-}
-
-impl TestDaemon {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = AppOptions {
-            cpumask: CpuMask::parse("0x1").unwrap(),
-            socket_dir: dir.path().to_path_buf(),
-            rpc_socket: dir.path().join("blockd.sock"),
-            socket_mode: 0o600,
-        };
-        let reactors = Reactors::start(&opts.cpumask, PollOptions::default()).unwrap();
-        TestDaemon {
-            app: App::new(opts, reactors),
-            _dir: dir,
-        }
-    }
-
-    fn rpc(&self, method: &str, params: Value) -> Result<Value, (i32, String)> {
-        self.app
-            .rpc
-            .call(&self.app, method, Some(params))
-            .map_err(|e| (e.code, e.message))
-    }
-}
-
-impl Drop for TestDaemon {
-    fn drop(&mut self) {
-        self.app.shutdown();
-    }
-}
+use common::in_process::InProcess;
+use serde_json::json;
 
 #[test]
 fn scsi_controller_lifecycle() {
-    let d = TestDaemon::start();
+    let d = InProcess::start("0x1");
     for n in ["Malloc0", "Malloc1"] {
         d.rpc(
             "bdev_malloc_create",

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod blk_client;
+pub mod in_process;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
