@@ -32,12 +32,7 @@ pub use registry::BdevRegistry;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Errno(pub i32);
 
-impl Errno {
-    /// The errno of an `io::Error`, `EIO` when it has none.
-    pub fn from_io(e: &std::io::Error) -> Self {
-        Errno(e.raw_os_error().unwrap_or(libc::EIO))
-    }
-}
+impl Errno {}
 
 impl std::fmt::Display for Errno {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -175,16 +175,6 @@ impl Rados {
         Ok(())
     }
 
-    /// A configuration value as librados resolved it (e.g. `keyring`, `mon_host`).
-    pub fn conf_get(&self, key: &str) -> Option<String> {
-        let k = cstr(key, "config key").ok()?;
-        let mut buf = vec![0 as c_char; 4096];
-        // SAFETY: live handle, buffer of the given length.
-        let rc =
-            unsafe { (self.api.rados_conf_get)(self.h, k.as_ptr(), buf.as_mut_ptr(), buf.len()) };
-        (rc == 0).then(|| c_buf_to_string(&buf))
-    }
-
     /// What this connection is called in messages.
     pub fn label(&self) -> &str {
         &self.label
@@ -359,18 +349,6 @@ impl IoCtx {
 
     pub(crate) fn api(&self) -> &'static Api {
         self.rados.api
-    }
-
-    /// Tags the pool as used by `app` (`ceph osd pool application enable`).
-    pub fn application_enable(&self, app: &str) -> RbdResult<()> {
-        let a = cstr(app, "application")?;
-        // SAFETY: live ioctx, C string.
-        check(
-            unsafe { (self.api().rados_application_enable)(self.h, a.as_ptr(), 1) } as i64,
-            "enabling application on",
-            &format!("pool {}", self.pool),
-        )?;
-        Ok(())
     }
 
     /// `rbd pool init`: tags the pool for rbd and creates its directory objects.

@@ -133,7 +133,6 @@ api! {
     rados fn rados_conf_read_file(rados_t, *const c_char) -> c_int;
     rados fn rados_conf_parse_env(rados_t, *const c_char) -> c_int;
     rados fn rados_conf_set(rados_t, *const c_char, *const c_char) -> c_int;
-    rados fn rados_conf_get(rados_t, *const c_char, *mut c_char, usize) -> c_int;
     rados fn rados_connect(rados_t) -> c_int;
     rados fn rados_shutdown(rados_t) -> ();
     rados fn rados_cluster_fsid(rados_t, *mut c_char, usize) -> c_int;
@@ -142,7 +141,6 @@ api! {
     rados fn rados_pool_create(rados_t, *const c_char) -> c_int;
     rados fn rados_pool_list(rados_t, *mut c_char, usize) -> c_int;
     rados fn rados_pool_delete(rados_t, *const c_char) -> c_int;
-    rados fn rados_application_enable(rados_ioctx_t, *const c_char, c_int) -> c_int;
     rados fn rados_mon_command(rados_t, *mut *const c_char, usize, *const c_char, usize, *mut *mut c_char, *mut usize, *mut *mut c_char, *mut usize) -> c_int;
     rados fn rados_buffer_free(*mut c_char) -> ();
     rbd fn rbd_version(*mut c_int, *mut c_int, *mut c_int) -> ();

@@ -109,7 +109,6 @@ struct ReactorHandle {
 /// The reactor threads of the daemon.
 pub struct Reactors {
     mask: CpuMask,
-    opts: PollOptions,
     handles: Vec<Arc<ReactorHandle>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -277,7 +276,6 @@ impl Reactors {
         );
         Ok(Reactors {
             mask: mask.clone(),
-            opts,
             handles,
             threads: Mutex::new(threads),
         })
@@ -286,11 +284,6 @@ impl Reactors {
     /// The daemon's cpumask.
     pub fn mask(&self) -> &CpuMask {
         &self.mask
-    }
-
-    /// The polling options.
-    pub fn poll_options(&self) -> PollOptions {
-        self.opts
     }
 
     /// The least-loaded reactor (fewest pollers) whose core is in `within`, as SPDK places
