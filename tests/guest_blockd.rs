@@ -7,22 +7,16 @@ mod common;
 mod guest;
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-use guest::{assert_region_in_file, pattern, read_at, Disk, Guest, GuestOpts, GuestRun};
+use guest::{
+    assert_region_in_file, pattern, read_at, sparse_image, Disk, Guest, GuestOpts, GuestRun,
+};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-
-fn sparse_image(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::File::create(&p)
-        .and_then(|f| f.set_len(size))
-        .expect("creating image");
-    p
-}
 
 /// An aio bdev on a new sparse 64 MiB image, exported as controller `ctrlr`.
 fn aio_controller(d: &Daemon, name: &str, block_size: u32, extra: Value) -> (PathBuf, PathBuf) {

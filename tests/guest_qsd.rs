@@ -6,7 +6,9 @@
 #[path = "common/guest.rs"]
 mod guest;
 
-use guest::{assert_region_in_file, pattern, read_at, Disk, Guest, GuestOpts, GuestRun};
+use guest::{
+    assert_region_in_file, pattern, read_at, sparse_image, Disk, Guest, GuestOpts, GuestRun,
+};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
@@ -85,15 +87,6 @@ impl Drop for Qsd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A sparse image of `size` bytes in `dir`.
-fn sparse_image(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::File::create(&p)
-        .and_then(|f| f.set_len(size))
-        .expect("creating image");
-    p
 }
 
 fn export(dir: &Path, name: &str, num_queues: u16) -> Export {

@@ -548,6 +548,15 @@ pub fn pattern(tag: &str, first_lba: u64, sectors: u64) -> Vec<u8> {
     out
 }
 
+/// A sparse image file of `size` bytes in `dir` (the backend's disk).
+pub fn sparse_image(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(size))
+        .expect("creating image");
+    p
+}
+
 /// Reads `len` bytes at `offset` of a host file (the backend's image).
 pub fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
