@@ -4,7 +4,11 @@
 //! Adaptive polling: a reactor busy-polls while its pollers keep finding work; after
 //! `idle_threshold` without any, it asks every poller to re-arm its notifications (virtqueue
 //! notifications, completion eventfds) and sleeps in `epoll_wait` until one fires, so an idle
-//! daemon uses no CPU while a busy one answers with polling latency.
+//! daemon uses no CPU while a busy one answers with polling latency. It also stops polling
+//! at once while other threads are waiting for a CPU ([`cpu_demand`]): spinning then only
+//! delays the librbd, io_uring or OSD threads whose work it is waiting for.
+
+pub mod cpu_demand;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,7 +29,8 @@ use crate::cpumask::CpuMask;
 pub enum PollMode {
     /// Busy-poll forever (SPDK's behaviour): lowest latency, a whole core per reactor.
     Always,
-    /// Poll while work keeps coming, sleep after `idle_threshold` without any.
+    /// Poll while work keeps coming, sleep after `idle_threshold` without any, or at once
+    /// while other threads are waiting for a CPU.
     Adaptive,
     /// Sleep as soon as a pass finds no work (interrupt mode).
     Never,
@@ -367,6 +372,7 @@ impl Reactors {
 
 fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOptions) {
     let mut events = vec![EpollEvent::default(); 64];
+    let mut demand = cpu_demand::CpuDemand::new();
     let mut last_work = Instant::now();
     let mut last_tick = last_work;
     loop {
@@ -418,7 +424,10 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
                 std::hint::spin_loop();
                 continue;
             }
-            PollMode::Adaptive if now.duration_since(last_work) < opts.idle_threshold => {
+            PollMode::Adaptive
+                if now.duration_since(last_work) < opts.idle_threshold
+                    && !demand.contended(now) =>
+            {
                 continue;
             }
             _ => {}

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
@@ -171,6 +172,7 @@ impl BdevBackend for RbdBackend {
             api: self.shared.image.api(),
             queue: Arc::new(CompletionQueue {
                 done: Mutex::new(Vec::new()),
+                pending: AtomicUsize::new(0),
                 efd: EventFd::new(EFD_NONBLOCK)?,
             }),
             in_flight: 0,
@@ -271,12 +273,16 @@ impl BdevBackend for RbdBackend {
 /// Completions pushed by librbd threads, reaped by the channel's reactor.
 struct CompletionQueue {
     done: Mutex<Vec<(u64, IoResult)>>,
+    /// Completions pushed and not yet reaped: lets a polling reactor find out that there
+    /// is nothing to reap without a syscall or the lock.
+    pending: AtomicUsize,
     efd: EventFd,
 }
 
 impl CompletionQueue {
     fn push(&self, tag: u64, r: IoResult) {
         lock(&self.done).push((tag, r));
+        self.pending.fetch_add(1, Ordering::Release);
         let _ = self.efd.write(1);
     }
 }
@@ -373,21 +379,20 @@ impl IoChannel for RbdChannel {
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(u64, IoResult)) -> usize {
+        if self.queue.pending.load(Ordering::Acquire) == 0 {
+            // A push in progress signals the eventfd after this, so a sleeping reactor
+            // still wakes up for it.
+            return 0;
+        }
         // Drain the eventfd before taking the queue: a push after the swap re-signals it.
         let _ = self.queue.efd.read();
         std::mem::swap(&mut *lock(&self.queue.done), &mut self.batch);
         let n = self.batch.len();
+        self.queue.pending.fetch_sub(n, Ordering::AcqRel);
         for (tag, r) in self.batch.drain(..) {
             done(tag, r);
         }
         self.in_flight -= n.min(self.in_flight);
-        if n == 0 && self.in_flight > 0 {
-            // Completions come from librbd's threads, which often share this core (a
-            // daemon pinned to one core; librados threads inherit the affinity): a polling
-            // reactor that spins on them starves the very threads it waits for. Yielding
-            // lets them run; on an otherwise idle core it returns at once.
-            std::thread::yield_now();
-        }
         n
     }
 
