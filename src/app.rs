@@ -48,13 +48,11 @@ impl App {
 
 impl App {
     /// Orderly stop (SIGTERM/SIGINT): stop accepting requests, drain in-flight I/O, flush the
-    /// backends, remove the sockets, stop the reactors, then close the rbd images and
-    /// cluster connections (their watches would otherwise outlive the process by ~30 s).
+    /// backends, remove the sockets, stop the reactors.
     pub fn shutdown(&self) {
         self.vhost.shutdown_all(self);
         self.nbd.shutdown(&self.reactors);
         self.bdevs.close_all();
         self.reactors.shutdown();
-        crate::bdev::rbd::shutdown(crate::bdev::rbd::SHUTDOWN_TIMEOUT);
     }
 }

@@ -198,7 +198,8 @@ impl Shared {
     /// Closes the image at daemon shutdown (`rbd_close`: flushes, unwatches the header,
     /// releases the exclusive lock; the bdev's own connection then shuts down). By then
     /// the reactors have stopped and dropped their channels, so this is the last user;
-    /// should one remain, the image is left to it and the fact logged.
+    /// should one remain (a channel, a flush stuck on an unreachable cluster), the image
+    /// is left to it and the fact logged.
     fn close_image(&self) {
         self.stop_watch();
         let Some(image) = lock(&self.image).take() else {
@@ -211,7 +212,7 @@ impl Shared {
                 tracing::debug!("{}: closed {what}", self.cfg.name);
             }
             Err(image) => tracing::warn!(
-                "{}: {} is still used by {} channel(s): not closed",
+                "{}: {} is still in use ({} other reference(s)): not closed",
                 self.cfg.name,
                 image.what(),
                 Arc::strong_count(&image) - 1
@@ -652,7 +653,10 @@ pub fn resize(name: &str, new_size_mib: u64) -> RbdResult<()> {
     if shared.cfg.read_only {
         return Err(RbdError::new(
             libc::EROFS,
-            format!("rbd bdev {name} is read-only: cannot resize {}", image.what()),
+            format!(
+                "rbd bdev {name} is read-only: cannot resize {}",
+                image.what()
+            ),
         ));
     }
     let cur = image.size()?;

@@ -45,7 +45,9 @@ pub(super) fn bounded<T: Send + 'static>(
 }
 
 /// Closes every rbd image and every registered cluster connection (bounded by
-/// `timeout`). Call after the reactors have stopped: an image still used by a channel is
+/// `timeout`). The module's state is process-wide, so this is for the process's exit
+/// (the daemon calls it after `App::shutdown`), never for one app among several in a
+/// process. Call after the reactors have stopped: an image still used by a channel is
 /// left open (and logged). The rbd bdevs are gone from the module afterwards.
 pub fn shutdown(timeout: Duration) {
     let entries: Vec<_> = std::mem::take(&mut *bdevs()).into_values().collect();
@@ -95,7 +97,9 @@ mod tests {
         let (tx, rx) = mpsc::channel::<()>();
         let start = Instant::now();
         // Blocks until the test drops `tx`, long after the timeout.
-        let r = bounded("stuck", Duration::from_millis(50), move || rx.recv().is_ok());
+        let r = bounded("stuck", Duration::from_millis(50), move || {
+            rx.recv().is_ok()
+        });
         assert_eq!(r, None);
         assert!(start.elapsed() < Duration::from_secs(5));
         drop(tx);
