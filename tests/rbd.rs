@@ -1170,3 +1170,243 @@ fn seed_command_line_with_only_etc_ceph() {
         .remove_image(&image)
         .unwrap();
 }
+
+/// `rbd status`'s watchers and `rbd lock ls`'s lockers of `spec`.
+fn watchers_and_locks(conf: &Path, spec: &str) -> (Vec<Value>, Vec<Value>) {
+    let st = rbd_json(conf, &["status", spec]);
+    let watchers = st["watchers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("rbd status {spec}: {st}"))
+        .clone();
+    let locks = rbd_json(conf, &["lock", "ls", spec]);
+    let locks = locks
+        .as_array()
+        .unwrap_or_else(|| panic!("rbd lock ls {spec}: {locks}"))
+        .clone();
+    (watchers, locks)
+}
+
+/// SIGTERM closes every image (header unwatched, exclusive lock released) and every
+/// cluster connection: right after blockd exits, `rbd status` lists no watcher and
+/// `rbd rm` succeeds, without waiting for the OSDs to time a dead watch out.
+#[test]
+fn sigterm_leaves_no_watcher_behind() {
+    let conf = need_ceph!();
+    let own = format!("{POOL}/{}", unique("term-own"));
+    let shared = format!("{POOL}/{}", unique("term-cl"));
+    for spec in [&own, &shared] {
+        rbd_cli(&conf, &["create", "--size", "8M", spec]);
+    }
+    let mut d = common::Daemon::start();
+    // One bdev with a connection of its own, one on a registered cluster.
+    d.rpc_ok(
+        "bdev_rbd_create",
+        json!({"name": "Own", "pool_name": POOL, "rbd_name": &own[POOL.len() + 1..],
+               "block_size": 512}),
+    );
+    d.rpc_ok(
+        "bdev_rbd_register_cluster",
+        json!({"name": "cl", "config_file": conf}),
+    );
+    d.rpc_ok(
+        "bdev_rbd_create",
+        json!({"name": "OnCluster", "pool_name": POOL, "rbd_name": &shared[POOL.len() + 1..],
+               "block_size": 512, "cluster_name": "cl"}),
+    );
+    // A connected client writes, so the bdev holds the image's exclusive lock.
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "term.0", "dev_name": "Own"}),
+    );
+    let vsock = d.socket_dir().join("term.0").display().to_string();
+    let mut c = BlkClient::connect(&vsock, 1, 1 << 16).unwrap();
+    blk_client::pattern(&mut c.buf()[..4096], 0, 3);
+    assert_eq!(c.write(0, 0, 4096), 0);
+    let (w, l) = watchers_and_locks(&conf, &own);
+    assert_eq!((w.len(), l.len()), (1, 1), "watchers {w:?} locks {l:?}");
+    let (w, _) = watchers_and_locks(&conf, &shared);
+    assert_eq!(w.len(), 1, "watchers {w:?}");
+
+    let st = d.stop();
+    assert!(st.success(), "{st:?}:\n{}", d.log());
+    assert!(
+        d.log()
+            .contains("rbd images and cluster connections closed"),
+        "{}",
+        d.log()
+    );
+    drop(c);
+    for spec in [&own, &shared] {
+        let (w, l) = watchers_and_locks(&conf, spec);
+        assert!(
+            w.is_empty() && l.is_empty(),
+            "{spec}: watchers {w:?} locks {l:?}"
+        );
+        rbd_cli(&conf, &["rm", "--no-progress", spec]);
+    }
+}
+
+/// `read_only` (rpc.py `-r`): the image opens with `rbd_open_read_only` (no watch, no
+/// lock), the channel refuses writes with EROFS, the vhost-blk device offers
+/// VIRTIO_BLK_F_RO, and `save_config` carries the flag so a replay restores it.
+#[test]
+fn read_only_bdev_serves_reads_and_refuses_writes() {
+    let conf = need_ceph!();
+    let name = unique("ro");
+    let spec = format!("{POOL}/{name}");
+    rbd_cli(&conf, &["create", "--size", "8M", &spec]);
+    let mut data = vec![0u8; 1 << 20];
+    blk_client::pattern(&mut data, 0, 7);
+    {
+        let r = connect(&conf);
+        let img = r.ioctx(POOL).unwrap().open(&name, None).unwrap();
+        img.write_at(0, &data).unwrap();
+        img.flush().unwrap();
+    }
+    let expect = |conf: &Path| {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ro.raw");
+        rbd_cli(
+            conf,
+            &[
+                "export",
+                "--no-progress",
+                &spec,
+                &file.display().to_string(),
+            ],
+        );
+        let got = std::fs::read(&file).unwrap();
+        assert!(got[..data.len()] == data[..], "image data changed");
+        assert!(
+            got[data.len()..].iter().all(|b| *b == 0),
+            "image data changed"
+        );
+    };
+
+    // In-process: the channel fails writes with EROFS and still reads.
+    {
+        let bdev = rbdbdev::create(RbdBdevConfig {
+            name: unique("CephRo"),
+            pool_name: POOL.into(),
+            rbd_name: name.clone(),
+            block_size: 512,
+            read_only: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(bdev.backend().read_only());
+        let t = bdev.backend().io_types();
+        assert!(!t.unmap && !t.write_zeroes);
+        let mut ch = bdev.open_channel().unwrap();
+        let mut buf = vec![0x5Au8; 4096];
+        let iovs = [iov(&mut buf)];
+        // SAFETY: `buf` and `iovs` outlive each I/O.
+        let w = IoOp::Write {
+            offset: 0,
+            iovs: unsafe { IoVecs::from_slice(&iovs) },
+        };
+        let erofs = Err(blockd::bdev::Errno(libc::EROFS));
+        assert_eq!(io(&mut ch, 1, w), erofs);
+        let um = IoOp::Unmap {
+            offset: 0,
+            len: 4096,
+        };
+        // Unmap and write-zeroes are not offered (io_types): the bdev layer may refuse
+        // them before the backend does.
+        let r = io(&mut ch, 2, um);
+        assert!(
+            r == erofs || r == Err(blockd::bdev::Errno(libc::EOPNOTSUPP)),
+            "{r:?}"
+        );
+        let wz = IoOp::WriteZeroes {
+            offset: 0,
+            len: 4096,
+            may_unmap: false,
+        };
+        let r = io(&mut ch, 3, wz);
+        assert!(
+            r == erofs || r == Err(blockd::bdev::Errno(libc::EOPNOTSUPP)),
+            "{r:?}"
+        );
+        assert_eq!(io(&mut ch, 4, IoOp::Flush), Ok(()));
+        let rd = IoOp::Read {
+            offset: 0,
+            // SAFETY: as above.
+            iovs: unsafe { IoVecs::from_slice(&iovs) },
+        };
+        assert_eq!(io(&mut ch, 5, rd), Ok(()));
+        assert_eq!(buf, data[..4096]);
+        drop(ch);
+        rbdbdev::delete(bdev.name()).unwrap();
+    }
+
+    // Through the daemon, created by SPDK's rpc.py with its -r flag.
+    let mut d = common::Daemon::start();
+    let sock = d.rpc_socket().display().to_string();
+    let rpc = common::spdk_rpc().expect("spdk-rpc is not installed: run scripts/install-deps.sh");
+    let out = Command::new(rpc)
+        .args(["-s", &sock, "bdev_rbd_create", "-r", POOL, &name, "512"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "Ceph0");
+    let b = d.rpc_ok("bdev_get_bdevs", json!({"name": "Ceph0"}));
+    assert_eq!(b[0]["driver_specific"]["rbd"]["read_only"], true, "{b}");
+    assert_eq!(
+        d.rpc("bdev_rbd_resize", json!({"name": "Ceph0", "new_size": 16}))
+            .unwrap_err()
+            .0,
+        -libc::EROFS as i64
+    );
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "ro.0", "dev_name": "Ceph0"}),
+    );
+    let vsock = d.socket_dir().join("ro.0").display().to_string();
+    // The device offers VIRTIO_BLK_F_RO: libblkio refuses read-write access.
+    assert!(BlkClient::connect(&vsock, 1, 1 << 20).is_err());
+    let mut c = BlkClient::connect_with(&vsock, 1, 1 << 20, true).unwrap();
+    assert_eq!(c.capacity, 8 << 20);
+    assert_eq!(c.read(0, 0, 1 << 20), 0);
+    assert!(c.buf()[..] == data[..], "read-only bdev reads differ");
+    blk_client::pattern(&mut c.buf()[..4096], 0, 9);
+    assert!(
+        c.write(0, 0, 4096) < 0,
+        "a write to a read-only bdev succeeded"
+    );
+    assert!(c.write_zeroes(0, 0, 4096, false) < 0);
+    let (w, l) = watchers_and_locks(&conf, &spec);
+    assert!(w.is_empty() && l.is_empty(), "watchers {w:?} locks {l:?}");
+    expect(&conf);
+
+    // save_config carries read_only; a replay opens the image read-only again.
+    let cfg = d.rpc_ok("framework_get_config", json!({"name": "bdev"}));
+    let create = cfg
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["method"] == "bdev_rbd_create")
+        .unwrap_or_else(|| panic!("{cfg}"))
+        .clone();
+    assert_eq!(create["params"]["read_only"], true, "{create}");
+    let saved = d.blockctl(&["save_config"]);
+    assert!(saved.status.success(), "{saved:?}");
+    drop(c);
+    assert!(d.stop().success());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.json");
+    std::fs::write(&file, &saved.stdout).unwrap();
+    let mut d = common::Daemon::start_with(&["--json", &file.display().to_string()]);
+    let b = d.rpc_ok("bdev_get_bdevs", json!({"name": "Ceph0"}));
+    assert_eq!(b[0]["driver_specific"]["rbd"]["read_only"], true, "{b}");
+    let mut c = BlkClient::connect_with(&vsock_of(&d, "ro.0"), 1, 1 << 16, true).unwrap();
+    assert!(c.write(0, 0, 4096) < 0);
+    drop(c);
+    assert!(d.stop().success());
+    expect(&conf);
+    rbd_cli(&conf, &["rm", "--no-progress", &spec]);
+}
+
+fn vsock_of(d: &common::Daemon, ctrlr: &str) -> String {
+    d.socket_dir().join(ctrlr).display().to_string()
+}

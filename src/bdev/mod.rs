@@ -275,6 +275,12 @@ pub trait BdevBackend: Send + Sync + 'static {
         false
     }
 
+    /// Whether the backend refuses writes (an image opened read-only): frontends then
+    /// present a read-only device (virtio-blk `VIRTIO_BLK_F_RO`, NBD `NBD_FLAG_READ_ONLY`).
+    fn read_only(&self) -> bool {
+        false
+    }
+
     /// Releases the backend when the bdev is deleted; flushes what is volatile.
     fn close(&self) -> std::io::Result<()> {
         Ok(())

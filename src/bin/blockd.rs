@@ -2,7 +2,8 @@
 //!
 //! Start-up order: bind the RPC socket (so a second daemon on the same socket fails before it
 //! touches anything), start the reactors, replay `--json`, then serve RPCs. SIGTERM/SIGINT
-//! stop the RPC server, drain and flush everything (`App::shutdown`) and exit 0.
+//! stop the RPC server, drain and flush everything (`App::shutdown`), close the rbd images
+//! and cluster connections (bounded wait) and exit 0.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -94,6 +95,14 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
+/// Stops the app, then closes the rbd images and cluster connections (process-wide, so
+/// not part of [`App::shutdown`]): an image left open keeps its watch registered with the
+/// OSDs for ~30 s after the exit, holding off `rbd rm` and the next opener.
+fn stop(app: &App) {
+    app.shutdown();
+    blockd::bdev::rbd::shutdown(blockd::bdev::rbd::SHUTDOWN_TIMEOUT);
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let signals = block_signals()?;
     if !args.socket_dir.is_dir() {
@@ -127,7 +136,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .and_then(|cfg| blockd::config::load(&app, &cfg))
             .with_context(|| format!("replaying {}", path.display()));
         if let Err(e) = replay {
-            app.shutdown();
+            stop(&app);
             return Err(e);
         }
         tracing::info!(config = %path.display(), "configuration replayed");
@@ -143,7 +152,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let sig = wait_for_signal(&signals);
     tracing::info!(signal = sig, "shutting down");
     server.stop();
-    app.shutdown();
+    stop(&app);
     tracing::info!("blockd stopped");
     Ok(())
 }

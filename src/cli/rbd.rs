@@ -27,6 +27,9 @@ pub enum RbdCmd {
         /// UUID of the bdev (default: random).
         #[arg(short = 'u', long)]
         uuid: Option<String>,
+        /// Open the image read-only (rpc.py's `-r/--readonly`, sent as `read_only`).
+        #[arg(short = 'r', long = "readonly")]
+        read_only: bool,
         /// Pool of the image.
         pool_name: String,
         /// Image name.
@@ -103,6 +106,7 @@ impl Run for RbdCmd {
                 config,
                 cluster_name,
                 uuid,
+                read_only,
                 pool_name,
                 rbd_name,
                 block_size,
@@ -117,6 +121,7 @@ impl Run for RbdCmd {
                     ("block_size", Some(json!(block_size))),
                     ("cluster_name", cluster_name.map(|v| json!(v))),
                     ("uuid", uuid.map(|v| json!(v))),
+                    ("read_only", read_only.then_some(json!(true))),
                 ]),
             ),
             RbdCmd::BdevRbdDelete { name } => {

@@ -139,6 +139,7 @@ impl Exports {
                 ),
             ));
         }
+        let readonly = readonly || bdev.backend().read_only();
         let e = Arc::new(Export {
             name: name.to_string(),
             bdev,

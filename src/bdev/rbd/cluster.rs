@@ -220,6 +220,15 @@ pub(crate) fn release(name: &str, user: &str) {
     }
 }
 
+/// Removes every registered cluster (daemon shutdown): `(name, connections)`, so the
+/// caller can shut them down once the images using them are closed.
+pub(crate) fn take_all() -> Vec<(String, Vec<Arc<Rados>>)> {
+    std::mem::take(&mut *clusters())
+        .into_iter()
+        .map(|(name, e)| (name, e.conns))
+        .collect()
+}
+
 /// `framework_get_config` entries that re-register every cluster (before the rbd bdevs
 /// that name them, as SPDK's rbd module writes them). The call carries what was given,
 /// `key` included when it was passed in `config_param`, since a replay cannot connect

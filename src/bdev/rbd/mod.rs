@@ -10,9 +10,21 @@
 //! Size changes made elsewhere (`rbd resize`, another client) arrive through
 //! `rbd_update_watch`: the callback wakes the bdev's watcher thread, which re-stats the
 //! image and calls [`Bdev::set_num_blocks`], which notifies the frontends.
+//!
+//! A read-only bdev (`read_only`, SPDK's `rbd_open_read_only`) takes no exclusive lock
+//! and registers no header watch with the OSDs; it reports itself read-only
+//! ([`BdevBackend::read_only`]) and its channels fail writes, unmaps and write-zeroes
+//! with EROFS.
+//!
+//! At daemon shutdown [`shutdown`] closes every image (`rbd_close`: header unwatched,
+//! exclusive lock released) and every cluster connection (`rados_shutdown`), so the next
+//! opener does not wait for the OSDs to time a dead watcher out.
 
 pub mod cluster;
 pub mod rpc;
+mod shutdown;
+
+pub use shutdown::{shutdown, SHUTDOWN_TIMEOUT};
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -21,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -49,12 +62,19 @@ pub struct RbdBdevConfig {
     pub config: Option<BTreeMap<String, String>>,
     pub cluster_name: Option<String>,
     pub uuid: Option<Uuid>,
+    /// Open the image read-only (`rbd_open_read_only`).
+    pub read_only: bool,
 }
+
+/// How long deleting an rbd bdev waits for its image to flush and release its lock
+/// before giving up (an unreachable cluster would block forever).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The backend's state shared by the bdev, its channels and its watcher thread.
 struct Shared {
     cfg: RbdBdevConfig,
-    image: Arc<Image>,
+    /// The open image; `None` once [`shutdown`] closed it.
+    image: Mutex<Option<Arc<Image>>>,
     config_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
     watch: Mutex<Option<Watch>>,
@@ -85,24 +105,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The open image; ESHUTDOWN once closed at daemon shutdown.
+    fn image(&self) -> RbdResult<Arc<Image>> {
+        lock(&self.image).clone().ok_or_else(|| {
+            RbdError::new(
+                libc::ESHUTDOWN,
+                format!("rbd bdev {}: image closed", self.cfg.name),
+            )
+        })
+    }
+
     /// Starts watching the image header for size changes made elsewhere.
     fn start_watch(&self, bdev: Weak<Bdev>) -> RbdResult<()> {
         let (tx, rx) = mpsc::channel::<()>();
-        let image = self.image.clone();
+        let image = self.image()?;
+        let watched = image.clone();
         let block_size = self.cfg.block_size as u64;
         let thread = std::thread::Builder::new()
             .name(format!("rbd-watch-{}", self.cfg.name))
             .spawn(move || {
                 while rx.recv().is_ok() {
                     let Some(bdev) = bdev.upgrade() else { break };
-                    match image.size() {
+                    match watched.size() {
                         Ok(size) => {
                             let blocks = size / block_size;
                             if blocks != bdev.num_blocks() {
                                 tracing::info!(
                                     "{}: {} resized to {size} bytes ({blocks} blocks)",
                                     bdev.name(),
-                                    image.what()
+                                    watched.what()
                                 );
                                 bdev.set_num_blocks(blocks);
                             }
@@ -114,7 +145,7 @@ impl Shared {
             .map_err(|e| RbdError::new(libc::EAGAIN, format!("spawning watcher: {e}")))?;
         let ctx = Box::into_raw(Box::new(WatchCtx { tx: Mutex::new(tx) }));
         // SAFETY: ctx stays alive until stop_watch frees it after update_unwatch.
-        match unsafe { self.image.update_watch(watch_cb, ctx as *mut c_void) } {
+        match unsafe { image.update_watch(watch_cb, ctx as *mut c_void) } {
             Ok(handle) => {
                 *lock(&self.watch) = Some(Watch {
                     handle,
@@ -136,7 +167,8 @@ impl Shared {
         let Some(w) = lock(&self.watch).take() else {
             return;
         };
-        if let Err(e) = self.image.update_unwatch(w.handle) {
+        let unwatched = self.image().and_then(|i| i.update_unwatch(w.handle));
+        if let Err(e) = unwatched {
             // The callback may still run: leak the context rather than free it under it.
             tracing::warn!("{}: {e}", self.cfg.name);
             return;
@@ -145,6 +177,48 @@ impl Shared {
         // thread.
         drop(unsafe { Box::from_raw(w.ctx) });
         let _ = w.thread.join();
+    }
+
+    /// Quiesces the image for a delete: stops the watch, flushes, and hands the exclusive
+    /// lock back so that the next opener's writes (a restarted blockd, a migrated VM) need
+    /// not wait; the handle itself closes when its last user drops it.
+    fn quiesce(&self) -> RbdResult<()> {
+        self.stop_watch();
+        let image = self.image()?;
+        if self.cfg.read_only {
+            // Nothing written, no lock taken.
+            return Ok(());
+        }
+        let r = image.flush();
+        if image.lock_release() {
+            tracing::debug!("{}: released the exclusive lock", self.cfg.name);
+        }
+        r
+    }
+
+    /// Closes the image at daemon shutdown (`rbd_close`: flushes, unwatches the header,
+    /// releases the exclusive lock; the bdev's own connection then shuts down). By then
+    /// the reactors have stopped and dropped their channels, so this is the last user;
+    /// should one remain (a channel, a flush stuck on an unreachable cluster), the image
+    /// is left to it and the fact logged.
+    fn close_image(&self) {
+        self.stop_watch();
+        let Some(image) = lock(&self.image).take() else {
+            return;
+        };
+        match Arc::try_unwrap(image) {
+            Ok(image) => {
+                let what = image.what().to_string();
+                drop(image);
+                tracing::debug!("{}: closed {what}", self.cfg.name);
+            }
+            Err(image) => tracing::warn!(
+                "{}: {} is still in use ({} other reference(s)): not closed",
+                self.cfg.name,
+                image.what(),
+                Arc::strong_count(&image) - 1
+            ),
+        }
     }
 }
 
@@ -159,17 +233,27 @@ impl BdevBackend for RbdBackend {
     }
 
     fn io_types(&self) -> IoTypes {
+        let rw = !self.shared.cfg.read_only;
         IoTypes {
             flush: true,
-            unmap: true,
-            write_zeroes: true,
+            unmap: rw,
+            write_zeroes: rw,
         }
     }
 
+    fn read_only(&self) -> bool {
+        self.shared.cfg.read_only
+    }
+
     fn open_channel(&self) -> std::io::Result<Box<dyn IoChannel>> {
+        let image = self
+            .shared
+            .image()
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno))?;
         Ok(Box::new(RbdChannel {
-            image: self.shared.image.clone(),
-            api: self.shared.image.api(),
+            api: image.api(),
+            image,
+            read_only: self.shared.cfg.read_only,
             queue: Arc::new(CompletionQueue {
                 done: Mutex::new(Vec::new()),
                 pending: AtomicUsize::new(0),
@@ -182,7 +266,8 @@ impl BdevBackend for RbdBackend {
 
     fn driver_specific(&self) -> Value {
         let c = &self.shared.cfg;
-        let mut rbd = json!({ "pool_name": c.pool_name, "rbd_name": c.rbd_name });
+        let mut rbd = json!({ "pool_name": c.pool_name, "rbd_name": c.rbd_name,
+                              "read_only": c.read_only });
         if let Some(f) = &self.shared.config_file {
             rbd["config_file"] = json!(f);
         }
@@ -213,6 +298,9 @@ impl BdevBackend for RbdBackend {
         if let Some(n) = &c.cluster_name {
             p["cluster_name"] = json!(n);
         }
+        if c.read_only {
+            p["read_only"] = json!(true);
+        }
         Some(("bdev_rbd_create", p))
     }
 
@@ -221,8 +309,8 @@ impl BdevBackend for RbdBackend {
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
         let runs = self
             .shared
-            .image
-            .allocated_extents(offset, len)
+            .image()
+            .and_then(|i| i.allocated_extents(offset, len))
             .map_err(|e| {
                 tracing::warn!("{}: {e}", self.shared.cfg.name);
                 Errno(e.errno.abs())
@@ -253,20 +341,19 @@ impl BdevBackend for RbdBackend {
         true
     }
 
+    /// Flushes and hands the exclusive lock back (bounded by [`CLOSE_TIMEOUT`]). The
+    /// handle stays open for channels still draining; the image is closed when the last
+    /// of them goes (delete) or by [`shutdown`] (daemon exit).
     fn close(&self) -> std::io::Result<()> {
-        self.shared.stop_watch();
-        let r = self
-            .shared
-            .image
-            .flush()
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno));
-        // At daemon shutdown the image handle is never closed (the process exits with it
-        // still referenced): hand the exclusive lock back now, or the next opener's
-        // writes (a restarted blockd, a migrated VM) stall until our watch times out.
-        if self.shared.image.lock_release() {
-            tracing::debug!("{}: released the exclusive lock", self.shared.cfg.name);
+        let shared = self.shared.clone();
+        let what = format!("rbd bdev {}: flushing", self.shared.cfg.name);
+        match shutdown::bounded(&what, CLOSE_TIMEOUT, move || shared.quiesce()) {
+            Some(r) => r.map_err(|e| std::io::Error::from_raw_os_error(e.errno)),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{what}: no answer from the cluster within {CLOSE_TIMEOUT:?}"),
+            )),
         }
-        r
     }
 }
 
@@ -316,6 +403,8 @@ unsafe extern "C" fn aio_done(c: rbd_completion_t, arg: *mut c_void) {
 struct RbdChannel {
     image: Arc<Image>,
     api: &'static Api,
+    /// The image was opened read-only: writes fail here with EROFS, flushes succeed.
+    read_only: bool,
     queue: Arc<CompletionQueue>,
     in_flight: usize,
     batch: Vec<(u64, IoResult)>,
@@ -324,6 +413,16 @@ struct RbdChannel {
 impl IoChannel for RbdChannel {
     unsafe fn submit(&mut self, tag: u64, op: IoOp) {
         self.in_flight += 1;
+        if self.read_only {
+            match op {
+                IoOp::Read { .. } => {}
+                // Nothing was written through this handle: nothing to flush.
+                IoOp::Flush => return self.queue.push(tag, Ok(())),
+                IoOp::Write { .. } | IoOp::Unmap { .. } | IoOp::WriteZeroes { .. } => {
+                    return self.queue.push(tag, Err(Errno(libc::EROFS)))
+                }
+            }
+        }
         let iov_op = |iovs: super::IoVecs| match i32::try_from(iovs.count()) {
             Ok(n) => Ok((iovs.as_slice().as_ptr(), n)),
             Err(_) => Err(libc::EINVAL),
@@ -471,7 +570,13 @@ pub fn create(cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
     };
     let opened = conn
         .ioctx(&cfg.pool_name)
-        .and_then(|io| io.open(&cfg.rbd_name, None))
+        .and_then(|io| {
+            if cfg.read_only {
+                io.open_read_only(&cfg.rbd_name, None)
+            } else {
+                io.open(&cfg.rbd_name, None)
+            }
+        })
         .and_then(|img| img.size().map(|s| (img, s)));
     let (image, size) = opened.map_err(release)?;
     let blocks = size / cfg.block_size as u64;
@@ -484,7 +589,7 @@ pub fn create(cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
     }
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
-        image: Arc::new(image),
+        image: Mutex::new(Some(Arc::new(image))),
         config_file,
         key_file,
         watch: Mutex::new(None),
@@ -524,8 +629,8 @@ fn no_such_bdev(name: &str) -> RbdError {
     RbdError::new(libc::ENODEV, format!("rbd bdev {name} not found"))
 }
 
-/// Deletes an rbd bdev: stops the watch, flushes, and releases its cluster. The image is
-/// closed when the last channel using it is dropped.
+/// Deletes an rbd bdev: stops the watch, flushes, releases the exclusive lock and its
+/// cluster. The image is closed when the last channel using it is dropped.
 pub fn delete(name: &str) -> RbdResult<Arc<Bdev>> {
     let e = bdevs().remove(name).ok_or_else(|| no_such_bdev(name))?;
     let r = e.bdev.backend().close();
@@ -549,13 +654,23 @@ pub fn resize(name: &str, new_size_mib: u64) -> RbdResult<()> {
     let bytes = new_size_mib
         .checked_mul(1 << 20)
         .ok_or_else(|| RbdError::invalid(format!("new_size {new_size_mib} MiB is too large")))?;
-    let cur = shared.image.size()?;
+    let image = shared.image()?;
+    if shared.cfg.read_only {
+        return Err(RbdError::new(
+            libc::EROFS,
+            format!(
+                "rbd bdev {name} is read-only: cannot resize {}",
+                image.what()
+            ),
+        ));
+    }
+    let cur = image.size()?;
     if bytes < cur {
         return Err(RbdError::invalid(format!(
             "new size {new_size_mib} MiB of bdev {name} is smaller than the current {cur} bytes"
         )));
     }
-    shared.image.resize(bytes)?;
+    image.resize(bytes)?;
     bdev.set_num_blocks(bytes / shared.cfg.block_size as u64);
     Ok(())
 }

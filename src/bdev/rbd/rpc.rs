@@ -42,7 +42,8 @@ struct CreateParams {
     config: Option<BTreeMap<String, String>>,
     cluster_name: Option<String>,
     uuid: Option<Uuid>,
-    /// rpc.py ≥ 24 sends it; read-only rbd bdevs are not implemented yet.
+    /// Open the image with `rbd_open_read_only` (rpc.py ≥ 24 `-r/--readonly`): no
+    /// exclusive lock is taken and frontends present a read-only device.
     #[serde(default)]
     read_only: bool,
 }
@@ -54,11 +55,6 @@ fn name_taken(app: &Arc<App>, name: &str) -> bool {
 
 fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     let p: CreateParams = params(p)?;
-    if p.read_only {
-        return Err(RpcError::invalid_params(
-            "read_only rbd bdevs are not supported: export the bdev through a read-only controller (vhost_create_blk_controller -r)",
-        ));
-    }
     let name = match p.name {
         Some(n) if n.is_empty() => return Err(RpcError::invalid_params("name must not be empty")),
         Some(n) => {
@@ -85,6 +81,7 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
         config: p.config,
         cluster_name: p.cluster_name,
         uuid: p.uuid,
+        read_only: p.read_only,
     })
     .map_err(err)?;
     if let Err(e) = app.bdevs.add(bdev.clone()) {

@@ -73,6 +73,7 @@ impl BlkDevice {
     /// of the bdev reaches the guest through `notifier` (virtio 1.2 §5.2.2: the device
     /// notifies a capacity change with a configuration change notification).
     pub fn new(ctrlr: &str, bdev: Arc<Bdev>, readonly: bool, notifier: ConfigNotifier) -> Self {
+        let readonly = readonly || bdev.backend().read_only();
         let unmap = bdev.backend().io_types().unmap;
         let limits = RequestLimits {
             capacity_sectors: bdev.size() / 512,
