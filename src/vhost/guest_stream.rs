@@ -9,7 +9,9 @@
 
 use std::ops::Range;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
+
+use crate::vhost::guest_map::GuestMap;
 
 /// Most host iovecs one request's data may map to (Linux `UIO_MAXIOV`, the preadv/io_uring
 /// limit).
@@ -34,6 +36,70 @@ pub struct Desc {
     pub len: u32,
     /// Device-writable (`VIRTQ_DESC_F_WRITE`).
     pub write: bool,
+}
+
+/// Guest memory as the parsers use it: byte copies and host translations of guest ranges.
+/// The hot path uses the pre-translated [`GuestMap`]; any vm-memory backend works too
+/// (tests, the slow path for rings outside one region).
+pub trait GuestRanges {
+    /// Whether `[addr, addr + len)` is entirely guest memory.
+    fn check(&self, addr: u64, len: u64) -> bool;
+    /// Copies `[addr, addr + buf.len())` into `buf`.
+    fn read_at(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError>;
+    /// Copies `buf` to `[addr, addr + buf.len())`.
+    fn write_at(&self, addr: u64, buf: &[u8]) -> Result<(), GuestMemoryError>;
+    /// Appends the host iovecs of `[addr, addr + len)` (split at region boundaries).
+    fn iovecs(&self, addr: u64, len: u64, out: &mut Vec<libc::iovec>) -> Result<(), StreamError>;
+}
+
+impl<M: GuestMemoryBackend + ?Sized> GuestRanges for M {
+    fn check(&self, addr: u64, len: u64) -> bool {
+        usize::try_from(len).is_ok_and(|len| self.check_range(GuestAddress(addr), len))
+    }
+
+    fn read_at(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
+        self.read_slice(buf, GuestAddress(addr))
+    }
+
+    fn write_at(&self, addr: u64, buf: &[u8]) -> Result<(), GuestMemoryError> {
+        self.write_slice(buf, GuestAddress(addr))
+    }
+
+    fn iovecs(&self, addr: u64, len: u64, out: &mut Vec<libc::iovec>) -> Result<(), StreamError> {
+        let bad = StreamError::BadGuestAddress { addr, len };
+        let len = usize::try_from(len).map_err(|_| bad.clone())?;
+        for slice in GuestMemoryBackend::get_slices(self, GuestAddress(addr), len) {
+            let slice = slice.map_err(|_| bad.clone())?;
+            if out.len() == MAX_IOVECS {
+                return Err(StreamError::TooManyIovecs);
+            }
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl GuestRanges for GuestMap {
+    fn check(&self, addr: u64, len: u64) -> bool {
+        self.check_range(addr, len)
+    }
+
+    fn read_at(&self, addr: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
+        self.read(addr, buf)
+            .map_err(|_| GuestMemoryError::InvalidGuestAddress(GuestAddress(addr)))
+    }
+
+    fn write_at(&self, addr: u64, buf: &[u8]) -> Result<(), GuestMemoryError> {
+        self.write(addr, buf)
+            .map_err(|_| GuestMemoryError::InvalidGuestAddress(GuestAddress(addr)))
+    }
+
+    fn iovecs(&self, addr: u64, len: u64, out: &mut Vec<libc::iovec>) -> Result<(), StreamError> {
+        self.push_iovecs(addr, len, out)
+    }
 }
 
 /// Calls `f(guest_addr, len)` for the pieces of the stream `descs` in `[skip, skip + take)`;
@@ -72,26 +138,26 @@ where
 }
 
 /// Copies `buf.len()` bytes at offset `skip` of the stream into `buf`.
-pub fn read_stream<M: GuestMemory + ?Sized>(
+pub fn read_stream<M: GuestRanges + ?Sized>(
     mem: &M,
     descs: &[Desc],
     skip: u64,
     buf: &mut [u8],
 ) -> Result<(), StreamError> {
     copy_pieces(descs, skip, buf.len(), |addr, r| {
-        mem.read_slice(&mut buf[r], addr)
+        mem.read_at(addr.0, &mut buf[r])
     })
 }
 
 /// Copies `buf` to offset `skip` of the stream.
-pub fn write_stream<M: GuestMemory + ?Sized>(
+pub fn write_stream<M: GuestRanges + ?Sized>(
     mem: &M,
     descs: &[Desc],
     skip: u64,
     buf: &[u8],
 ) -> Result<(), StreamError> {
     copy_pieces(descs, skip, buf.len(), |addr, r| {
-        mem.write_slice(&buf[r], addr)
+        mem.write_at(addr.0, &buf[r])
     })
 }
 
@@ -116,25 +182,13 @@ where
 
 /// Appends the host iovecs of guest range `addr`+`len` to `out` (split at memory-region
 /// boundaries), at most [`MAX_IOVECS`] in all.
-pub fn push_iovecs<M: GuestMemoryBackend + ?Sized>(
+pub fn push_iovecs<M: GuestRanges + ?Sized>(
     mem: &M,
     addr: u64,
     len: u64,
     out: &mut Vec<libc::iovec>,
 ) -> Result<(), StreamError> {
-    let bad = StreamError::BadGuestAddress { addr, len };
-    let len = usize::try_from(len).map_err(|_| bad.clone())?;
-    for slice in GuestMemoryBackend::get_slices(mem, GuestAddress(addr), len) {
-        let slice = slice.map_err(|_| bad.clone())?;
-        if out.len() == MAX_IOVECS {
-            return Err(StreamError::TooManyIovecs);
-        }
-        out.push(libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-            iov_len: slice.len(),
-        });
-    }
-    Ok(())
+    mem.iovecs(addr, len, out)
 }
 
 /// Copies `src` into `iovs`; returns the bytes copied (at most the iovecs' total).

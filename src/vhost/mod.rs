@@ -8,9 +8,11 @@
 pub mod blk;
 pub mod device;
 mod events;
+pub mod guest_map;
 pub mod guest_stream;
 pub mod scsi;
 pub mod session;
+pub mod split_ring;
 pub mod vring;
 
 use std::collections::BTreeMap;

@@ -4,15 +4,23 @@
 //! the reactor's sleeps, and the answer to GET_VRING_BASE when the poller goes away.
 //!
 //! The device engines (blk, scsi) keep only what is theirs: slots, parsing, bdev channels.
+//!
+//! When the rings lie inside single memory regions (always, with QEMU and libblkio), the
+//! hot-path accessors go through a [`RingView`] of pre-translated pointers; otherwise
+//! through virtio-queue's `Queue`, which owns the ring state either way.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc::Sender;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vhost::device::{GuestMem, QueueSetup};
+use crate::vhost::guest_map::GuestMap;
+use crate::vhost::guest_stream::Desc;
+use crate::vhost::split_ring::{need_event, ChainError, RingView};
 
 /// At most this many chains are popped per poll, so that one busy queue does not starve
 /// the other pollers of its reactor.
@@ -29,7 +37,19 @@ pub struct Vring {
     stopped: Sender<u16>,
     /// The frontend asked for the ring back (GET_VRING_BASE): the poller pops no more chains.
     stopping: bool,
+    /// The memory table `map` and `view` were built from (identity only).
+    map_of: *const GuestMemoryMmap,
+    map: GuestMap,
+    view: Option<RingView>,
+    /// Used entries added since the last [`Vring::notify_guest`] (for EVENT_IDX).
+    added: u16,
+    /// An invalid `avail->idx` was already logged.
+    bad_avail_logged: bool,
 }
+
+// SAFETY: `map_of` is only compared, never dereferenced; `map` and `view` point into the
+// guest memory the owner keeps mapped (see `sync_mem`).
+unsafe impl Send for Vring {}
 
 impl Vring {
     /// Takes over the ring the frontend has set up.
@@ -42,6 +62,71 @@ impl Vring {
             call: setup.call,
             stopped: setup.stopped,
             stopping: false,
+            map_of: std::ptr::null(),
+            map: GuestMap::default(),
+            view: None,
+            added: 0,
+            bad_avail_logged: false,
+        }
+    }
+
+    /// Rebuilds the pre-translated memory table and ring view when `mem` is not the memory
+    /// they were built from. The caller keeps `mem` alive for as long as it uses them (until
+    /// the next call with another memory).
+    pub fn sync_mem(&mut self, mem: &GuestMemoryMmap) {
+        if std::ptr::eq(mem, self.map_of) {
+            return;
+        }
+        self.map = GuestMap::new(mem);
+        self.view = RingView::new(&self.queue, &self.map);
+        self.map_of = mem;
+    }
+
+    /// The memory table of the last [`Vring::sync_mem`].
+    pub fn map(&self) -> &GuestMap {
+        &self.map
+    }
+
+    /// Whether the pre-translated path ([`Vring::pop_head`], [`Vring::read_chain`]) is
+    /// available for the memory of the last [`Vring::sync_mem`].
+    pub fn has_view(&self) -> bool {
+        self.view.is_some()
+    }
+
+    /// The head of the next available chain (§2.7.6), through the ring view; None when
+    /// the ring is empty, there is no view, or `avail->idx` is more than a ring ahead
+    /// (a broken driver: nothing is taken until it fixes the index).
+    #[inline]
+    pub fn pop_head(&mut self) -> Option<u16> {
+        let view = self.view.as_ref()?;
+        let next = self.queue.next_avail();
+        let idx = view.avail_idx();
+        if idx == next {
+            return None;
+        }
+        if idx.wrapping_sub(next) > view.size() {
+            if !self.bad_avail_logged {
+                self.bad_avail_logged = true;
+                tracing::warn!(
+                    queue = self.index,
+                    idx,
+                    next,
+                    "available index out of range"
+                );
+            }
+            return None;
+        }
+        let head = view.avail_entry(next);
+        self.queue.set_next_avail(next.wrapping_add(1));
+        Some(head)
+    }
+
+    /// Copies the descriptors of chain `head` into `out` through the ring view (see
+    /// [`RingView::read_chain`]).
+    pub fn read_chain(&self, head: u16, max: usize, out: &mut Vec<Desc>) -> Result<(), ChainError> {
+        match &self.view {
+            Some(v) => v.read_chain(&self.map, head, max, out),
+            None => Err(ChainError::Empty),
         }
     }
 
@@ -96,21 +181,52 @@ impl Vring {
     /// Returns chain `head` to the driver with `len` bytes written (§2.7.8); a failure
     /// (the frontend broke the ring) is logged as "cannot return `what`".
     pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32, what: &str) {
-        if let Err(e) = self.queue.add_used(mem, head, len) {
-            tracing::warn!(queue = self.index, "cannot return {what}: {e}");
+        match &self.view {
+            Some(view) if head < view.size() => {
+                let next = self.queue.next_used();
+                view.push_used(next, head, len);
+                self.queue.set_next_used(next.wrapping_add(1));
+            }
+            _ => {
+                if let Err(e) = self.queue.add_used(mem, head, len) {
+                    tracing::warn!(queue = self.index, "cannot return {what}: {e}");
+                    return;
+                }
+            }
         }
+        self.added = self.added.wrapping_add(1);
     }
 
     /// Raises the guest interrupt after a batch of used chains if the driver wants one
     /// (§2.7.10 with EVENT_IDX, §2.7.7 without); when unsure, it does.
     pub fn notify_guest(&mut self, mem: &GuestMemoryMmap) {
-        match self.queue.needs_notification(mem) {
-            Ok(true) | Err(_) => {
-                if let Some(call) = &self.call {
-                    let _ = call.write(1);
+        let added = std::mem::take(&mut self.added);
+        if added == 0 {
+            return;
+        }
+        // The used entries must be visible before used_event is read (§2.7.10).
+        fence(Ordering::SeqCst);
+        let wanted = if self.queue.event_idx_enabled() {
+            let new = self.queue.next_used();
+            let used_event = match &self.view {
+                Some(v) => Some(v.used_event()),
+                None => {
+                    let off = 4 + 2 * u64::from(self.queue.size());
+                    self.queue
+                        .avail_ring()
+                        .checked_add(off)
+                        .and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
+                        .map(u16::from_le)
                 }
+            };
+            used_event.is_none_or(|e| need_event(e, new, new.wrapping_sub(added)))
+        } else {
+            true
+        };
+        if wanted {
+            if let Some(call) = &self.call {
+                let _ = call.write(1);
             }
-            Ok(false) => {}
         }
     }
 

@@ -106,7 +106,13 @@ impl BlkQueue {
         };
         // The status address was validated at parse time; a failure here means the
         // frontend removed the memory meanwhile: nothing more can be reported.
-        let _ = mem.write_obj(slot.status, slot.req.status_addr);
+        match self.vring.map().host_range(slot.req.status_addr.0, 1) {
+            // SAFETY: one byte of mapped guest memory (the map is of `mem`).
+            Some(p) => unsafe { std::ptr::write_volatile(p, slot.status) },
+            None => {
+                let _ = mem.write_obj(slot.status, slot.req.status_addr);
+            }
+        }
         self.vring
             .add_used(mem, slot.req.head_index, used_len, "a request to the guest");
         if let Some(gen) = slot.mem_gen.take() {
@@ -234,6 +240,8 @@ fn status_of(e: Errno) -> u8 {
 impl Poller for BlkQueue {
     fn poll(&mut self) -> usize {
         let mem = self.refresh_mem();
+        // `mem` (held as `mem_cur`) stays alive while the view built from it is used.
+        self.vring.sync_mem(&mem);
         let mut work = 0;
 
         // Completions first: they free slots for new requests.
@@ -276,14 +284,29 @@ impl Poller for BlkQueue {
         if !self.vring.is_stopping() {
             let limits = self.shared.limits();
             let mut popped = 0;
+            let fast = self.vring.has_view();
             while popped < POP_BUDGET {
-                let Some((tag, chain)) = self.vring.pop_for_slot(&mem, &mut self.free) else {
-                    break;
+                let parsed = if fast {
+                    let Some(&tag) = self.free.last() else {
+                        break;
+                    };
+                    let Some(head) = self.vring.pop_head() else {
+                        break;
+                    };
+                    self.free.pop();
+                    let req = &mut self.slots[tag as usize].req;
+                    (tag, req.parse_ring(&self.vring, head, &limits))
+                } else {
+                    let Some((tag, chain)) = self.vring.pop_for_slot(&mem, &mut self.free) else {
+                        break;
+                    };
+                    (tag, self.slots[tag as usize].req.parse_into(chain, &limits))
                 };
+                let (tag, parsed) = parsed;
                 self.in_flight += 1;
                 popped += 1;
                 let slot = &mut self.slots[tag as usize];
-                match slot.req.parse_into(chain, &limits) {
+                match parsed {
                     Ok(()) => {
                         if !self.start(tag) {
                             self.complete(tag, &mem);

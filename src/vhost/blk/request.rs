@@ -33,10 +33,15 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError};
 
+use crate::vhost::guest_map::GuestMap;
 pub use crate::vhost::guest_stream::MAX_IOVECS;
 use crate::vhost::guest_stream::{
-    copy_to_iovecs, push_iovecs, read_stream, walk, Desc, StreamError,
+    copy_to_iovecs, push_iovecs, read_stream, walk, Desc, GuestRanges, StreamError,
 };
+use crate::vhost::split_ring::ChainError;
+#[cfg(test)]
+use crate::vhost::split_ring::RingView;
+use crate::vhost::vring::Vring;
 
 /// virtio-blk sector size: request offsets and lengths are in 512-byte units (§5.2.6).
 pub const SECTOR_SIZE: u64 = 512;
@@ -366,19 +371,11 @@ impl BlkRequest {
         M: Deref,
         M::Target: GuestMemoryBackend,
     {
-        self.head_index = chain.head_index();
-        self.kind = RequestKind::default();
-        self.sector = 0;
-        self.data.clear();
-        self.data_len = 0;
-        self.status_addr = GuestAddress(0);
-        self.segments.clear();
-        self.descs.clear();
-
+        self.reset(chain.head_index());
         let head_index = self.head_index;
-        let fail = |status_addr: Option<GuestAddress>, error: ParseError| RequestError {
+        let fail = |error: ParseError| RequestError {
             head_index,
-            status_addr,
+            status_addr: None,
             error,
         };
 
@@ -391,10 +388,7 @@ impl BlkRequest {
         for d in chain.by_ref() {
             yielded += 1;
             if yielded > max_descs {
-                return Err(fail(
-                    None,
-                    ParseError::TooManyDescriptors { max: max_descs },
-                ));
+                return Err(fail(ParseError::TooManyDescriptors { max: max_descs }));
             }
             last_has_next = d.has_next();
             if d.len() > 0 {
@@ -406,12 +400,94 @@ impl BlkRequest {
             }
         }
         if yielded == 0 {
-            return Err(fail(None, ParseError::EmptyChain));
+            return Err(fail(ParseError::EmptyChain));
         }
         if last_has_next {
-            return Err(fail(None, ParseError::ChainTruncated));
+            return Err(fail(ParseError::ChainTruncated));
         }
-        let mem = chain.memory();
+        self.parse_descs(chain.memory(), limits)
+    }
+
+    /// Parses and validates chain `head` of `vring`, read through its pre-translated view
+    /// ([`Vring::has_view`] must be true), into `self`, as [`BlkRequest::parse_into`] does.
+    pub fn parse_ring(
+        &mut self,
+        vring: &Vring,
+        head: u16,
+        limits: &RequestLimits,
+    ) -> Result<(), RequestError> {
+        self.parse_read(
+            head,
+            |max, out| vring.read_chain(head, max, out),
+            vring.map(),
+            limits,
+        )
+    }
+
+    /// [`BlkRequest::parse_ring`] on a bare ring view.
+    #[cfg(test)]
+    fn parse_view(
+        &mut self,
+        view: &RingView,
+        map: &GuestMap,
+        head: u16,
+        limits: &RequestLimits,
+    ) -> Result<(), RequestError> {
+        self.parse_read(
+            head,
+            |max, out| view.read_chain(map, head, max, out),
+            map,
+            limits,
+        )
+    }
+
+    fn parse_read(
+        &mut self,
+        head: u16,
+        read: impl FnOnce(usize, &mut Vec<Desc>) -> Result<(), ChainError>,
+        map: &GuestMap,
+        limits: &RequestLimits,
+    ) -> Result<(), RequestError> {
+        self.reset(head);
+        let max_descs = (limits.seg_max as usize).saturating_add(FRAMING_DESCS);
+        if let Err(e) = read(max_descs, &mut self.descs) {
+            let error = match e {
+                ChainError::Empty => ParseError::EmptyChain,
+                ChainError::Truncated => ParseError::ChainTruncated,
+                ChainError::TooLong => ParseError::TooManyDescriptors { max: max_descs },
+            };
+            return Err(RequestError {
+                head_index: head,
+                status_addr: None,
+                error,
+            });
+        }
+        self.parse_descs(map, limits)
+    }
+
+    fn reset(&mut self, head_index: u16) {
+        self.head_index = head_index;
+        self.kind = RequestKind::default();
+        self.sector = 0;
+        self.data.clear();
+        self.data_len = 0;
+        self.status_addr = GuestAddress(0);
+        self.segments.clear();
+        self.descs.clear();
+    }
+
+    /// Validates the copied-out descriptors `self.descs` as a request.
+    fn parse_descs<M: GuestRanges + ?Sized>(
+        &mut self,
+        mem: &M,
+        limits: &RequestLimits,
+    ) -> Result<(), RequestError> {
+        let head_index = self.head_index;
+        let fail = |status_addr: Option<GuestAddress>, error: ParseError| RequestError {
+            head_index,
+            status_addr,
+            error,
+        };
 
         // The status byte: last byte of the last descriptor, which must be writable.
         let last = match self.descs.last() {
@@ -422,7 +498,7 @@ impl BlkRequest {
             .addr
             .checked_add(u64::from(last.len) - 1)
             .ok_or_else(|| fail(None, ParseError::StatusUnreachable(last.addr)))?;
-        if !GuestMemoryBackend::check_range(mem, GuestAddress(status), 1) {
+        if !mem.check(status, 1) {
             return Err(fail(None, ParseError::StatusUnreachable(status)));
         }
         self.status_addr = GuestAddress(status);
@@ -589,7 +665,7 @@ fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), ParseErro
 
 /// Translates `[skip, skip + take)` of `descs`' byte stream into host iovecs, checking
 /// `seg_max`, `size_max` and [`MAX_IOVECS`].
-fn map_data<M: GuestMemoryBackend + ?Sized>(
+fn map_data<M: GuestRanges + ?Sized>(
     mem: &M,
     descs: &[Desc],
     skip: u64,
@@ -616,7 +692,7 @@ fn map_data<M: GuestMemoryBackend + ?Sized>(
 }
 
 /// Reads and validates the DISCARD/WRITE_ZEROES segments that follow the header (§5.2.6).
-fn parse_segments<M: GuestMemory + ?Sized>(
+fn parse_segments<M: GuestRanges + ?Sized>(
     mem: &M,
     readable: &[Desc],
     payload: u64,

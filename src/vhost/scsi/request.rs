@@ -389,7 +389,7 @@ pub fn parse_control<M>(
 ) -> Result<ControlRequest, ParseError>
 where
     M: Deref,
-    M::Target: GuestMemory,
+    M::Target: vm_memory::GuestMemoryBackend,
 {
     streams.collect(chain)?;
     let mem = chain.memory();

@@ -5,7 +5,10 @@ use super::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueOwnedT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use crate::vhost::guest_map::GuestMap;
+use crate::vhost::split_ring::RingView;
 
 type Mem = vm_memory::GuestMemoryMmap<()>;
 
@@ -71,6 +74,50 @@ fn host(mem: &Mem, addr: u64) -> *mut libc::c_void {
     mem.get_host_address(GuestAddress(addr)).unwrap().cast()
 }
 
+/// Parses the chain at the head of `q`'s available ring through the pre-translated ring
+/// view (the hot path), for comparison with `parse_into` (virtio-queue's accessors).
+fn parse_fast(
+    mem: &Mem,
+    q: &MockSplitQueue<Mem>,
+    lim: &RequestLimits,
+) -> Result<BlkRequest, RequestError> {
+    let queue: Queue = q.create_queue().unwrap();
+    let map = GuestMap::new(mem);
+    let view = RingView::new(&queue, &map).expect("the mock's rings lie in one region");
+    let head = view.avail_entry(queue.next_avail());
+    let mut req = BlkRequest::new();
+    req.parse_view(&view, &map, head, lim).map(|()| req)
+}
+
+/// Both parsers reach the same verdict on the same chain.
+fn assert_same(slow: &Result<BlkRequest, RequestError>, fast: &Result<BlkRequest, RequestError>) {
+    match (slow, fast) {
+        (Ok(a), Ok(b)) => assert_same_request(a, b),
+        (Err(a), Err(b)) => assert_eq!(a, b),
+        (a, b) => panic!("virtio-queue path {a:?}, ring view path {b:?}"),
+    }
+}
+
+fn assert_same_request(a: &BlkRequest, b: &BlkRequest) {
+    {
+        {
+            assert_eq!(a.kind, b.kind);
+            assert_eq!(a.sector, b.sector);
+            assert_eq!(a.data_len, b.data_len);
+            let iovs = |r: &BlkRequest| -> Vec<(usize, usize)> {
+                r.data
+                    .iter()
+                    .map(|v| (v.iov_base as usize, v.iov_len))
+                    .collect()
+            };
+            assert_eq!(iovs(a), iovs(b));
+            assert_eq!(a.status_addr, b.status_addr);
+            assert_eq!(a.head_index, b.head_index);
+            assert_eq!(a.segments, b.segments);
+        }
+    }
+}
+
 /// Parses a linear chain (NEXT links are set by the mock) of `(addr, len, flags)`.
 fn parse_with(
     mem: &Mem,
@@ -81,7 +128,9 @@ fn parse_with(
     let raws: Vec<_> = descs.iter().map(|&(a, l, f)| raw(a, l, f, 0)).collect();
     let chain = q.build_desc_chain(&raws).unwrap();
     let mut req = BlkRequest::new();
-    req.parse_into(chain, lim).map(|()| req)
+    let slow = req.parse_into(chain, lim).map(|()| req);
+    assert_same(&slow, &parse_fast(mem, &q, lim));
+    slow
 }
 
 fn parse(mem: &Mem, descs: &[(u64, u32, u16)]) -> Result<BlkRequest, RequestError> {
@@ -93,7 +142,9 @@ fn parse_raw(mem: &Mem, descs: &[RawDescriptor]) -> Result<BlkRequest, RequestEr
     let q = MockSplitQueue::new(mem, 16);
     let chain = q.build_multiple_desc_chains(descs).unwrap();
     let mut req = BlkRequest::new();
-    req.parse_into(chain, &limits()).map(|()| req)
+    let slow = req.parse_into(chain, &limits()).map(|()| req);
+    assert_same(&slow, &parse_fast(mem, &q, &limits()));
+    slow
 }
 
 fn err(r: Result<BlkRequest, RequestError>) -> RequestError {
@@ -884,7 +935,14 @@ fn fuzz_random_chains_never_panic() {
             }
         };
         let lim = limits();
-        match req.parse_into(chain, &lim) {
+        let verdict = req.parse_into(chain, &lim);
+        let fast = parse_fast(&m, &q, &lim);
+        match (&verdict, &fast) {
+            (Ok(()), Ok(b)) => assert_same_request(&req, b),
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            (a, b) => panic!("virtio-queue path {a:?}, ring view path {b:?}"),
+        }
+        match verdict {
             Ok(()) => {
                 ok += 1;
                 let sum: u64 = req.data.iter().map(|v| v.iov_len as u64).sum();
