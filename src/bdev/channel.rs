@@ -22,7 +22,16 @@ struct Slot {
     user_tag: u64,
     kind: IoKind,
     bytes: u64,
-    start: Instant,
+    /// Submission time, nanoseconds since the channel's `epoch`.
+    start_ns: u64,
+}
+
+/// One clock reading, as an `Instant` (QoS) and as nanoseconds since the channel's epoch
+/// (latency statistics: a subtraction per completion instead of `Duration` arithmetic).
+#[derive(Clone, Copy)]
+struct Now {
+    at: Instant,
+    ns: u64,
 }
 
 /// A frontend queue's handle for I/O on one bdev, opened on (and used from) one reactor.
@@ -44,7 +53,9 @@ pub struct BdevChannel {
     stats: LocalStats,
     /// The time of this batch of submissions (one clock read per batch, reset by `kick`
     /// and `poll`): start time of the operations and QoS clock.
-    batch_now: Option<Instant>,
+    batch_now: Option<Now>,
+    /// Origin of the `ns` clock readings.
+    epoch: Instant,
 }
 
 impl BdevChannel {
@@ -60,13 +71,26 @@ impl BdevChannel {
             busy_since: None,
             stats: LocalStats::default(),
             batch_now: None,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Reads the clock.
+    fn clock(&self) -> Now {
+        let at = Instant::now();
+        Now {
+            at,
+            ns: at.saturating_duration_since(self.epoch).as_nanos() as u64,
         }
     }
 
     /// The current batch's time.
     #[inline]
-    fn now(&mut self) -> Instant {
-        *self.batch_now.get_or_insert_with(Instant::now)
+    fn now(&mut self) -> Now {
+        match self.batch_now {
+            Some(n) => n,
+            None => *self.batch_now.insert(self.clock()),
+        }
     }
 
     /// Publishes the batched statistics to the bdev.
@@ -124,7 +148,7 @@ impl BdevChannel {
             return;
         }
         let bytes = op.range().map_or(0, |r| r.1);
-        match self.bdev.qos.try_admit(op.kind(), bytes, now) {
+        match self.bdev.qos.try_admit(op.kind(), bytes, now.at) {
             Ok(()) => self.dispatch(tag, op, now),
             Err(at) => {
                 self.retry_at = Some(at);
@@ -134,12 +158,12 @@ impl BdevChannel {
     }
 
     /// Hands `op` to the backend under a fresh slot.
-    unsafe fn dispatch(&mut self, user_tag: u64, op: IoOp, now: Instant) {
+    unsafe fn dispatch(&mut self, user_tag: u64, op: IoOp, now: Now) {
         let slot = Slot {
             user_tag,
             kind: op.kind(),
             bytes: op.range().map_or(0, |r| r.1),
-            start: now,
+            start_ns: now.ns,
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -152,7 +176,7 @@ impl BdevChannel {
             }
         };
         if self.busy_since.is_none() {
-            self.busy_since = Some(now);
+            self.busy_since = Some(now.at);
         }
         self.stats.add_queue_depth(1);
         self.inner.submit(idx as u64, op);
@@ -174,7 +198,8 @@ impl BdevChannel {
             done(tag, r);
             n += 1;
         }
-        let mut now = None;
+        let mut now: Option<Now> = None;
+        let epoch = self.epoch;
         let BdevChannel {
             bdev,
             inner,
@@ -189,8 +214,14 @@ impl BdevChannel {
                 return;
             };
             free.push(idx as usize);
-            let t = *now.get_or_insert_with(Instant::now);
-            let lat = t.saturating_duration_since(slot.start).as_nanos() as u64;
+            let t = *now.get_or_insert_with(|| {
+                let at = Instant::now();
+                Now {
+                    at,
+                    ns: at.saturating_duration_since(epoch).as_nanos() as u64,
+                }
+            });
+            let lat = t.ns.saturating_sub(slot.start_ns);
             stats.add_queue_depth(-1);
             stats.record(slot.kind, slot.bytes, lat, r.is_ok());
             done(slot.user_tag, r);
@@ -200,7 +231,7 @@ impl BdevChannel {
         self.flush_stats();
         if let Some(since) = self.busy_since {
             if self.free.len() == self.slots.len() {
-                let t = now.unwrap_or_else(Instant::now);
+                let t = now.map_or_else(Instant::now, |n| n.at);
                 let busy = t.saturating_duration_since(since).as_nanos() as u64;
                 self.bdev.stats.io_time.fetch_add(busy, Relaxed);
                 self.busy_since = None;
@@ -214,14 +245,14 @@ impl BdevChannel {
 
     /// Submits the throttled operations QoS now admits.
     fn release_throttled(&mut self) {
-        let now = Instant::now();
-        if self.retry_at.is_some_and(|t| t > now) {
+        let now = self.clock();
+        if self.retry_at.is_some_and(|t| t > now.at) {
             return;
         }
         let mut sent = false;
         while let Some(&(tag, op)) = self.throttled.front() {
             let bytes = op.range().map_or(0, |r| r.1);
-            match self.bdev.qos.try_admit(op.kind(), bytes, now) {
+            match self.bdev.qos.try_admit(op.kind(), bytes, now.at) {
                 Ok(()) => {
                     self.throttled.pop_front();
                     // SAFETY: the caller of `submit` promised the buffers stay valid until

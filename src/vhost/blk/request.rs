@@ -523,7 +523,18 @@ impl BlkRequest {
             return Err(fail(st, ParseError::HeaderTooShort(readable_len)));
         }
         let mut hdr = [0u8; HEADER_LEN as usize];
-        read_stream(mem, readable, 0, &mut hdr).map_err(|e| fail(st, e.into()))?;
+        // Usually the whole header is in the first descriptor: one copy, no stream walk.
+        let hdr_read = match readable.first() {
+            Some(d) if u64::from(d.len) >= HEADER_LEN => {
+                mem.read_at(d.addr, &mut hdr)
+                    .map_err(|_| StreamError::BadGuestAddress {
+                        addr: d.addr,
+                        len: HEADER_LEN,
+                    })
+            }
+            _ => read_stream(mem, readable, 0, &mut hdr),
+        };
+        hdr_read.map_err(|e| fail(st, e.into()))?;
         let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes([
             hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
