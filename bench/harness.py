@@ -4,7 +4,8 @@ file per run, plus idle.json, into a results directory (bench/report.py turns th
 table.md and plots). Started by bench/run.sh, which builds and installs what this needs.
 
 Every target runs pinned to core 0 and every client to core 1 (taskset). The client is
-`blockctl bench` (libblkio, vhost-user, busy-polling) for blockd and qemu-storage-daemon, and
+`blockctl bench` (libblkio, vhost-user, busy-polling; sleeping on the completion eventfd for
+the `-irq` workload) for blockd and qemu-storage-daemon, and
 fio's io_uring engine on the same file for the device limit. A target's CPU is read from
 /proc/PID/stat (utime + stime, all threads) before and after each client run.
 """
@@ -30,6 +31,9 @@ NICE = ["nice", "-n", "-20"] if os.geteuid() == 0 else []
 # name -> (pattern, block size, queue depth per queue, queues)
 WORKLOADS = {
     "4k-randread-qd1": ("randread", "4k", 1, 1),
+    # The same with a client that sleeps on the completion eventfd (a guest taking
+    # interrupts) instead of polling: the setting of issue 7's reference latencies.
+    "4k-randread-qd1-irq": ("randread", "4k", 1, 1),
     "4k-randread-qd32": ("randread", "4k", 32, 1),
     "4k-randwrite-qd32": ("randwrite", "4k", 32, 1),
     "4k-randread-qd128-2q": ("randread", "4k", 64, 2),
@@ -189,7 +193,8 @@ def run_blockctl(a, sock, wl, runtime, extra=()):
     pattern, bs, qd, queues = WORKLOADS[wl]
     argv = NICE + ["taskset", "-c", CLIENT_CPU, a.blockctl, "bench", "-s", sock, "-w", pattern,
             "-b", bs, "-q", str(qd), "--queues", str(queues), "-t", str(runtime),
-            "--cpus", CLIENT_CPU, "--json", "--timeout", "20", *extra]
+            "--cpus", CLIENT_CPU, "--json", "--timeout", "20",
+            "--no-poll" if wl.endswith("-irq") else "--poll", *extra]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=runtime + 60)
     if out.returncode != 0:
         raise RuntimeError(f"blockctl bench {wl} on {sock}: {out.stderr.strip()}")

@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # RBD data path: blockd's rbd bdev vs fio's rbd engine vs qemu-storage-daemon's rbd driver,
-# same cluster, same image, same run. Prints a markdown table with blockd/fio and
-# blockd/qsd ratios.
+# same cluster, same image, same run. Prints a markdown table of medians with blockd/fio,
+# blockd/fio0 and blockd/qsd ratios.
 #
-#   blockd: `taskset -c 0 blockd -m 0x1`, bdev_rbd_create + vhost_create_blk_controller,
-#           driven by `blockctl bench` (libblkio, vhost-user-blk) pinned to core 1.
-#   fio:    `--ioengine=rbd` pinned to core 1 (librbd straight, no frontend at all).
+#   blockd: `taskset -c 0 blockd -m 0x1` (its librbd threads inherit core 0),
+#           bdev_rbd_create + vhost_create_blk_controller, driven by `blockctl bench`
+#           (libblkio, vhost-user-blk, sleeping on the completion eventfd) pinned to core 1.
+#   fio:    `--ioengine=rbd` pinned to core 1 (librbd straight, no frontend at all), and
+#   fio0:   the same pinned to core 0: the CPU budget blockd and its librbd have (issue 7's
+#           shared-core comparison).
 #   qsd:    `taskset -c 0 qemu-storage-daemon --blockdev driver=rbd` exporting
 #           vhost-user-blk, driven by the same `blockctl bench` on core 1.
-# Workloads: 4K randread / randwrite at QD32, 128K sequential read / write at QD32.
+# Workloads: 4K randread / randwrite and 128K sequential read / write, all at QD32.
 #
-# Usage: bench/rbd.sh [SIZE_MIB] [RUNTIME_S]. Cluster: $CEPH_CONF, else a private one
-# started with scripts/ceph-cluster.sh in target/ceph-bench (stopped again at the end).
-# Env: BLOCKD/BLOCKCTL (default target/release/*, else target/debug/*), POOL (testpool).
+# The single-node cluster drifts (its OSD slows as its logs grow) and the host is noisy,
+# so the targets take turns: every round runs every workload on every target, and the
+# table shows the median of the rounds. blockd and qsd stay up (idle) between turns.
+#
+# Usage: bench/rbd.sh [SIZE_MIB] [RUNTIME_S] [ROUNDS]. Cluster: $CEPH_CONF, else a private
+# one started with scripts/ceph-cluster.sh in target/ceph-bench (stopped again at the end).
+# Env: BLOCKD/BLOCKCTL (default target/release/*, else target/debug/*), POOL (testpool),
+# BLOCKD_ARGS (extra blockd options, e.g. "--poll never").
 set -euo pipefail
 SIZE_MIB=${1:-256}
-RUNTIME=${2:-10}
+RUNTIME=${2:-5}
+ROUNDS=${3:-5}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BLOCKD=${BLOCKD:-$ROOT/target/release/blockd}
 BLOCKCTL=${BLOCKCTL:-$ROOT/target/release/blockctl}
@@ -49,12 +58,12 @@ rbd create --size "${SIZE_MIB}M" "$POOL/$IMG"
 rbd bench --io-type write --io-pattern seq --io-size 4M --io-threads 4 \
   --io-total "${SIZE_MIB}M" "$POOL/$IMG" >/dev/null
 
-rpc() { "$BLOCKCTL" -s "$W/rpc.sock" "$@"; }
 wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
 # A workload: name, blockctl bench pattern, fio rw, block size.
 WORKLOADS=("randread 4k:randread:randread:4k" "randwrite 4k:randwrite:randwrite:4k"
            "read 128k:read:read:128k" "write 128k:write:write:128k")
+TARGETS=(blockd fio fio0 qsd)
 
 bench_vhost() { # socket pattern bs -> IOPS
   taskset -c 1 "$BLOCKCTL" bench -s "$1" -w "$2" -b "$3" -q 32 -t "$RUNTIME" --no-poll --json |
@@ -69,41 +78,55 @@ bench_fio() { # core rw bs -> IOPS
     python3 -c 'import json,sys; d=sys.stdin.read(); j=json.loads(d[d.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
 }
 
-declare -A B F F0 Q
 # blockd
-taskset -c 0 "$BLOCKD" -m 0x1 -r "$W/rpc.sock" -S "$W" -L warn & PIDS+=($!)
+# shellcheck disable=SC2086
+taskset -c 0 "$BLOCKD" -m 0x1 -r "$W/rpc.sock" -S "$W" -L warn ${BLOCKD_ARGS:-} & PIDS+=($!)
 wait_sock "$W/rpc.sock"
-[ "$(rpc bdev_rbd_create "$POOL" "$IMG" 512)" = Ceph0 ]
-rpc vhost_create_blk_controller vhost.0 Ceph0
-for w in "${WORKLOADS[@]}"; do IFS=: read -r name pat rw bs <<<"$w"; B[$name]=$(bench_vhost "$W/vhost.0" "$pat" "$bs"); done
-rpc vhost_delete_controller vhost.0 2>/dev/null || { sleep 1; rpc vhost_delete_controller vhost.0; }
-rpc bdev_rbd_delete Ceph0
-kill "${PIDS[0]}"; wait "${PIDS[0]}" 2>/dev/null || true; PIDS=()
-
-# fio rbd engine: on the client's core (librbd with a core of its own), and on the target's
-# core 0 (issue 7's shared-core comparison: the same CPU budget blockd and its librbd have).
-for w in "${WORKLOADS[@]}"; do IFS=: read -r name pat rw bs <<<"$w"; F[$name]=$(bench_fio 1 "$rw" "$bs"); done
-for w in "${WORKLOADS[@]}"; do IFS=: read -r name pat rw bs <<<"$w"; F0[$name]=$(bench_fio 0 "$rw" "$bs"); done
-
+[ "$("$BLOCKCTL" -s "$W/rpc.sock" bdev_rbd_create "$POOL" "$IMG" 512)" = Ceph0 ]
+"$BLOCKCTL" -s "$W/rpc.sock" vhost_create_blk_controller vhost.0 Ceph0 >/dev/null
 # qemu-storage-daemon
 taskset -c 0 qemu-storage-daemon \
   --blockdev "driver=rbd,node-name=disk,pool=$POOL,image=$IMG,conf=$CEPH_CONF" \
   --export "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path=$W/qsd.sock,writable=on,num-queues=1" \
-  & PIDS+=($!)
+  >"$W/qsd.log" 2>&1 & PIDS+=($!)
 wait_sock "$W/qsd.sock"
-for w in "${WORKLOADS[@]}"; do IFS=: read -r name pat rw bs <<<"$w"; Q[$name]=$(bench_vhost "$W/qsd.sock" "$pat" "$bs"); done
+
+# Results: one line per measurement, "workload target iops".
+RES=$W/results
+: >"$RES"
+for round in $(seq "$ROUNDS"); do
+  for w in "${WORKLOADS[@]}"; do
+    IFS=: read -r name pat rw bs <<<"$w"
+    for t in "${TARGETS[@]}"; do
+      case $t in
+        blockd) iops=$(bench_vhost "$W/vhost.0" "$pat" "$bs") ;;
+        qsd) iops=$(bench_vhost "$W/qsd.sock" "$pat" "$bs") ;;
+        fio) iops=$(bench_fio 1 "$rw" "$bs") ;;
+        fio0) iops=$(bench_fio 0 "$rw" "$bs") ;;
+      esac
+      echo "$name|$t|$iops" >>"$RES"
+      echo "round $round/$ROUNDS $name $t: $iops IOPS" >&2
+    done
+  done
+done
 
 echo
-echo "RBD, $(date -u +%F), image ${SIZE_MIB} MiB in $POOL, QD32, ${RUNTIME}s each; blockd=$(basename "$(dirname "$BLOCKD")") build"
+echo "RBD, $(date -u +%F), image ${SIZE_MIB} MiB in $POOL, QD32, medians of $ROUNDS interleaved rounds × ${RUNTIME}s; blockd=$(basename "$(dirname "$BLOCKD")") build ${BLOCKD_ARGS:-}"
 echo
 echo "blockd and qsd on core 0 (with their librbd threads), client on core 1; fio on core 1, and fio0 on core 0."
 echo
-echo "| workload | blockd IOPS | fio rbd IOPS | fio0 rbd IOPS | qsd IOPS | blockd/fio | blockd/fio0 | blockd/qsd |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-ratio() { python3 -c "print('%.2f' % ($1 / max($2, 1)))"; }
-for w in "${WORKLOADS[@]}"; do
-  IFS=: read -r name _ _ _ <<<"$w"
-  b=${B[$name]}; f=${F[$name]}; f0=${F0[$name]}; q=${Q[$name]}
-  printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$b" "$f" "$f0" "$q" \
-    "$(ratio "$b" "$f")" "$(ratio "$b" "$f0")" "$(ratio "$b" "$q")"
-done
+python3 - "$RES" "${WORKLOADS[@]}" <<'EOF'
+import statistics, sys
+rows = [l.strip().split("|") for l in open(sys.argv[1]) if l.strip()]
+med = {}
+for name, t, iops in rows:
+    med.setdefault((name, t), []).append(int(iops))
+med = {k: statistics.median(v) for k, v in med.items()}
+print("| workload | blockd IOPS | fio rbd IOPS | fio0 rbd IOPS | qsd IOPS | blockd/fio | blockd/fio0 | blockd/qsd |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for w in sys.argv[2:]:
+    name = w.split(":")[0]
+    b, f, f0, q = (med.get((name, t), 0) for t in ("blockd", "fio", "fio0", "qsd"))
+    r = lambda a, c: f"{a / c:.2f}" if c else "-"
+    print(f"| {name} | {b:.0f} | {f:.0f} | {f0:.0f} | {q:.0f} | {r(b, f)} | {r(b, f0)} | {r(b, q)} |")
+EOF
