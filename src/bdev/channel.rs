@@ -109,12 +109,11 @@ impl BdevChannel {
     /// Why `op` cannot be sent to the backend: out of range or misaligned (`EINVAL`), or not
     /// supported by the backend (`ENOTSUP`).
     fn check(&self, op: &IoOp) -> IoResult {
-        let types = self.bdev.backend().io_types();
         let supported = match op.kind() {
             IoKind::Read | IoKind::Write => true,
-            IoKind::Flush => types.flush,
-            IoKind::Unmap => types.unmap,
-            IoKind::WriteZeroes => types.write_zeroes,
+            IoKind::Flush => self.bdev.backend().io_types().flush,
+            IoKind::Unmap => self.bdev.backend().io_types().unmap,
+            IoKind::WriteZeroes => self.bdev.backend().io_types().write_zeroes,
         };
         if !supported {
             return Err(Errno(libc::ENOTSUP));
