@@ -64,49 +64,26 @@ impl GuestMap {
 
     /// Whether guest range `[gpa, gpa + len)` is entirely backed by guest memory.
     pub fn check_range(&self, gpa: u64, len: u64) -> bool {
-        if self.host_range(gpa, len).is_some() {
-            return true;
-        }
-        let mut v = Vec::new();
-        self.push_iovecs(gpa, len, &mut v).is_ok()
+        self.host_range(gpa, len).is_some() || self.pieces(gpa, len, |_, _, _| Ok(())).is_ok()
     }
 
     /// Copies guest range `[gpa, gpa + buf.len())` into `buf`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), StreamError> {
-        let bad = StreamError::BadGuestAddress {
-            addr: gpa,
-            len: buf.len() as u64,
-        };
-        let mut done = 0usize;
-        while done < buf.len() {
-            let addr = gpa.checked_add(done as u64).ok_or(bad.clone())?;
-            let (host, avail) = self.piece(addr).ok_or(bad.clone())?;
-            let n = (buf.len() - done).min(avail);
-            // SAFETY: `piece` returned `avail` mapped bytes at `host`; guest memory never
-            // overlaps a Rust buffer. The guest may write concurrently: the bytes are
-            // treated as untrusted by the callers.
-            unsafe { std::ptr::copy_nonoverlapping(host, buf[done..].as_mut_ptr(), n) };
-            done += n;
-        }
-        Ok(())
+        self.pieces(gpa, buf.len() as u64, |host, off, n| {
+            // SAFETY: `pieces` hands out mapped bytes; guest memory never overlaps a Rust
+            // buffer. The guest may write concurrently: callers treat the bytes as untrusted.
+            unsafe { std::ptr::copy_nonoverlapping(host, buf[off..].as_mut_ptr(), n) };
+            Ok(())
+        })
     }
 
     /// Copies `buf` to guest range `[gpa, gpa + buf.len())`.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), StreamError> {
-        let bad = StreamError::BadGuestAddress {
-            addr: gpa,
-            len: buf.len() as u64,
-        };
-        let mut done = 0usize;
-        while done < buf.len() {
-            let addr = gpa.checked_add(done as u64).ok_or(bad.clone())?;
-            let (host, avail) = self.piece(addr).ok_or(bad.clone())?;
-            let n = (buf.len() - done).min(avail);
+        self.pieces(gpa, buf.len() as u64, |host, off, n| {
             // SAFETY: as in `read`, for writing.
-            unsafe { std::ptr::copy_nonoverlapping(buf[done..].as_ptr(), host, n) };
-            done += n;
-        }
-        Ok(())
+            unsafe { std::ptr::copy_nonoverlapping(buf[off..].as_ptr(), host, n) };
+            Ok(())
+        })
     }
 
     /// Appends the host iovecs of guest range `[gpa, gpa + len)` to `out`, one per region
@@ -117,19 +94,31 @@ impl GuestMap {
         len: u64,
         out: &mut Vec<libc::iovec>,
     ) -> Result<(), StreamError> {
+        self.pieces(gpa, len, |host, _, n| {
+            if out.len() == MAX_IOVECS {
+                return Err(StreamError::TooManyIovecs);
+            }
+            out.push(libc::iovec {
+                iov_base: host.cast(),
+                iov_len: n,
+            });
+            Ok(())
+        })
+    }
+
+    /// Calls `f(host, offset, n)` for each piece of guest range `[gpa, gpa + len)` that one
+    /// region maps (`offset` counts from `gpa`), in order; the range must be all mapped.
+    fn pieces<F>(&self, gpa: u64, len: u64, mut f: F) -> Result<(), StreamError>
+    where
+        F: FnMut(*mut u8, usize, usize) -> Result<(), StreamError>,
+    {
         let bad = StreamError::BadGuestAddress { addr: gpa, len };
         gpa.checked_add(len).ok_or(bad.clone())?;
         let mut done = 0u64;
         while done < len {
             let (host, avail) = self.piece(gpa + done).ok_or(bad.clone())?;
             let n = (len - done).min(avail as u64);
-            if out.len() == MAX_IOVECS {
-                return Err(StreamError::TooManyIovecs);
-            }
-            out.push(libc::iovec {
-                iov_base: host.cast(),
-                iov_len: n as usize,
-            });
+            f(host, done as usize, n as usize)?;
             done += n;
         }
         Ok(())
