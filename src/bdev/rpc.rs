@@ -11,6 +11,22 @@ use super::{Bdev, BdevRegistry};
 use crate::app::App;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
+/// `{name}` of the delete methods.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    pub name: String,
+}
+
+/// `bdev_<module>_delete {name}` of the backends whose bdevs live only in the registry
+/// (malloc, null, aio, local): removes bdev `name` if it is a `product` bdev (ENODEV when
+/// there is none, EBUSY while it is claimed); answers true (SPDK jsonrpc.md).
+pub fn delete_product(app: &Arc<App>, p: Option<Value>, product: &str) -> RpcResult {
+    let p: NameParams = params(p)?;
+    app.bdevs.remove_product(&p.name, Some(product))?;
+    Ok(Value::Bool(true))
+}
+
 /// `bdev_get_bdevs` params.
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]

@@ -345,13 +345,6 @@ pub fn rescan(registry: &BdevRegistry, name: &str) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// Deletes an aio bdev (`bdev_aio_delete`); the file is synced and closed with the last
-/// channel.
-pub fn delete(registry: &BdevRegistry, name: &str) -> Result<(), RpcError> {
-    registry.remove_product(name, Some(PRODUCT_NAME))?;
-    Ok(())
-}
-
 impl BdevBackend for AioBackend {
     fn product_name(&self) -> &'static str {
         PRODUCT_NAME

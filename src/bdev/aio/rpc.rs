@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::AioOpts;
 use crate::app::App;
-use crate::bdev::null::rpc::NameParams;
+use crate::bdev::rpc::{delete_product, NameParams};
 use crate::rpc::{params, RpcMethods, RpcResult};
 
 /// `bdev_aio_create` params: every field SPDK's rpc.py may send.
@@ -49,9 +49,7 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
 }
 
 fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    let p: NameParams = params(p)?;
-    super::delete(&app.bdevs, &p.name)?;
-    Ok(Value::Bool(true))
+    delete_product(app, p, super::PRODUCT_NAME)
 }
 
 /// `bdev_aio_rescan {name}`: re-reads the file size; true.

@@ -140,7 +140,7 @@ fn aio_direct_and_bounce_paths() {
     assert_eq!(p["filename"], f.path().display().to_string());
     assert_eq!(p["block_size"], 512);
     drop(ch);
-    delete(&r, "Aio0").unwrap();
+    r.remove_product("Aio0", Some(PRODUCT_NAME)).unwrap();
 }
 
 #[test]
@@ -414,5 +414,5 @@ fn aio_allocation_reports_holes_and_data() {
         vec![ext(MIB, AllocState::Data), ext(MIB, AllocState::Hole)]
     );
     drop(ch);
-    delete(&reg, "alloc0").unwrap();
+    reg.remove_product("alloc0", Some(PRODUCT_NAME)).unwrap();
 }

@@ -119,13 +119,6 @@ pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> Result<Arc<Bdev>, Rpc
     Ok(bdev)
 }
 
-/// Deletes a local bdev (`bdev_local_delete`): the file is synced and the image's use lock
-/// released.
-pub fn delete(registry: &BdevRegistry, name: &str) -> Result<(), RpcError> {
-    registry.remove_product(name, Some(PRODUCT_NAME))?;
-    Ok(())
-}
-
 impl BdevBackend for LocalBackend {
     fn product_name(&self) -> &'static str {
         PRODUCT_NAME

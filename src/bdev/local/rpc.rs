@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::LocalOpts;
 use crate::app::App;
-use crate::bdev::null::rpc::NameParams;
+use crate::bdev::rpc::delete_product;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
 /// `bdev_local_create` params.
@@ -53,9 +53,7 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
 }
 
 fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    let p: NameParams = params(p)?;
-    super::delete(&app.bdevs, &p.name)?;
-    Ok(Value::Bool(true))
+    delete_product(app, p, super::PRODUCT_NAME)
 }
 
 /// Registers this backend's methods.

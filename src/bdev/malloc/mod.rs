@@ -244,13 +244,6 @@ pub fn create(registry: &BdevRegistry, opts: MallocOpts) -> Result<Arc<Bdev>, Rp
     Ok(bdev)
 }
 
-/// Deletes a malloc bdev (`bdev_malloc_delete`); its memory goes when the last channel
-/// closes.
-pub fn delete(registry: &BdevRegistry, name: &str) -> Result<(), RpcError> {
-    registry.remove_product(name, Some(PRODUCT_NAME))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,7 +266,7 @@ mod tests {
         assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc1");
         let e = err(create(&r, opts(Some("Malloc1"))));
         assert_eq!(e.code, -libc::EEXIST);
-        delete(&r, "Malloc0").unwrap();
+        r.remove_product("Malloc0", Some(PRODUCT_NAME)).unwrap();
         assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc0");
         assert_eq!(
             err(create(

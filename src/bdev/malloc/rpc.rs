@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::MallocOpts;
 use crate::app::App;
-use crate::bdev::null::rpc::NameParams;
+use crate::bdev::rpc::delete_product;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
 /// `bdev_malloc_create` params: every field SPDK's rpc.py may send.
@@ -57,9 +57,7 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
 }
 
 fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    let p: NameParams = params(p)?;
-    super::delete(&app.bdevs, &p.name)?;
-    Ok(Value::Bool(true))
+    delete_product(app, p, super::PRODUCT_NAME)
 }
 
 /// Registers this backend's methods.

@@ -116,12 +116,6 @@ pub fn create(registry: &BdevRegistry, opts: NullOpts) -> Result<Arc<Bdev>, RpcE
     Ok(bdev)
 }
 
-/// Deletes a null bdev (`bdev_null_delete`).
-pub fn delete(registry: &BdevRegistry, name: &str) -> Result<(), RpcError> {
-    registry.remove_product(name, Some(PRODUCT_NAME))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,7 +191,8 @@ mod tests {
         assert_eq!(m, "bdev_null_create");
         assert_eq!(p["num_blocks"], 8);
         assert_eq!(p["uuid"], b.uuid().to_string());
-        delete(&r, "Null0").unwrap();
-        assert_eq!(delete(&r, "Null0").unwrap_err().code, -libc::ENODEV);
+        r.remove_product("Null0", Some(PRODUCT_NAME)).unwrap();
+        let gone = r.remove_product("Null0", Some(PRODUCT_NAME)).err();
+        assert_eq!(gone.map(|e| RpcError::from(e).code), Some(-libc::ENODEV));
     }
 }

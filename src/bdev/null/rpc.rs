@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::NullOpts;
 use crate::app::App;
+use crate::bdev::rpc::delete_product;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
 /// `bdev_null_create` params: every field SPDK's rpc.py may send.
@@ -50,13 +51,6 @@ impl CreateParams {
     }
 }
 
-/// `{name}` of the delete methods.
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct NameParams {
-    pub name: String,
-}
-
 fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     let opts = params::<CreateParams>(p)?.into_opts()?;
     let bdev = super::create(&app.bdevs, opts)?;
@@ -64,9 +58,7 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
 }
 
 fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    let p: NameParams = params(p)?;
-    super::delete(&app.bdevs, &p.name)?;
-    Ok(Value::Bool(true))
+    delete_product(app, p, super::PRODUCT_NAME)
 }
 
 /// Registers this backend's methods.

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::cluster::{self, ClusterConfig};
 use super::RbdBdevConfig;
 use crate::app::App;
+use crate::bdev::rpc::NameParams;
 use crate::rbd::RbdError;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
@@ -90,12 +91,6 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
         return Err(e.into());
     }
     Ok(json!(bdev.name()))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NameParams {
-    name: String,
 }
 
 fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
