@@ -12,6 +12,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
@@ -37,8 +38,9 @@ pub struct Vring {
     stopped: Sender<u16>,
     /// The frontend asked for the ring back (GET_VRING_BASE): the poller pops no more chains.
     stopping: bool,
-    /// The memory table `map` and `view` were built from (identity only).
-    map_of: *const GuestMemoryMmap,
+    /// The memory table `map` and `view` were built from, held so that their pointers
+    /// stay valid (and no other table can reuse its address) until the next one.
+    map_of: Option<Arc<GuestMemoryMmap>>,
     map: GuestMap,
     view: Option<RingView>,
     /// Used entries added since the last [`Vring::notify_guest`] (for EVENT_IDX).
@@ -46,10 +48,6 @@ pub struct Vring {
     /// An invalid `avail->idx` was already logged.
     bad_avail_logged: bool,
 }
-
-// SAFETY: `map_of` is only compared, never dereferenced; `map` and `view` point into the
-// guest memory the owner keeps mapped (see `sync_mem`).
-unsafe impl Send for Vring {}
 
 impl Vring {
     /// Takes over the ring the frontend has set up.
@@ -62,7 +60,7 @@ impl Vring {
             call: setup.call,
             stopped: setup.stopped,
             stopping: false,
-            map_of: std::ptr::null(),
+            map_of: None,
             map: GuestMap::default(),
             view: None,
             added: 0,
@@ -71,15 +69,14 @@ impl Vring {
     }
 
     /// Rebuilds the pre-translated memory table and ring view when `mem` is not the memory
-    /// they were built from. The caller keeps `mem` alive for as long as it uses them (until
-    /// the next call with another memory).
-    pub fn sync_mem(&mut self, mem: &GuestMemoryMmap) {
-        if std::ptr::eq(mem, self.map_of) {
+    /// they were built from, and keeps `mem` mapped while they point into it.
+    pub fn sync_mem(&mut self, mem: &Arc<GuestMemoryMmap>) {
+        if self.map_of.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem)) {
             return;
         }
         self.map = GuestMap::new(mem);
         self.view = RingView::new(&self.queue, &self.map);
-        self.map_of = mem;
+        self.map_of = Some(mem.clone());
     }
 
     /// The memory table of the last [`Vring::sync_mem`].

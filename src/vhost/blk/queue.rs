@@ -240,7 +240,6 @@ fn status_of(e: Errno) -> u8 {
 impl Poller for BlkQueue {
     fn poll(&mut self) -> usize {
         let mem = self.refresh_mem();
-        // `mem` (held as `mem_cur`) stays alive while the view built from it is used.
         self.vring.sync_mem(&mem);
         let mut work = 0;
 

@@ -491,10 +491,7 @@ impl BlkRequest {
         // SAFETY: 16 mapped bytes of guest memory, copied out once (the guest may change
         // them at any time: only the copy is looked at).
         unsafe { std::ptr::copy_nonoverlapping(hdr_at, hdr.as_mut_ptr(), hdr.len()) };
-        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([
-            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-        ]);
+        let (req_type, sector) = decode_header(&hdr);
         let kind = match req_type {
             VIRTIO_BLK_T_IN if d.write => RequestKind::In,
             VIRTIO_BLK_T_OUT if !d.write && !limits.read_only => RequestKind::Out,
@@ -576,22 +573,8 @@ impl BlkRequest {
             return Err(fail(st, ParseError::HeaderTooShort(readable_len)));
         }
         let mut hdr = [0u8; HEADER_LEN as usize];
-        // Usually the whole header is in the first descriptor: one copy, no stream walk.
-        let hdr_read = match readable.first() {
-            Some(d) if u64::from(d.len) >= HEADER_LEN => {
-                mem.read_at(d.addr, &mut hdr)
-                    .map_err(|_| StreamError::BadGuestAddress {
-                        addr: d.addr,
-                        len: HEADER_LEN,
-                    })
-            }
-            _ => read_stream(mem, readable, 0, &mut hdr),
-        };
-        hdr_read.map_err(|e| fail(st, e.into()))?;
-        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([
-            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-        ]);
+        read_stream(mem, readable, 0, &mut hdr).map_err(|e| fail(st, e.into()))?;
+        let (req_type, sector) = decode_header(&hdr);
         // Bytes after the header / before the status.
         let readable_data = readable_len - HEADER_LEN;
         let writable_data = writable_len - 1;
@@ -705,6 +688,13 @@ impl BlkRequest {
 
 /// IN/OUT length and range checks: multiple of 512, within `max_sectors`, and
 /// `sector + len/512` neither overflowing (also as a byte offset) nor passing the capacity.
+/// `type` and `sector` of a request header `{le32 type, le32 reserved, le64 sector}`
+/// (§5.2.6).
+fn decode_header(hdr: &[u8; HEADER_LEN as usize]) -> (u32, u64) {
+    let [t0, t1, t2, t3, _, _, _, _, s @ ..] = *hdr;
+    (u32::from_le_bytes([t0, t1, t2, t3]), u64::from_le_bytes(s))
+}
+
 fn check_rw(sector: u64, len: u64, limits: &RequestLimits) -> Result<(), ParseError> {
     if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(ParseError::Unaligned(len));
