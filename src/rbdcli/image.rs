@@ -471,20 +471,15 @@ fn snap(cmd: SnapCommand) -> anyhow::Result<()> {
         let snaps = open_ro(ceph, &s)?.snap_list()?;
         let v: Vec<Value> = snaps.iter().map(|s| s.to_json()).collect();
         ceph.emit(json!(v), || {
-            println!(
-                "{:>6}  {:<24} {:>12}  {:<9}  TIMESTAMP",
-                "SNAPID", "NAME", "SIZE", "PROTECTED"
-            );
-            for sn in &snaps {
-                println!(
-                    "{:>6}  {:<24} {:>12}  {:<9}  {}",
-                    sn.id,
-                    sn.name,
-                    human(sn.size),
-                    if sn.protected { "yes" } else { "no" },
-                    sn.timestamp
-                );
-            }
+            print_snap_table(snaps.iter().map(|s| {
+                (
+                    s.id,
+                    s.name.as_str(),
+                    s.size,
+                    s.protected,
+                    s.timestamp.as_str(),
+                )
+            }))
         });
         return Ok(());
     }
@@ -675,5 +670,24 @@ impl Write for SparseFile {
         // A trailing hole needs the length set explicitly.
         self.f.set_len(self.pos)?;
         self.f.sync_all()
+    }
+}
+
+/// `rbd snap ls`'s table: (id, name, size, protected, timestamp) rows under a header, for
+/// Ceph and local pools alike.
+pub(super) fn print_snap_table<'a>(rows: impl Iterator<Item = (u64, &'a str, u64, bool, &'a str)>) {
+    println!(
+        "{:>6}  {:<24} {:>12}  {:<9}  TIMESTAMP",
+        "SNAPID", "NAME", "SIZE", "PROTECTED"
+    );
+    for (id, name, size, protected, timestamp) in rows {
+        println!(
+            "{:>6}  {:<24} {:>12}  {:<9}  {}",
+            id,
+            name,
+            human(size),
+            if protected { "yes" } else { "no" },
+            timestamp
+        );
     }
 }

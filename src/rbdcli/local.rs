@@ -342,20 +342,15 @@ fn snap(opts: &LocalOpts, root: &PoolRoot, cmd: &SnapCommand, spec: &str) -> any
         if opts.json() {
             return print_json(&snaps);
         }
-        println!(
-            "{:>6}  {:<24} {:>12}  {:<9}  TIMESTAMP",
-            "SNAPID", "NAME", "SIZE", "PROTECTED"
-        );
-        for sn in snaps {
-            println!(
-                "{:>6}  {:<24} {:>12}  {:<9}  {}",
-                sn.id,
-                sn.name,
-                human(sn.size),
-                if sn.protected { "yes" } else { "no" },
-                sn.created
-            );
-        }
+        super::image::print_snap_table(snaps.iter().map(|s| {
+            (
+                s.id,
+                s.name.as_str(),
+                s.size,
+                s.protected,
+                s.created.as_str(),
+            )
+        }));
         return Ok(());
     }
     let (pool, image, name) = parse_snap(root, spec)?;
