@@ -42,6 +42,16 @@ fn connect(conf: &Path) -> Arc<Rados> {
     .expect("connecting to the test cluster")
 }
 
+/// Opens `pool/image` read-write straight through librbd (the image keeps its connection).
+fn open_image(conf: &Path, spec: &str) -> blockd::rbd::Image {
+    let spec = blockd::rbd::ImageSpec::parse(spec).expect("image spec");
+    connect(conf)
+        .ioctx(&spec.pool)
+        .expect("opening the pool")
+        .open(&spec.image, None)
+        .expect("opening the image")
+}
+
 fn rbd_cli(conf: &Path, args: &[&str]) {
     ceph::rbd_cli(conf, args);
 }
@@ -454,13 +464,7 @@ fn cli_import_export_snap_rollback_clone() {
     let other = dir.path().join("other.img");
     std::fs::write(&other, pattern(6 << 20, 99)).unwrap();
     {
-        let spec = blockd::rbd::ImageSpec::parse(&img).unwrap();
-        let r = connect(&conf);
-        let im = r
-            .ioctx(&spec.pool)
-            .unwrap()
-            .open(&spec.image, None)
-            .unwrap();
+        let im = open_image(&conf, &img);
         im.write_at(0, &pattern(1 << 20, 42)).unwrap();
     }
     blockctl(&conf, &["image", "export", "--overwrite", &img, &s(&out)]).unwrap();
@@ -481,13 +485,7 @@ fn cli_import_export_snap_rollback_clone() {
     assert!(std::fs::read(&out).unwrap() == orig, "clone differs");
     // Parent of the clone shows in info; the snapshot cannot be unprotected while it exists.
     {
-        let spec = blockd::rbd::ImageSpec::parse(&child).unwrap();
-        let r = connect(&conf);
-        let im = r
-            .ioctx(&spec.pool)
-            .unwrap()
-            .open(&spec.image, None)
-            .unwrap();
+        let im = open_image(&conf, &child);
         assert_eq!(im.info().unwrap().parent, Some(format!("{img}@s1")));
     }
     assert!(blockctl(&conf, &["image", "snap", "unprotect", &format!("{img}@s1")]).is_err());
@@ -786,13 +784,7 @@ fn interop_with_the_rbd_tool() {
 
     // du agrees (whole objects): 3 objects of 2 MiB written after the snapshots.
     {
-        let spec = blockd::rbd::ImageSpec::parse(&b).unwrap();
-        let r = connect(&conf);
-        let im = r
-            .ioctx(&spec.pool)
-            .unwrap()
-            .open(&spec.image, None)
-            .unwrap();
+        let im = open_image(&conf, &b);
         for obj in [0u64, 3, 7] {
             im.write_at(obj * (2 << 20) + 4096, &[0xAB; 4096]).unwrap();
         }
