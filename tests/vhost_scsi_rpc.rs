@@ -55,45 +55,28 @@ fn scsi_controller_lifecycle() {
         json!(3)
     );
     // Claimed, occupied slot, out of range, unknown bdev, unknown controller.
-    assert_eq!(
+    let add_err = |ctrlr: &str, num: u32, bdev: &str| {
         d.rpc(
             "vhost_scsi_controller_add_target",
-            json!({"ctrlr": "scsi.0", "scsi_target_num": 1, "bdev_name": "Malloc0"})
+            json!({"ctrlr": ctrlr, "scsi_target_num": num, "bdev_name": bdev}),
         )
         .unwrap_err()
-        .0,
-        -32602
-    );
+    };
+    assert_eq!(add_err("scsi.0", 1, "Malloc0").0, -32602);
     assert_eq!(
-        d.rpc(
-            "vhost_scsi_controller_add_target",
-            json!({"ctrlr": "scsi.0", "scsi_target_num": 3, "bdev_name": "Malloc0"})
-        )
-        .unwrap_err(),
+        add_err("scsi.0", 3, "Malloc0"),
         (-32602, "File exists".into())
     );
     assert_eq!(
-        d.rpc(
-            "vhost_scsi_controller_add_target",
-            json!({"ctrlr": "scsi.0", "scsi_target_num": 8, "bdev_name": "Malloc0"})
-        )
-        .unwrap_err(),
+        add_err("scsi.0", 8, "Malloc0"),
         (-32602, "Invalid argument".into())
     );
     assert_eq!(
-        d.rpc(
-            "vhost_scsi_controller_add_target",
-            json!({"ctrlr": "scsi.0", "scsi_target_num": 1, "bdev_name": "Nope"})
-        )
-        .unwrap_err(),
+        add_err("scsi.0", 1, "Nope"),
         (-32602, "No such device".into())
     );
     assert_eq!(
-        d.rpc(
-            "vhost_scsi_controller_add_target",
-            json!({"ctrlr": "nope", "scsi_target_num": 1, "bdev_name": "Malloc0"})
-        )
-        .unwrap_err(),
+        add_err("nope", 1, "Malloc0"),
         (-32602, "No such device".into())
     );
     let c = d
