@@ -282,6 +282,25 @@ fn scsi_controllers_through_blockctl_and_rpc_py() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
+    // blockctl sends `--names` as rpc.py does: a list split at the commas.
+    let v: Value = serde_json::from_str(&ok(d.blockctl(&[
+        "bdev_get_iostat",
+        "--names",
+        "Malloc1,Malloc0",
+    ])))
+    .unwrap();
+    let names: Vec<_> = v["bdevs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 2, "{v}");
+    assert!(names.contains(&"Malloc0".into()) && names.contains(&"Malloc1".into()));
+    let v: Value =
+        serde_json::from_str(&ok(d.blockctl(&["bdev_get_iostat", "-b", "Malloc1"]))).unwrap();
+    assert_eq!(v["bdevs"][0]["name"], "Malloc1");
+    assert_eq!(v["bdevs"].as_array().unwrap().len(), 1);
     ok(d.blockctl(&["vhost_create_scsi_controller", "--cpumask", "0x1", "scsi.0"]));
     assert_eq!(
         ok(d.blockctl(&[

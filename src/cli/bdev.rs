@@ -194,7 +194,10 @@ impl Run for BdevCmd {
             ),
             BdevCmd::BdevGetIostat { name } => ctx.call_print(
                 "bdev_get_iostat",
-                params_of(vec![("names", name.map(|n| json!(n)))]),
+                params_of(vec![(
+                    "names",
+                    name.map(|n| json!(n.split(',').collect::<Vec<_>>())),
+                )]),
             ),
             BdevCmd::BdevSetQosLimit {
                 name,
