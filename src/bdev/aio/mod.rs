@@ -46,6 +46,16 @@ pub const PRODUCT_NAME: &str = "AIO disk";
 /// Ring size of a channel; also the most operations a channel has in the kernel at once.
 const RING_ENTRIES: u32 = 256;
 
+/// At most this many SQEs wait in the ring before `io_uring_enter` hands them to the kernel.
+///
+/// Bigger batches save system calls but reach the block layer as one plugged burst, which
+/// the disk then serves as one: on the virtio disk of the development machine, 4K random
+/// reads at QD32 spent 279 µs in the block layer (`/sys/block/vda/stat`) when each SQE was
+/// submitted alone, 290 µs in pairs, 305 µs by fours and 400–440 µs in whole batches of up
+/// to 32, and IOPS fell by 20% (fio's io_uring engine submits one at a time). Pairs keep
+/// the device's speed and halve the system calls.
+const MAX_SUBMIT_BATCH: u32 = 2;
+
 /// Most iovecs one `READV`/`WRITEV` takes (`IOV_MAX`); more go through a bounce buffer.
 const IOV_MAX: usize = 1024;
 
@@ -461,7 +471,7 @@ struct AioChannel {
     /// Operations in the ring or in the kernel.
     in_kernel: usize,
     /// SQEs pushed since the last `io_uring_enter`.
-    unsubmitted: bool,
+    unsubmitted: u32,
     /// Operations that failed before reaching the kernel.
     failed: VecDeque<(u64, IoResult)>,
     /// The eventfd may hold a count for completions already reaped.
@@ -503,7 +513,7 @@ impl AioChannel {
             free: Vec::new(),
             backlog: VecDeque::new(),
             in_kernel: 0,
-            unsubmitted: false,
+            unsubmitted: 0,
             taskrun_flag,
             failed: VecDeque::new(),
             efd_dirty: false,
@@ -613,7 +623,10 @@ impl AioChannel {
             // the `Op` headers but not the iovec arrays they own).
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
                 self.in_kernel += 1;
-                self.unsubmitted = true;
+                self.unsubmitted += 1;
+                if self.unsubmitted >= MAX_SUBMIT_BATCH {
+                    self.submit_ring();
+                }
                 return;
             }
         }
@@ -625,11 +638,11 @@ impl AioChannel {
     }
 
     fn submit_ring(&mut self) {
-        if !self.unsubmitted {
+        if self.unsubmitted == 0 {
             return;
         }
         match self.ring.submit() {
-            Ok(_) => self.unsubmitted = false,
+            Ok(_) => self.unsubmitted = 0,
             // The SQEs stay in the ring: the next kick or reap submits them.
             Err(e)
                 if matches!(
