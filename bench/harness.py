@@ -165,6 +165,12 @@ def start_targets(a, work, img, file_bytes):
                                  ("file", "Aio0", "file")):
         rpc("vhost_create_blk_controller", {"ctrlr": ctrlr, "dev_name": bdev})
         socks[(backend, "blockd")] = str(d / ctrlr)
+    # Every block of the malloc bdev written once, so that its reads copy real memory in
+    # every run (never-written pages read from the shared zero page, which stays in cache).
+    subprocess.run(NICE + ["taskset", "-c", CLIENT_CPU, a.blockctl, "bench", "-s",
+                           socks[("malloc", "blockd")], "--verify", "--verify-phase", "write",
+                           "--size", f"{a.dev_mib}M", "-b", "1m", "-q", "8", "--timeout", "60"],
+                   check=True, capture_output=True, timeout=120)
     drv = rpc("bdev_get_bdevs", {"name": "Aio0"})[0]["driver_specific"]["aio"]
     if not drv.get("o_direct"):
         log("warning: blockd opened the file without O_DIRECT")
