@@ -51,6 +51,8 @@ pub type IoResult = Result<(), Errno>;
 pub struct IoVecs {
     ptr: *const libc::iovec,
     cnt: usize,
+    /// Total bytes, summed once here: the bdev layer needs it several times per request.
+    len: u64,
 }
 
 // SAFETY: `IoVecs` is only a view; whoever builds one promises (see `from_slice`) that the
@@ -67,6 +69,7 @@ impl IoVecs {
         IoVecs {
             ptr: iovs.as_ptr(),
             cnt: iovs.len(),
+            len: iovs.iter().map(|v| v.iov_len as u64).sum(),
         }
     }
 
@@ -89,11 +92,7 @@ impl IoVecs {
 
     /// Total bytes described.
     pub fn total_len(&self) -> u64 {
-        // SAFETY: the array itself is valid per `from_slice`'s contract.
-        unsafe { self.as_slice() }
-            .iter()
-            .map(|v| v.iov_len as u64)
-            .sum()
+        self.len
     }
 }
 

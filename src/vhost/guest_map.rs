@@ -94,6 +94,16 @@ impl GuestMap {
         len: u64,
         out: &mut Vec<libc::iovec>,
     ) -> Result<(), StreamError> {
+        // Nearly every buffer lies inside one region.
+        if out.len() < MAX_IOVECS {
+            if let Some(host) = self.host_range(gpa, len).filter(|_| len > 0) {
+                out.push(libc::iovec {
+                    iov_base: host.cast(),
+                    iov_len: len as usize,
+                });
+                return Ok(());
+            }
+        }
         self.pieces(gpa, len, |host, _, n| {
             if out.len() == MAX_IOVECS {
                 return Err(StreamError::TooManyIovecs);
@@ -112,11 +122,11 @@ impl GuestMap {
     where
         F: FnMut(*mut u8, usize, usize) -> Result<(), StreamError>,
     {
-        let bad = StreamError::BadGuestAddress { addr: gpa, len };
-        gpa.checked_add(len).ok_or(bad.clone())?;
+        let bad = || StreamError::BadGuestAddress { addr: gpa, len };
+        gpa.checked_add(len).ok_or_else(bad)?;
         let mut done = 0u64;
         while done < len {
-            let (host, avail) = self.piece(gpa + done).ok_or(bad.clone())?;
+            let (host, avail) = self.piece(gpa + done).ok_or_else(bad)?;
             let n = (len - done).min(avail as u64);
             f(host, done as usize, n as usize)?;
             done += n;

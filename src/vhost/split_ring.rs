@@ -201,7 +201,7 @@ impl RingView {
                 next = 0;
                 continue;
             }
-            bytes = bytes.checked_add(len).ok_or(cut(count))?;
+            bytes = bytes.checked_add(len).ok_or_else(|| cut(count))?;
             count += 1;
             if count > max {
                 return Err(ChainError::TooLong);
