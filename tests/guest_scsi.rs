@@ -1,7 +1,8 @@
 //! blockd's vhost-user-scsi controllers serving a real Linux guest (virtio_scsi + sd):
 //! controllers made through RPC as a user would, disk geometry as sd sees it, data
 //! checked in the host file, `blkdiscard` arriving as SCSI UNMAP, and targets hot-added
-//! and hot-removed while the guest runs (TRANSPORT_RESET events, virtio 1.2 §5.6.6.3.1).
+//! and hot-removed while the guest runs (TRANSPORT_RESET events, virtio 1.2 §5.6.6.3.1),
+//! and a read-only bdev seen by sd as a write-protected disk.
 
 mod common;
 #[path = "common/guest.rs"]
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::Daemon;
-use guest::{assert_region_in_file, Disk, Guest, GuestOpts, GuestRun};
+use guest::{assert_region_in_file, pattern, read_at, Disk, Guest, GuestOpts, GuestRun};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -129,4 +130,50 @@ fn scsi_target_hot_add_and_remove() {
         d.rpc_ok("bdev_get_bdevs", json!({"name": "t1"}))[0]["claimed"],
         false
     );
+}
+
+#[test]
+fn scsi_read_only_lun() {
+    let d = Daemon::start();
+    let image = d.tmp_dir().join("ro.img");
+    let host = pattern("host", 0, MIB / 512);
+    std::fs::write(&image, &host).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .and_then(|f| f.set_len(64 * MIB))
+        .unwrap();
+    d.rpc_ok(
+        "bdev_aio_create",
+        json!({"filename": image.to_str().unwrap(), "name": "ro", "block_size": 512,
+               "readonly": true}),
+    );
+    let sock = scsi_controller(&d, "vhost.ro", "ro");
+    let opts = GuestOpts::new("readonly", d.tmp_dir().join("g"))
+        .arg("dev", "sd")
+        .disk(Disk::scsi(&sock, 1));
+    let run = Guest::boot(&opts).expect("booting the guest");
+    eprintln!("scsi read-only: {:.1?}\n{}", run.elapsed, run.command_line);
+    run.assert_ok();
+    // MODE SENSE's WP bit made sd mark the disk read-only; the write the guest forced
+    // through O_DIRECT anyway came back as DATA PROTECT.
+    assert_eq!(run.require("sda.ro"), "1");
+    assert_eq!(run.require("sda.write"), "rejected");
+    let host_sha = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("head -c {MIB} '{}' | sha256sum", image.display()))
+        .output()
+        .unwrap();
+    let host_sha = String::from_utf8_lossy(&host_sha.stdout);
+    assert_eq!(
+        Some(run.require(&format!("sda.read.sha256.0+{MIB}"))),
+        host_sha.split_whitespace().next(),
+        "the guest read other data than the image holds"
+    );
+    assert_eq!(
+        read_at(&image, 0, MIB).unwrap(),
+        host,
+        "read-only image changed"
+    );
+    assert_eq!(iostat(&d, "ro")["num_write_ops"], 0);
 }

@@ -155,17 +155,19 @@ sc_discard() {
   check vda.zeroout.verify cmp -s /tmp/z /tmp/r || fail "zeroed range reads non-zero"
 }
 
+# The first disk (vda, or sda with dev=sd) is read-only: reads work, writes fail.
 sc_readonly() {
-  disk_info vda
-  [ "$(cat /sys/block/vda/ro)" = 1 ] || fail "disk not read-only"
-  dd if=/dev/vda of=/tmp/r bs=65536 count=$MiB iflag=count_bytes,direct 2>/dev/null || fail "read failed"
-  R vda.read.sha256.0+$MiB "$(sha256sum </tmp/r | cut -d' ' -f1)"
+  d=${dev}a
+  disk_info $d
+  [ "$(cat /sys/block/$d/ro)" = 1 ] || fail "disk not read-only"
+  dd if=/dev/$d of=/tmp/r bs=65536 count=$MiB iflag=count_bytes,direct 2>/dev/null || fail "read failed"
+  R $d.read.sha256.0+$MiB "$(sha256sum </tmp/r | cut -d' ' -f1)"
   pattern readonly 0 8 >/tmp/w
-  if dd if=/tmp/w of=/dev/vda bs=4096 oflag=direct conv=notrunc 2>/tmp/dd.err; then
-    R vda.write accepted; fail "write to read-only disk succeeded"
+  if dd if=/tmp/w of=/dev/$d bs=4096 oflag=direct conv=notrunc 2>/tmp/dd.err; then
+    R $d.write accepted; fail "write to read-only disk succeeded"
   fi
-  R vda.write rejected
-  R vda.write.error "$(tail -1 /tmp/dd.err | tr ' ' _)"
+  R $d.write rejected
+  R $d.write.error "$(tail -1 /tmp/dd.err | tr ' ' _)"
 }
 
 sc_flush() {

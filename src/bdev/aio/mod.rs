@@ -402,6 +402,10 @@ impl BdevBackend for AioBackend {
         true
     }
 
+    fn read_only(&self) -> bool {
+        self.readonly
+    }
+
     fn close(&self) -> std::io::Result<()> {
         if self.readonly {
             return Ok(());

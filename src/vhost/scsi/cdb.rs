@@ -243,6 +243,7 @@ fn decode_inner(cdb: &[u8], bdev: &Bdev) -> Result<Action, Sense> {
                 return Err(sense::INVALID_FIELD_IN_CDB);
             }
             let (offset, len) = lba_range(bdev, lba, blocks)?;
+            writable(bdev)?;
             Ok(Action::WriteSame {
                 offset,
                 len,
@@ -262,6 +263,7 @@ fn decode_inner(cdb: &[u8], bdev: &Bdev) -> Result<Action, Sense> {
             if param_len > MAX_UNMAP_PARAM_LEN {
                 return Err(sense::PARAM_LIST_LENGTH_ERROR);
             }
+            writable(bdev)?;
             Ok(Action::Unmap { param_len })
         }
         op::MODE_SENSE_6 | op::MODE_SENSE_10 => mode_sense(c, bdev),
@@ -297,11 +299,23 @@ fn rw(bdev: &Bdev, write: bool, lba: u64, blocks: u64, fua: bool) -> Result<Acti
     if len > MAX_TRANSFER_BYTES {
         return Err(sense::INVALID_FIELD_IN_CDB);
     }
+    if write {
+        writable(bdev)?;
+    }
     Ok(if write {
         Action::Write { offset, len, fua }
     } else {
         Action::Read { offset, len }
     })
+}
+
+/// Refuses commands that would change a read-only bdev (SBC-4 §4.10: DATA PROTECT, WRITE
+/// PROTECTED), after the CDB itself was found valid.
+fn writable(bdev: &Bdev) -> Result<(), Sense> {
+    if bdev.backend().read_only() {
+        return Err(sense::WRITE_PROTECTED);
+    }
+    Ok(())
 }
 
 /// The 16-byte NAA IEEE Registered Extended designator (NAA 6) of a LUN, derived from the
@@ -470,8 +484,9 @@ fn mode_sense(c: &[u8], bdev: &Bdev) -> Result<Action, Sense> {
             desc[4] = 0;
         }
     }
-    // Device-specific parameter: DPOFUA (FUA honoured), not write-protected.
-    let dsp = 0x10;
+    // Device-specific parameter (SBC-4 §6.5.1): DPOFUA (FUA honoured), and WP for a
+    // read-only bdev, which makes sd mark the disk read-only.
+    let dsp = 0x10 | if bdev.backend().read_only() { 0x80 } else { 0 };
     let mut d = Vec::new();
     if ten {
         let total = 8 + desc.len() + pages.len();

@@ -22,6 +22,8 @@ pub mod key {
     pub const HARDWARE_ERROR: u8 = 0x4;
     /// ILLEGAL REQUEST: the CDB or parameter list is wrong.
     pub const ILLEGAL_REQUEST: u8 = 0x5;
+    /// DATA PROTECT: a write to a write-protected medium.
+    pub const DATA_PROTECT: u8 = 0x7;
     /// ABORTED COMMAND.
     pub const ABORTED_COMMAND: u8 = 0xB;
 }
@@ -75,6 +77,8 @@ pub const SAVING_PARAMS_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 
 pub const UNRECOVERED_READ_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x11, 0x00);
 /// MEDIUM ERROR, WRITE ERROR (0x0C/0x00).
 pub const WRITE_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x0C, 0x00);
+/// DATA PROTECT, WRITE PROTECTED (0x27/0x00): SBC-4 §4.10, a write to a read-only LUN.
+pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
 /// ABORTED COMMAND, no additional sense (request dropped because its LUN went away).
 pub const ABORTED: Sense = Sense::new(key::ABORTED_COMMAND, 0x00, 0x00);
 

@@ -509,3 +509,67 @@ fn random_cdbs_never_panic() {
         }
     }
 }
+
+#[test]
+fn read_only_lun_is_write_protected() {
+    const WRITE_PROTECTED: [u8; 18] = [0x70, 0, 7, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x27, 0, 0, 0, 0, 0];
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(BLOCKS * 512).unwrap();
+    let r = BdevRegistry::default();
+    let ro = crate::bdev::aio::create(
+        &r,
+        crate::bdev::aio::AioOpts {
+            filename: f.path().into(),
+            name: "ro".into(),
+            block_size: Some(512),
+            readonly: true,
+            fallocate: false,
+            uuid: None,
+        },
+    )
+    .unwrap();
+    // MODE SENSE(6) and (10): WP (bit 7) beside DPOFUA in the device-specific parameter;
+    // the read-write malloc LUN has only DPOFUA.
+    assert_eq!(
+        data(decode(&cdb(&[0x1A, 0x08, 0x08, 0, 255]), &ro))[2],
+        0x90
+    );
+    assert_eq!(
+        data(decode(&cdb(&[0x5A, 0x08, 0x08, 0, 0, 0, 0, 0, 255]), &ro))[3],
+        0x90
+    );
+    assert_eq!(
+        data(decode(&cdb(&[0x1A, 0x08, 0x08, 0, 255]), &bdev(512)))[2],
+        0x10
+    );
+    // Writes of every size are refused with DATA PROTECT; reads and cache flushes are not.
+    for w in [
+        &[0x0A, 0, 0, 0, 1, 0][..],
+        &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[0xAA, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+        &[0x8A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+        &[0x41, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[0x93, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+    ] {
+        assert_eq!(check(decode(&cdb(w), &ro)), WRITE_PROTECTED, "{w:02x?}");
+    }
+    assert!(matches!(
+        decode(&cdb(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), &ro),
+        Action::Read {
+            offset: 0,
+            len: 512
+        }
+    ));
+    assert!(matches!(
+        decode(&cdb(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]), &ro),
+        Action::Flush
+    ));
+    // An invalid CDB is still reported as such, not as write-protected.
+    assert_eq!(
+        check(decode(
+            &cdb(&[0x2A, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 1, 0]),
+            &ro
+        )),
+        LBA_RANGE
+    );
+}
