@@ -198,6 +198,27 @@ fn guest_flush_reaches_the_backend() {
 }
 
 #[test]
+fn write_through_cache_mode_flushes_every_write() {
+    let d = Daemon::start();
+    let (_img, sock) = aio_controller(&d, "vm1", 512, json!({}));
+    let run =
+        boot(&GuestOpts::new("writethrough", d.tmp_dir().join("g")).disk(Disk::blk(&sock, 1)));
+    assert_eq!(run.require("vda.cache_type"), "write_through");
+    let st = iostat(&d, "vm1");
+    let (writes, flushes) = (
+        st["num_write_ops"].as_u64().unwrap(),
+        st["num_flush_ops"].as_u64().unwrap(),
+    );
+    // The guest wrote 64 blocks with O_DIRECT and never synced; in writeback mode that
+    // takes no flush at all.
+    assert!(writes >= 64, "{st}");
+    assert!(
+        flushes >= writes,
+        "{writes} writes but {flushes} flushes: {st}"
+    );
+}
+
+#[test]
 fn guest_and_qemu_restart_on_a_live_controller_leak_nothing() {
     let d = Daemon::start();
     let (img, sock) = aio_controller(&d, "vm1", 512, json!({}));

@@ -52,6 +52,10 @@ pub trait VirtioDevice: Send + Sync {
     /// A write of the driver into the configuration space.
     fn write_config(&self, offset: u32, data: &[u8]) -> std::io::Result<()>;
 
+    /// The driver acknowledged `features` (VHOST_USER_SET_FEATURES, sent as it initializes
+    /// the device): settings that follow from the negotiation start over here.
+    fn features_acked(&self, _features: u64) {}
+
     /// Builds the poller of one queue; runs on the reactor that will poll it.
     fn start_queue(
         &self,

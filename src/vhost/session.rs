@@ -320,6 +320,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             return Err(VuError::InvalidParam);
         }
         self.acked_features = features;
+        self.device.features_acked(features);
         Ok(())
     }
 

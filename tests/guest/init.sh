@@ -177,6 +177,18 @@ sc_flush() {
   check vda.sync sync || fail "sync"
 }
 
+# The driver turns the device's cache to write-through (CONFIG_WCE), then writes 64 blocks
+# with O_DIRECT and never syncs: the host must see a flush for every write.
+sc_writethrough() {
+  disk_info vda
+  [ -w /sys/block/vda/cache_type ] || fail "no writable cache_type (CONFIG_WCE)"
+  echo "write through" >/sys/block/vda/cache_type || fail "setting write through"
+  R vda.cache_type "$(tr ' ' _ </sys/block/vda/cache_type)"
+  pattern writethrough 0 512 >/tmp/w
+  dd if=/tmp/w of=/dev/vda bs=4096 count=64 oflag=direct conv=notrunc 2>/dev/null || fail "writes"
+  R vda.writethrough.writes 64
+}
+
 sc_many() {
   n=0
   for b in /sys/block/vd*; do
@@ -274,7 +286,7 @@ sc_rbd() {
 }
 
 case $scenario in
-  seed | multiqueue | discard | readonly | flush | many | hostile | resize | scsi | rbd) "sc_$scenario" ;;
+  seed | multiqueue | discard | readonly | flush | writethrough | many | hostile | resize | scsi | rbd) "sc_$scenario" ;;
   *) fail "unknown scenario $scenario" ;;
 esac
 finish ok

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 
 use crate::bdev::Bdev;
 use crate::reactor::{Poller, ReactorCtx};
@@ -168,6 +169,18 @@ impl VirtioDevice for BlkDevice {
         ))
     }
 
+    /// A driver that cannot flush (no VIRTIO_BLK_F_FLUSH) gets a write-through device
+    /// (virtio 1.2 §5.2.5.2, §5.2.6.3): every write is made durable before it completes,
+    /// so a backend's volatile cache (librbd's) never holds data that driver believes
+    /// written. A driver that can flush starts in writeback mode and may change it with
+    /// CONFIG_WCE.
+    fn features_acked(&self, features: u64) {
+        let writeback = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
+        if self.shared.writeback.swap(writeback, Ordering::Relaxed) != writeback {
+            tracing::info!(ctrlr = %self.ctrlr, writeback, "cache mode set by feature negotiation");
+        }
+    }
+
     fn start_queue(
         &self,
         _ctx: &mut ReactorCtx,
@@ -206,4 +219,42 @@ impl BlkDevice {
 /// How a blk controller names itself when it claims its bdev (shown in errors).
 pub fn claim_name(ctrlr: &str) -> String {
     format!("vhost controller {ctrlr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::malloc::{self, MallocOpts};
+    use crate::bdev::BdevRegistry;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
+
+    #[test]
+    fn a_driver_that_cannot_flush_gets_a_write_through_device() {
+        let r = BdevRegistry::default();
+        let opts = MallocOpts {
+            name: Some("M".into()),
+            uuid: None,
+            num_blocks: 64,
+            block_size: 512,
+        };
+        let dev = BlkDevice::new(
+            "c",
+            malloc::create(&r, opts).unwrap(),
+            false,
+            Default::default(),
+        );
+        let writeback_field = |d: &BlkDevice| d.config_space()[config::WRITEBACK_OFFSET as usize];
+        assert_eq!(writeback_field(&dev), 1);
+        // CONFIG_WCE without FLUSH: writeback starts at 0 (virtio 1.2 §5.2.5.2).
+        dev.features_acked(1 << VIRTIO_BLK_F_CONFIG_WCE);
+        assert!(!dev.shared.writeback());
+        assert_eq!(writeback_field(&dev), 0);
+        // Neither: write-through too.
+        dev.features_acked(0);
+        assert!(!dev.shared.writeback());
+        // A driver that can flush (the next one after a reset) gets writeback again.
+        dev.features_acked((1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE));
+        assert!(dev.shared.writeback());
+        assert_eq!(writeback_field(&dev), 1);
+    }
 }
