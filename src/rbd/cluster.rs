@@ -144,6 +144,20 @@ impl Rados {
         for (k, v) in &opts.config {
             r.conf_set(k, v)?;
         }
+        // librbd's cache starts write-through until an image sees its first flush, to
+        // protect guests too old to send flushes. blockd's frontends already protect
+        // those: a virtio-blk driver without VIRTIO_BLK_F_FLUSH gets a write-through
+        // device, SCSI initiators are told WCE=1 and send SYNCHRONIZE CACHE, NBD clients
+        // get NBD_FLAG_SEND_FLUSH. The guard would only hold every image at write-through
+        // speed until its guest's first flush (4K random writes at 0.6× fio's rbd engine
+        // in bench/rbd.sh). The rbd tool turns it off for the same reason; `config` may
+        // turn it back on.
+        if !opts
+            .config
+            .contains_key("rbd_cache_writethrough_until_flush")
+        {
+            r.conf_set("rbd_cache_writethrough_until_flush", "false")?;
+        }
         // A dead or unreachable cluster must not block an RPC for librados' 300 s default.
         if !opts.config.contains_key("client_mount_timeout") {
             r.conf_set("client_mount_timeout", "30")?;
