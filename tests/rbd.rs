@@ -56,6 +56,26 @@ fn rbd_cli(conf: &Path, args: &[&str]) {
     ceph::rbd_cli(conf, args);
 }
 
+/// blockd's connections start librbd's cache without the write-through-until-flush guard
+/// (the frontends keep drivers that cannot flush write-through), unless `config` asks.
+#[test]
+fn connections_drop_the_writethrough_until_flush_guard() {
+    let conf = need_ceph!();
+    let key = "rbd_cache_writethrough_until_flush";
+    assert_eq!(connect(&conf).conf_get(key).unwrap(), "false");
+    let kept = Rados::connect(&ConnectOptions {
+        config_file: Some(conf.to_path_buf()),
+        config: BTreeMap::from([(key.to_string(), "true".to_string())]),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(kept.conf_get(key).unwrap(), "true");
+    assert_eq!(
+        kept.conf_get("no_such_option").unwrap_err().errno,
+        libc::ENOENT
+    );
+}
+
 #[test]
 fn bindings_create_stat_resize_remove() {
     let conf = need_ceph!();

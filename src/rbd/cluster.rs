@@ -189,6 +189,28 @@ impl Rados {
         Ok(())
     }
 
+    /// The value of configuration option `key` as this connection uses it.
+    pub fn conf_get(&self, key: &str) -> RbdResult<String> {
+        let k = cstr(key, "config key")?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: live handle, C string, and a buffer of the length passed.
+        let rc = unsafe {
+            (self.api.rados_conf_get)(self.h, k.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        if rc < 0 {
+            return Err(RbdError::new(
+                -rc,
+                format!(
+                    "cannot read configuration option {key} of cluster {}: {}",
+                    self.label,
+                    super::error::strerror(-rc)
+                ),
+            ));
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+
     /// What this connection is called in messages.
     pub fn label(&self) -> &str {
         &self.label

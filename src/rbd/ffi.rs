@@ -133,6 +133,7 @@ api! {
     rados fn rados_conf_read_file(rados_t, *const c_char) -> c_int;
     rados fn rados_conf_parse_env(rados_t, *const c_char) -> c_int;
     rados fn rados_conf_set(rados_t, *const c_char, *const c_char) -> c_int;
+    rados fn rados_conf_get(rados_t, *const c_char, *mut c_char, usize) -> c_int;
     rados fn rados_connect(rados_t) -> c_int;
     rados fn rados_shutdown(rados_t) -> ();
     rados fn rados_cluster_fsid(rados_t, *mut c_char, usize) -> c_int;
