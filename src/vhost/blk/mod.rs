@@ -172,12 +172,14 @@ impl VirtioDevice for BlkDevice {
     /// A driver that cannot flush (no VIRTIO_BLK_F_FLUSH) gets a write-through device
     /// (virtio 1.2 §5.2.5.2, §5.2.6.3): every write is made durable before it completes,
     /// so a backend's volatile cache (librbd's) never holds data that driver believes
-    /// written. A driver that can flush starts in writeback mode and may change it with
-    /// CONFIG_WCE.
+    /// written. A driver that can flush leaves the mode as it is: frontends send
+    /// SET_FEATURES again on reconnection and during live migration, when the guest's
+    /// CONFIG_WCE choice must survive; a new driver reads the mode from the config space.
     fn features_acked(&self, features: u64) {
-        let writeback = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
-        if self.shared.writeback.swap(writeback, Ordering::Relaxed) != writeback {
-            tracing::info!(ctrlr = %self.ctrlr, writeback, "cache mode set by feature negotiation");
+        if features & (1 << VIRTIO_BLK_F_FLUSH) == 0
+            && self.shared.writeback.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!(ctrlr = %self.ctrlr, "the driver cannot flush: write-through");
         }
     }
 
@@ -245,16 +247,26 @@ mod tests {
         );
         let writeback_field = |d: &BlkDevice| d.config_space()[config::WRITEBACK_OFFSET as usize];
         assert_eq!(writeback_field(&dev), 1);
-        // CONFIG_WCE without FLUSH: writeback starts at 0 (virtio 1.2 §5.2.5.2).
+        // A driver that can flush changes nothing (a repeated SET_FEATURES, as during
+        // live migration, must not undo its CONFIG_WCE choice).
+        let flush_wce = (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE);
+        dev.features_acked(flush_wce);
+        assert!(dev.shared.writeback());
+        dev.write_config(config::WRITEBACK_OFFSET, &[0]).unwrap();
+        dev.features_acked(flush_wce);
+        assert_eq!(writeback_field(&dev), 0);
+        dev.write_config(config::WRITEBACK_OFFSET, &[1]).unwrap();
+        // CONFIG_WCE without FLUSH: writeback becomes 0 (virtio 1.2 §5.2.5.2); neither: the
+        // same.
         dev.features_acked(1 << VIRTIO_BLK_F_CONFIG_WCE);
         assert!(!dev.shared.writeback());
         assert_eq!(writeback_field(&dev), 0);
-        // Neither: write-through too.
         dev.features_acked(0);
         assert!(!dev.shared.writeback());
-        // A driver that can flush (the next one after a reset) gets writeback again.
-        dev.features_acked((1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE));
-        assert!(dev.shared.writeback());
+        // Only the driver's CONFIG_WCE write turns writeback on again.
+        dev.features_acked(flush_wce);
+        assert!(!dev.shared.writeback());
+        dev.write_config(config::WRITEBACK_OFFSET, &[1]).unwrap();
         assert_eq!(writeback_field(&dev), 1);
     }
 }
