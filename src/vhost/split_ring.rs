@@ -57,7 +57,9 @@ impl RingView {
     /// is not inside one region (the caller then uses `queue`'s accessors).
     pub fn new(queue: &Queue, map: &GuestMap) -> Option<Self> {
         let size = queue.size();
-        if !queue.ready() || size == 0 {
+        // Split rings have power-of-two sizes (§2.7; virtio-queue refuses others), so an
+        // index wraps with a mask rather than a division.
+        if !queue.ready() || !size.is_power_of_two() {
             return None;
         }
         let n = u64::from(size);
@@ -95,7 +97,7 @@ impl RingView {
     /// Entry `pos` (mod size) of the available ring: a chain head, still unchecked.
     #[inline]
     pub fn avail_entry(&self, pos: u16) -> u16 {
-        let i = usize::from(pos % self.size);
+        let i = usize::from(pos & (self.size - 1));
         // SAFETY: i < size, inside the mapped ring; aligned.
         u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(4 + 2 * i) as *const u16) })
     }
@@ -111,7 +113,7 @@ impl RingView {
     /// Writes used element `pos` (mod size) and then publishes `idx = pos + 1` (§2.7.8).
     #[inline]
     pub fn push_used(&self, pos: u16, id: u16, len: u32) {
-        let i = usize::from(pos % self.size);
+        let i = usize::from(pos & (self.size - 1));
         // SAFETY: i < size, inside the mapped used ring; 4-byte aligned.
         unsafe {
             let elem = self.used.add(4 + 8 * i);
