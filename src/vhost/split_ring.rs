@@ -40,6 +40,16 @@ pub enum ChainError {
     TooLong,
 }
 
+/// A descriptor as the driver lays it out (§2.7.5), little-endian.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
 /// A split ring's three parts as host pointers; see the module documentation.
 #[derive(Debug)]
 pub struct RingView {
@@ -128,20 +138,26 @@ impl RingView {
         };
     }
 
-    /// Descriptor `i` of a table at `table` (`i` already checked against its length).
+    /// Descriptor `i` of a table at `table` (`i` already checked against its length), as
+    /// one 16-byte load.
     #[inline]
-    fn read_desc(table: *const u8, i: u16) -> [u8; 16] {
-        let mut d = [0u8; 16];
+    fn read_desc(table: *const u8, i: u16) -> RawDesc {
         // SAFETY: the caller checked that entry `i` lies inside the mapped table; the
-        // guest may rewrite it concurrently, so it is copied out once.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                table.add(usize::from(i) * DESC_LEN as usize),
-                d.as_mut_ptr(),
-                16,
+        // guest may rewrite it concurrently, so it is copied out once (unaligned: a hostile
+        // driver may misplace the table).
+        let d = unsafe {
+            std::ptr::read_unaligned(
+                table
+                    .add(usize::from(i) * DESC_LEN as usize)
+                    .cast::<RawDesc>(),
             )
         };
-        d
+        RawDesc {
+            addr: u64::from_le(d.addr),
+            len: u32::from_le(d.len),
+            flags: u16::from_le(d.flags),
+            next: u16::from_le(d.next),
+        }
     }
 
     /// Copies the non-empty descriptors of the chain at `head` into `out`, following one
@@ -183,13 +199,10 @@ impl RingView {
                     let mut d = [0u8; 16];
                     let at = table_gpa + u64::from(next) * DESC_LEN;
                     map.read(at, &mut d).map_err(|_| cut(count))?;
-                    d
+                    Self::read_desc(d.as_ptr(), 0)
                 }
             };
-            let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
-            let len = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
-            let flags = u32::from(u16::from_le_bytes([raw[12], raw[13]]));
-            let nxt = u16::from_le_bytes([raw[14], raw[15]]);
+            let (addr, len, flags, nxt) = (raw.addr, raw.len, u32::from(raw.flags), raw.next);
             if flags & VRING_DESC_F_INDIRECT != 0 {
                 let n = u64::from(len) / DESC_LEN;
                 if indirect || u64::from(len) % DESC_LEN != 0 || n > u64::from(u16::MAX) {
