@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::Daemon;
 use guest::{
-    assert_region_in_file, pattern, read_at, sparse_image, Disk, Guest, GuestOpts, GuestRun,
+    assert_region_in_file, read_at, sparse_image, write_host_pattern, Disk, Guest, GuestOpts,
+    GuestRun,
 };
 use serde_json::{json, Value};
 
@@ -157,13 +158,7 @@ fn discard_and_write_zeroes_reach_the_file() {
 fn readonly_controller() {
     let d = Daemon::start();
     let image = d.tmp_dir().join("ro.img");
-    let host = pattern("host", 0, MIB / 512);
-    std::fs::write(&image, &host).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&image)
-        .and_then(|f| f.set_len(64 * MIB))
-        .unwrap();
+    let host = write_host_pattern(&image, 64 * MIB);
     d.rpc_ok(
         "bdev_aio_create",
         json!({"filename": image.to_str().unwrap(), "name": "ro", "block_size": 512}),

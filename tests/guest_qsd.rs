@@ -7,7 +7,8 @@
 mod guest;
 
 use guest::{
-    assert_region_in_file, pattern, read_at, sparse_image, Disk, Guest, GuestOpts, GuestRun,
+    assert_region_in_file, read_at, sha256_hex, sparse_image, write_host_pattern, Disk, Guest,
+    GuestOpts, GuestRun,
 };
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -177,24 +178,14 @@ fn readonly_on_qsd() {
     let dir = tempfile::tempdir().unwrap();
     let mut e = export(dir.path(), "d0", 1);
     e.writable = false;
-    let host = pattern("host", 0, MIB / 512);
-    std::fs::write(&e.image, &host).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&e.image)
-        .and_then(|f| f.set_len(64 * MIB))
-        .unwrap();
+    let host = write_host_pattern(&e.image, 64 * MIB);
     let _qsd = Qsd::start(std::slice::from_ref(&e));
     let run = boot(&GuestOpts::new("readonly", dir.path()).disk(Disk::blk(&e.socket, 1)));
     assert_eq!(run.require("vda.ro"), "1");
     assert_eq!(run.require("vda.write"), "rejected");
-    let host_copy = dir.path().join("host.bin");
-    std::fs::write(&host_copy, &host).unwrap();
-    let out = Command::new("sha256sum").arg(&host_copy).output().unwrap();
-    let want = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         run.require(&format!("vda.read.sha256.0+{MIB}")),
-        want.split_whitespace().next().unwrap()
+        sha256_hex(&host)
     );
     assert_eq!(
         read_at(&e.image, 0, MIB).unwrap(),

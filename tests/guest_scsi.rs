@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::Daemon;
-use guest::{assert_region_in_file, pattern, read_at, Disk, Guest, GuestOpts, GuestRun};
+use guest::{
+    assert_region_in_file, read_at, sha256_hex, write_host_pattern, Disk, Guest, GuestOpts,
+    GuestRun,
+};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -136,13 +139,7 @@ fn scsi_target_hot_add_and_remove() {
 fn scsi_read_only_lun() {
     let d = Daemon::start();
     let image = d.tmp_dir().join("ro.img");
-    let host = pattern("host", 0, MIB / 512);
-    std::fs::write(&image, &host).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&image)
-        .and_then(|f| f.set_len(64 * MIB))
-        .unwrap();
+    let host = write_host_pattern(&image, 64 * MIB);
     d.rpc_ok(
         "bdev_aio_create",
         json!({"filename": image.to_str().unwrap(), "name": "ro", "block_size": 512,
@@ -159,15 +156,9 @@ fn scsi_read_only_lun() {
     // through O_DIRECT anyway came back as DATA PROTECT.
     assert_eq!(run.require("sda.ro"), "1");
     assert_eq!(run.require("sda.write"), "rejected");
-    let host_sha = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("head -c {MIB} '{}' | sha256sum", image.display()))
-        .output()
-        .unwrap();
-    let host_sha = String::from_utf8_lossy(&host_sha.stdout);
     assert_eq!(
-        Some(run.require(&format!("sda.read.sha256.0+{MIB}"))),
-        host_sha.split_whitespace().next(),
+        run.require(&format!("sda.read.sha256.0+{MIB}")),
+        sha256_hex(&host),
         "the guest read other data than the image holds"
     );
     assert_eq!(

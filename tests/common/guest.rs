@@ -571,6 +571,35 @@ pub fn sparse_image(dir: &Path, name: &str, size: u64) -> PathBuf {
     p
 }
 
+/// Writes the first MiB of `image` with [`pattern`]`("host", ...)`, the data a read-only
+/// disk must serve unchanged, and makes the file `size` bytes long (sparse beyond).
+/// Returns the bytes written.
+pub fn write_host_pattern(image: &Path, size: u64) -> Vec<u8> {
+    let host = pattern("host", 0, (1 << 20) / 512);
+    std::fs::write(image, &host)
+        .and_then(|_| File::options().write(true).open(image))
+        .and_then(|f| f.set_len(size))
+        .expect("writing the host pattern");
+    host
+}
+
+/// The hex SHA-256 of `data`, as the guest's `sha256sum` prints it.
+pub fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running sha256sum");
+    io::Write::write_all(child.stdin.as_mut().expect("sha256sum stdin"), data)
+        .expect("feeding sha256sum");
+    let out = child.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Reads `len` bytes at `offset` of a host file (the backend's image).
 pub fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
