@@ -197,16 +197,11 @@ impl Rados {
         let rc = unsafe {
             (self.api.rados_conf_get)(self.h, k.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
         };
-        if rc < 0 {
-            return Err(RbdError::new(
-                -rc,
-                format!(
-                    "cannot read configuration option {key} of cluster {}: {}",
-                    self.label,
-                    super::error::strerror(-rc)
-                ),
-            ));
-        }
+        check(
+            rc as i64,
+            "reading",
+            &format!("configuration option {key} of cluster {}", self.label),
+        )?;
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
     }
