@@ -21,6 +21,11 @@ pub enum Pattern {
 }
 
 impl Pattern {
+    /// Whether the pattern may write.
+    pub fn writes(self) -> bool {
+        !matches!(self, Pattern::Read | Pattern::Randread)
+    }
+
     /// Whether offsets are random.
     pub fn random(self) -> bool {
         matches!(

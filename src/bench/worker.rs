@@ -139,10 +139,8 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
     if !job.idle_before.is_zero() {
         std::thread::sleep(job.idle_before);
     }
-    if let Work::Timed { pattern, .. } = job.work {
-        if !matches!(pattern, Pattern::Read | Pattern::Randread) {
-            first_flush(queue, job.io_timeout)?;
-        }
+    if matches!(job.work, Work::Timed { pattern, .. } if pattern.writes()) {
+        first_flush(queue, job.io_timeout)?;
     }
     let bs = job.bs as usize;
     let mut slots = vec![
