@@ -64,7 +64,7 @@ impl GuestMap {
 
     /// Whether guest range `[gpa, gpa + len)` is entirely backed by guest memory.
     pub fn check_range(&self, gpa: u64, len: u64) -> bool {
-        self.host_range(gpa, len).is_some() || self.pieces(gpa, len, |_, _, _| Ok(())).is_ok()
+        self.pieces(gpa, len, |_, _, _| Ok(())).is_ok()
     }
 
     /// Copies guest range `[gpa, gpa + buf.len())` into `buf`.
@@ -94,16 +94,6 @@ impl GuestMap {
         len: u64,
         out: &mut Vec<libc::iovec>,
     ) -> Result<(), StreamError> {
-        // Nearly every buffer lies inside one region.
-        if out.len() < MAX_IOVECS {
-            if let Some(host) = self.host_range(gpa, len).filter(|_| len > 0) {
-                out.push(libc::iovec {
-                    iov_base: host.cast(),
-                    iov_len: len as usize,
-                });
-                return Ok(());
-            }
-        }
         self.pieces(gpa, len, |host, _, n| {
             if out.len() == MAX_IOVECS {
                 return Err(StreamError::TooManyIovecs);
@@ -122,6 +112,14 @@ impl GuestMap {
     where
         F: FnMut(*mut u8, usize, usize) -> Result<(), StreamError>,
     {
+        // Nearly every range lies inside one region: one lookup, one piece.
+        if let Some(host) = self.host_range(gpa, len) {
+            return if len == 0 {
+                Ok(())
+            } else {
+                f(host, 0, len as usize)
+            };
+        }
         let bad = || StreamError::BadGuestAddress { addr: gpa, len };
         gpa.checked_add(len).ok_or_else(bad)?;
         let mut done = 0u64;
