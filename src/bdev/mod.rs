@@ -225,6 +225,13 @@ pub trait IoChannel {
         None
     }
 
+    /// The reactor is about to sleep on [`IoChannel::completion_fd`]: clear it, and return
+    /// true when completions are already waiting (then the reactor polls instead). Lets a
+    /// backend signal its fd once per batch and leave it undrained while the reactor polls.
+    fn arm(&mut self) -> bool {
+        false
+    }
+
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
 }

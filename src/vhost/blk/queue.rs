@@ -343,7 +343,8 @@ impl Poller for BlkQueue {
     }
 
     fn arm(&mut self) -> bool {
-        self.vring.arm() && !self.free.is_empty()
+        let completions = self.chan.arm();
+        (self.vring.arm() && !self.free.is_empty()) || completions
     }
 
     fn disarm(&mut self) {

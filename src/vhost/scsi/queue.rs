@@ -532,7 +532,11 @@ impl Poller for RequestQueue {
     }
 
     fn arm(&mut self) -> bool {
-        self.vring.arm() && !self.free.is_empty()
+        let mut completions = false;
+        for lc in self.chans.iter_mut().flatten() {
+            completions |= lc.chan.arm();
+        }
+        (self.vring.arm() && !self.free.is_empty()) || completions
     }
 
     fn disarm(&mut self) {
