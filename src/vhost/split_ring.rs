@@ -120,9 +120,10 @@ impl RingView {
         u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(off) as *const u16) })
     }
 
-    /// Writes used element `pos` (mod size) and then publishes `idx = pos + 1` (§2.7.8).
+    /// Writes used element `pos` (mod size), without publishing it: the driver sees it once
+    /// [`RingView::publish_used`] moves `idx` past it (§2.7.8).
     #[inline]
-    pub fn push_used(&self, pos: u16, id: u16, len: u32) {
+    pub fn write_used(&self, pos: u16, id: u16, len: u32) {
         let i = usize::from(pos & (self.size - 1));
         // SAFETY: i < size, inside the mapped used ring; 4-byte aligned.
         unsafe {
@@ -130,12 +131,15 @@ impl RingView {
             std::ptr::write_volatile(elem as *mut u32, u32::from(id).to_le());
             std::ptr::write_volatile(elem.add(4) as *mut u32, len.to_le());
         }
-        // The element must be visible before the index that publishes it.
+    }
+
+    /// Publishes every used element written before `idx` (§2.7.8: the elements must be
+    /// visible before the index that covers them).
+    #[inline]
+    pub fn publish_used(&self, idx: u16) {
         fence(Ordering::Release);
         // SAFETY: offset 2 of the mapped used ring; aligned.
-        unsafe {
-            std::ptr::write_volatile(self.used.add(2) as *mut u16, pos.wrapping_add(1).to_le())
-        };
+        unsafe { std::ptr::write_volatile(self.used.add(2) as *mut u16, idx.to_le()) };
     }
 
     /// Descriptor `i` of a table at `table` (`i` already checked against its length), as

@@ -45,6 +45,13 @@ pub struct Vring {
     view: Option<RingView>,
     /// Used entries added since the last [`Vring::notify_guest`] (for EVENT_IDX).
     added: u16,
+    /// Used elements written through `view` whose index is not published yet: a poll pass
+    /// publishes its completions once, in [`Vring::notify_guest`], so the cache line the
+    /// driver polls (`used->idx`) moves between CPUs once per batch, not once per request.
+    unpublished: bool,
+    /// The last `avail->idx` read (and checked): chains up to it are taken without reading
+    /// the index again, which the driver's CPU keeps writing (Linux's vhost does the same).
+    avail_seen: u16,
     /// An invalid `avail->idx` was already logged.
     bad_avail_logged: bool,
 }
@@ -52,6 +59,7 @@ pub struct Vring {
 impl Vring {
     /// Takes over the ring the frontend has set up.
     pub fn new(setup: QueueSetup) -> Self {
+        let setup_next_avail = setup.queue.next_avail();
         Vring {
             index: setup.index,
             queue: setup.queue,
@@ -64,6 +72,8 @@ impl Vring {
             map: GuestMap::default(),
             view: None,
             added: 0,
+            unpublished: false,
+            avail_seen: setup_next_avail,
             bad_avail_logged: false,
         }
     }
@@ -74,8 +84,11 @@ impl Vring {
         if self.map_of.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem)) {
             return;
         }
+        // Through the old view, while the memory it points into is still held.
+        self.publish_used();
         self.map = GuestMap::new(mem);
         self.view = RingView::new(&self.queue, &self.map);
+        self.avail_seen = self.queue.next_avail();
         self.map_of = Some(mem.clone());
     }
 
@@ -95,8 +108,21 @@ impl Vring {
     /// (a broken driver: nothing is taken until it fixes the index).
     #[inline]
     pub fn pop_head(&mut self) -> Option<u16> {
-        let view = self.view.as_ref()?;
+        let size = self.view.as_ref()?.size();
         let next = self.queue.next_avail();
+        let cached = self.avail_seen.wrapping_sub(next);
+        if cached == 0 || cached > size {
+            self.avail_seen = self.read_avail_idx(next)?;
+        }
+        let head = self.view.as_ref()?.avail_entry(next);
+        self.queue.set_next_avail(next.wrapping_add(1));
+        Some(head)
+    }
+
+    /// `avail->idx` when it is ahead of `next` by at most a ring; None when the ring is
+    /// empty or the index is out of range (logged once).
+    fn read_avail_idx(&mut self, next: u16) -> Option<u16> {
+        let view = self.view.as_ref()?;
         let idx = view.avail_idx();
         if idx == next {
             return None;
@@ -113,9 +139,7 @@ impl Vring {
             }
             return None;
         }
-        let head = view.avail_entry(next);
-        self.queue.set_next_avail(next.wrapping_add(1));
-        Some(head)
+        Some(idx)
     }
 
     /// Copies the descriptors of chain `head` into `out` through the ring view (see
@@ -176,13 +200,16 @@ impl Vring {
     }
 
     /// Returns chain `head` to the driver with `len` bytes written (§2.7.8); a failure
-    /// (the frontend broke the ring) is logged as "cannot return `what`".
+    /// (the frontend broke the ring) is logged as "cannot return `what`". The driver sees
+    /// it after the next [`Vring::notify_guest`], which every poll pass that adds used
+    /// chains ends with (or when the poller is dropped).
     pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32, what: &str) {
         match &self.view {
             Some(view) if head < view.size() => {
                 let next = self.queue.next_used();
-                view.push_used(next, head, len);
+                view.write_used(next, head, len);
                 self.queue.set_next_used(next.wrapping_add(1));
+                self.unpublished = true;
             }
             _ => {
                 if let Err(e) = self.queue.add_used(mem, head, len) {
@@ -194,6 +221,15 @@ impl Vring {
         self.added = self.added.wrapping_add(1);
     }
 
+    /// Makes the used elements written since the last call visible to the driver.
+    fn publish_used(&mut self) {
+        if std::mem::take(&mut self.unpublished) {
+            if let Some(view) = &self.view {
+                view.publish_used(self.queue.next_used());
+            }
+        }
+    }
+
     /// Raises the guest interrupt after a batch of used chains if the driver wants one
     /// (§2.7.10 with EVENT_IDX, §2.7.7 without); when unsure, it does.
     pub fn notify_guest(&mut self, mem: &GuestMemoryMmap) {
@@ -201,6 +237,7 @@ impl Vring {
         if added == 0 {
             return;
         }
+        self.publish_used();
         // The used entries must be visible before used_event is read (§2.7.10).
         fence(Ordering::SeqCst);
         let wanted = if self.queue.event_idx_enabled() {
@@ -259,6 +296,114 @@ impl Vring {
 
 impl Drop for Vring {
     fn drop(&mut self) {
+        self.publish_used();
         let _ = self.stopped.send(self.queue.next_avail());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use vm_memory::GuestMemoryAtomic;
+
+    use super::*;
+
+    const SIZE: u16 = 16;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+
+    /// A ring of `SIZE` entries at 0 in 64 KiB of guest memory, with its `Vring`.
+    fn ring() -> (Arc<GuestMemoryMmap>, Vring, mpsc::Receiver<u16>) {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(m);
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_size(SIZE);
+        q.try_set_desc_table_address(GuestAddress(0)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        q.set_ready(true);
+        let (tx, rx) = mpsc::channel();
+        let mut vring = Vring::new(QueueSetup {
+            index: 0,
+            queue: q,
+            mem: mem.clone(),
+            kick: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+            call: None,
+            stopped: tx,
+        });
+        let m = mem.memory().into_inner();
+        vring.sync_mem(&m);
+        assert!(vring.has_view());
+        (m, vring, rx)
+    }
+
+    /// The driver puts `head` in avail slot `pos` (§2.7.6), without moving the index.
+    fn put_avail(m: &GuestMemoryMmap, pos: u16, head: u16) {
+        let at = AVAIL + 4 + 2 * u64::from(pos % SIZE);
+        m.write_obj(head.to_le(), GuestAddress(at)).unwrap();
+    }
+
+    fn set_avail_idx(m: &GuestMemoryMmap, idx: u16) {
+        m.write_obj(idx.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    fn used_idx(m: &GuestMemoryMmap) -> u16 {
+        u16::from_le(m.read_obj(GuestAddress(USED + 2)).unwrap())
+    }
+
+    #[test]
+    fn pop_head_takes_what_the_last_index_read_covers_and_refuses_a_wild_index() {
+        let (m, mut vring, _rx) = ring();
+        assert_eq!(vring.pop_head(), None);
+        put_avail(&m, 0, 3);
+        put_avail(&m, 1, 5);
+        set_avail_idx(&m, 2);
+        assert_eq!(vring.pop_head(), Some(3));
+        // Made available after the index was read: taken once the cached ones are gone.
+        put_avail(&m, 2, 7);
+        set_avail_idx(&m, 3);
+        assert_eq!(vring.pop_head(), Some(5));
+        assert_eq!(vring.pop_head(), Some(7));
+        assert_eq!(vring.pop_head(), None);
+        assert_eq!(vring.queue().next_avail(), 3);
+
+        // An index more than a ring ahead: nothing is taken until the driver fixes it.
+        set_avail_idx(&m, 3 + SIZE + 1);
+        assert_eq!(vring.pop_head(), None);
+        assert_eq!(vring.queue().next_avail(), 3);
+        put_avail(&m, 3, 9);
+        set_avail_idx(&m, 4);
+        assert_eq!(vring.pop_head(), Some(9));
+        assert_eq!(vring.pop_head(), None);
+    }
+
+    #[test]
+    fn used_chains_are_published_once_per_batch_and_when_the_ring_goes() {
+        let (m, mut vring, rx) = ring();
+        vring.add_used(&m, 3, 512, "a test chain");
+        vring.add_used(&m, 5, 1, "a test chain");
+        let elem = |i: u64| -> (u32, u32) {
+            let at = USED + 4 + 8 * i;
+            (
+                m.read_obj(GuestAddress(at)).unwrap(),
+                m.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        };
+        assert_eq!(elem(0), (3, 512));
+        assert_eq!(elem(1), (5, 1));
+        assert_eq!(used_idx(&m), 0, "not published before notify_guest");
+        vring.notify_guest(&m);
+        assert_eq!(used_idx(&m), 2);
+
+        vring.add_used(&m, 7, 0, "a test chain");
+        assert_eq!(used_idx(&m), 2);
+        drop(vring);
+        assert_eq!(used_idx(&m), 3, "a dropped ring publishes what it returned");
+        assert_eq!(
+            rx.recv().unwrap(),
+            0,
+            "GET_VRING_BASE answer: next available index"
+        );
     }
 }
