@@ -88,6 +88,59 @@ pub trait Poller {
     }
 }
 
+/// `epoll_pwait2` is missing (Linux < 5.11): sleeps are rounded up to milliseconds.
+static NO_PWAIT2: AtomicBool = AtomicBool::new(false);
+
+/// Waits on `epoll` for at most `timeout` (None: until an event), to the microsecond
+/// where the kernel has `epoll_pwait2`, so that a deadline a few microseconds away (an
+/// interrupt held back by coalescing, a QoS refill) is not stretched to a millisecond.
+fn sleep_on(
+    epoll: &Epoll,
+    timeout: Option<Duration>,
+    events: &mut [EpollEvent],
+) -> std::io::Result<usize> {
+    if let Some(t) = timeout {
+        if !NO_PWAIT2.load(Ordering::Relaxed) {
+            let ts = libc::timespec {
+                tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+                tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+            };
+            // SAFETY: a valid epoll fd; `events` is a slice of epoll_event (EpollEvent is
+            // repr(transparent)); `ts` lives across the call; no signal mask.
+            let n = unsafe {
+                libc::epoll_pwait2(
+                    epoll.as_raw_fd(),
+                    events.as_mut_ptr().cast::<libc::epoll_event>(),
+                    events.len().min(i32::MAX as usize) as i32,
+                    &ts,
+                    std::ptr::null(),
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOSYS) {
+                return Err(e);
+            }
+            NO_PWAIT2.store(true, Ordering::Relaxed);
+        }
+    }
+    // Round up: waking before the deadline would only spin.
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    });
+    epoll.wait(ms, events)
+}
+
+/// The earlier of two optional deadlines (for [`Poller::next_deadline`]).
+pub fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Identifies a poller on its reactor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PollerId(u64);
@@ -440,17 +493,9 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
         }
         if !pending {
             let deadline = ctx.pollers.values().filter_map(|p| p.next_deadline()).min();
-            // Round up: waking before the deadline would only spin.
-            let timeout = match deadline {
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .as_micros()
-                    .div_ceil(1000)
-                    .min(i32::MAX as u128) as i32,
-                None => -1,
-            };
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             ctx.shared.sleeping.store(true, Ordering::Relaxed);
-            let _ = ctx.epoll.wait(timeout, &mut events);
+            let _ = sleep_on(&ctx.epoll, timeout, &mut events);
             ctx.shared.sleeping.store(false, Ordering::Relaxed);
             let _ = wake.read();
         }
