@@ -69,6 +69,16 @@ pub enum VhostCmd {
         /// Name of the controller.
         ctrlr: String,
     },
+    /// Set a controller's interrupt coalescing: past IOPS_THRESHOLD per queue, interrupts
+    /// are sent at most every DELAY_BASE_US × (IOPS − threshold) / threshold µs.
+    VhostControllerSetCoalescing {
+        /// Name of the controller.
+        ctrlr: String,
+        /// Base delay in microseconds (0: off).
+        delay_base_us: u32,
+        /// Per-queue IOPS above which interrupts are coalesced.
+        iops_threshold: u32,
+    },
 }
 
 impl Run for VhostCmd {
@@ -129,6 +139,15 @@ impl Run for VhostCmd {
             VhostCmd::VhostDeleteController { ctrlr } => ctx.call_print(
                 "vhost_delete_controller",
                 params_of(vec![("ctrlr", Some(json!(ctrlr)))]),
+            ),
+            VhostCmd::VhostControllerSetCoalescing {
+                ctrlr,
+                delay_base_us,
+                iops_threshold,
+            } => ctx.call_print(
+                "vhost_controller_set_coalescing",
+                Some(json!({"ctrlr": ctrlr, "delay_base_us": delay_base_us,
+                            "iops_threshold": iops_threshold})),
             ),
         }
     }

@@ -2,6 +2,7 @@
 //! queues run as pollers on the reactors.
 
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
 use serde_json::Value;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -10,6 +11,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::reactor::{Poller, ReactorCtx};
+use crate::vhost::coalescing::Coalescing;
 
 /// Guest memory as the frontend shared it (memfd, hugetlbfs or plain file regions), swapped
 /// atomically when the frontend adds or removes regions.
@@ -30,6 +32,8 @@ pub struct QueueSetup {
     /// Receives the ring's next available index once the poller has stopped and finished
     /// every request it took (the answer to GET_VRING_BASE).
     pub stopped: Sender<u16>,
+    /// The controller's interrupt coalescing (`vhost_controller_set_coalescing`).
+    pub coalescing: Arc<Coalescing>,
 }
 
 /// A virtio device model served over vhost-user.

@@ -159,6 +159,7 @@ impl Events {
             self.reactors.clone(),
             ctrl.cpumask.clone(),
             ctrl.notifier.clone(),
+            ctrl.coalescing.clone(),
         )));
         let fd = stream.as_raw_fd();
         let handler = Handler::from_stream(stream, session.clone());

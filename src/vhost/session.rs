@@ -28,6 +28,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::coalescing::Coalescing;
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
@@ -80,6 +81,7 @@ pub struct Session {
     mappings: Vec<AddrMapping>,
     vrings: Vec<Vring>,
     notifier: ConfigNotifier,
+    coalescing: Arc<Coalescing>,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -98,6 +100,7 @@ impl Session {
         reactors: Arc<Reactors>,
         cpumask: CpuMask,
         notifier: ConfigNotifier,
+        coalescing: Arc<Coalescing>,
     ) -> Self {
         let n = device.num_queues();
         Session {
@@ -112,6 +115,7 @@ impl Session {
             mappings: Vec::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             notifier,
+            coalescing,
         }
     }
 
@@ -200,6 +204,7 @@ impl Session {
             kick,
             call,
             stopped: tx,
+            coalescing: self.coalescing.clone(),
         };
         let core = self.reactors.pick(&self.cpumask).ok_or_else(|| {
             req_err(format!(

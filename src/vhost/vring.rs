@@ -13,11 +13,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vhost::coalescing::{Coalescing, STATS_INTERVAL};
 use crate::vhost::device::{GuestMem, QueueSetup};
 use crate::vhost::guest_map::GuestMap;
 use crate::vhost::guest_stream::Desc;
@@ -54,6 +56,22 @@ pub struct Vring {
     avail_seen: u16,
     /// An invalid `avail->idx` was already logged.
     bad_avail_logged: bool,
+    /// The controller's interrupt coalescing, and this queue's state of it.
+    coalescing: Arc<Coalescing>,
+    irq: IrqPacing,
+}
+
+/// A queue's interrupt pacing under [`Coalescing`].
+struct IrqPacing {
+    /// Shortest time between two notifications, from the last interval's rate.
+    delay: Duration,
+    /// No notification before this.
+    next: Option<Instant>,
+    /// A wanted notification is being held back until `next`.
+    deferred: bool,
+    /// Start of the current rate interval and the chains returned in it.
+    interval_start: Instant,
+    interval_count: u32,
 }
 
 impl Vring {
@@ -75,7 +93,22 @@ impl Vring {
             unpublished: false,
             avail_seen: setup_next_avail,
             bad_avail_logged: false,
+            coalescing: setup.coalescing,
+            irq: IrqPacing {
+                delay: Duration::ZERO,
+                next: None,
+                deferred: false,
+                interval_start: Instant::now(),
+                interval_count: 0,
+            },
         }
+    }
+
+    /// The same ring, never held back by the controller's interrupt coalescing (control
+    /// and event queues).
+    pub fn without_coalescing(mut self) -> Self {
+        self.coalescing = Arc::default();
+        self
     }
 
     /// Rebuilds the pre-translated memory table and ring view when `mem` is not the memory
@@ -231,15 +264,28 @@ impl Vring {
     }
 
     /// Raises the guest interrupt after a batch of used chains if the driver wants one
-    /// (§2.7.10 with EVENT_IDX, §2.7.7 without); when unsure, it does.
+    /// (§2.7.10 with EVENT_IDX, §2.7.7 without); when unsure, it does. Under interrupt
+    /// coalescing a wanted interrupt may be held back until [`Vring::irq_deadline`]; the
+    /// poller then calls this again once [`Vring::irq_due`].
     pub fn notify_guest(&mut self, mem: &GuestMemoryMmap) {
-        let added = std::mem::take(&mut self.added);
-        if added == 0 {
+        self.notify(mem, Instant::now);
+    }
+
+    /// [`Vring::notify_guest`] at a given time (tests).
+    #[cfg(test)]
+    fn notify_guest_at(&mut self, mem: &GuestMemoryMmap, now: Instant) {
+        self.notify(mem, || now);
+    }
+
+    /// `now` is only asked for under coalescing.
+    fn notify(&mut self, mem: &GuestMemoryMmap, now: impl FnOnce() -> Instant) {
+        if self.added == 0 {
             return;
         }
         self.publish_used();
         // The used entries must be visible before used_event is read (§2.7.10).
         fence(Ordering::SeqCst);
+        let added = self.added;
         let wanted = if self.queue.event_idx_enabled() {
             let new = self.queue.next_used();
             let used_event = match &self.view {
@@ -257,11 +303,61 @@ impl Vring {
         } else {
             true
         };
+        if wanted && self.coalescing.enabled() && self.hold_irq(now()) {
+            // `added` stays: the next attempt judges used_event over the whole range.
+            return;
+        }
+        self.added = 0;
+        self.irq.deferred = false;
+        self.irq.interval_count = self.irq.interval_count.saturating_add(u32::from(added));
         if wanted {
             if let Some(call) = &self.call {
                 let _ = call.write(1);
             }
         }
+    }
+
+    /// Whether the interrupt must wait (coalescing on: [`Coalescing`]); re-evaluates the
+    /// queue's rate once per [`STATS_INTERVAL`].
+    fn hold_irq(&mut self, now: Instant) -> bool {
+        let irq = &mut self.irq;
+        let elapsed = now.duration_since(irq.interval_start);
+        if elapsed >= STATS_INTERVAL {
+            // Chains per interval, also after a long quiet time or with coalescing just on.
+            let per_interval =
+                u128::from(irq.interval_count) * STATS_INTERVAL.as_nanos() / elapsed.as_nanos();
+            irq.delay = self
+                .coalescing
+                .delay(u32::try_from(per_interval).unwrap_or(u32::MAX));
+            irq.interval_start = now;
+            irq.interval_count = 0;
+        }
+        if irq.next.is_some_and(|t| now < t) {
+            irq.deferred = true;
+            return true;
+        }
+        irq.next = (!irq.delay.is_zero()).then(|| now + irq.delay);
+        false
+    }
+
+    /// When a held-back interrupt is due (None when none is held back): the poller must
+    /// not sleep past it.
+    pub fn irq_deadline(&self) -> Option<Instant> {
+        if self.irq.deferred {
+            self.irq.next
+        } else {
+            None
+        }
+    }
+
+    /// Whether a held-back interrupt is due now.
+    #[inline]
+    pub fn irq_due(&self) -> bool {
+        self.irq.deferred && self.irq_due_at(Instant::now())
+    }
+
+    fn irq_due_at(&self, now: Instant) -> bool {
+        self.irq.deferred && self.irq.next.is_none_or(|t| now >= t)
     }
 
     /// Asks the driver for kicks before the reactor sleeps; true when chains arrived since
@@ -297,6 +393,11 @@ impl Vring {
 impl Drop for Vring {
     fn drop(&mut self) {
         self.publish_used();
+        if self.irq.deferred {
+            if let Some(call) = &self.call {
+                let _ = call.write(1);
+            }
+        }
         let _ = self.stopped.send(self.queue.next_avail());
     }
 }
@@ -331,6 +432,7 @@ mod tests {
             kick: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
             call: None,
             stopped: tx,
+            coalescing: Arc::default(),
         });
         let m = mem.memory().into_inner();
         vring.sync_mem(&m);
@@ -376,6 +478,61 @@ mod tests {
         set_avail_idx(&m, 4);
         assert_eq!(vring.pop_head(), Some(9));
         assert_eq!(vring.pop_head(), None);
+    }
+
+    /// Interrupts written to the call eventfd since the last look.
+    fn calls(vring: &Vring) -> u64 {
+        vring.call.as_ref().and_then(|c| c.read().ok()).unwrap_or(0)
+    }
+
+    #[test]
+    fn coalescing_holds_interrupts_back_past_the_rate_threshold() {
+        let (m, mut vring, _rx) = ring();
+        vring.call = Some(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+        let t0 = vring.irq.interval_start;
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut head = 0u16;
+        let mut complete = |vring: &mut Vring, n: u16| {
+            for _ in 0..n {
+                vring.add_used(&m, head % SIZE, 0, "a test chain");
+                head = head.wrapping_add(1);
+            }
+        };
+
+        // Off (the default): every batch is signalled at once.
+        complete(&mut vring, 3);
+        vring.notify_guest_at(&m, ms(1));
+        assert_eq!(calls(&vring), 1);
+
+        // On: 100 µs base past 100 IOPS (one chain per 10 ms interval).
+        vring.coalescing.set(100, 100).unwrap();
+        complete(&mut vring, 97);
+        vring.notify_guest_at(&m, ms(5));
+        assert_eq!(calls(&vring), 1, "no rate measured yet: no delay");
+        // 100 chains in 11 ms = 90 per interval: 100 µs × (90 − 1) / 1 = 8.9 ms apart.
+        complete(&mut vring, 1);
+        vring.notify_guest_at(&m, ms(11));
+        assert_eq!(calls(&vring), 1);
+        assert_eq!(vring.irq.delay, Duration::from_micros(8_900));
+        complete(&mut vring, 2);
+        vring.notify_guest_at(&m, ms(15));
+        assert_eq!(calls(&vring), 0, "held back");
+        assert_eq!(used_idx(&m), 103, "the chains are published all the same");
+        assert_eq!(
+            vring.irq_deadline(),
+            Some(ms(11) + Duration::from_micros(8_900))
+        );
+        assert!(!vring.irq_due_at(ms(19)));
+        assert!(vring.irq_due_at(ms(20)));
+        vring.notify_guest_at(&m, ms(20));
+        assert_eq!(calls(&vring), 1, "sent once due");
+        assert_eq!(vring.irq_deadline(), None);
+
+        // Off again: at once.
+        vring.coalescing.set(0, 100).unwrap();
+        complete(&mut vring, 1);
+        vring.notify_guest_at(&m, ms(21));
+        assert_eq!(calls(&vring), 1);
     }
 
     #[test]

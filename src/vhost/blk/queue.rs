@@ -336,7 +336,7 @@ impl Poller for BlkQueue {
             }
         }
 
-        if completed > 0 || work > 0 {
+        if completed > 0 || work > 0 || self.vring.irq_due() {
             self.vring.notify_guest(&mem);
         }
         work
@@ -360,7 +360,7 @@ impl Poller for BlkQueue {
     }
 
     fn next_deadline(&self) -> Option<std::time::Instant> {
-        self.chan.next_deadline()
+        crate::reactor::min_deadline(self.chan.next_deadline(), self.vring.irq_deadline())
     }
 
     fn request_stop(&mut self) {

@@ -1,5 +1,6 @@
 //! SPDK-compatible RPCs of vhost controllers (`lib/vhost/vhost_rpc.c`):
-//! `vhost_create_blk_controller`, `vhost_get_controllers`, `vhost_delete_controller`.
+//! `vhost_create_blk_controller`, `vhost_get_controllers`, `vhost_delete_controller`,
+//! `vhost_controller_set_coalescing`.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ pub fn register(m: &mut RpcMethods) {
     m.add("vhost_create_blk_controller", create_blk_controller);
     m.add("vhost_get_controllers", get_controllers);
     m.add("vhost_delete_controller", delete_controller);
+    m.add("vhost_controller_set_coalescing", set_coalescing);
 }
 
 #[derive(Deserialize)]
@@ -121,5 +123,20 @@ struct DeleteController {
 fn delete_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     let p: DeleteController = params(p)?;
     app.vhost.delete(&p.ctrlr)?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetCoalescing {
+    ctrlr: String,
+    delay_base_us: u32,
+    iops_threshold: u32,
+}
+
+fn set_coalescing(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    let p: SetCoalescing = params(p)?;
+    app.vhost
+        .set_coalescing(&p.ctrlr, p.delay_base_us, p.iops_threshold)?;
     Ok(json!(true))
 }

@@ -20,7 +20,7 @@ use super::request::{
 use super::sense::{self, Sense};
 use super::{lock, ScsiShared, ScsiTarget, MAX_TARGETS};
 use crate::bdev::{BdevChannel, IoOp, IoResult, IoVecs};
-use crate::reactor::Poller;
+use crate::reactor::{min_deadline, Poller};
 use crate::vhost::device::QueueSetup;
 use crate::vhost::vring::{Vring, POP_BUDGET};
 
@@ -525,7 +525,7 @@ impl Poller for RequestQueue {
         }
         self.kick_channels();
 
-        if work > 0 {
+        if work > 0 || self.vring.irq_due() {
             self.vring.notify_guest(&mem);
         }
         work
@@ -562,7 +562,7 @@ impl Poller for RequestQueue {
         if self.shared.generation() != self.generation || self.has_retired {
             d = Some(Instant::now() + Duration::from_millis(1));
         }
-        d
+        min_deadline(d, self.vring.irq_deadline())
     }
 
     fn request_stop(&mut self) {
@@ -609,7 +609,8 @@ impl ControlQueue {
     /// Builds the poller.
     pub fn new(setup: QueueSetup, shared: Arc<ScsiShared>) -> Self {
         ControlQueue {
-            vring: Vring::new(setup),
+            // Control and event traffic is rare: never held back by coalescing.
+            vring: Vring::new(setup).without_coalescing(),
             shared,
             streams: Streams::default(),
             waiting: Vec::new(),
@@ -794,7 +795,8 @@ impl EventQueue {
             ev.missed = false;
         }
         Ok(EventQueue {
-            vring: Vring::new(setup),
+            // Control and event traffic is rare: never held back by coalescing.
+            vring: Vring::new(setup).without_coalescing(),
             wake: shared.event_wake.try_clone()?,
             shared,
             streams: Streams::default(),

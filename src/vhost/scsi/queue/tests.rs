@@ -108,6 +108,7 @@ fn setup(mem: &GuestMem, index: u16, q: Queue) -> (QueueSetup, mpsc::Receiver<u1
             kick: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
             call: None,
             stopped: tx,
+            coalescing: Default::default(),
         },
         rx,
     )
