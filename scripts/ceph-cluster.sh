@@ -39,7 +39,7 @@ ours() {
     [[ -f "$f" ]] || return 1
     pid=$(cat "$f")
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-c $conf "
+    { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -qF -- "-c $conf "
 }
 
 alive() { ours "$1"; }
