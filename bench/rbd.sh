@@ -129,4 +129,23 @@ for w in sys.argv[2:]:
     b, f, f0, q = (med.get((name, t), 0) for t in ("blockd", "fio", "fio0", "qsd"))
     r = lambda a, c: f"{a / c:.2f}" if c else "-"
     print(f"| {name} | {b:.0f} | {f:.0f} | {f0:.0f} | {q:.0f} | {r(b, f)} | {r(b, f0)} | {r(b, q)} |")
+
+# The cluster drifts between rounds, so the ratio within each round is the steadier figure.
+rounds = {}
+for name, t, iops in rows:
+    rounds.setdefault((name, t), []).append(int(iops))
+print()
+print("Ratio of blockd to each peer in the same round, and the median of those ratios:")
+print()
+print("| workload | blockd/fio0 per round | median | blockd/fio per round | median | blockd/qsd per round | median |")
+print("|---|---|--:|---|--:|---|--:|")
+for w in sys.argv[2:]:
+    name = w.split(":")[0]
+    cells = []
+    for peer in ("fio0", "fio", "qsd"):
+        pairs = zip(rounds.get((name, "blockd"), []), rounds.get((name, peer), []))
+        ratios = [b / p for b, p in pairs if p]
+        cells.append(", ".join(f"{x:.2f}" for x in ratios) or "-")
+        cells.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
+    print(f"| {name} | " + " | ".join(cells) + " |")
 EOF
