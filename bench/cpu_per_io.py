@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU time per I/O of every process and thread on the host while a benchmark runs.
 
-    bench/cpu_per_io.py [--threads] -- COMMAND...
+    bench/cpu_per_io.py [--threads] [--json] -- COMMAND...
 
 COMMAND is a benchmark that prints JSON on stdout: `blockctl bench --json` or
 `fio --output-format=json`. The I/O count comes from that JSON; the CPU time from
@@ -10,7 +10,8 @@ children (getrusage), so a client that exits, as fio's job process does, still c
 
 Why: on the RBD path the host's two cores are shared by the target, librbd's threads, the
 client and the OSD, and IOPS alone do not say who spends the time. Per-I/O CPU by thread
-does (bench/README.md, "Where the time goes").
+does (bench/README.md, "Where the time goes"). `--json` prints one object instead:
+{"iops", "ios", "client_us", "process_us": {name: µs per I/O}}.
 """
 
 import json
@@ -52,6 +53,7 @@ def ios_of(stdout):
 def main():
     args = sys.argv[1:]
     threads = "--threads" in args
+    as_json = "--json" in args[: args.index("--")] if "--" in args else False
     if "--" not in args:
         sys.exit(__doc__)
     cmd = args[args.index("--") + 1 :]
@@ -69,6 +71,18 @@ def main():
         if spent > 0:
             per_proc[pname] = per_proc.get(pname, 0) + spent
             per_thread[f"{pname}/{tname}"] = per_thread.get(f"{pname}/{tname}", 0) + spent
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "iops": iops,
+                    "ios": ios,
+                    "client_us": client * 1e6 / ios,
+                    "process_us": {n: v / ios for n, v in per_proc.items() if n != "(client)"},
+                }
+            )
+        )
+        return
     total = sum(per_proc.values())
     top = sorted(per_proc.items(), key=lambda kv: -kv[1])[:8]
     print(

@@ -65,22 +65,31 @@ WORKLOADS=("randread 4k:randread:randread:4k" "randwrite 4k:randwrite:randwrite:
            "read 128k:read:read:128k" "write 128k:write:write:128k")
 TARGETS=(blockd fio fio0 qsd)
 
-bench_vhost() { # socket pattern bs -> IOPS
-  taskset -c 1 "$BLOCKCTL" bench -s "$1" -w "$2" -b "$3" -q 32 -t "$RUNTIME" --no-poll --json |
-    python3 -c 'import json,sys; print(int(json.load(sys.stdin)["phases"][0]["iops"]))'
+CPU_PER_IO=$ROOT/bench/cpu_per_io.py
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime of a whole process
+
+bench_vhost() { # socket pattern bs target-pid -> "IOPS target-µs/IO client-µs/IO"
+  local t0 out
+  t0=$(ticks "$4")
+  out=$(python3 "$CPU_PER_IO" --json -- taskset -c 1 "$BLOCKCTL" bench -s "$1" -w "$2" -b "$3" \
+          -q 32 -t "$RUNTIME" --no-poll --json)
+  python3 -c 'import json,os,sys; j=json.loads(sys.argv[1]); hz=os.sysconf("SC_CLK_TCK")
+print(int(j["iops"]), round((int(sys.argv[3]) - int(sys.argv[2])) / hz * 1e6 / j["ios"], 1), round(j["client_us"], 1))' \
+    "$out" "$t0" "$(ticks "$4")"
 }
 
-bench_fio() { # core rw bs -> IOPS
+bench_fio() { # core rw bs -> "IOPS fio-µs/IO 0" (fio's CPU, its librbd included)
   local core=$1; shift
-  taskset -c "$core" fio --name=b --ioengine=rbd --clientname=admin --pool="$POOL" --rbdname="$IMG" \
-      --rw="$1" --bs="$2" --iodepth=32 --time_based --runtime="$RUNTIME" \
-      --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; d=sys.stdin.read(); j=json.loads(d[d.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
+  python3 "$CPU_PER_IO" --json -- taskset -c "$core" fio --name=b --ioengine=rbd --clientname=admin \
+      --pool="$POOL" --rbdname="$IMG" --rw="$1" --bs="$2" --iodepth=32 --time_based \
+      --runtime="$RUNTIME" --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys; j=json.load(sys.stdin); print(int(j["iops"]), round(j["client_us"], 1), 0)'
 }
 
 # blockd
 # shellcheck disable=SC2086
 taskset -c 0 "$BLOCKD" -m 0x1 -r "$W/rpc.sock" -S "$W" -L warn ${BLOCKD_ARGS:-} & PIDS+=($!)
+BLOCKD_PID=$!
 wait_sock "$W/rpc.sock"
 [ "$("$BLOCKCTL" -s "$W/rpc.sock" bdev_rbd_create "$POOL" "$IMG" 512)" = Ceph0 ]
 "$BLOCKCTL" -s "$W/rpc.sock" vhost_create_blk_controller vhost.0 Ceph0 >/dev/null
@@ -89,9 +98,10 @@ taskset -c 0 qemu-storage-daemon \
   --blockdev "driver=rbd,node-name=disk,pool=$POOL,image=$IMG,conf=$CEPH_CONF" \
   --export "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path=$W/qsd.sock,writable=on,num-queues=1" \
   >"$W/qsd.log" 2>&1 & PIDS+=($!)
+QSD_PID=$!
 wait_sock "$W/qsd.sock"
 
-# Results: one line per measurement, "workload target iops".
+# Results: one line per measurement, "workload|target|iops|target µs/IO|client µs/IO".
 RES=$W/results
 : >"$RES"
 for round in $(seq "$ROUNDS"); do
@@ -99,13 +109,14 @@ for round in $(seq "$ROUNDS"); do
     IFS=: read -r name pat rw bs <<<"$w"
     for t in "${TARGETS[@]}"; do
       case $t in
-        blockd) iops=$(bench_vhost "$W/vhost.0" "$pat" "$bs") ;;
-        qsd) iops=$(bench_vhost "$W/qsd.sock" "$pat" "$bs") ;;
-        fio) iops=$(bench_fio 1 "$rw" "$bs") ;;
-        fio0) iops=$(bench_fio 0 "$rw" "$bs") ;;
+        blockd) m=$(bench_vhost "$W/vhost.0" "$pat" "$bs" "$BLOCKD_PID") ;;
+        qsd) m=$(bench_vhost "$W/qsd.sock" "$pat" "$bs" "$QSD_PID") ;;
+        fio) m=$(bench_fio 1 "$rw" "$bs") ;;
+        fio0) m=$(bench_fio 0 "$rw" "$bs") ;;
       esac
-      echo "$name|$t|$iops" >>"$RES"
-      echo "round $round/$ROUNDS $name $t: $iops IOPS" >&2
+      read -r iops tcpu ccpu <<<"$m"
+      echo "$name|$t|$iops|$tcpu|$ccpu" >>"$RES"
+      echo "round $round/$ROUNDS $name $t: $iops IOPS, CPU µs/IO target $tcpu client $ccpu" >&2
     done
   done
 done
@@ -119,7 +130,7 @@ python3 - "$RES" "${WORKLOADS[@]}" <<'EOF'
 import statistics, sys
 rows = [l.strip().split("|") for l in open(sys.argv[1]) if l.strip()]
 med = {}
-for name, t, iops in rows:
+for name, t, iops, *_ in rows:
     med.setdefault((name, t), []).append(int(iops))
 med = {k: statistics.median(v) for k, v in med.items()}
 print("| workload | blockd IOPS | fio rbd IOPS | fio0 rbd IOPS | qsd IOPS | blockd/fio | blockd/fio0 | blockd/qsd |")
@@ -132,7 +143,7 @@ for w in sys.argv[2:]:
 
 # The cluster drifts between rounds, so the ratio within each round is the steadier figure.
 rounds = {}
-for name, t, iops in rows:
+for name, t, iops, *_ in rows:
     rounds.setdefault((name, t), []).append(int(iops))
 print()
 print("Ratio of blockd to each peer in the same round, and the median of those ratios:")
@@ -148,4 +159,23 @@ for w in sys.argv[2:]:
         cells.append(", ".join(f"{x:.2f}" for x in ratios) or "-")
         cells.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
     print(f"| {name} | " + " | ".join(cells) + " |")
+
+# CPU per I/O: the target process (blockd, qsd: with their librbd threads; fio: all of it),
+# and the vhost-user client on core 1. IOPS per core = 1e6 / (µs per I/O).
+cpu = {}
+for name, t, iops, tcpu, ccpu in rows:
+    cpu.setdefault((name, t), []).append((float(tcpu), float(ccpu)))
+print()
+print("CPU µs per I/O, medians: target process (+ vhost-user client), and IOPS per busy core of the target:")
+print()
+print("| workload | blockd | qsd | fio | fio0 | blockd IOPS/core | qsd IOPS/core | fio0 IOPS/core |")
+print("|---|--:|--:|--:|--:|--:|--:|--:|")
+for w in sys.argv[2:]:
+    name = w.split(":")[0]
+    m = {t: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+         for (n, t), v in cpu.items() if n == name}
+    cell = lambda t: (f"{m[t][0]:.1f}" + (f" (+{m[t][1]:.1f})" if m[t][1] else "")) if t in m else "-"
+    per_core = lambda t: f"{1e6 / m[t][0] / 1000:.1f}k" if t in m and m[t][0] else "-"
+    print(f"| {name} | {cell('blockd')} | {cell('qsd')} | {cell('fio')} | {cell('fio0')} | "
+          f"{per_core('blockd')} | {per_core('qsd')} | {per_core('fio0')} |")
 EOF
