@@ -128,11 +128,13 @@ echo "blockd and qsd on core 0 (with their librbd threads), client on core 1; fi
 echo
 python3 - "$RES" "${WORKLOADS[@]}" <<'EOF'
 import statistics, sys
-rows = [l.strip().split("|") for l in open(sys.argv[1]) if l.strip()]
-med = {}
-for name, t, iops, *_ in rows:
-    med.setdefault((name, t), []).append(int(iops))
-med = {k: statistics.median(v) for k, v in med.items()}
+# (workload, target) -> one (IOPS, target µs/IO, client µs/IO) per round, in round order.
+runs = {}
+for line in open(sys.argv[1]):
+    if line.strip():
+        name, t, iops, tcpu, ccpu = line.strip().split("|")
+        runs.setdefault((name, t), []).append((int(iops), float(tcpu), float(ccpu)))
+med = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
 print("| workload | blockd IOPS | fio rbd IOPS | fio0 rbd IOPS | qsd IOPS | blockd/fio | blockd/fio0 | blockd/qsd |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for w in sys.argv[2:]:
@@ -142,9 +144,6 @@ for w in sys.argv[2:]:
     print(f"| {name} | {b:.0f} | {f:.0f} | {f0:.0f} | {q:.0f} | {r(b, f)} | {r(b, f0)} | {r(b, q)} |")
 
 # The cluster drifts between rounds, so the ratio within each round is the steadier figure.
-rounds = {}
-for name, t, iops, *_ in rows:
-    rounds.setdefault((name, t), []).append(int(iops))
 print()
 print("Ratio of blockd to each peer in the same round, and the median of those ratios:")
 print()
@@ -154,17 +153,14 @@ for w in sys.argv[2:]:
     name = w.split(":")[0]
     cells = []
     for peer in ("fio0", "fio", "qsd"):
-        pairs = zip(rounds.get((name, "blockd"), []), rounds.get((name, peer), []))
-        ratios = [b / p for b, p in pairs if p]
+        pairs = zip(runs.get((name, "blockd"), []), runs.get((name, peer), []))
+        ratios = [b[0] / p[0] for b, p in pairs if p[0]]
         cells.append(", ".join(f"{x:.2f}" for x in ratios) or "-")
         cells.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
     print(f"| {name} | " + " | ".join(cells) + " |")
 
 # CPU per I/O: the target process (blockd, qsd: with their librbd threads; fio: all of it),
 # and the vhost-user client on core 1. IOPS per core = 1e6 / (µs per I/O).
-cpu = {}
-for name, t, iops, tcpu, ccpu in rows:
-    cpu.setdefault((name, t), []).append((float(tcpu), float(ccpu)))
 print()
 print("CPU µs per I/O, medians: target process (+ vhost-user client), and IOPS per busy core of the target:")
 print()
@@ -172,8 +168,8 @@ print("| workload | blockd | qsd | fio | fio0 | blockd IOPS/core | qsd IOPS/core
 print("|---|--:|--:|--:|--:|--:|--:|--:|")
 for w in sys.argv[2:]:
     name = w.split(":")[0]
-    m = {t: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
-         for (n, t), v in cpu.items() if n == name}
+    m = {t: (statistics.median(r[1] for r in v), statistics.median(r[2] for r in v))
+         for (n, t), v in runs.items() if n == name}
     cell = lambda t: (f"{m[t][0]:.1f}" + (f" (+{m[t][1]:.1f})" if m[t][1] else "")) if t in m else "-"
     per_core = lambda t: f"{1e6 / m[t][0] / 1000:.1f}k" if t in m and m[t][0] else "-"
     print(f"| {name} | {cell('blockd')} | {cell('qsd')} | {cell('fio')} | {cell('fio0')} | "
