@@ -105,25 +105,31 @@ fn pin(cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// One flush, completed before a timed run that writes. A guest flushes within moments of
-/// using a disk (mount, journal commits), and librbd keeps a write-through cache until it
-/// sees an image's first flush (`rbd_cache_writethrough_until_flush`, on by default for
-/// qemu-storage-daemon): without this, a benchmark would measure a state no VM stays in.
-fn first_flush(queue: &mut Blkioq, io_timeout: Duration) -> Result<()> {
+/// One flush, outside the timed part of a run that writes.
+///
+/// Before: a guest flushes within moments of using a disk (mount, journal commits), and
+/// librbd keeps a write-through cache until it sees an image's first flush
+/// (`rbd_cache_writethrough_until_flush`, on by default for qemu-storage-daemon); without
+/// it, a benchmark would measure a state no VM stays in.
+///
+/// After: a write-back cache (librbd's) must not leave its dirty data to whoever uses the
+/// image next. The next target would pay for writing it back (librbd flushes before it
+/// hands over the exclusive lock) inside its own timed run.
+fn flush_untimed(queue: &mut Blkioq, io_timeout: Duration, when: &str) -> Result<()> {
     queue.flush(usize::MAX, ReqFlags::empty());
     let mut c = [MaybeUninit::<Completion>::uninit()];
     let mut timeout = io_timeout;
     let n = queue
         .do_io(&mut c, 1, Some(&mut timeout), None)
-        .map_err(|e| anyhow!("waiting for the first flush: {e}"))?;
+        .map_err(|e| anyhow!("waiting for the flush {when} the run: {e}"))?;
     if n != 1 {
-        bail!("the first flush did not complete within {io_timeout:?}");
+        bail!("the flush {when} the run did not complete within {io_timeout:?}");
     }
     // SAFETY: do_io initialised the first `n` (= 1) entries.
     let ret = unsafe { c[0].assume_init_ref() }.ret;
     if ret != 0 {
         bail!(
-            "first flush failed: {}",
+            "the flush {when} the run failed: {}",
             std::io::Error::from_raw_os_error(-ret)
         );
     }
@@ -139,8 +145,9 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
     if !job.idle_before.is_zero() {
         std::thread::sleep(job.idle_before);
     }
-    if matches!(job.work, Work::Timed { pattern, .. } if pattern.writes()) {
-        first_flush(queue, job.io_timeout)?;
+    let writes = matches!(job.work, Work::Timed { pattern, .. } if pattern.writes());
+    if writes {
+        flush_untimed(queue, job.io_timeout, "before")?;
     }
     let bs = job.bs as usize;
     let mut slots = vec![
@@ -298,5 +305,8 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
         }
     }
     stats.elapsed = started.elapsed();
+    if writes {
+        flush_untimed(queue, job.io_timeout, "after")?;
+    }
     Ok(stats)
 }
