@@ -469,3 +469,39 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
         "{p50_again} µs after turning it off"
     );
 }
+
+#[test]
+fn bench_flushes_once_before_and_once_after_a_write_run() {
+    let d = Daemon::start();
+    malloc(&d, "Malloc0", 16);
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
+    );
+    let sock = d.socket_dir().join("vhost.0");
+    let flushes = || {
+        d.rpc_ok("bdev_get_iostat", json!({"name": "Malloc0"}))["bdevs"][0]["num_flush_ops"]
+            .as_u64()
+            .expect("num_flush_ops")
+    };
+    for (pattern, want) in [("randread", 0), ("randwrite", 2), ("write", 2)] {
+        let before = flushes();
+        let o = d.blockctl(&[
+            "bench",
+            "-s",
+            sock.to_str().unwrap(),
+            "-t",
+            "1",
+            "-q",
+            "4",
+            "-w",
+            pattern,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            flushes() - before,
+            want,
+            "{pattern}: flushes sent by blockctl bench"
+        );
+    }
+}
