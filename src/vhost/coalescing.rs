@@ -11,7 +11,8 @@
 //! guest: SPDK keeps the last delay while a queue's rate stays under the threshold, here a
 //! queue under the threshold goes back to one notification per batch at the next interval;
 //! and the delay never exceeds [`STATS_INTERVAL`], so a queue gets at least one interrupt
-//! per rate interval (SPDK's formula alone gave 185 ms stalls at `100 100`).
+//! per rate interval (SPDK's formula alone gave 185 ms stalls at `100 100`). A queue also
+//! never holds back more than a ring's worth of completions ([`crate::vhost::vring`]).
 
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::Duration;
