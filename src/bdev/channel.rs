@@ -278,9 +278,11 @@ impl BdevChannel {
         self.inner.completion_fd()
     }
 
-    /// See [`IoChannel::arm`]: call before sleeping on [`BdevChannel::completion_fd`].
+    /// Before the reactor sleeps: true when completions are ready to reap, so it must not
+    /// (see [`IoChannel::arm`]). A backend without a completion fd (malloc, null) finishes
+    /// at submit time: whatever it holds is ready, and nothing would wake the reactor.
     pub fn arm(&mut self) -> bool {
-        self.inner.arm()
+        self.inner.arm() || (self.inner.completion_fd().is_none() && self.inner.in_flight() > 0)
     }
 
     /// When throttled I/O may be submitted again (`None` when nothing waits, or when a

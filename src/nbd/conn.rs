@@ -1415,10 +1415,7 @@ impl Poller for Conn {
 
     fn arm(&mut self) -> bool {
         self.update_interest();
-        let backend_pending = self.chan.as_mut().is_some_and(|c| {
-            let armed_pending = c.arm();
-            armed_pending || (c.completion_fd().is_none() && c.in_flight() > 0)
-        });
+        let backend_pending = self.chan.as_mut().is_some_and(BdevChannel::arm);
         backend_pending || self.input_ready()
     }
 
