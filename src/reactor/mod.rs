@@ -103,7 +103,7 @@ fn sleep_on(
         if !NO_PWAIT2.load(Ordering::Relaxed) {
             let ts = libc::timespec {
                 tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
-                tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+                tv_nsec: t.subsec_nanos() as libc::c_long,
             };
             // SAFETY: a valid epoll fd; `events` is a slice of epoll_event (EpollEvent is
             // repr(transparent)); `ts` lives across the call; no signal mask.

@@ -314,9 +314,7 @@ impl Vring {
         self.irq.deferred = false;
         self.irq.interval_count = self.irq.interval_count.saturating_add(u32::from(added));
         if wanted {
-            if let Some(call) = &self.call {
-                let _ = call.write(1);
-            }
+            self.signal();
         }
     }
 
@@ -346,21 +344,25 @@ impl Vring {
     /// When a held-back interrupt is due (None when none is held back): the poller must
     /// not sleep past it.
     pub fn irq_deadline(&self) -> Option<Instant> {
-        if self.irq.deferred {
-            self.irq.next
-        } else {
-            None
-        }
+        self.irq.next.filter(|_| self.irq.deferred)
     }
 
-    /// Whether a held-back interrupt is due now.
+    /// Whether a held-back interrupt is due now (reads the clock only when one is held).
     #[inline]
     pub fn irq_due(&self) -> bool {
-        self.irq.deferred && self.irq_due_at(Instant::now())
+        self.irq_deadline().is_some_and(|t| Instant::now() >= t)
     }
 
+    #[cfg(test)]
     fn irq_due_at(&self, now: Instant) -> bool {
-        self.irq.deferred && self.irq.next.is_none_or(|t| now >= t)
+        self.irq_deadline().is_some_and(|t| now >= t)
+    }
+
+    /// Raises the guest interrupt (writes the call eventfd, when the frontend gave one).
+    fn signal(&self) {
+        if let Some(call) = &self.call {
+            let _ = call.write(1);
+        }
     }
 
     /// Asks the driver for kicks before the reactor sleeps; true when chains arrived since
@@ -397,9 +399,7 @@ impl Drop for Vring {
     fn drop(&mut self) {
         self.publish_used();
         if self.irq.deferred {
-            if let Some(call) = &self.call {
-                let _ = call.write(1);
-            }
+            self.signal();
         }
         let _ = self.stopped.send(self.queue.next_avail());
     }
