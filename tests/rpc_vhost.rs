@@ -18,6 +18,16 @@ fn malloc(d: &Daemon, name: &str, mib: u64) {
     );
 }
 
+/// Malloc0 (`mib` MiB) exported as vhost.0; returns the controller's socket.
+fn malloc_controller(d: &Daemon, mib: u64) -> std::path::PathBuf {
+    malloc(d, "Malloc0", mib);
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
+    );
+    d.socket_dir().join("vhost.0")
+}
+
 #[test]
 fn create_blk_controller_errors_are_spdks() {
     let d = Daemon::start_with(&["-m", "0x1"]);
@@ -110,12 +120,7 @@ fn create_blk_controller_errors_are_spdks() {
 #[test]
 fn delete_refused_while_a_frontend_is_connected() {
     let d = Daemon::start();
-    malloc(&d, "Malloc0", 4);
-    d.rpc_ok(
-        "vhost_create_blk_controller",
-        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
-    );
-    let sock = d.socket_dir().join("vhost.0");
+    let sock = malloc_controller(&d, 4);
     let c = BlkClient::connect(sock.to_str().unwrap(), 1, 1 << 20).unwrap();
     let e = d
         .rpc("vhost_delete_controller", json!({"ctrlr": "vhost.0"}))
@@ -393,11 +398,7 @@ fn bench_irq(d: &Daemon, sock: &str) -> (f64, u64) {
 #[test]
 fn controller_coalescing_is_spdks_and_paces_interrupts() {
     let d = Daemon::start();
-    malloc(&d, "Malloc0", 16);
-    d.rpc_ok(
-        "vhost_create_blk_controller",
-        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
-    );
+    let sock = malloc_controller(&d, 16);
     let set = |p: Value| d.rpc("vhost_controller_set_coalescing", p);
     let e = set(json!({"ctrlr": "nope", "delay_base_us": 50, "iops_threshold": 60000}));
     assert_eq!(e.unwrap_err(), (-32602, "No such device".to_string()));
@@ -414,7 +415,6 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
         (&json!(0), &json!(60000))
     );
 
-    let sock = d.socket_dir().join("vhost.0");
     let sock = sock.to_str().unwrap();
     let (p50_off, n_off) = bench_irq(&d, sock);
 
@@ -473,12 +473,7 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
 #[test]
 fn bench_flushes_once_before_and_once_after_a_write_run() {
     let d = Daemon::start();
-    malloc(&d, "Malloc0", 16);
-    d.rpc_ok(
-        "vhost_create_blk_controller",
-        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
-    );
-    let sock = d.socket_dir().join("vhost.0");
+    let sock = malloc_controller(&d, 16);
     let flushes = || {
         d.rpc_ok("bdev_get_iostat", json!({"name": "Malloc0"}))["bdevs"][0]["num_flush_ops"]
             .as_u64()
