@@ -52,11 +52,11 @@ def ios_of(stdout):
 
 def main():
     args = sys.argv[1:]
-    threads = "--threads" in args
-    as_json = "--json" in args[: args.index("--")] if "--" in args else False
     if "--" not in args:
         sys.exit(__doc__)
-    cmd = args[args.index("--") + 1 :]
+    # Our options come before "--"; everything after it is the benchmark's.
+    opts, cmd = args[: args.index("--")], args[args.index("--") + 1 :]
+    threads, as_json = "--threads" in opts, "--json" in opts
     hz = os.sysconf("SC_CLK_TCK")
     before, ru0 = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
     run = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)

@@ -135,10 +135,10 @@ for line in open(sys.argv[1]):
         name, t, iops, tcpu, ccpu = line.strip().split("|")
         runs.setdefault((name, t), []).append((int(iops), float(tcpu), float(ccpu)))
 med = {k: statistics.median(r[0] for r in v) for k, v in runs.items()}
+names = [w.split(":")[0] for w in sys.argv[2:]]
 print("| workload | blockd IOPS | fio rbd IOPS | fio0 rbd IOPS | qsd IOPS | blockd/fio | blockd/fio0 | blockd/qsd |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for w in sys.argv[2:]:
-    name = w.split(":")[0]
+for name in names:
     b, f, f0, q = (med.get((name, t), 0) for t in ("blockd", "fio", "fio0", "qsd"))
     r = lambda a, c: f"{a / c:.2f}" if c else "-"
     print(f"| {name} | {b:.0f} | {f:.0f} | {f0:.0f} | {q:.0f} | {r(b, f)} | {r(b, f0)} | {r(b, q)} |")
@@ -149,8 +149,7 @@ print("Ratio of blockd to each peer in the same round, and the median of those r
 print()
 print("| workload | blockd/fio0 per round | median | blockd/fio per round | median | blockd/qsd per round | median |")
 print("|---|---|--:|---|--:|---|--:|")
-for w in sys.argv[2:]:
-    name = w.split(":")[0]
+for name in names:
     cells = []
     for peer in ("fio0", "fio", "qsd"):
         pairs = zip(runs.get((name, "blockd"), []), runs.get((name, peer), []))
@@ -166,8 +165,7 @@ print("CPU µs per I/O, medians: target process (+ vhost-user client), and IOPS 
 print()
 print("| workload | blockd | qsd | fio | fio0 | blockd IOPS/core | qsd IOPS/core | fio0 IOPS/core |")
 print("|---|--:|--:|--:|--:|--:|--:|--:|")
-for w in sys.argv[2:]:
-    name = w.split(":")[0]
+for name in names:
     m = {t: (statistics.median(r[1] for r in v), statistics.median(r[2] for r in v))
          for (n, t), v in runs.items() if n == name}
     cell = lambda t: (f"{m[t][0]:.1f}" + (f" (+{m[t][1]:.1f})" if m[t][1] else "")) if t in m else "-"
