@@ -172,6 +172,9 @@ fn seed_with_interrupt_coalescing() {
     assert_region_in_file(&run, "vda", "buffered", &img);
     let c = d.rpc_ok("vhost_get_controllers", json!({"name": "vhost.vm1"}));
     assert_eq!(c[0]["delay_base_us"], 1000);
+    let held = c[0]["interrupts_held_back"].as_u64().unwrap();
+    assert!(held > 0, "the guest's interrupts were never held back: {c}");
+    eprintln!("interrupts held back: {held}");
 }
 
 #[test]

@@ -433,7 +433,14 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
         (&c[0]["delay_base_us"], &c[0]["iops_threshold"]),
         (&json!(100), &json!(100))
     );
+    let held = |d: &Daemon| {
+        d.rpc_ok("vhost_get_controllers", json!({"name": "vhost.0"}))[0]["interrupts_held_back"]
+            .as_u64()
+            .expect("interrupts_held_back")
+    };
+    assert_eq!(held(&d), 0, "coalescing off holds nothing back");
     let (p50_on, n_on) = bench_irq(&d, sock);
+    assert!(held(&d) > 0, "no interrupt was held back");
     assert!(n_on > 0 && n_off > 0);
     assert!(
         p50_on > 5.0 * p50_off && p50_on > 1000.0,

@@ -7,14 +7,16 @@
 //! re-evaluated every [`STATS_INTERVAL`]; completions in between share one interrupt.
 //! `delay_base_us = 0` (the default, as in SPDK) turns it off.
 //!
-//! Two departures from SPDK, both to keep a misconfigured controller from stalling its
-//! guest: SPDK keeps the last delay while a queue's rate stays under the threshold, here a
-//! queue under the threshold goes back to one notification per batch at the next interval;
-//! and the delay never exceeds [`STATS_INTERVAL`], so a queue gets at least one interrupt
-//! per rate interval (SPDK's formula alone gave 185 ms stalls at `100 100`). A queue also
-//! never holds back more than a ring's worth of completions ([`crate::vhost::vring`]).
+//! Three departures from SPDK, all to keep a misconfigured controller from stalling its
+//! guest (with the formula uncapped, a QD1 client stalled for up to 185 ms at `100 100`):
+//! - SPDK keeps the last delay while a queue's rate stays under the threshold; here such a
+//!   queue goes back to one notification per batch at the next interval;
+//! - the delay never exceeds [`STATS_INTERVAL`], so a queue gets at least one interrupt per
+//!   rate interval;
+//! - a queue never holds back more than a ring's worth of completions
+//!   ([`crate::vhost::vring`]).
 
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// How often a queue re-evaluates its rate (SPDK_VHOST_STATS_CHECK_INTERVAL_MS).
@@ -31,6 +33,8 @@ pub const MAX_DELAY_BASE_US: u32 = 1_000_000;
 pub struct Coalescing {
     delay_base_us: AtomicU32,
     iops_threshold: AtomicU32,
+    /// Interrupts its queues held back so far: tells an operator whether the settings bite.
+    held: AtomicU64,
 }
 
 impl Default for Coalescing {
@@ -38,6 +42,7 @@ impl Default for Coalescing {
         Coalescing {
             delay_base_us: AtomicU32::new(0),
             iops_threshold: AtomicU32::new(DEFAULT_IOPS_THRESHOLD),
+            held: AtomicU64::new(0),
         }
     }
 }
@@ -78,6 +83,16 @@ impl Coalescing {
         self.iops_threshold.store(iops_threshold, Relaxed);
         self.delay_base_us.store(delay_base_us, Relaxed);
         Ok(())
+    }
+
+    /// A queue held an interrupt back (counted once per interrupt, not per attempt).
+    pub fn note_held(&self) {
+        self.held.fetch_add(1, Relaxed);
+    }
+
+    /// Interrupts held back so far by the controller's queues (`vhost_get_controllers`).
+    pub fn held(&self) -> u64 {
+        self.held.load(Relaxed)
     }
 
     /// Whether coalescing is on: one load, on every notification.

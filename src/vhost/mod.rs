@@ -140,6 +140,7 @@ impl Controller {
             "cpumask": self.cpumask.to_string(),
             "delay_base_us": delay_base_us,
             "iops_threshold": iops_threshold,
+            "interrupts_held_back": self.coalescing.held(),
             "socket": self.socket.display().to_string(),
             "sessions": sessions,
             "backend_specific": self.device.backend_specific(),

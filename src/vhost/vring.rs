@@ -334,6 +334,9 @@ impl Vring {
             irq.interval_count = 0;
         }
         if irq.next.is_some_and(|t| now < t) {
+            if !irq.deferred {
+                self.coalescing.note_held();
+            }
             irq.deferred = true;
             return true;
         }
@@ -521,6 +524,14 @@ mod tests {
         vring.notify_guest_at(&m, ms(15));
         assert_eq!(calls(&vring), 0, "held back");
         assert_eq!(used_idx(&m), 103, "the chains are published all the same");
+        complete(&mut vring, 1);
+        vring.notify_guest_at(&m, ms(16));
+        assert_eq!(calls(&vring), 0, "still held back");
+        assert_eq!(
+            vring.coalescing.held(),
+            1,
+            "one interrupt held, however often asked"
+        );
         assert_eq!(
             vring.irq_deadline(),
             Some(ms(11) + Duration::from_micros(8_900))
@@ -542,6 +553,7 @@ mod tests {
             1,
             "a ring's worth of completions is not held back"
         );
+        assert_eq!(vring.coalescing.held(), 2);
 
         // Off again: at once.
         vring.coalescing.set(0, 100).unwrap();
