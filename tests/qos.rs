@@ -7,11 +7,9 @@ use common::Daemon;
 use serde_json::{json, Value};
 
 fn bench(d: &Daemon, sock: &str, args: &[&str]) -> Value {
-    let mut a = vec!["bench", "-s", sock, "--json", "-t", "3"];
+    let mut a = vec!["-t", "3"];
     a.extend_from_slice(args);
-    let o = d.blockctl(&a);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).expect("bench --json output")
+    d.bench(sock, &a)
 }
 
 fn iops(report: &Value) -> f64 {

@@ -373,21 +373,10 @@ fn scsi_controllers_through_blockctl_and_rpc_py() {
 /// `blockctl bench` on `sock` at QD32 (libblkio, sleeping on the completion eventfd as a
 /// guest taking interrupts does): the p50 latency in µs and the completed I/O count.
 fn bench_irq(d: &Daemon, sock: &str) -> (f64, u64) {
-    let o = d.blockctl(&[
-        "bench",
-        "-s",
+    let r = d.bench(
         sock,
-        "--json",
-        "-t",
-        "2",
-        "-q",
-        "32",
-        "-w",
-        "randread",
-        "--no-poll",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: Value = serde_json::from_slice(&o.stdout).expect("bench --json output");
+        &["-t", "2", "-q", "32", "-w", "randread", "--no-poll"],
+    );
     let p = &r["phases"][0];
     (
         p["lat_us"]["p50"].as_f64().expect("p50"),
@@ -488,18 +477,10 @@ fn bench_flushes_once_before_and_once_after_a_write_run() {
     };
     for (pattern, want) in [("randread", 0), ("randwrite", 2), ("write", 2)] {
         let before = flushes();
-        let o = d.blockctl(&[
-            "bench",
-            "-s",
+        d.bench(
             sock.to_str().unwrap(),
-            "-t",
-            "1",
-            "-q",
-            "4",
-            "-w",
-            pattern,
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            &["-t", "1", "-q", "4", "-w", pattern],
+        );
         assert_eq!(
             flushes() - before,
             want,

@@ -214,6 +214,18 @@ impl Daemon {
             .expect("run blockctl")
     }
 
+    /// Runs `blockctl bench -s SOCK --json ARGS...` against one of this daemon's
+    /// controllers (libblkio, a real vhost-user client) and returns its report; panics
+    /// when the run fails.
+    #[allow(dead_code)]
+    pub fn bench(&self, sock: &str, args: &[&str]) -> Value {
+        let mut a = vec!["bench", "-s", sock, "--json"];
+        a.extend_from_slice(args);
+        let o = self.blockctl(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("bench --json output")
+    }
+
     /// Sends `sig` to the daemon.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
