@@ -13,9 +13,13 @@
 #           vhost-user-blk, driven by the same `blockctl bench` on core 1.
 # Workloads: 4K randread / randwrite and 128K sequential read / write, all at QD32.
 #
-# The single-node cluster drifts (its OSD slows as its logs grow) and the host is noisy,
-# so the targets take turns: every round runs every workload on every target, and the
-# table shows the median of the rounds. blockd and qsd stay up (idle) between turns.
+# The single-node cluster drifts and the host is noisy, so the targets take turns: every
+# round runs every workload on every target, and the table shows the median of the rounds.
+# The cluster drifts within a round too (4K writes on a fresh cluster fall from ~20k to
+# ~5k IOPS in round 2 and climb back over the rounds after), so the order of the targets
+# rotates by one each round: with a fixed order, the first target always met the cluster
+# at its slowest while it recovered. Use a multiple of 4 rounds for every target to take
+# every place equally often. blockd and qsd stay up (idle) between turns.
 #
 # Usage: bench/rbd.sh [SIZE_MIB] [RUNTIME_S] [ROUNDS]. Cluster: $CEPH_CONF, else a private
 # one started with scripts/ceph-cluster.sh in target/ceph-bench (stopped again at the end).
@@ -24,7 +28,7 @@
 set -euo pipefail
 SIZE_MIB=${1:-256}
 RUNTIME=${2:-5}
-ROUNDS=${3:-5}
+ROUNDS=${3:-4}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BLOCKD=${BLOCKD:-$ROOT/target/release/blockd}
 BLOCKCTL=${BLOCKCTL:-$ROOT/target/release/blockctl}
@@ -107,7 +111,8 @@ RES=$W/results
 for round in $(seq "$ROUNDS"); do
   for w in "${WORKLOADS[@]}"; do
     IFS=: read -r name pat rw bs <<<"$w"
-    for t in "${TARGETS[@]}"; do
+    turn=$(( (round - 1) % ${#TARGETS[@]} ))
+    for t in "${TARGETS[@]:turn}" "${TARGETS[@]:0:turn}"; do
       case $t in
         blockd) m=$(bench_vhost "$W/vhost.0" "$pat" "$bs" "$BLOCKD_PID") ;;
         qsd) m=$(bench_vhost "$W/qsd.sock" "$pat" "$bs" "$QSD_PID") ;;
