@@ -16,10 +16,12 @@
 # The single-node cluster drifts and the host is noisy, so the targets take turns: every
 # round runs every workload on every target, and the table shows the median of the rounds.
 # The cluster drifts within a round too (4K writes on a fresh cluster fall from ~20k to
-# ~5k IOPS in round 2 and climb back over the rounds after), so the order of the targets
-# rotates by one each round: with a fixed order, the first target always met the cluster
-# at its slowest while it recovered. Use a multiple of 4 rounds for every target to take
-# every place equally often. blockd and qsd stay up (idle) between turns.
+# ~5k IOPS in round 2 and climb back over the rounds after), and a target's turn depends
+# on the turn before it (128K writes: with the order blockd fio fio0 qsd rotated, blockd
+# made 0.79x QSD; with blockd fio qsd fio0 rotated, 1.23x). So the order of each round
+# is a row of a balanced Latin square (Williams): over 4 rounds every target takes every
+# place once and follows every other target once. Use a multiple of 4 rounds. blockd and
+# qsd stay up (idle) between turns.
 #
 # Usage: bench/rbd.sh [SIZE_MIB] [RUNTIME_S] [ROUNDS]. Cluster: $CEPH_CONF, else a private
 # one started with scripts/ceph-cluster.sh in target/ceph-bench (stopped again at the end).
@@ -68,6 +70,7 @@ wait_sock() { for _ in $(seq 400); do [ -S "$1" ] && return 0; sleep 0.05; done;
 WORKLOADS=("randread 4k:randread:randread:4k" "randwrite 4k:randwrite:randwrite:4k"
            "read 128k:read:read:128k" "write 128k:write:write:128k")
 TARGETS=(blockd fio fio0 qsd)
+ORDERS=("0 1 3 2" "1 2 0 3" "2 3 1 0" "3 0 2 1") # Williams square over TARGETS
 
 CPU_PER_IO=$ROOT/bench/cpu_per_io.py
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime of a whole process
@@ -111,8 +114,8 @@ RES=$W/results
 for round in $(seq "$ROUNDS"); do
   for w in "${WORKLOADS[@]}"; do
     IFS=: read -r name pat rw bs <<<"$w"
-    turn=$(( (round - 1) % ${#TARGETS[@]} ))
-    for t in "${TARGETS[@]:turn}" "${TARGETS[@]:0:turn}"; do
+    for i in ${ORDERS[$(( (round - 1) % ${#ORDERS[@]} ))]}; do
+      t=${TARGETS[$i]}
       case $t in
         blockd) m=$(bench_vhost "$W/vhost.0" "$pat" "$bs" "$BLOCKD_PID") ;;
         qsd) m=$(bench_vhost "$W/qsd.sock" "$pat" "$bs" "$QSD_PID") ;;
