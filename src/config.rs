@@ -108,6 +108,35 @@ fn vhost_blk_config(app: &App) -> Vec<Value> {
         .collect()
 }
 
+/// Methods that `save_config` of an SPDK target writes into every configuration to tune
+/// SPDK's own machinery (buffer pools, sockets, accel, the NVMe, RAID and iSCSI bdev
+/// modules, the thread scheduler, the NVMe-oF and iSCSI targets), with no object behind
+/// them for blockd to recreate. A configuration saved by SPDK replays in blockd with these
+/// entries skipped and logged; any other method blockd lacks still fails the load before
+/// anything is created. Shared with `blockctl load_config`.
+pub const SPDK_TUNING_METHODS: &[&str] = &[
+    "accel_set_options",
+    "bdev_iscsi_set_options",
+    "bdev_nvme_set_hotplug",
+    "bdev_nvme_set_options",
+    "bdev_raid_set_options",
+    "bdev_set_options",
+    "framework_set_scheduler",
+    "fsdev_set_opts",
+    "iobuf_set_options",
+    "iscsi_set_options",
+    "nvmf_set_config",
+    "nvmf_set_crdt",
+    "nvmf_set_max_subsystems",
+    "sock_impl_set_options",
+    "sock_set_default_impl",
+];
+
+/// Whether `method` only tunes SPDK internals ([`SPDK_TUNING_METHODS`]).
+pub fn is_spdk_tuning(method: &str) -> bool {
+    SPDK_TUNING_METHODS.contains(&method)
+}
+
 /// The subsystem named `name`.
 pub fn subsystem(name: &str) -> Option<&'static Subsystem> {
     SUBSYSTEMS.iter().find(|s| s.name == name)
@@ -134,15 +163,21 @@ pub fn save(app: &App) -> Value {
 }
 
 /// Replays a configuration through the RPC methods, subsystems in dependency order whatever
-/// their order in the file. Stops at the first failure with an error naming the subsystem,
-/// the entry's index and method, and the RPC error. Entries may be batch arrays (SPDK 25+
-/// `--with-batches`): their calls run in order.
+/// their order in the file. Entries may be batch arrays (SPDK 25+ `--with-batches`): their
+/// calls run in order.
+///
+/// A configuration saved by SPDK loads too: subsystems blockd does not have are replayed
+/// after its own, their empty configs are nothing to do, and SPDK's tuning entries
+/// ([`SPDK_TUNING_METHODS`]) are skipped with a log line. Every other method must exist:
+/// all are checked before the first call, so a configuration blockd cannot recreate
+/// changes nothing. The replay stops at the first failing call, with an error naming the
+/// subsystem, the entry's index and method, and the RPC error.
 pub fn load(app: &Arc<App>, cfg: &Value) -> anyhow::Result<()> {
     let list = cfg
         .get("subsystems")
         .and_then(Value::as_array)
         .context("configuration has no \"subsystems\" array")?;
-    let mut named = Vec::new();
+    let mut plan = Vec::new();
     for (i, s) in list.iter().enumerate() {
         let name = s
             .get("subsystem")
@@ -151,36 +186,58 @@ pub fn load(app: &Arc<App>, cfg: &Value) -> anyhow::Result<()> {
         let rank = SUBSYSTEMS
             .iter()
             .position(|k| k.name == name)
-            .with_context(|| format!("configuration names unknown subsystem '{name}'"))?;
+            .unwrap_or(SUBSYSTEMS.len());
         let entries = match s.get("config") {
             None | Some(Value::Null) => &[][..],
             Some(Value::Array(a)) => a.as_slice(),
             Some(_) => anyhow::bail!("subsystem '{name}': \"config\" is not an array"),
         };
-        named.push((rank, name, entries));
-    }
-    named.sort_by_key(|(rank, _, _)| *rank);
-    for (_, name, entries) in named {
-        for (i, e) in entries.iter().enumerate() {
-            let calls: Vec<&Value> = match e {
+        let mut calls = Vec::new();
+        for (j, e) in entries.iter().enumerate() {
+            let items: Vec<&Value> = match e {
                 Value::Array(batch) => batch.iter().collect(),
                 one => vec![one],
             };
-            for call in calls {
+            for call in items {
                 let method = call
                     .get("method")
                     .and_then(Value::as_str)
-                    .with_context(|| format!("subsystem '{name}' entry {i}: no \"method\""))?;
-                let params = call.get("params").filter(|p| !p.is_null()).cloned();
-                app.rpc.call(app, method, params).map_err(|e| {
-                    anyhow::anyhow!(
-                        "subsystem '{name}' entry {i} ({method}) failed: {} (code {})",
-                        e.message,
-                        e.code
-                    )
-                })?;
-                tracing::debug!(subsystem = name, index = i, method, "config entry replayed");
+                    .with_context(|| format!("subsystem '{name}' entry {j}: no \"method\""))?;
+                if app.rpc.get(method).is_some() {
+                    calls.push((j, method, call.get("params").filter(|p| !p.is_null())));
+                } else if is_spdk_tuning(method) {
+                    tracing::info!(
+                        subsystem = name,
+                        index = j,
+                        method,
+                        "skipping SPDK tuning entry: blockd has nothing it sets"
+                    );
+                } else {
+                    let known = if rank < SUBSYSTEMS.len() {
+                        ""
+                    } else {
+                        ", a subsystem blockd does not have"
+                    };
+                    anyhow::bail!(
+                        "subsystem '{name}'{known} entry {j} ({method}): blockd has no such \
+                         method (Method not found); nothing was created"
+                    );
+                }
             }
+        }
+        plan.push((rank, name, calls));
+    }
+    plan.sort_by_key(|(rank, _, _)| *rank);
+    for (_, name, calls) in plan {
+        for (i, method, params) in calls {
+            app.rpc.call(app, method, params.cloned()).map_err(|e| {
+                anyhow::anyhow!(
+                    "subsystem '{name}' entry {i} ({method}) failed: {} (code {})",
+                    e.message,
+                    e.code
+                )
+            })?;
+            tracing::debug!(subsystem = name, index = i, method, "config entry replayed");
         }
     }
     Ok(())

@@ -437,22 +437,197 @@ fn json_config_replay_at_start() {
         assert!(f.log.contains(needle), "{needle} missing:\n{}", f.log);
     }
 
+    // A subsystem blockd does not have is nothing to do while its config is empty, and
+    // fails the start, naming subsystem and method, as soon as it holds a real object.
     let unknown = dir.path().join("unknown.json");
     std::fs::write(
         &unknown,
         r#"{"subsystems":[{"subsystem":"iscsi","config":[]}]}"#,
     )
     .unwrap();
+    let d = Daemon::start_with(&["--json", unknown.to_str().unwrap()]);
+    assert!(d.rpc("spdk_get_version", Value::Null).is_ok());
+    drop(d);
+    std::fs::write(
+        &unknown,
+        r#"{"subsystems":[{"subsystem":"iscsi","config":[{"method":"iscsi_create_portal_group","params":{"tag":1,"portals":[]}}]}]}"#,
+    )
+    .unwrap();
     let f = Daemon::try_start(&["--json", unknown.to_str().unwrap()])
         .err()
         .expect("fail");
-    assert!(f.log.contains("iscsi"), "{}", f.log);
+    for needle in [
+        "iscsi",
+        "iscsi_create_portal_group",
+        "blockd has no such method",
+    ] {
+        assert!(f.log.contains(needle), "{needle} missing:\n{}", f.log);
+    }
 
     let f = Daemon::try_start(&["--json", "/nonexistent.json"])
         .err()
         .expect("fail");
     assert_eq!(f.status.code(), Some(1));
     assert!(f.log.contains("/nonexistent.json"), "{}", f.log);
+}
+
+/// What `save_config` of an SPDK vhost target (v23.x, modules as Debian's and SPDK's CI
+/// build them) writes: its own subsystems with their tuning entries, the objects (a malloc
+/// and a null bdev, a blk controller, a scsi controller with a target), and
+/// `bdev_wait_for_examine` closing the bdev list (SPDK `lib/init/json_config.c`,
+/// `bdev_*_write_config_json`, `vhost_*_write_config_json`).
+const SPDK_SAVED_CONFIG: &str = r#"{
+  "subsystems": [
+    {"subsystem": "keyring", "config": []},
+    {"subsystem": "iobuf", "config": [
+      {"method": "iobuf_set_options", "params": {"small_pool_count": 8192,
+        "large_pool_count": 1024, "small_bufsize": 8192, "large_bufsize": 135168}}]},
+    {"subsystem": "sock", "config": [
+      {"method": "sock_set_default_impl", "params": {"impl_name": "posix"}},
+      {"method": "sock_impl_set_options", "params": {"impl_name": "posix",
+        "recv_buf_size": 2097152, "send_buf_size": 2097152, "enable_recv_pipe": true,
+        "enable_quickack": false, "enable_placement_id": 0, "enable_zerocopy_send_server": true,
+        "enable_zerocopy_send_client": false, "zerocopy_threshold": 0, "tls_version": 0,
+        "enable_ktls": false}}]},
+    {"subsystem": "vmd", "config": []},
+    {"subsystem": "accel", "config": [
+      {"method": "accel_set_options", "params": {"small_cache_size": 128,
+        "large_cache_size": 16, "task_count": 2048, "sequence_count": 2048, "buf_count": 2048}}]},
+    {"subsystem": "bdev", "config": [
+      {"method": "bdev_set_options", "params": {"bdev_io_pool_size": 65535,
+        "bdev_io_cache_size": 256, "bdev_auto_examine": true}},
+      {"method": "bdev_raid_set_options", "params": {"process_window_size_kb": 1024}},
+      {"method": "bdev_iscsi_set_options", "params": {"timeout_sec": 30}},
+      {"method": "bdev_nvme_set_options", "params": {"action_on_timeout": "none",
+        "timeout_us": 0, "timeout_admin_us": 0, "keep_alive_timeout_ms": 10000,
+        "transport_retry_count": 4, "bdev_retry_count": 3, "generate_uuids": false}},
+      {"method": "bdev_nvme_set_hotplug", "params": {"period_us": 100000, "enable": false}},
+      {"method": "bdev_malloc_create", "params": {"name": "Malloc0", "num_blocks": 16384,
+        "block_size": 512, "physical_block_size": 512,
+        "uuid": "9f0a5c1e-6a47-4d0b-8f3e-2c5b7d9e1a44", "optimal_io_boundary": 0,
+        "md_size": 0, "dif_type": 0, "dif_is_head_of_md": false}},
+      {"method": "bdev_null_create", "params": {"name": "Null0", "num_blocks": 8192,
+        "block_size": 512, "physical_block_size": 512, "md_size": 0, "dif_type": 0,
+        "dif_is_head_of_md": false, "uuid": "3d2e8b6a-1f4c-4e9a-9b7d-5a6c8e0f2b13"}},
+      {"method": "bdev_wait_for_examine"}]},
+    {"subsystem": "scsi", "config": null},
+    {"subsystem": "vhost_scsi", "config": [
+      {"method": "vhost_create_scsi_controller", "params": {"ctrlr": "vhost.scsi0",
+        "cpumask": "0x1"}},
+      {"method": "vhost_scsi_controller_add_target", "params": {"ctrlr": "vhost.scsi0",
+        "scsi_target_num": 0, "bdev_name": "Null0"}}]},
+    {"subsystem": "vhost_blk", "config": [
+      {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vhost.1",
+        "dev_name": "Malloc0", "cpumask": "0x1", "transport": "vhost_user_blk"}}]}
+  ]
+}"#;
+
+/// The objects of [`SPDK_SAVED_CONFIG`], checked on a daemon that replayed it.
+fn assert_spdk_config_objects(d: &Daemon) {
+    let m = d.rpc_ok("bdev_get_bdevs", json!({"name": "Malloc0"}));
+    assert_eq!(m[0]["uuid"], "9f0a5c1e-6a47-4d0b-8f3e-2c5b7d9e1a44");
+    assert_eq!(m[0]["num_blocks"], 16384);
+    let n = d.rpc_ok("bdev_get_bdevs", json!({"name": "Null0"}));
+    assert_eq!(n[0]["uuid"], "3d2e8b6a-1f4c-4e9a-9b7d-5a6c8e0f2b13");
+    let c = d.rpc_ok("vhost_get_controllers", Value::Null);
+    let names: Vec<&str> = c
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["ctrlr"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"vhost.1") && names.contains(&"vhost.scsi0"),
+        "{c}"
+    );
+    let scsi = d.rpc_ok("vhost_get_controllers", json!({"name": "vhost.scsi0"}));
+    assert_eq!(
+        scsi[0]["backend_specific"]["scsi"][0]["luns"][0]["bdev_name"], "Null0",
+        "{scsi}"
+    );
+}
+
+/// A configuration saved by SPDK loads into blockd, through `blockd --json` and through
+/// `blockctl load_config`: SPDK's tuning entries are skipped and said so, the objects are
+/// recreated with SPDK's names and UUIDs. One real object blockd cannot make fails the
+/// load before anything is created. `framework_wait_init` and `bdev_wait_for_examine`
+/// answer `true`, also to SPDK's own rpc.py.
+#[test]
+fn spdk_saved_config_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spdk.json");
+    std::fs::write(&file, SPDK_SAVED_CONFIG).unwrap();
+
+    let d = Daemon::start_with(&["--json", file.to_str().unwrap()]);
+    assert_spdk_config_objects(&d);
+    let log = d.log();
+    for method in [
+        "iobuf_set_options",
+        "sock_impl_set_options",
+        "bdev_nvme_set_options",
+    ] {
+        assert!(
+            log.contains("skipping SPDK tuning entry") && log.contains(method),
+            "no skip logged for {method}:\n{log}"
+        );
+    }
+    assert_eq!(d.rpc_ok("framework_wait_init", Value::Null), json!(true));
+    assert_eq!(d.rpc_ok("bdev_wait_for_examine", Value::Null), json!(true));
+    assert!(d.rpc("bdev_wait_for_examine", json!({"x": 1})).is_err());
+    drop(d);
+
+    let d = Daemon::start();
+    let o = d.blockctl(&["load_config", "-j", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("iobuf_set_options"), "{}", stderr(&o));
+    assert_spdk_config_objects(&d);
+    for cmd in ["framework_wait_init", "bdev_wait_for_examine"] {
+        let o = d.blockctl(&[cmd]);
+        assert!(o.status.success(), "{cmd}: {}", stderr(&o));
+    }
+    if let Some(rpc) = common::spdk_rpc() {
+        for cmd in ["framework_wait_init", "bdev_wait_for_examine"] {
+            let o = Command::new(&rpc)
+                .arg("-s")
+                .arg(d.rpc_socket())
+                .arg(cmd)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "rpc.py {cmd}: {}", stderr(&o));
+        }
+    }
+    drop(d);
+
+    // One object blockd cannot recreate: the whole load fails, naming it, and nothing from
+    // the configuration (not even the malloc bdev listed before it) exists.
+    let mut cfg: Value = serde_json::from_str(SPDK_SAVED_CONFIG).unwrap();
+    let bdev = cfg["subsystems"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|s| s["subsystem"] == "bdev")
+        .unwrap();
+    bdev["config"].as_array_mut().unwrap().push(json!({
+        "method": "bdev_nvme_attach_controller",
+        "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "0000:00:04.0"}
+    }));
+    std::fs::write(&file, cfg.to_string()).unwrap();
+    let f = Daemon::try_start(&["--json", file.to_str().unwrap()])
+        .err()
+        .expect("an NVMe controller cannot be recreated");
+    for needle in ["bdev_nvme_attach_controller", "nothing was created"] {
+        assert!(f.log.contains(needle), "{needle} missing:\n{}", f.log);
+    }
+    assert!(!f.log.contains("malloc bdev created"), "{}", f.log);
+    let d = Daemon::start();
+    let o = d.blockctl(&["load_config", "-j", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("bdev_nvme_attach_controller"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(d.rpc_ok("bdev_get_bdevs", Value::Null), json!([]));
 }
 
 fn stdout(o: &std::process::Output) -> String {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::qos::QosLimits;
 use super::{Bdev, BdevRegistry};
 use crate::app::App;
-use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
+use crate::rpc::{no_params, params, RpcError, RpcMethods, RpcResult};
 
 /// `{name}` of the delete methods.
 #[derive(Deserialize, Debug)]
@@ -145,6 +145,16 @@ pub fn register(m: &mut RpcMethods) {
     m.add("bdev_get_bdevs", rpc_get_bdevs);
     m.add("bdev_get_iostat", rpc_get_iostat);
     m.add("bdev_set_qos_limit", rpc_set_qos_limit);
+    m.add("bdev_wait_for_examine", rpc_wait_for_examine);
+}
+
+/// `bdev_wait_for_examine`: SPDK answers once every bdev module has examined every bdev
+/// (partition tables, lvol stores), and ends each saved bdev configuration with it.
+/// blockd has no examining modules and registers a bdev completely before its create call
+/// returns, so there is never anything to wait for: `true` at once.
+fn rpc_wait_for_examine(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    no_params(p)?;
+    Ok(json!(true))
 }
 
 #[cfg(test)]

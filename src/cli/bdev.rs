@@ -82,6 +82,8 @@ pub enum BdevCmd {
         #[arg(short = 't', long = "timeout-ms")]
         timeout: Option<u64>,
     },
+    /// Wait until every bdev has been examined (blockd registers bdevs whole: at once).
+    BdevWaitForExamine,
     /// I/O statistics of all bdevs or one.
     BdevGetIostat {
         /// Only these bdevs, comma-separated (rpc.py ≥ 24 `--names`; `-b/--name` as v23.05).
@@ -192,6 +194,7 @@ impl Run for BdevCmd {
                     ("timeout", timeout.map(|t| json!(t))),
                 ]),
             ),
+            BdevCmd::BdevWaitForExamine => ctx.call_print("bdev_wait_for_examine", None),
             BdevCmd::BdevGetIostat { name } => ctx.call_print(
                 "bdev_get_iostat",
                 params_of(vec![(

@@ -30,6 +30,8 @@ pub enum FrameworkCmd {
     FrameworkGetReactors,
     /// Subsystems in initialization order with their dependencies.
     FrameworkGetSubsystems,
+    /// Wait until the daemon has initialized (blockd answers once it serves RPCs at all).
+    FrameworkWaitInit,
     /// The calls that recreate a subsystem's objects.
     FrameworkGetConfig {
         /// Subsystem name (bdev, vhost_blk, ...).
@@ -73,6 +75,7 @@ impl Run for FrameworkCmd {
             FrameworkCmd::FrameworkGetSubsystems => {
                 ctx.call_print("framework_get_subsystems", None)
             }
+            FrameworkCmd::FrameworkWaitInit => ctx.call_print("framework_wait_init", None),
             FrameworkCmd::FrameworkGetConfig { name } => ctx.call_print(
                 "framework_get_config",
                 params_of(vec![("name", Some(json!(name)))]),
@@ -172,7 +175,9 @@ pub fn save_config(ctx: &Ctx, only: Option<&str>) -> anyhow::Result<Value> {
 
 /// rpc.py's `load_config`: checks every method is known, then replays the entries,
 /// subsystems in the daemon's initialization order. Stops at the first failure, naming the
-/// subsystem, entry and method.
+/// subsystem, entry and method. Unlike rpc.py, it skips (and says so) the entries a
+/// configuration saved by SPDK carries to tune SPDK itself
+/// ([`crate::config::SPDK_TUNING_METHODS`]), as `blockd --json` does.
 pub fn load_config(ctx: &Ctx, cfg: &Value, include_aliases: bool) -> anyhow::Result<()> {
     let subsystems = cfg
         .get("subsystems")
@@ -222,6 +227,10 @@ pub fn load_config(ctx: &Ctx, cfg: &Value, include_aliases: bool) -> anyhow::Res
                     .and_then(Value::as_str)
                     .with_context(|| format!("subsystem '{name}' entry {j} has no \"method\""))?;
                 if !known.contains(method) {
+                    if crate::config::is_spdk_tuning(method) {
+                        eprintln!("skipping subsystem '{name}' entry {j} ({method}): SPDK tuning that blockd has no use for");
+                        continue;
+                    }
                     bail!("subsystem '{name}' entry {j}: the daemon has no method '{method}'");
                 }
                 calls.push((

@@ -1,6 +1,7 @@
 //! Framework methods: `rpc_get_methods`, `spdk_get_version`, `framework_get_reactors`,
-//! `framework_get_subsystems`, `framework_get_config`, with SPDK's params and result shapes
-//! (`lib/rpc/rpc.c`, `lib/event/app_rpc.c`, `lib/init/subsystem_rpc.c`).
+//! `framework_get_subsystems`, `framework_get_config`, `framework_wait_init`, with SPDK's
+//! params and result shapes (`lib/rpc/rpc.c`, `lib/event/app_rpc.c`,
+//! `lib/init/subsystem_rpc.c`).
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ pub fn register(m: &mut RpcMethods) {
     m.add("framework_get_reactors", framework_get_reactors);
     m.add("framework_get_subsystems", framework_get_subsystems);
     m.add("framework_get_config", framework_get_config);
+    m.add("framework_wait_init", framework_wait_init);
 }
 
 #[derive(Deserialize)]
@@ -87,4 +89,12 @@ struct GetConfig {
 fn framework_get_config(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     let req: GetConfig = params(p)?;
     Ok(Value::Array(config::subsystem_config(app, &req.name)?))
+}
+
+/// `framework_wait_init`: SPDK answers it once its subsystems are initialized, and start-up
+/// scripts call it before configuring anything. blockd replays `--json` before it serves
+/// its RPC socket, so whoever it answers is already past initialization: `true` at once.
+fn framework_wait_init(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    no_params(p)?;
+    Ok(json!(true))
 }
