@@ -505,7 +505,7 @@ const SPDK_SAVED_CONFIG: &str = r#"{
       {"method": "bdev_malloc_create", "params": {"name": "Malloc0", "num_blocks": 16384,
         "block_size": 512, "physical_block_size": 512,
         "uuid": "9f0a5c1e-6a47-4d0b-8f3e-2c5b7d9e1a44", "optimal_io_boundary": 0,
-        "md_size": 0, "dif_type": 0, "dif_is_head_of_md": false}},
+        "md_size": 0, "md_interleave": false, "dif_type": 0, "dif_is_head_of_md": false}},
       {"method": "bdev_null_create", "params": {"name": "Null0", "num_blocks": 8192,
         "block_size": 512, "physical_block_size": 512, "md_size": 0, "dif_type": 0,
         "dif_is_head_of_md": false, "uuid": "3d2e8b6a-1f4c-4e9a-9b7d-5a6c8e0f2b13"}},
@@ -518,7 +518,8 @@ const SPDK_SAVED_CONFIG: &str = r#"{
         "scsi_target_num": 0, "bdev_name": "Null0"}}]},
     {"subsystem": "vhost_blk", "config": [
       {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vhost.1",
-        "dev_name": "Malloc0", "cpumask": "0x1", "transport": "vhost_user_blk"}}]}
+        "dev_name": "Malloc0", "cpumask": "0x1", "readonly": false,
+        "transport": "vhost_user_blk"}}]}
   ]
 }"#;
 
