@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod cpumask;
 pub mod localpool;
+pub mod logging;
 pub mod nbd;
 pub mod rbd;
 pub mod rbdcli;

@@ -631,6 +631,87 @@ fn spdk_saved_config_replays() {
     assert_eq!(d.rpc_ok("bdev_get_bdevs", Value::Null), json!([]));
 }
 
+/// SPDK's log methods change what the daemon logs while it runs: the RPC server's
+/// per-request debug line ("RPC request method=...") appears exactly for the calls made
+/// while its flag or the DEBUG level is on. Level names, errors and rpc.py as SPDK's.
+#[test]
+fn log_methods_change_the_filter_at_run_time() {
+    let d = Daemon::start_with(&["-L", "warn"]);
+    let logged = |method: &str| d.log().contains(&format!("RPC request method={method} "));
+    assert_eq!(d.rpc_ok("log_get_level", Value::Null), "WARNING");
+    assert_eq!(d.rpc_ok("log_get_print_level", Value::Null), "WARNING");
+
+    d.rpc_ok("spdk_get_version", Value::Null);
+    assert!(!logged("spdk_get_version"), "{}", d.log());
+
+    assert_eq!(
+        d.rpc_ok("log_set_flag", json!({"flag": "rpc"})),
+        json!(true)
+    );
+    d.rpc_ok("bdev_get_bdevs", Value::Null);
+    assert!(logged("bdev_get_bdevs"), "{}", d.log());
+    let flags = d.rpc_ok("log_get_flags", Value::Null);
+    assert_eq!(flags["rpc"], true);
+    assert_eq!(flags["vhost_blk"], false);
+
+    assert_eq!(
+        d.rpc_ok("log_clear_flag", json!({"flag": "rpc"})),
+        json!(true)
+    );
+    d.rpc_ok("framework_get_reactors", Value::Null);
+    assert!(!logged("framework_get_reactors"), "{}", d.log());
+
+    assert_eq!(
+        d.rpc_ok("log_set_print_level", json!({"level": "debug"})),
+        json!(true)
+    );
+    assert_eq!(d.rpc_ok("log_get_level", Value::Null), "DEBUG");
+    d.rpc_ok("rpc_get_methods", Value::Null);
+    assert!(logged("rpc_get_methods"), "{}", d.log());
+
+    d.rpc_ok("log_set_level", json!({"level": "NOTICE"}));
+    assert_eq!(d.rpc_ok("log_get_print_level", Value::Null), "NOTICE");
+    d.rpc_ok("framework_get_subsystems", Value::Null);
+    assert!(!logged("framework_get_subsystems"), "{}", d.log());
+
+    d.rpc_ok("log_set_flag", json!({"flag": "all"}));
+    let flags = d.rpc_ok("log_get_flags", Value::Null);
+    assert!(
+        flags.as_object().unwrap().values().all(|v| v == true),
+        "{flags}"
+    );
+
+    for (method, params) in [
+        ("log_set_level", json!({"level": "LOUD"})),
+        ("log_set_flag", json!({"flag": "nosuch"})),
+        ("log_set_flag", json!({})),
+        ("log_get_flags", json!({"x": 1})),
+    ] {
+        let e = d.rpc(method, params.clone()).expect_err(method);
+        assert_eq!(e.0, -32602, "{method} {params}: {e:?}");
+    }
+
+    let o = d.blockctl(&["log_get_level"]);
+    assert_eq!(stdout(&o).trim(), "NOTICE", "{}", stderr(&o));
+    if let Some(rpc) = common::spdk_rpc() {
+        let run = |args: &[&str]| {
+            Command::new(&rpc)
+                .arg("-s")
+                .arg(d.rpc_socket())
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        assert!(run(&["log_clear_flag", "vhost_blk"]).status.success());
+        let o = run(&["log_get_flags"]);
+        let flags: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(flags["vhost_blk"], false);
+        assert_eq!(flags["vhost_scsi"], true);
+        let o = run(&["log_get_print_level"]);
+        assert_eq!(stdout(&o).trim(), "\"NOTICE\"");
+    }
+}
+
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -170,18 +170,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("blockd: invalid --log-level '{}': {e}", args.log_level);
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    if let Err(e) = blockd::logging::init(&args.log_level, std::io::stderr().is_terminal()) {
+        eprintln!("blockd: invalid --log-level '{}': {e}", args.log_level);
+        return ExitCode::FAILURE;
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -14,6 +14,7 @@ pub mod bdev;
 pub mod client;
 pub mod framework;
 pub mod local;
+pub mod log;
 pub mod map;
 pub mod nbd;
 pub mod raw;
@@ -91,6 +92,8 @@ commands! {
     Nbd(nbd::NbdCmd),
     #[command(flatten)]
     Framework(framework::FrameworkCmd),
+    #[command(flatten)]
+    Log(log::LogCmd),
     #[command(flatten)]
     Map(map::MapCommand),
     /// Call any method: `blockctl rpc <method> ['{"json":"params"}' | -]`.

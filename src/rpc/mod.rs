@@ -6,6 +6,7 @@
 //! `bdev_<name>_rpc.c`, and register themselves in [`RpcMethods`].
 
 pub mod framework;
+pub mod log;
 pub mod server;
 
 use std::collections::BTreeMap;
@@ -118,6 +119,7 @@ impl RpcMethods {
     pub fn all() -> Self {
         let mut m = RpcMethods::default();
         framework::register(&mut m);
+        log::register(&mut m);
         crate::bdev::rpc::register(&mut m);
         crate::bdev::malloc::rpc::register(&mut m);
         crate::bdev::null::rpc::register(&mut m);
