@@ -712,6 +712,58 @@ fn log_methods_change_the_filter_at_run_time() {
     }
 }
 
+/// `spdk_kill_instance`: the caller gets its `true`, then the daemon stops cleanly (exit 0)
+/// on SIGTERM, through blockctl and through SPDK's rpc.py; signals blockd does not handle
+/// are refused and change nothing.
+#[test]
+fn spdk_kill_instance_stops_the_daemon_after_replying() {
+    let mut d = Daemon::start();
+    for bad in ["SIGHUP", "SIGFOO", "15"] {
+        let e = d
+            .rpc("spdk_kill_instance", json!({"sig_name": bad}))
+            .expect_err(bad);
+        assert_eq!(e.0, -32602, "{bad}: {e:?}");
+    }
+    assert!(d.rpc("spdk_get_version", Value::Null).is_ok());
+    assert_eq!(
+        d.rpc_ok("spdk_kill_instance", json!({"sig_name": "SIGTERM"})),
+        json!(true)
+    );
+    assert_eq!(
+        d.wait(Duration::from_secs(20)).code(),
+        Some(0),
+        "{}",
+        d.log()
+    );
+
+    let mut d = Daemon::start();
+    let o = d.blockctl(&["spdk_kill_instance", "SIGINT"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        d.wait(Duration::from_secs(20)).code(),
+        Some(0),
+        "{}",
+        d.log()
+    );
+
+    if let Some(rpc) = common::spdk_rpc() {
+        let mut d = Daemon::start();
+        let o = Command::new(&rpc)
+            .arg("-s")
+            .arg(d.rpc_socket())
+            .args(["spdk_kill_instance", "SIGTERM"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "rpc.py: {}{}", stdout(&o), stderr(&o));
+        assert_eq!(
+            d.wait(Duration::from_secs(20)).code(),
+            Some(0),
+            "{}",
+            d.log()
+        );
+    }
+}
+
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

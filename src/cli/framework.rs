@@ -32,6 +32,11 @@ pub enum FrameworkCmd {
     FrameworkGetSubsystems,
     /// Wait until the daemon has initialized (blockd answers once it serves RPCs at all).
     FrameworkWaitInit,
+    /// Send the daemon a signal: SIGTERM or SIGINT stop it cleanly, SIGKILL at once.
+    SpdkKillInstance {
+        /// Signal name (SIGINT, SIGTERM, SIGKILL).
+        sig_name: String,
+    },
     /// The calls that recreate a subsystem's objects.
     FrameworkGetConfig {
         /// Subsystem name (bdev, vhost_blk, ...).
@@ -76,6 +81,10 @@ impl Run for FrameworkCmd {
                 ctx.call_print("framework_get_subsystems", None)
             }
             FrameworkCmd::FrameworkWaitInit => ctx.call_print("framework_wait_init", None),
+            FrameworkCmd::SpdkKillInstance { sig_name } => ctx.call_print(
+                "spdk_kill_instance",
+                params_of(vec![("sig_name", Some(json!(sig_name)))]),
+            ),
             FrameworkCmd::FrameworkGetConfig { name } => ctx.call_print(
                 "framework_get_config",
                 params_of(vec![("name", Some(json!(name)))]),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{no_params, params, RpcMethods, RpcResult};
+use super::{no_params, params, RpcError, RpcMethods, RpcResult};
 use crate::app::App;
 use crate::config;
 
@@ -20,6 +20,7 @@ pub fn register(m: &mut RpcMethods) {
     m.add("framework_get_subsystems", framework_get_subsystems);
     m.add("framework_get_config", framework_get_config);
     m.add("framework_wait_init", framework_wait_init);
+    m.add("spdk_kill_instance", spdk_kill_instance);
 }
 
 #[derive(Deserialize)]
@@ -96,5 +97,40 @@ fn framework_get_config(app: &Arc<App>, p: Option<Value>) -> RpcResult {
 /// its RPC socket, so whoever it answers is already past initialization: `true` at once.
 fn framework_wait_init(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
+    Ok(json!(true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillInstance {
+    sig_name: String,
+}
+
+/// The signals `spdk_kill_instance` sends: SPDK's names for the ones blockd acts on.
+/// SIGINT and SIGTERM stop it cleanly (I/O drained, backends flushed, images closed);
+/// SIGKILL ends it at once. SPDK also sends SIGQUIT, SIGHUP and SIGUSR1, which blockd does
+/// not handle (their default action would end it without the clean stop), so they are
+/// refused.
+const KILL_SIGNALS: &[(&str, i32)] = &[
+    ("SIGINT", libc::SIGINT),
+    ("SIGTERM", libc::SIGTERM),
+    ("SIGKILL", libc::SIGKILL),
+];
+
+/// `spdk_kill_instance {sig_name}` (SPDK `lib/event/app_rpc.c`): the daemon signals itself.
+/// The signal is raised after the `true` reply is written (see `App::kill_after_reply`).
+fn spdk_kill_instance(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    let req: KillInstance = params(p)?;
+    let (_, sig) = KILL_SIGNALS
+        .iter()
+        .find(|(n, _)| *n == req.sig_name)
+        .ok_or_else(|| {
+            RpcError::invalid_params(format!(
+                "Invalid parameters: signal '{}' (blockd takes SIGINT, SIGTERM or SIGKILL)",
+                req.sig_name
+            ))
+        })?;
+    app.kill_after_reply
+        .store(*sig, std::sync::atomic::Ordering::SeqCst);
     Ok(json!(true))
 }

@@ -269,6 +269,7 @@ fn serve_connection(app: &Arc<App>, mut stream: UnixStream) -> io::Result<()> {
                     if let Some(reply) = handle_request(app, v) {
                         write_reply(&mut stream, &reply)?;
                     }
+                    raise_requested_signal(app);
                 }
                 Frame::NeedMore => break,
                 Frame::Error(e) => {
@@ -289,6 +290,16 @@ fn serve_connection(app: &Arc<App>, mut stream: UnixStream) -> io::Result<()> {
             )?;
             return Ok(());
         }
+    }
+}
+
+/// Raises the signal `spdk_kill_instance` stored, now that its reply is on the wire.
+fn raise_requested_signal(app: &App) {
+    let sig = app.kill_after_reply.swap(0, Ordering::SeqCst);
+    if sig != 0 {
+        tracing::info!(signal = sig, "spdk_kill_instance: raising the signal");
+        // SAFETY: kill(2) on our own pid with a signal number from the method's table.
+        unsafe { libc::kill(libc::getpid(), sig) };
     }
 }
 
