@@ -488,3 +488,70 @@ fn bench_flushes_once_before_and_once_after_a_write_run() {
         );
     }
 }
+
+/// `bdev_reset_iostat` and `bdev_get_iostat`'s `reset_mode` (SPDK v23.01+) clear what
+/// their mode names, after real I/O from a vhost-user client; a bad name or mode is an
+/// error that clears nothing.
+#[test]
+fn iostat_resets_are_spdks() {
+    let d = Daemon::start();
+    let sock = malloc_controller(&d, 16);
+    let sock = sock.to_str().unwrap();
+    let stat = || d.rpc_ok("bdev_get_iostat", json!({"name": "Malloc0"}))["bdevs"][0].clone();
+    let reads = |r: &Value| r["phases"][0]["reads"].as_u64().expect("reads");
+
+    let n = reads(&d.bench(sock, &["-t", "1", "-q", "8", "-w", "randread"]));
+    let s = stat();
+    assert_eq!(s["num_read_ops"], n, "{s}");
+    assert!(s["max_read_latency_ticks"].as_u64().unwrap() > 0, "{s}");
+
+    d.rpc_ok(
+        "bdev_reset_iostat",
+        json!({"name": "Malloc0", "mode": "maxmin"}),
+    );
+    let m = stat();
+    assert_eq!(m["num_read_ops"], n);
+    assert_eq!(m["read_latency_ticks"], s["read_latency_ticks"]);
+    assert_eq!(m["max_read_latency_ticks"], 0);
+    assert_eq!(m["min_read_latency_ticks"], 0);
+
+    // Read, then reset: the answer still holds what was cleared.
+    let got = d.rpc_ok(
+        "bdev_get_iostat",
+        json!({"name": "Malloc0", "reset_mode": "all"}),
+    );
+    assert_eq!(got["bdevs"][0]["num_read_ops"], n);
+    assert_eq!(stat()["num_read_ops"], 0);
+    assert_eq!(stat()["read_latency_ticks"], 0);
+
+    let n2 = reads(&d.bench(sock, &["-t", "1", "-q", "8", "-w", "randread"]));
+    for (p, code) in [
+        (json!({"name": "nope"}), -19),
+        (json!({"mode": "everything"}), -32602),
+        (json!({"name": "Malloc0", "bogus": 1}), -32602),
+    ] {
+        assert_eq!(
+            d.rpc("bdev_reset_iostat", p.clone()).unwrap_err().0,
+            code,
+            "{p}"
+        );
+    }
+    let e = d.rpc("bdev_get_iostat", json!({"reset_mode": "later"}));
+    assert_eq!(e.unwrap_err().0, -32602);
+    assert_eq!(stat()["num_read_ops"], n2);
+
+    let o = d.blockctl(&["bdev_reset_iostat", "-b", "Malloc0", "-m", "all"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stat()["num_read_ops"], 0);
+    if let Some(rpc) = common::spdk_rpc() {
+        reads(&d.bench(sock, &["-t", "1", "-q", "8", "-w", "randread"]));
+        let o = Command::new(&rpc)
+            .arg("-s")
+            .arg(d.rpc_socket())
+            .args(["bdev_reset_iostat", "-b", "Malloc0"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(stat()["num_read_ops"], 0);
+    }
+}

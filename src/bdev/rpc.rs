@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::qos::QosLimits;
+use super::stats::ResetMode;
 use super::{Bdev, BdevRegistry};
 use crate::app::App;
 use crate::rpc::{no_params, params, RpcError, RpcMethods, RpcResult};
@@ -75,11 +76,12 @@ pub fn get_iostat(reg: &BdevRegistry, p: &GetIostatParams) -> RpcResult {
             "per_channel statistics are not supported by blockd",
         ));
     }
-    if p.reset_mode.as_deref().is_some_and(|m| m != "none") {
-        return Err(RpcError::invalid_params(
-            "reset_mode is not supported by blockd (statistics are cumulative)",
-        ));
-    }
+    let reset = match p.reset_mode.as_deref() {
+        None => None,
+        Some(m) => {
+            ResetMode::parse(m).map_err(|e| RpcError::invalid_params(format!("reset_mode {e}")))?
+        }
+    };
     let mut wanted: Vec<&str> = p.names.iter().flatten().map(String::as_str).collect();
     wanted.extend(p.name.as_deref());
     let list = if wanted.is_empty() {
@@ -93,11 +95,48 @@ pub fn get_iostat(reg: &BdevRegistry, p: &GetIostatParams) -> RpcResult {
     let ticks = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
+    let bdevs: Vec<Value> = list.iter().map(|b| b.stats.to_json(b.name())).collect();
+    if let Some(mode) = reset {
+        // SPDK reads, then resets: the answer holds what was cleared.
+        list.iter().for_each(|b| b.stats.reset(mode));
+    }
     Ok(json!({
         "tick_rate": super::stats::TICK_RATE,
         "ticks": ticks,
-        "bdevs": list.iter().map(|b| b.stats.to_json(b.name())).collect::<Vec<_>>(),
+        "bdevs": bdevs,
     }))
+}
+
+/// `bdev_reset_iostat` params: one bdev or all; mode `all` (default), `maxmin`, `error` or
+/// `none`.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResetIostatParams {
+    pub name: Option<String>,
+    pub mode: Option<String>,
+}
+
+/// `bdev_reset_iostat` (SPDK v23.01+): clears the statistics of one bdev or of all;
+/// an unknown bdev is -19, an unknown mode -32602, and neither changes anything.
+pub fn reset_iostat(reg: &BdevRegistry, p: &ResetIostatParams) -> RpcResult {
+    let mode = match p.mode.as_deref() {
+        None => Some(ResetMode::All),
+        Some(m) => {
+            ResetMode::parse(m).map_err(|e| RpcError::invalid_params(format!("mode {e}")))?
+        }
+    };
+    let list = match &p.name {
+        Some(n) => vec![reg.get(n).ok_or_else(|| RpcError::errno(libc::ENODEV))?],
+        None => reg.list(),
+    };
+    if let Some(mode) = mode {
+        list.iter().for_each(|b| b.stats.reset(mode));
+    }
+    Ok(json!(true))
+}
+
+fn rpc_reset_iostat(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    reset_iostat(&app.bdevs, &params(p)?)
 }
 
 /// `bdev_set_qos_limit`: merges the given limits into the bdev's; unknown bdev → -32602
@@ -144,6 +183,7 @@ fn rpc_set_qos_limit(app: &Arc<App>, p: Option<Value>) -> RpcResult {
 pub fn register(m: &mut RpcMethods) {
     m.add("bdev_get_bdevs", rpc_get_bdevs);
     m.add("bdev_get_iostat", rpc_get_iostat);
+    m.add("bdev_reset_iostat", rpc_reset_iostat);
     m.add("bdev_set_qos_limit", rpc_set_qos_limit);
     m.add("bdev_wait_for_examine", rpc_wait_for_examine);
 }

@@ -44,6 +44,12 @@ impl Latency {
         self.min.fetch_min(min, Relaxed);
     }
 
+    /// Forgets the extremes (SPDK's `maxmin` reset).
+    fn reset_extremes(&self) {
+        self.max.store(0, Relaxed);
+        self.min.store(u64::MAX, Relaxed);
+    }
+
     fn min(&self) -> u64 {
         match self.min.load(Relaxed) {
             u64::MAX => 0,
@@ -75,6 +81,36 @@ pub struct BdevStats {
     unmap_lat: Latency,
     flush_lat: Latency,
     write_zeroes_lat: Latency,
+}
+
+/// What `bdev_reset_iostat` (and `bdev_get_iostat`'s `reset_mode`) clears, as SPDK's
+/// `spdk_bdev_reset_stat_mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetMode {
+    /// Every counter, sum and extreme.
+    All,
+    /// Only the latency minimums and maximums.
+    MaxMin,
+    /// Only the error count.
+    Error,
+}
+
+/// A reset mode SPDK does not have.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' (all, maxmin, error or none)")]
+pub struct UnknownResetMode(pub String);
+
+impl ResetMode {
+    /// SPDK's names: `all`, `maxmin`, `error`; `none` is `Ok(None)`.
+    pub fn parse(s: &str) -> Result<Option<Self>, UnknownResetMode> {
+        match s {
+            "all" => Ok(Some(ResetMode::All)),
+            "maxmin" => Ok(Some(ResetMode::MaxMin)),
+            "error" => Ok(Some(ResetMode::Error)),
+            "none" => Ok(None),
+            _ => Err(UnknownResetMode(s.to_string())),
+        }
+    }
 }
 
 /// Statistics one channel gathers between two [`BdevStats::merge`]s, so that the hot path
@@ -214,6 +250,45 @@ impl BdevStats {
         lat.add(latency_ns);
     }
 
+    /// Clears the statistics (SPDK's `bdev_reset_io_stat`). The queue depth is a gauge and
+    /// `io_time` follows it, so both stay, as in SPDK. Operations a channel completed in
+    /// its current poll pass and has not merged yet are counted after the reset.
+    pub fn reset(&self, mode: ResetMode) {
+        if mode == ResetMode::Error {
+            self.io_errors.store(0, Relaxed);
+            return;
+        }
+        let lats = [
+            &self.read_lat,
+            &self.write_lat,
+            &self.unmap_lat,
+            &self.flush_lat,
+            &self.write_zeroes_lat,
+        ];
+        for l in lats {
+            l.reset_extremes();
+            if mode == ResetMode::All {
+                l.sum.store(0, Relaxed);
+            }
+        }
+        if mode == ResetMode::All {
+            for c in [
+                &self.bytes_read,
+                &self.num_read_ops,
+                &self.bytes_written,
+                &self.num_write_ops,
+                &self.bytes_unmapped,
+                &self.num_unmap_ops,
+                &self.num_flush_ops,
+                &self.bytes_write_zeroes,
+                &self.num_write_zeroes_ops,
+                &self.io_errors,
+            ] {
+                c.store(0, Relaxed);
+            }
+        }
+    }
+
     /// The per-bdev object of `bdev_get_iostat` (SPDK's field names; ticks are ns).
     ///
     /// `weighted_io_time` is the sum of all completed latencies, i.e. the integral of the
@@ -294,6 +369,53 @@ mod tests {
         assert_eq!(j["min_unmap_latency_ticks"], 7);
         assert_eq!(j["min_copy_latency_ticks"], 0);
         assert_eq!(j["weighted_io_time"], 467);
+    }
+
+    #[test]
+    fn reset_clears_what_its_mode_names() {
+        let s = BdevStats::default();
+        s.record(IoKind::Read, 4096, 100, true);
+        s.record(IoKind::Read, 4096, 300, true);
+        s.record(IoKind::Write, 512, 50, false);
+        s.queue_depth.store(3, Relaxed);
+        s.reset(ResetMode::MaxMin);
+        let j = s.to_json("x");
+        assert_eq!(j["num_read_ops"], 2);
+        assert_eq!(j["read_latency_ticks"], 400);
+        assert_eq!(j["max_read_latency_ticks"], 0);
+        assert_eq!(j["min_read_latency_ticks"], 0);
+        s.record(IoKind::Read, 4096, 70, true);
+        let j = s.to_json("x");
+        assert_eq!(
+            (
+                j["min_read_latency_ticks"].clone(),
+                j["max_read_latency_ticks"].clone()
+            ),
+            (json!(70), json!(70))
+        );
+        s.reset(ResetMode::All);
+        let j = s.to_json("x");
+        for k in [
+            "num_read_ops",
+            "bytes_read",
+            "read_latency_ticks",
+            "io_error",
+            "weighted_io_time",
+        ] {
+            assert_eq!(j[k], 0, "{k}");
+        }
+        assert_eq!(j["queue_depth"], 3);
+        s.record(IoKind::Write, 512, 50, false);
+        s.record(IoKind::Read, 512, 50, true);
+        s.reset(ResetMode::Error);
+        let j = s.to_json("x");
+        assert_eq!(
+            (j["io_error"].clone(), j["num_read_ops"].clone()),
+            (json!(0), json!(1))
+        );
+        assert_eq!(ResetMode::parse("maxmin"), Ok(Some(ResetMode::MaxMin)));
+        assert_eq!(ResetMode::parse("none"), Ok(None));
+        assert!(ResetMode::parse("everything").is_err());
     }
 
     #[test]

@@ -89,6 +89,18 @@ pub enum BdevCmd {
         /// Only these bdevs, comma-separated (rpc.py ≥ 24 `--names`; `-b/--name` as v23.05).
         #[arg(short = 'b', long = "names", alias = "name")]
         name: Option<String>,
+        /// Reset the statistics after reading them: all, maxmin, error or none.
+        #[arg(long = "reset-mode")]
+        reset_mode: Option<String>,
+    },
+    /// Reset the I/O statistics of all bdevs or one.
+    BdevResetIostat {
+        /// Name of the bdev (default: all).
+        #[arg(short = 'b', long)]
+        name: Option<String>,
+        /// all (default), maxmin, error or none.
+        #[arg(short = 'm', long)]
+        mode: Option<String>,
     },
     /// Set QoS rate limits on a bdev (0 = unlimited).
     BdevSetQosLimit {
@@ -195,12 +207,22 @@ impl Run for BdevCmd {
                 ]),
             ),
             BdevCmd::BdevWaitForExamine => ctx.call_print("bdev_wait_for_examine", None),
-            BdevCmd::BdevGetIostat { name } => ctx.call_print(
+            BdevCmd::BdevResetIostat { name, mode } => ctx.call_print(
+                "bdev_reset_iostat",
+                params_of(vec![
+                    ("name", name.map(|n| json!(n))),
+                    ("mode", mode.map(|m| json!(m))),
+                ]),
+            ),
+            BdevCmd::BdevGetIostat { name, reset_mode } => ctx.call_print(
                 "bdev_get_iostat",
-                params_of(vec![(
-                    "names",
-                    name.map(|n| json!(n.split(',').collect::<Vec<_>>())),
-                )]),
+                params_of(vec![
+                    (
+                        "names",
+                        name.map(|n| json!(n.split(',').collect::<Vec<_>>())),
+                    ),
+                    ("reset_mode", reset_mode.map(|m| json!(m))),
+                ]),
             ),
             BdevCmd::BdevSetQosLimit {
                 name,
