@@ -555,3 +555,82 @@ fn iostat_resets_are_spdks() {
         assert_eq!(stat()["num_read_ops"], 0);
     }
 }
+
+/// `bdev_null_resize` grows a null bdev: the bdev, the saved configuration and a vhost-user
+/// client all see the new size, and a block past the old end is served. Shrinking, a bdev
+/// that is not a null one, and an unknown name are SPDK's errors and change nothing.
+#[test]
+fn null_resize_grows_the_bdev_for_clients() {
+    let d = Daemon::start();
+    d.rpc_ok(
+        "bdev_null_create",
+        json!({"name": "Null0", "num_blocks": 8192, "block_size": 512}),
+    );
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Null0"}),
+    );
+    let sock = d.socket_dir().join("vhost.0");
+    let sock = sock.to_str().unwrap();
+    let past_old_end = 6 << 20; // the bdev is 4 MiB, then 8 MiB
+    let mut c = BlkClient::connect(sock, 1, 1 << 20).unwrap();
+    assert_ne!(
+        c.read(0, past_old_end, 4096),
+        0,
+        "read past the end of a 4 MiB bdev"
+    );
+    drop(c);
+
+    assert_eq!(
+        d.rpc_ok("bdev_null_resize", json!({"name": "Null0", "new_size": 8})),
+        true
+    );
+    let b = d.rpc_ok("bdev_get_bdevs", json!({"name": "Null0"}));
+    assert_eq!(b[0]["num_blocks"], 16384);
+    let cfg = d.rpc_ok("framework_get_config", json!({"name": "bdev"}));
+    assert!(
+        cfg.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["method"] == "bdev_null_create" && e["params"]["num_blocks"] == 16384),
+        "{cfg}"
+    );
+    let mut c = BlkClient::connect(sock, 1, 1 << 20).unwrap();
+    assert_eq!(c.read(0, past_old_end, 4096), 0);
+    drop(c);
+
+    malloc(&d, "Malloc0", 4);
+    for (p, code) in [
+        (json!({"name": "Null0", "new_size": 2}), -22),
+        (json!({"name": "Malloc0", "new_size": 16}), -19),
+        (json!({"name": "nope", "new_size": 16}), -19),
+        (json!({"name": "Null0"}), -32602),
+    ] {
+        assert_eq!(
+            d.rpc("bdev_null_resize", p.clone()).unwrap_err().0,
+            code,
+            "{p}"
+        );
+    }
+    let b = d.rpc_ok("bdev_get_bdevs", json!({"name": "Null0"}));
+    assert_eq!(b[0]["num_blocks"], 16384);
+
+    let o = d.blockctl(&["bdev_null_resize", "Null0", "12"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    if let Some(rpc) = common::spdk_rpc() {
+        let o = Command::new(&rpc)
+            .arg("-s")
+            .arg(d.rpc_socket())
+            .args(["bdev_null_resize", "Null0", "16"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let b = d.rpc_ok("bdev_get_bdevs", json!({"name": "Null0"}));
+    let want = if common::spdk_rpc().is_some() {
+        32768
+    } else {
+        24576
+    };
+    assert_eq!(b[0]["num_blocks"], want);
+}

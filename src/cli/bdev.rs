@@ -45,6 +45,13 @@ pub enum BdevCmd {
         /// Name of the bdev.
         name: String,
     },
+    /// Grow a null bdev (connected guests see the new capacity).
+    BdevNullResize {
+        /// Name of the bdev.
+        name: String,
+        /// New size in MiB.
+        new_size: u64,
+    },
     /// Create a bdev over a file or block device (io_uring).
     BdevAioCreate {
         /// Path to the file or block device.
@@ -179,6 +186,10 @@ impl Run for BdevCmd {
                 ]),
             ),
             BdevCmd::BdevNullDelete { name } => name_only(ctx, "bdev_null_delete", name),
+            BdevCmd::BdevNullResize { name, new_size } => ctx.call_print(
+                "bdev_null_resize",
+                Some(json!({"name": name, "new_size": new_size})),
+            ),
             BdevCmd::BdevAioCreate {
                 filename,
                 name,

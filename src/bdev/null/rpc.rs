@@ -1,4 +1,5 @@
-//! RPC handlers of the `null` backend: `bdev_null_create`, `bdev_null_delete`.
+//! RPC handlers of the `null` backend: `bdev_null_create`, `bdev_null_delete`,
+//! `bdev_null_resize`.
 
 use std::sync::Arc;
 
@@ -61,10 +62,49 @@ fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     delete_product(app, p, super::PRODUCT_NAME)
 }
 
+/// `bdev_null_resize` params: the new size in MiB, as rpc.py sends it.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeParams {
+    pub name: String,
+    pub new_size: u64,
+}
+
+/// `bdev_null_resize` (SPDK `bdev_null_resize`): grows a null bdev to `new_size` MiB, and
+/// connected guests get a config change. Shrinking is refused (-22), as in SPDK: a guest
+/// may be using the blocks. A name that is not a null bdev is -19.
+fn resize(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    let req: ResizeParams = params(p)?;
+    let bdev = app
+        .bdevs
+        .get(&req.name)
+        .filter(|b| b.backend().product_name() == super::PRODUCT_NAME)
+        .ok_or_else(|| RpcError::errno(libc::ENODEV))?;
+    let bs = u64::from(bdev.block_size());
+    let blocks = req
+        .new_size
+        .checked_mul(1 << 20)
+        .map(|bytes| bytes / bs)
+        .ok_or_else(|| RpcError::errno_msg(libc::EINVAL, "new_size is too large"))?;
+    if blocks < bdev.num_blocks() {
+        return Err(RpcError::errno_msg(
+            libc::EINVAL,
+            format!(
+                "{}: the new size ({} MiB) must not be smaller than the current one",
+                req.name, req.new_size
+            ),
+        ));
+    }
+    bdev.set_num_blocks(blocks);
+    tracing::info!(bdev = %req.name, num_blocks = blocks, "null bdev resized");
+    Ok(Value::Bool(true))
+}
+
 /// Registers this backend's methods.
 pub fn register(m: &mut RpcMethods) {
     m.add("bdev_null_create", create);
     m.add("bdev_null_delete", delete);
+    m.add("bdev_null_resize", resize);
 }
 
 #[cfg(test)]
