@@ -133,7 +133,7 @@ pub const SPDK_TUNING_METHODS: &[&str] = &[
 ];
 
 /// Whether `method` only tunes SPDK internals ([`SPDK_TUNING_METHODS`]).
-pub fn is_spdk_tuning(method: &str) -> bool {
+fn is_spdk_tuning(method: &str) -> bool {
     SPDK_TUNING_METHODS.contains(&method)
 }
 
@@ -162,38 +162,48 @@ pub fn save(app: &App) -> Value {
     json!({ "subsystems": subsystems })
 }
 
-/// Replays a configuration through the RPC methods, subsystems in dependency order whatever
-/// their order in the file. Entries may be batch arrays (SPDK 25+ `--with-batches`): their
-/// calls run in order.
+/// One call of a configuration, in replay order.
+#[derive(Debug)]
+pub struct PlannedCall<'a> {
+    pub subsystem: &'a str,
+    /// The entry's index in its subsystem's `config` (a batch's calls share it).
+    pub index: usize,
+    pub method: &'a str,
+    pub params: Option<&'a Value>,
+}
+
+/// The calls of configuration `cfg` in replay order: subsystems by `rank` (their place in
+/// the daemon's initialization order; `None`, a subsystem the daemon does not have, goes
+/// last), entries in file order, batch arrays (SPDK 25+ `--with-batches`) flattened.
 ///
-/// A configuration saved by SPDK loads too: subsystems blockd does not have are replayed
-/// after its own, their empty configs are nothing to do, and SPDK's tuning entries
-/// ([`SPDK_TUNING_METHODS`]) are skipped with a log line. Every other method must exist:
-/// all are checked before the first call, so a configuration blockd cannot recreate
-/// changes nothing. The replay stops at the first failing call, with an error naming the
-/// subsystem, the entry's index and method, and the RPC error.
-pub fn load(app: &Arc<App>, cfg: &Value) -> anyhow::Result<()> {
+/// A configuration saved by SPDK plans too: an absent or empty `config` is nothing to do,
+/// and SPDK's tuning entries ([`SPDK_TUNING_METHODS`]) the daemon lacks are handed to
+/// `skipped` instead of planned. Any other method the daemon lacks (`known` false) fails
+/// the plan, so a configuration it cannot recreate changes nothing. Shared by
+/// `blockd --json` ([`load`]) and `blockctl load_config`.
+pub fn plan<'a>(
+    cfg: &'a Value,
+    known: impl Fn(&str) -> bool,
+    rank: impl Fn(&str) -> Option<usize>,
+    mut skipped: impl FnMut(&PlannedCall<'a>),
+) -> anyhow::Result<Vec<PlannedCall<'a>>> {
     let list = cfg
         .get("subsystems")
         .and_then(Value::as_array)
-        .context("configuration has no \"subsystems\" array")?;
+        .context("the configuration has no \"subsystems\" array")?;
     let mut plan = Vec::new();
     for (i, s) in list.iter().enumerate() {
-        let name = s
+        let subsystem = s
             .get("subsystem")
             .and_then(Value::as_str)
             .with_context(|| format!("subsystems[{i}] has no \"subsystem\" name"))?;
-        let rank = SUBSYSTEMS
-            .iter()
-            .position(|k| k.name == name)
-            .unwrap_or(SUBSYSTEMS.len());
+        let place = rank(subsystem);
         let entries = match s.get("config") {
             None | Some(Value::Null) => &[][..],
             Some(Value::Array(a)) => a.as_slice(),
-            Some(_) => anyhow::bail!("subsystem '{name}': \"config\" is not an array"),
+            Some(_) => anyhow::bail!("subsystem '{subsystem}': \"config\" is not an array"),
         };
-        let mut calls = Vec::new();
-        for (j, e) in entries.iter().enumerate() {
+        for (index, e) in entries.iter().enumerate() {
             let items: Vec<&Value> = match e {
                 Value::Array(batch) => batch.iter().collect(),
                 one => vec![one],
@@ -202,43 +212,122 @@ pub fn load(app: &Arc<App>, cfg: &Value) -> anyhow::Result<()> {
                 let method = call
                     .get("method")
                     .and_then(Value::as_str)
-                    .with_context(|| format!("subsystem '{name}' entry {j}: no \"method\""))?;
-                if app.rpc.get(method).is_some() {
-                    calls.push((j, method, call.get("params").filter(|p| !p.is_null())));
+                    .with_context(|| {
+                        format!("subsystem '{subsystem}' entry {index}: no \"method\"")
+                    })?;
+                let c = PlannedCall {
+                    subsystem,
+                    index,
+                    method,
+                    params: call.get("params").filter(|p| !p.is_null()),
+                };
+                if known(method) {
+                    plan.push((place.unwrap_or(usize::MAX), c));
                 } else if is_spdk_tuning(method) {
-                    tracing::info!(
-                        subsystem = name,
-                        index = j,
-                        method,
-                        "skipping SPDK tuning entry: blockd has nothing it sets"
-                    );
+                    skipped(&c);
                 } else {
-                    let known = if rank < SUBSYSTEMS.len() {
+                    let lacking = if place.is_some() {
                         ""
                     } else {
-                        ", a subsystem blockd does not have"
+                        ", a subsystem blockd does not have,"
                     };
                     anyhow::bail!(
-                        "subsystem '{name}'{known} entry {j} ({method}): blockd has no such \
-                         method (Method not found); nothing was created"
+                        "subsystem '{subsystem}'{lacking} entry {index} ({method}): blockd has \
+                         no such method (Method not found); nothing was created"
                     );
                 }
             }
         }
-        plan.push((rank, name, calls));
     }
-    plan.sort_by_key(|(rank, _, _)| *rank);
-    for (_, name, calls) in plan {
-        for (i, method, params) in calls {
-            app.rpc.call(app, method, params.cloned()).map_err(|e| {
+    // Stable: entries keep their file order within a subsystem.
+    plan.sort_by_key(|(place, _)| *place);
+    Ok(plan.into_iter().map(|(_, c)| c).collect())
+}
+
+/// Replays a configuration through the RPC methods ([`plan`] gives the calls and their
+/// order; SPDK's tuning entries are logged and skipped). Stops at the first failing call,
+/// with an error naming the subsystem, the entry's index and method, and the RPC error.
+pub fn load(app: &Arc<App>, cfg: &Value) -> anyhow::Result<()> {
+    let calls = plan(
+        cfg,
+        |m| app.rpc.get(m).is_some(),
+        |s| SUBSYSTEMS.iter().position(|k| k.name == s),
+        |c| {
+            tracing::info!(
+                subsystem = c.subsystem,
+                index = c.index,
+                method = c.method,
+                "skipping SPDK tuning entry: blockd has nothing it sets"
+            )
+        },
+    )?;
+    for c in calls {
+        app.rpc
+            .call(app, c.method, c.params.cloned())
+            .map_err(|e| {
                 anyhow::anyhow!(
-                    "subsystem '{name}' entry {i} ({method}) failed: {} (code {})",
+                    "subsystem '{}' entry {} ({}) failed: {} (code {})",
+                    c.subsystem,
+                    c.index,
+                    c.method,
                     e.message,
                     e.code
                 )
             })?;
-            tracing::debug!(subsystem = name, index = i, method, "config entry replayed");
-        }
+        tracing::debug!(
+            subsystem = c.subsystem,
+            index = c.index,
+            method = c.method,
+            "config entry replayed"
+        );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_orders_by_rank_flattens_batches_and_skips_only_tuning() {
+        let cfg = json!({"subsystems": [
+            {"subsystem": "iobuf", "config": [{"method": "iobuf_set_options", "params": {}}]},
+            {"subsystem": "vhost_blk", "config": [{"method": "c", "params": {"x": 1}}]},
+            {"subsystem": "bdev", "config": [[{"method": "a"}, {"method": "b"}], {"method": "d"}]},
+            {"subsystem": "scsi", "config": null},
+        ]});
+        let rank = |s: &str| ["bdev", "vhost_blk"].iter().position(|k| *k == s);
+        let mut skipped = Vec::new();
+        let calls = plan(
+            &cfg,
+            |m| m != "iobuf_set_options",
+            rank,
+            |c| skipped.push(c.method),
+        )
+        .unwrap();
+        let got: Vec<(&str, usize, &str)> = calls
+            .iter()
+            .map(|c| (c.subsystem, c.index, c.method))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("bdev", 0, "a"),
+                ("bdev", 0, "b"),
+                ("bdev", 1, "d"),
+                ("vhost_blk", 0, "c")
+            ]
+        );
+        assert_eq!(calls[3].params, Some(&json!({"x": 1})));
+        assert_eq!(skipped, ["iobuf_set_options"]);
+
+        let e = plan(&cfg, |m| m != "d" && m != "iobuf_set_options", rank, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("entry 1 (d)"), "{e}");
+        let bad = json!({"subsystems": [{"subsystem": "nvmf", "config": [{"method": "n"}]}]});
+        let e = plan(&bad, |_| false, rank, |_| {}).unwrap_err();
+        assert!(
+            e.to_string().contains("a subsystem blockd does not have"),
+            "{e}"
+        );
+    }
 }

@@ -183,15 +183,11 @@ pub fn save_config(ctx: &Ctx, only: Option<&str>) -> anyhow::Result<Value> {
 }
 
 /// rpc.py's `load_config`: checks every method is known, then replays the entries,
-/// subsystems in the daemon's initialization order. Stops at the first failure, naming the
-/// subsystem, entry and method. Unlike rpc.py, it skips (and says so) the entries a
-/// configuration saved by SPDK carries to tune SPDK itself
-/// ([`crate::config::SPDK_TUNING_METHODS`]), as `blockd --json` does.
+/// subsystems in the daemon's initialization order ([`crate::config::plan`], as
+/// `blockd --json` does). Stops at the first failure, naming the subsystem, entry and
+/// method. Unlike rpc.py, it skips (and says so) the entries a configuration saved by SPDK
+/// carries to tune SPDK itself ([`crate::config::SPDK_TUNING_METHODS`]).
 pub fn load_config(ctx: &Ctx, cfg: &Value, include_aliases: bool) -> anyhow::Result<()> {
-    let subsystems = cfg
-        .get("subsystems")
-        .and_then(Value::as_array)
-        .context("the configuration has no \"subsystems\" array")?;
     let methods = ctx.call(
         "rpc_get_methods",
         params_of(vec![(
@@ -212,52 +208,24 @@ pub fn load_config(ctx: &Ctx, cfg: &Value, include_aliases: bool) -> anyhow::Res
                 .collect()
         })
         .unwrap_or_default();
-    let mut plan = Vec::new();
-    for (i, s) in subsystems.iter().enumerate() {
-        let name = s
-            .get("subsystem")
-            .and_then(Value::as_str)
-            .with_context(|| format!("subsystems[{i}] has no \"subsystem\" name"))?;
-        let mut calls = Vec::new();
-        for (j, e) in s
-            .get("config")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            let items: Vec<&Value> = match e {
-                Value::Array(batch) => batch.iter().collect(),
-                one => vec![one],
-            };
-            for item in items {
-                let method = item
-                    .get("method")
-                    .and_then(Value::as_str)
-                    .with_context(|| format!("subsystem '{name}' entry {j} has no \"method\""))?;
-                if !known.contains(method) {
-                    if crate::config::is_spdk_tuning(method) {
-                        eprintln!("skipping subsystem '{name}' entry {j} ({method}): SPDK tuning that blockd has no use for");
-                        continue;
-                    }
-                    bail!("subsystem '{name}' entry {j}: the daemon has no method '{method}'");
-                }
-                calls.push((
-                    j,
-                    method,
-                    item.get("params").filter(|p| !p.is_null()).cloned(),
-                ));
-            }
-        }
-        let rank = order.iter().position(|o| o == name).unwrap_or(usize::MAX);
-        plan.push((rank, name, calls));
-    }
-    plan.sort_by_key(|(rank, _, _)| *rank);
-    for (_, name, calls) in plan {
-        for (j, method, params) in calls {
-            ctx.call(method, params)
-                .with_context(|| format!("subsystem '{name}' entry {j} ({method})"))?;
-        }
+    let calls = crate::config::plan(
+        cfg,
+        |m| known.contains(m),
+        |s| order.iter().position(|o| o == s),
+        |c| {
+            eprintln!(
+                "skipping subsystem '{}' entry {} ({}): SPDK tuning that blockd has no use for",
+                c.subsystem, c.index, c.method
+            )
+        },
+    )?;
+    for c in calls {
+        ctx.call(c.method, c.params.cloned()).with_context(|| {
+            format!(
+                "subsystem '{}' entry {} ({})",
+                c.subsystem, c.index, c.method
+            )
+        })?;
     }
     Ok(())
 }
