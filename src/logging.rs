@@ -48,15 +48,35 @@ pub const FLAGS: &[(&str, &[&str])] = &[
 
 /// What the filter is built from.
 struct State {
+    /// The level everything without a more specific directive logs at (TRACE and OFF from
+    /// `-L` stay as they are until a level is set).
+    level: LevelFilter,
     /// SPDK's name of the level, as last set (so NOTICE reads back as NOTICE).
-    level: &'static str,
+    name: &'static str,
     /// `-L` directives that name a target (`blockd::vhost=trace`), kept across level changes.
     targets: Vec<String>,
     flags: BTreeSet<&'static str>,
+}
+
+impl State {
+    /// The filter's directives: the level, the `-L` targets, then `module=debug` per flag.
+    fn spec(&self) -> String {
+        let mut directives = vec![self.level.to_string()];
+        directives.extend(self.targets.iter().cloned());
+        for (_, modules) in FLAGS.iter().filter(|(n, _)| self.flags.contains(n)) {
+            directives.extend(modules.iter().map(|m| format!("{m}=debug")));
+        }
+        directives.join(",")
+    }
+}
+
+/// The state and the handle that swaps the sink's filter.
+struct Log {
+    state: State,
     reload: reload::Handle<EnvFilter, Registry>,
 }
 
-static STATE: OnceLock<Mutex<State>> = OnceLock::new();
+static LOG: OnceLock<Mutex<Log>> = OnceLock::new();
 
 /// Why a log request was refused: the message for an RPC error (-32602).
 #[derive(Debug, thiserror::Error)]
@@ -75,19 +95,19 @@ pub enum LogError {
 /// `debug,blockd::vhost=trace`). A filter without a bare level gets ERROR, so errors from
 /// every module are always shown.
 pub fn init(filter: &str, ansi: bool) -> Result<(), LogError> {
-    let mut level = None;
-    let mut targets = Vec::new();
+    let mut state = State {
+        level: LevelFilter::ERROR,
+        name: "ERROR",
+        targets: Vec::new(),
+        flags: BTreeSet::new(),
+    };
     for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         match d.parse::<LevelFilter>() {
-            Ok(l) if !d.contains('=') => level = Some(l),
-            _ => targets.push(d.to_string()),
+            Ok(l) if !d.contains('=') => (state.level, state.name) = (l, spdk_name(l)),
+            _ => state.targets.push(d.to_string()),
         }
     }
-    // The sink starts with exactly what -L said (TRACE stays TRACE until a level is set).
-    let mut first = EnvFilter::try_new(filter).map_err(|e| LogError::Filter(e.to_string()))?;
-    if level.is_none() {
-        first = first.add_directive(LevelFilter::ERROR.into());
-    }
+    let first = EnvFilter::try_new(state.spec()).map_err(|e| LogError::Filter(e.to_string()))?;
     let (layer, reload) = reload::Layer::new(first);
     tracing_subscriber::registry()
         .with(layer)
@@ -97,14 +117,7 @@ pub fn init(filter: &str, ansi: bool) -> Result<(), LogError> {
                 .with_ansi(ansi),
         )
         .init();
-    let state = State {
-        level: spdk_name(level.unwrap_or(LevelFilter::ERROR)),
-        targets,
-        flags: BTreeSet::new(),
-        reload,
-    };
-    STATE
-        .set(Mutex::new(state))
+    LOG.set(Mutex::new(Log { state, reload }))
         .map_err(|_| LogError::Filter("the log was set up twice".into()))
 }
 
@@ -118,48 +131,33 @@ fn spdk_name(l: LevelFilter) -> &'static str {
     }
 }
 
-fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T, LogError>) -> Result<T, LogError> {
-    let cell = STATE.get().ok_or(LogError::NotInstalled)?;
-    let mut s = cell.lock().unwrap_or_else(|p| p.into_inner());
-    f(&mut s)
-}
-
-/// Rebuilds the filter from the state and swaps it in.
-fn apply(s: &State) -> Result<(), LogError> {
-    let level = LEVELS
-        .iter()
-        .find(|(n, _)| *n == s.level)
-        .map_or(LevelFilter::ERROR, |(_, l)| *l);
-    let mut directives = vec![level.to_string()];
-    directives.extend(s.targets.iter().cloned());
-    for flag in &s.flags {
-        for (_, modules) in FLAGS.iter().filter(|(n, _)| n == flag) {
-            directives.extend(modules.iter().map(|m| format!("{m}=debug")));
-        }
-    }
+/// Runs `change` on the state and swaps in the filter it gives. The filter's parts were
+/// all checked before (the level and flags come from the tables, the targets from `-L`),
+/// so only a sink that is gone can refuse it.
+fn change(change: impl FnOnce(&mut State)) -> Result<(), LogError> {
+    let cell = LOG.get().ok_or(LogError::NotInstalled)?;
+    let mut log = cell.lock().unwrap_or_else(|p| p.into_inner());
+    change(&mut log.state);
     let filter =
-        EnvFilter::try_new(directives.join(",")).map_err(|e| LogError::Filter(e.to_string()))?;
-    s.reload
+        EnvFilter::try_new(log.state.spec()).map_err(|e| LogError::Filter(e.to_string()))?;
+    log.reload
         .reload(filter)
         .map_err(|e| LogError::Filter(e.to_string()))
 }
 
 /// The level, by SPDK's name.
 pub fn level() -> Result<&'static str, LogError> {
-    with_state(|s| Ok(s.level))
+    let cell = LOG.get().ok_or(LogError::NotInstalled)?;
+    Ok(cell.lock().unwrap_or_else(|p| p.into_inner()).state.name)
 }
 
 /// Sets the level from SPDK's name (any case).
 pub fn set_level(name: &str) -> Result<(), LogError> {
-    let (n, _) = LEVELS
+    let (n, l) = LEVELS
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .ok_or_else(|| LogError::Level(name.to_string()))?;
-    with_state(|s| {
-        let before = s.level;
-        s.level = n;
-        apply(s).inspect_err(|_| s.level = before)
-    })
+    change(|s| (s.level, s.name) = (*l, n))
 }
 
 /// Enables (`on`) or disables a flag; `all` means every flag.
@@ -173,7 +171,7 @@ pub fn set_flag(name: &str, on: bool) -> Result<(), LogError> {
             .ok_or_else(|| LogError::Flag(name.to_string()))?;
         vec![*n]
     };
-    with_state(|s| {
+    change(|s| {
         for n in names {
             if on {
                 s.flags.insert(n);
@@ -181,18 +179,17 @@ pub fn set_flag(name: &str, on: bool) -> Result<(), LogError> {
                 s.flags.remove(n);
             }
         }
-        apply(s)
     })
 }
 
 /// Every flag with whether it is enabled, sorted by name.
 pub fn flags() -> Result<Vec<(&'static str, bool)>, LogError> {
-    with_state(|s| {
-        Ok(FLAGS
-            .iter()
-            .map(|(n, _)| (*n, s.flags.contains(n)))
-            .collect())
-    })
+    let cell = LOG.get().ok_or(LogError::NotInstalled)?;
+    let log = cell.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(FLAGS
+        .iter()
+        .map(|(n, _)| (*n, log.state.flags.contains(n)))
+        .collect())
 }
 
 #[cfg(test)]
@@ -211,6 +208,23 @@ mod tests {
                 assert!(EnvFilter::try_new(format!("{m}=debug")).is_ok(), "{m}");
             }
         }
+    }
+
+    #[test]
+    fn the_spec_keeps_the_level_and_targets_across_flags() {
+        let mut s = State {
+            level: LevelFilter::TRACE,
+            name: "DEBUG",
+            targets: vec!["blockd::nbd=warn".into()],
+            flags: BTreeSet::new(),
+        };
+        assert_eq!(s.spec(), "trace,blockd::nbd=warn");
+        s.flags.insert("bdev_rbd");
+        assert_eq!(
+            s.spec(),
+            "trace,blockd::nbd=warn,blockd::bdev::rbd=debug,blockd::rbd=debug"
+        );
+        assert!(EnvFilter::try_new(s.spec()).is_ok());
     }
 
     #[test]

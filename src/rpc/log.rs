@@ -59,15 +59,17 @@ fn get_level(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
 
 /// `log_set_flag {flag}`: the flag's modules log at debug (`all`: every flag).
 fn set_flag(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    let req: Flag = params(p)?;
-    logging::set_flag(&req.flag, true).map_err(rpc_err)?;
-    Ok(json!(true))
+    switch_flag(p, true)
 }
 
 /// `log_clear_flag {flag}`.
 fn clear_flag(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    switch_flag(p, false)
+}
+
+fn switch_flag(p: Option<Value>, on: bool) -> RpcResult {
     let req: Flag = params(p)?;
-    logging::set_flag(&req.flag, false).map_err(rpc_err)?;
+    logging::set_flag(&req.flag, on).map_err(rpc_err)?;
     Ok(json!(true))
 }
 
