@@ -1,7 +1,6 @@
 //! The daemon's state: what every RPC handler and the configuration loader act on.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicI32;
 use std::sync::Arc;
 
 use crate::bdev::BdevRegistry;
@@ -31,9 +30,6 @@ pub struct App {
     pub vhost: VhostRegistry,
     pub nbd: crate::nbd::NbdState,
     pub rpc: RpcMethods,
-    /// A signal `spdk_kill_instance` asked for, raised by the RPC server once the reply is
-    /// written (0: none), so the caller gets its `true` before the daemon stops.
-    pub kill_after_reply: AtomicI32,
 }
 
 impl App {
@@ -46,7 +42,6 @@ impl App {
             vhost: VhostRegistry::default(),
             nbd: crate::nbd::NbdState::default(),
             rpc: RpcMethods::all(),
-            kill_after_reply: AtomicI32::new(0),
         })
     }
 }

@@ -118,8 +118,8 @@ const KILL_SIGNALS: &[(&str, i32)] = &[
 ];
 
 /// `spdk_kill_instance {sig_name}` (SPDK `lib/event/app_rpc.c`): the daemon signals itself.
-/// The signal is raised after the `true` reply is written (see `App::kill_after_reply`).
-fn spdk_kill_instance(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+/// The signal is raised after the `true` reply is written ([`super::server::raise_after_reply`]).
+fn spdk_kill_instance(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
     let req: KillInstance = params(p)?;
     let (_, sig) = KILL_SIGNALS
         .iter()
@@ -130,7 +130,6 @@ fn spdk_kill_instance(app: &Arc<App>, p: Option<Value>) -> RpcResult {
                 req.sig_name
             ))
         })?;
-    app.kill_after_reply
-        .store(*sig, std::sync::atomic::Ordering::SeqCst);
+    super::server::raise_after_reply(*sig);
     Ok(json!(true))
 }

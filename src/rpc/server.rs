@@ -9,6 +9,7 @@
 //! a structurally invalid request answers -32600, an unknown method -32601. A request
 //! without an `id` member is a notification (§4.1): it runs and gets no answer.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -252,6 +253,7 @@ fn accept_loop(app: Arc<App>, listener: &RpcListener, shared: Arc<Shared>) {
 }
 
 fn serve_connection(app: &Arc<App>, mut stream: UnixStream) -> io::Result<()> {
+    ON_CONNECTION.set(true);
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut framer = Framer::default();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -269,7 +271,9 @@ fn serve_connection(app: &Arc<App>, mut stream: UnixStream) -> io::Result<()> {
                     if let Some(reply) = handle_request(app, v) {
                         write_reply(&mut stream, &reply)?;
                     }
-                    raise_requested_signal(app);
+                    if let Some(sig) = SIGNAL_AFTER_REPLY.take() {
+                        raise(sig);
+                    }
                 }
                 Frame::NeedMore => break,
                 Frame::Error(e) => {
@@ -293,14 +297,30 @@ fn serve_connection(app: &Arc<App>, mut stream: UnixStream) -> io::Result<()> {
     }
 }
 
-/// Raises the signal `spdk_kill_instance` stored, now that its reply is on the wire.
-fn raise_requested_signal(app: &App) {
-    let sig = app.kill_after_reply.swap(0, Ordering::SeqCst);
-    if sig != 0 {
-        tracing::info!(signal = sig, "spdk_kill_instance: raising the signal");
-        // SAFETY: kill(2) on our own pid with a signal number from the method's table.
-        unsafe { libc::kill(libc::getpid(), sig) };
+thread_local! {
+    /// Whether this thread serves an RPC connection.
+    static ON_CONNECTION: Cell<bool> = const { Cell::new(false) };
+    /// A signal the request being handled on this connection asked for.
+    static SIGNAL_AFTER_REPLY: Cell<Option<i32>> = const { Cell::new(None) };
+}
+
+/// Raises `sig` against the daemon once the reply to the request being handled is written,
+/// so that the caller (`spdk_kill_instance`) gets its answer before the stop closes the
+/// connections. Kept per connection thread: another client's request ending first must
+/// not raise it early. Outside a connection (a `--json` replay) there is no reply to wait
+/// for, and the signal is raised at once.
+pub fn raise_after_reply(sig: i32) {
+    if ON_CONNECTION.get() {
+        SIGNAL_AFTER_REPLY.set(Some(sig));
+    } else {
+        raise(sig);
     }
+}
+
+fn raise(sig: i32) {
+    tracing::info!(signal = sig, "raising a signal an RPC asked for");
+    // SAFETY: kill(2) on our own pid; the signal number comes from a method's table.
+    unsafe { libc::kill(libc::getpid(), sig) };
 }
 
 fn write_reply(stream: &mut UnixStream, reply: &Value) -> io::Result<()> {
