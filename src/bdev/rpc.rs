@@ -60,12 +60,19 @@ pub struct SetQosParams {
     pub w_mbytes_per_sec: Option<u64>,
 }
 
+/// The bdev named, or every bdev without a name; unknown → -19 "No such device".
+fn named_or_all(reg: &BdevRegistry, name: Option<&str>) -> Result<Vec<Arc<Bdev>>, RpcError> {
+    match name {
+        Some(n) => Ok(vec![reg
+            .get(n)
+            .ok_or_else(|| RpcError::errno(libc::ENODEV))?]),
+        None => Ok(reg.list()),
+    }
+}
+
 /// `bdev_get_bdevs`: every bdev, or the one named; unknown → -19 "No such device".
 pub fn get_bdevs(reg: &BdevRegistry, p: &GetBdevsParams) -> RpcResult {
-    let list: Vec<Arc<Bdev>> = match &p.name {
-        Some(n) => vec![reg.get(n).ok_or_else(|| RpcError::errno(libc::ENODEV))?],
-        None => reg.list(),
-    };
+    let list = named_or_all(reg, p.name.as_deref())?;
     Ok(Value::Array(list.iter().map(|b| b.to_json()).collect()))
 }
 
@@ -125,10 +132,7 @@ pub fn reset_iostat(reg: &BdevRegistry, p: &ResetIostatParams) -> RpcResult {
             ResetMode::parse(m).map_err(|e| RpcError::invalid_params(format!("mode {e}")))?
         }
     };
-    let list = match &p.name {
-        Some(n) => vec![reg.get(n).ok_or_else(|| RpcError::errno(libc::ENODEV))?],
-        None => reg.list(),
-    };
+    let list = named_or_all(reg, p.name.as_deref())?;
     if let Some(mode) = mode {
         list.iter().for_each(|b| b.stats.reset(mode));
     }

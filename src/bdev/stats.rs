@@ -250,22 +250,16 @@ impl BdevStats {
         lat.add(latency_ns);
     }
 
-    /// Clears the statistics (SPDK's `bdev_reset_io_stat`). The queue depth is a gauge and
-    /// `io_time` follows it, so both stay, as in SPDK. Operations a channel completed in
-    /// its current poll pass and has not merged yet are counted after the reset.
+    /// Clears the statistics (SPDK's `spdk_bdev_reset_io_stat` modes). The queue depth is a
+    /// gauge, not a count, and stays; so does `io_time`, each channel's busy time.
+    /// Operations a channel completed in its current poll pass and has not merged yet are
+    /// counted after the reset.
     pub fn reset(&self, mode: ResetMode) {
         if mode == ResetMode::Error {
             self.io_errors.store(0, Relaxed);
             return;
         }
-        let lats = [
-            &self.read_lat,
-            &self.write_lat,
-            &self.unmap_lat,
-            &self.flush_lat,
-            &self.write_zeroes_lat,
-        ];
-        for l in lats {
+        for l in self.latencies() {
             l.reset_extremes();
             if mode == ResetMode::All {
                 l.sum.store(0, Relaxed);
@@ -289,6 +283,17 @@ impl BdevStats {
         }
     }
 
+    /// Every operation kind's latency.
+    fn latencies(&self) -> [&Latency; 5] {
+        [
+            &self.read_lat,
+            &self.write_lat,
+            &self.unmap_lat,
+            &self.flush_lat,
+            &self.write_zeroes_lat,
+        ]
+    }
+
     /// The per-bdev object of `bdev_get_iostat` (SPDK's field names; ticks are ns).
     ///
     /// `weighted_io_time` is the sum of all completed latencies, i.e. the integral of the
@@ -296,16 +301,11 @@ impl BdevStats {
     /// at the same time both count).
     pub fn to_json(&self, name: &str) -> Value {
         let l = |x: &AtomicU64| x.load(Relaxed);
-        let weighted = [
-            &self.read_lat,
-            &self.write_lat,
-            &self.unmap_lat,
-            &self.flush_lat,
-            &self.write_zeroes_lat,
-        ]
-        .iter()
-        .map(|t| l(&t.sum))
-        .fold(0u64, u64::wrapping_add);
+        let weighted = self
+            .latencies()
+            .iter()
+            .map(|t| l(&t.sum))
+            .fold(0u64, u64::wrapping_add);
         json!({
             "name": name,
             "bytes_read": l(&self.bytes_read),
