@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
 use common::blk_client::{pattern, BlkClient};
 use common::Daemon;
@@ -21,9 +20,14 @@ fn malloc(d: &Daemon, name: &str, mib: u64) {
 /// Malloc0 (`mib` MiB) exported as vhost.0; returns the controller's socket.
 fn malloc_controller(d: &Daemon, mib: u64) -> std::path::PathBuf {
     malloc(d, "Malloc0", mib);
+    blk_controller(d, "Malloc0")
+}
+
+/// Bdev `dev_name` exported as vhost.0; returns the controller's socket.
+fn blk_controller(d: &Daemon, dev_name: &str) -> std::path::PathBuf {
     d.rpc_ok(
         "vhost_create_blk_controller",
-        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
+        json!({"ctrlr": "vhost.0", "dev_name": dev_name}),
     );
     d.socket_dir().join("vhost.0")
 }
@@ -234,17 +238,9 @@ fn sigterm_drains_flushes_and_removes_sockets() {
 
 #[test]
 fn spdk_rpc_py_drives_the_seed_flow() {
-    let Some(rpc) = common::spdk_rpc() else {
-        panic!("spdk-rpc (PyPI package spdk) is not installed: run scripts/install-deps.sh");
-    };
     let d = Daemon::start_with(&["-m", "0x1"]);
     let run = |args: &[&str]| {
-        let o = Command::new(&rpc)
-            .arg("-s")
-            .arg(d.rpc_socket())
-            .args(args)
-            .output()
-            .unwrap();
+        let o = d.rpc_py(args);
         (
             o.status.code(),
             String::from_utf8_lossy(&o.stdout).to_string(),
@@ -297,7 +293,6 @@ fn spdk_rpc_py_drives_the_seed_flow() {
 
 #[test]
 fn scsi_controllers_through_blockctl_and_rpc_py() {
-    let rpc = common::spdk_rpc().expect("spdk-rpc is not installed: run scripts/install-deps.sh");
     let d = Daemon::start_with(&["-m", "0x1"]);
     malloc(&d, "Malloc0", 8);
     malloc(&d, "Malloc1", 8);
@@ -334,14 +329,7 @@ fn scsi_controllers_through_blockctl_and_rpc_py() {
         ])),
         "0"
     );
-    let py = |args: &[&str]| {
-        Command::new(&rpc)
-            .arg("-s")
-            .arg(d.rpc_socket())
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let py = |args: &[&str]| d.rpc_py(args);
     assert_eq!(
         ok(py(&[
             "vhost_scsi_controller_add_target",
@@ -543,17 +531,10 @@ fn iostat_resets_are_spdks() {
     let o = d.blockctl(&["bdev_reset_iostat", "-b", "Malloc0", "-m", "all"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(stat()["num_read_ops"], 0);
-    if let Some(rpc) = common::spdk_rpc() {
-        reads(&d.bench(sock, &["-t", "1", "-q", "8", "-w", "randread"]));
-        let o = Command::new(&rpc)
-            .arg("-s")
-            .arg(d.rpc_socket())
-            .args(["bdev_reset_iostat", "-b", "Malloc0"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(stat()["num_read_ops"], 0);
-    }
+    reads(&d.bench(sock, &["-t", "1", "-q", "8", "-w", "randread"]));
+    let o = d.rpc_py(&["bdev_reset_iostat", "-b", "Malloc0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stat()["num_read_ops"], 0);
 }
 
 /// `bdev_null_resize` grows a null bdev: the bdev, the saved configuration and a vhost-user
@@ -566,11 +547,7 @@ fn null_resize_grows_the_bdev_for_clients() {
         "bdev_null_create",
         json!({"name": "Null0", "num_blocks": 8192, "block_size": 512}),
     );
-    d.rpc_ok(
-        "vhost_create_blk_controller",
-        json!({"ctrlr": "vhost.0", "dev_name": "Null0"}),
-    );
-    let sock = d.socket_dir().join("vhost.0");
+    let sock = blk_controller(&d, "Null0");
     let sock = sock.to_str().unwrap();
     let past_old_end = 6 << 20; // the bdev is 4 MiB, then 8 MiB
     let mut c = BlkClient::connect(sock, 1, 1 << 20).unwrap();
@@ -617,20 +594,8 @@ fn null_resize_grows_the_bdev_for_clients() {
 
     let o = d.blockctl(&["bdev_null_resize", "Null0", "12"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    if let Some(rpc) = common::spdk_rpc() {
-        let o = Command::new(&rpc)
-            .arg("-s")
-            .arg(d.rpc_socket())
-            .args(["bdev_null_resize", "Null0", "16"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    let o = d.rpc_py(&["bdev_null_resize", "Null0", "16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let b = d.rpc_ok("bdev_get_bdevs", json!({"name": "Null0"}));
-    let want = if common::spdk_rpc().is_some() {
-        32768
-    } else {
-        24576
-    };
-    assert_eq!(b[0]["num_blocks"], want);
+    assert_eq!(b[0]["num_blocks"], 32768);
 }

@@ -214,6 +214,21 @@ impl Daemon {
             .expect("run blockctl")
     }
 
+    /// Runs SPDK's own rpc.py (`spdk-rpc -s <rpc socket> args...`, PyPI package `spdk`);
+    /// panics when it is not installed (scripts/install-deps.sh installs it).
+    #[allow(dead_code)]
+    pub fn rpc_py(&self, args: &[&str]) -> Output {
+        let rpc = spdk_rpc()
+            .expect("spdk-rpc (PyPI package spdk) is not installed: run scripts/install-deps.sh");
+        Command::new(rpc)
+            .arg("-s")
+            .arg(&self.rpc_socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run spdk-rpc")
+    }
+
     /// Runs `blockctl bench -s SOCK --json ARGS...` against one of this daemon's
     /// controllers (libblkio, a real vhost-user client) and returns its report; panics
     /// when the run fails.
