@@ -17,8 +17,8 @@
 # round runs every workload on every target, and the table shows the median of the rounds.
 # The cluster drifts within a round too (4K writes on a fresh cluster fall from ~20k to
 # ~5k IOPS in round 2 and climb back over the rounds after), and a target's turn depends
-# on the turn before it (128K writes: with the order blockd fio fio0 qsd rotated, blockd
-# made 0.79x QSD; with blockd fio qsd fio0 rotated, 1.23x). So the order of each round
+# on the turn before it (128K writes on one cluster: with the order blockd fio fio0 qsd
+# rotated, blockd made 0.86x QSD; with blockd fio qsd fio0 rotated, 1.23x). So the order of each round
 # is a row of a balanced Latin square (Williams): over 4 rounds every target takes every
 # place once and follows every other target once. Use a multiple of 4 rounds. blockd and
 # qsd stay up (idle) between turns.
