@@ -161,6 +161,7 @@ fn timed_patterns_with_polling_and_eventfd() {
         ][..],
         &["-w", "write", "-b", "128k", "-q", "8", "--no-poll"][..],
         &["-w", "read", "-q", "1", "--json"][..],
+        &["-w", "randwrite", "-q", "4", "--norandommap"][..],
     ] {
         let mut v = vec!["-s", s, "-t", "1"];
         v.extend_from_slice(extra);
@@ -172,10 +173,13 @@ fn timed_patterns_with_polling_and_eventfd() {
         assert!(p.seconds > 0.9 && p.seconds < 5.0, "{p:?}");
         match a.pattern {
             blockd::bench::Pattern::Randrw => assert!(p.reads > 0 && p.writes > 0),
-            blockd::bench::Pattern::Write => assert_eq!(p.reads, 0),
+            blockd::bench::Pattern::Write | blockd::bench::Pattern::Randwrite => {
+                assert_eq!(p.reads, 0)
+            }
             _ => assert_eq!(p.writes, 0),
         }
         assert_eq!(r.poll, !a.no_poll);
+        assert_eq!(r.random_map, !a.norandommap);
     }
 }
 

@@ -12,9 +12,9 @@ pub enum Pattern {
     Read,
     /// Sequential writes.
     Write,
-    /// Uniformly random reads.
+    /// Random reads (each block once per pass, unless `--norandommap`).
     Randread,
-    /// Uniformly random writes.
+    /// Random writes (each block once per pass, unless `--norandommap`).
     Randwrite,
     /// Random mix of reads and writes, `--rwmixread` percent reads.
     Randrw,
@@ -87,6 +87,11 @@ pub struct BenchArgs {
     /// Part of --verify to run.
     #[arg(long, value_enum, default_value = "both", requires = "verify")]
     pub verify_phase: VerifyPhase,
+    /// Draw each random offset independently, so a block may come again before the
+    /// others have come once (fio's `norandommap`). By default every block comes once
+    /// per pass, as with fio's default random map (see src/bench/random_map.rs).
+    #[arg(long)]
+    pub norandommap: bool,
     /// Seed of the --verify pattern and of the random offsets.
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,

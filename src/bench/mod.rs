@@ -8,6 +8,7 @@
 
 mod args;
 mod histogram;
+mod random_map;
 mod verify;
 mod worker;
 
@@ -40,6 +41,8 @@ pub struct BenchReport {
     pub queues: u32,
     /// Busy polling (true) or completion eventfd.
     pub poll: bool,
+    /// Random offsets from a random map (each block once per pass) or drawn freely.
+    pub random_map: bool,
     /// One entry per phase: the timed pattern, or `verify-write`/`verify-read`.
     pub phases: Vec<PhaseReport>,
 }
@@ -300,6 +303,7 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
                     first_block: first,
                     blocks: end - first,
                     total_blocks,
+                    random_map: !a.norandommap,
                     seed: a.seed,
                     io_timeout: Duration::from_secs(a.timeout.max(1)),
                     cpu: (!cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]),
@@ -343,6 +347,7 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
         qd: a.qd,
         queues: a.queues,
         poll: a.polling(),
+        random_map: !a.norandommap,
         phases,
     })
 }

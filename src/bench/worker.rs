@@ -9,6 +9,7 @@ use blkio::{Blkioq, Completion, ReqFlags};
 
 use super::args::Pattern;
 use super::histogram::Histogram;
+use super::random_map::RandomMap;
 use super::verify;
 
 /// What a worker does.
@@ -44,6 +45,9 @@ pub struct Job {
     pub blocks: u64,
     /// Blocks of the whole test area, for random offsets.
     pub total_blocks: u64,
+    /// Random offsets come from a [`RandomMap`] (each block once per pass, as fio's
+    /// default) rather than independent draws (`--norandommap`).
+    pub random_map: bool,
     /// Seed of the pattern and of the random offsets.
     pub seed: u64,
     /// Longest wait for a completion before declaring the device dead.
@@ -164,6 +168,7 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
     if rng.0 == 0 {
         rng.0 = 1;
     }
+    let mut map = RandomMap::new(job.total_blocks, rng.0);
     let mut stats = Stats {
         reads: 0,
         writes: 0,
@@ -177,7 +182,7 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
     let started = Instant::now();
 
     // Chooses the next I/O, or None when the job is done.
-    let mut next_io = |rng: &mut Rng, now: Instant| -> Option<(u64, bool)> {
+    let mut next_io = |rng: &mut Rng, map: &mut RandomMap, now: Instant| -> Option<(u64, bool)> {
         let seq = |n: &mut u64| {
             let b = job.first_block + *n % job.blocks;
             *n += 1;
@@ -197,7 +202,9 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
                     Pattern::Write | Pattern::Randwrite => true,
                     Pattern::Randrw => rng.next() % 100 >= u64::from(rwmixread),
                 };
-                let offset = if pattern.random() {
+                let offset = if pattern.random() && job.random_map {
+                    map.next_block() * job.bs
+                } else if pattern.random() {
                     rng.next() % job.total_blocks * job.bs
                 } else {
                     seq(&mut next_seq)
@@ -243,7 +250,7 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
 
     for (i, s) in slots.iter_mut().enumerate() {
         let now = Instant::now();
-        let Some((offset, write)) = next_io(&mut rng, now) else {
+        let Some((offset, write)) = next_io(&mut rng, &mut map, now) else {
             break;
         };
         submit(queue, i, offset, write, s, now);
@@ -298,7 +305,7 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
                     }
                 }
             }
-            if let Some((offset, write)) = next_io(&mut rng, now) {
+            if let Some((offset, write)) = next_io(&mut rng, &mut map, now) {
                 submit(queue, slot, offset, write, &mut slots[slot], now);
                 in_flight += 1;
             }
