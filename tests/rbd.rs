@@ -926,6 +926,15 @@ fn daemon_serves_an_rbd_image() {
         "vhost_create_blk_controller",
         json!({"ctrlr": "vhost.0", "dev_name": "Ceph0"}),
     );
+    // librbd's threads inherit the daemon's SCHED_BATCH (src/reactor/sched_policy.rs).
+    let threads = common::thread_policies(d.pid());
+    for name in ["io_context_pool", "msgr-worker-0", "reactor_0"] {
+        assert!(
+            threads.iter().any(|(n, _)| n == name),
+            "{name}: {threads:?}"
+        );
+    }
+    assert!(threads.iter().all(|(_, p)| *p == 3), "{threads:?}");
 
     // Every error with its own errno and message.
     let create = |p: Value| d.rpc("bdev_rbd_create", p).unwrap_err();

@@ -267,6 +267,30 @@ fn rpc_get_methods_lists_every_method_sorted() {
     assert_eq!(code, -32602);
 }
 
+/// `--sched`: every thread of the daemon runs under the chosen policy (batch by default),
+/// reactors included (they are created after `main` sets it).
+#[test]
+fn threads_run_under_the_sched_policy() {
+    for (args, want) in [(&[][..], 3), (&["--sched", "normal"][..], 0)] {
+        let d = Daemon::start_with(args);
+        let threads = common::thread_policies(d.pid());
+        assert!(threads.iter().any(|(n, _)| n == "reactor_0"), "{threads:?}");
+        assert!(
+            threads.iter().all(|(_, p)| *p == want),
+            "{args:?}: {threads:?}"
+        );
+    }
+    let o = std::process::Command::new(common::blockd_bin())
+        .args(["--sched", "fifo"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("batch"),
+        "{o:?}"
+    );
+}
+
 #[test]
 fn framework_methods() {
     let d = Daemon::start_with(&["-m", "0x1"]);

@@ -15,6 +15,7 @@ use clap::Parser;
 
 use blockd::app::{App, AppOptions};
 use blockd::cpumask::CpuMask;
+use blockd::reactor::sched_policy::SchedPolicy;
 use blockd::reactor::{PollMode, PollOptions, Reactors};
 use blockd::rpc::server::{RpcListener, RpcServer};
 
@@ -48,6 +49,10 @@ struct Args {
     /// How long an adaptive reactor polls without work before sleeping (microseconds).
     #[arg(long = "poll-idle-us", default_value_t = 200)]
     poll_idle_us: u64,
+    /// Kernel scheduling policy of the daemon's threads (sched(7)): `batch` keeps a woken
+    /// reactor or librbd thread from preempting the one that woke it on a shared core.
+    #[arg(long = "sched", value_enum, default_value = "batch")]
+    sched: SchedPolicy,
     /// Mode of the vhost-user sockets (octal).
     #[arg(long = "socket-mode", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -170,9 +175,15 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Before any thread exists, so that every thread inherits the policy.
+    let sched = args.sched.apply_to_current_thread();
     if let Err(e) = blockd::logging::init(&args.log_level, std::io::stderr().is_terminal()) {
         eprintln!("blockd: invalid --log-level '{}': {e}", args.log_level);
         return ExitCode::FAILURE;
+    }
+    if let Err(e) = sched {
+        // A seccomp or container policy may forbid it: serve anyway, as the default.
+        tracing::warn!("cannot set scheduling policy {:?}: {e}", args.sched);
     }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

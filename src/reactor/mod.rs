@@ -9,6 +9,7 @@
 //! delays the librbd, io_uring or OSD threads whose work it is waiting for.
 
 pub mod cpu_demand;
+pub mod sched_policy;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};

@@ -296,3 +296,24 @@ pub fn spdk_rpc() -> Option<PathBuf> {
         .map(|d| d.join("spdk-rpc"))
         .find(|p| p.is_file())
 }
+
+/// `(thread name, scheduling policy)` of every thread of `pid` (sched(7): 0 SCHED_OTHER,
+/// 3 SCHED_BATCH), from /proc/PID/task/TID/stat (proc(5), field 41).
+pub fn thread_policies(pid: i32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
+        let stat = match std::fs::read_to_string(t.unwrap().path().join("stat")) {
+            Ok(s) => s,
+            Err(_) => continue, // the thread ended
+        };
+        let (name, rest) = stat.split_at(stat.rfind(')').expect("stat has (comm)"));
+        let name = name[name.find('(').expect("stat has (comm)") + 1..].to_string();
+        // Fields after "comm)" start at field 3 (state); policy is field 41.
+        let policy = rest[1..]
+            .split_whitespace()
+            .nth(41 - 3)
+            .expect("policy field");
+        out.push((name, policy.parse().expect("numeric policy")));
+    }
+    out
+}
