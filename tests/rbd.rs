@@ -910,7 +910,8 @@ fn daemon_serves_an_rbd_image() {
     let image = unique("served");
     let spec = format!("{POOL}/{image}");
     rbd_cli(&conf, &["create", "--size", "32M", &spec]);
-    let d = common::Daemon::start();
+    // `--sched batch`: librbd's threads, started later, must inherit it.
+    let d = common::Daemon::start_with(&["--sched", "batch"]);
     let sock = d.rpc_socket().display().to_string();
 
     // SPDK's own rpc.py, unchanged.
@@ -926,7 +927,7 @@ fn daemon_serves_an_rbd_image() {
         "vhost_create_blk_controller",
         json!({"ctrlr": "vhost.0", "dev_name": "Ceph0"}),
     );
-    // librbd's threads inherit the daemon's SCHED_BATCH (src/reactor/sched_policy.rs).
+    // librbd's threads inherit the daemon's policy (src/reactor/sched_policy.rs).
     let threads = common::thread_policies(d.pid());
     for name in ["io_context_pool", "msgr-worker-0", "reactor_0"] {
         assert!(

@@ -3,24 +3,22 @@
 //! On a host whose cores are shared, a reactor and librbd's threads wake each other on
 //! every request: the reactor's `rbd_aio_writev` wakes librbd's io_context thread, whose
 //! completion callback wakes the reactor. Under the default policy the woken thread
-//! preempts the waker at once, so on one core the two ping-pong (two context switches per
-//! hand-off) instead of each finishing its batch. With `SCHED_BATCH` a woken thread waits
-//! for the running one to block or use up its slice. On the 2-core bench host
-//! (`bench/rbd.sh`), that halved the context switches per 4K write (2.8 → 1.4 in blockd's
-//! threads). Against fio's rbd engine on the same core, over 6 rounds, 4K writes went
-//! from 0.94× to 1.01–1.03× and 4K reads from 0.92× to 0.97×.
+//! preempts the waker at once, so on one core the two ping-pong instead of each finishing
+//! its batch. With `SCHED_BATCH` a woken thread waits for the running one to block or use
+//! up its slice. On the 2-core bench host (4K QD32, RBD, README "Performance") that halved
+//! the context switches per write in blockd's threads (1.7 → 0.8) and took 4K writes from
+//! 0.94× to 1.01–1.03× fio's rbd engine on the same core, reads from 0.92× to 0.97×.
 //!
-//! The cost: a woken reactor no longer preempts another busy thread on its core, so on a
-//! contended core a request may wait out the rest of that thread's time slice. An idle
-//! core, the usual case for a dedicated cpumask, runs it at once, and a polling reactor is
-//! not woken at all. `--sched normal` restores the kernel's default.
-
+//! It is not the default because it costs latency: librbd's threads then no longer preempt
+//! the OSD or the thread that woke them either, and a 4K read at QD1 took p50 420–490 µs
+//! against 210–250 µs. Batching only the reactor kept that latency but gained nothing.
 /// The scheduling policy blockd's threads run under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SchedPolicy {
-    /// `SCHED_BATCH`: woken threads do not preempt the running one (the default).
+    /// `SCHED_BATCH`: woken threads do not preempt the running one (throughput on a
+    /// shared core, at the cost of low-queue-depth latency).
     Batch,
-    /// `SCHED_OTHER`, the kernel's default.
+    /// `SCHED_OTHER`, the kernel's default (blockd's default).
     Normal,
 }
 
