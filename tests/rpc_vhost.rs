@@ -359,7 +359,12 @@ fn scsi_controllers_through_blockctl_and_rpc_py() {
 }
 
 /// `blockctl bench` on `sock` at QD32 (libblkio, sleeping on the completion eventfd as a
-/// guest taking interrupts does): the p50 latency in µs and the completed I/O count.
+/// guest taking interrupts does): the mean latency in µs and the completed I/O count.
+///
+/// The mean, not the median: libblkio looks at the used ring before it sleeps, so a
+/// request whose completion it finds there waits for no interrupt, held back or not. How
+/// many do depends on the two threads' timing (p50 with coalescing was 3.1 ms in most runs,
+/// 32 µs in some, while the mean stayed above 2 ms); the mean counts every wait.
 fn bench_irq(d: &Daemon, sock: &str) -> (f64, u64) {
     let r = d.bench(
         sock,
@@ -367,7 +372,7 @@ fn bench_irq(d: &Daemon, sock: &str) -> (f64, u64) {
     );
     let p = &r["phases"][0];
     (
-        p["lat_us"]["p50"].as_f64().expect("p50"),
+        p["lat_us"]["mean"].as_f64().expect("mean"),
         p["reads"].as_u64().expect("reads"),
     )
 }
@@ -393,7 +398,7 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
     );
 
     let sock = sock.to_str().unwrap();
-    let (p50_off, n_off) = bench_irq(&d, sock);
+    let (mean_off, n_off) = bench_irq(&d, sock);
 
     // 100 µs per request per 10 ms interval past one request per interval: interrupts
     // come milliseconds apart, so a client that sleeps between them sees millisecond
@@ -416,12 +421,12 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
             .expect("interrupts_held_back")
     };
     assert_eq!(held(&d), 0, "coalescing off holds nothing back");
-    let (p50_on, n_on) = bench_irq(&d, sock);
+    let (mean_on, n_on) = bench_irq(&d, sock);
     assert!(held(&d) > 0, "no interrupt was held back");
     assert!(n_on > 0 && n_off > 0);
     assert!(
-        p50_on > 5.0 * p50_off && p50_on > 1000.0,
-        "coalescing did not pace interrupts: p50 {p50_on} µs with, {p50_off} µs without"
+        mean_on > 10.0 * mean_off && mean_on > 500.0,
+        "coalescing did not pace interrupts: mean {mean_on} µs with, {mean_off} µs without"
     );
 
     // Saved as SPDK saves it, after the controller; off again, the latency comes back.
@@ -447,10 +452,10 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
         "vhost_controller_set_coalescing",
         json!({"ctrlr": "vhost.0", "delay_base_us": 0, "iops_threshold": 60000}),
     );
-    let (p50_again, _) = bench_irq(&d, sock);
+    let (mean_again, _) = bench_irq(&d, sock);
     assert!(
-        p50_again < p50_on / 5.0,
-        "{p50_again} µs after turning it off"
+        mean_again < mean_on / 10.0,
+        "mean {mean_again} µs after turning it off"
     );
 }
 
