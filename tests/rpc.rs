@@ -267,8 +267,8 @@ fn rpc_get_methods_lists_every_method_sorted() {
     assert_eq!(code, -32602);
 }
 
-/// `--sched`: every thread of the daemon runs under the chosen policy (the kernel's default
-/// unless `--sched batch`), reactors included (they are created after `main` sets it).
+/// `--sched`: every thread of the daemon runs under the chosen policy, reactors included
+/// (they are created after `main` sets it); without it, under the policy it was started with.
 #[test]
 fn threads_run_under_the_sched_policy() {
     for (args, want) in [(&["--sched", "batch"][..], 3), (&[][..], 0)] {
@@ -280,6 +280,25 @@ fn threads_run_under_the_sched_policy() {
             "{args:?}: {threads:?}"
         );
     }
+    // Without --sched, the policy blockd was started with stays (chrt, systemd): started
+    // from a SCHED_BATCH thread, its threads are SCHED_BATCH.
+    let d = std::thread::spawn(|| {
+        let batch = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is this (test-only) thread; `batch` is read only.
+        assert_eq!(
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &batch) },
+            0
+        );
+        Daemon::start()
+    })
+    .join()
+    .unwrap();
+    let threads = common::thread_policies(d.pid());
+    assert!(
+        threads.iter().all(|(_, p)| *p == 3),
+        "inherited: {threads:?}"
+    );
+    drop(d);
     let o = std::process::Command::new(common::blockd_bin())
         .args(["--sched", "fifo"])
         .output()

@@ -51,9 +51,11 @@ struct Args {
     poll_idle_us: u64,
     /// Kernel scheduling policy of the daemon's threads (sched(7)): `batch` keeps a woken
     /// reactor or librbd thread from preempting the one that woke it on a shared core
-    /// (more IOPS at high queue depth, twice the RBD latency at QD1).
-    #[arg(long = "sched", value_enum, default_value = "normal")]
-    sched: SchedPolicy,
+    /// (more IOPS at high queue depth, twice the RBD latency at QD1). Without it the
+    /// threads keep the policy blockd was started with (`chrt`, systemd's
+    /// `CPUSchedulingPolicy=`), the kernel's default otherwise.
+    #[arg(long = "sched", value_enum)]
+    sched: Option<SchedPolicy>,
     /// Mode of the vhost-user sockets (octal).
     #[arg(long = "socket-mode", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -177,13 +179,13 @@ fn main() -> ExitCode {
         }
     };
     // Before any thread exists, so that every thread inherits the policy.
-    let sched = args.sched.apply_to_current_thread();
+    let sched = args.sched.map(SchedPolicy::apply_to_current_thread);
     if let Err(e) = blockd::logging::init(&args.log_level, std::io::stderr().is_terminal()) {
         eprintln!("blockd: invalid --log-level '{}': {e}", args.log_level);
         return ExitCode::FAILURE;
     }
-    if let Err(e) = sched {
-        // A seccomp or container policy may forbid it: serve anyway, as the default.
+    if let Some(Err(e)) = sched {
+        // A seccomp or container policy may forbid it: serve anyway, with the policy it has.
         tracing::warn!("cannot set scheduling policy {:?}: {e}", args.sched);
     }
     match run(args) {

@@ -9,16 +9,19 @@
 //! the context switches per write in blockd's threads (1.7 → 0.8) and took 4K writes from
 //! 0.94× to 1.01–1.03× fio's rbd engine on the same core, reads from 0.92× to 0.97×.
 //!
-//! It is not the default because it costs latency: librbd's threads then no longer preempt
-//! the OSD or the thread that woke them either, and a 4K read at QD1 took p50 420–490 µs
-//! against 210–250 µs. Batching only the reactor kept that latency but gained nothing.
+//! It is not the default because it costs latency: a 4K read at QD1 took p50 420–490 µs
+//! against 210–250 µs, the same with only librbd's threads batched (likely because they no
+//! longer preempt the OSD's threads either; not traced). Batching only the reactor kept
+//! that latency but gained nothing. Without `--sched` blockd leaves the policy it was
+//! started with.
+
 /// The scheduling policy blockd's threads run under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SchedPolicy {
     /// `SCHED_BATCH`: woken threads do not preempt the running one (throughput on a
     /// shared core, at the cost of low-queue-depth latency).
     Batch,
-    /// `SCHED_OTHER`, the kernel's default (blockd's default).
+    /// `SCHED_OTHER`, the kernel's default.
     Normal,
 }
 
