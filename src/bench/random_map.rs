@@ -16,8 +16,10 @@
 /// Block numbers in `[0, blocks)`, each once per pass, in a seeded random order.
 pub struct RandomMap {
     blocks: u64,
-    bits: u32,
+    /// `2^k - 1`: the bijection works on `k` bits.
     mask: u64,
+    /// Half of `k` (at least 1): the xorshift that mixes the high bits into the low ones.
+    shift: u32,
     counter: u64,
     key: u64,
 }
@@ -37,8 +39,8 @@ impl RandomMap {
         let bits = (u64::BITS - (blocks - 1).leading_zeros()).max(1);
         RandomMap {
             blocks,
-            bits,
             mask: u64::MAX >> (u64::BITS - bits),
+            shift: (bits / 2).max(1),
             counter: 0,
             key: mix64(seed),
         }
@@ -61,18 +63,17 @@ impl RandomMap {
         }
     }
 
-    /// A bijection of `[0, 2^bits)`: each step (xor with a constant, xor with a right
-    /// shift of itself, multiplication by an odd number, all modulo `2^bits`) is one.
+    /// A bijection of `[0, 2^k)`: each step (xor with a constant, xor with a right shift
+    /// of itself, multiplication by an odd number, all modulo `2^k`) is one.
     #[inline]
     fn permute(&self, x: u64) -> u64 {
-        let m = self.mask;
-        let s = (self.bits / 2).max(1);
+        let (m, s) = (self.mask, self.shift);
         let mut x = (x ^ self.key) & m;
         x ^= x >> s;
-        x = x.wrapping_mul(0xD6E8_FEB8_6659_FD93 | 1) & m;
+        x = x.wrapping_mul(0xD6E8_FEB8_6659_FD93) & m; // odd
         x ^= x >> s;
         x = (x ^ (self.key >> 17)) & m;
-        x = x.wrapping_mul(0xA076_1D64_78BD_642F | 1) & m;
+        x = x.wrapping_mul(0xA076_1D64_78BD_642F) & m; // odd
         x ^ (x >> s)
     }
 }

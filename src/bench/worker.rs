@@ -168,7 +168,9 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
     if rng.0 == 0 {
         rng.0 = 1;
     }
-    let mut map = RandomMap::new(job.total_blocks, rng.0);
+    let mut map = job
+        .random_map
+        .then(|| RandomMap::new(job.total_blocks, rng.0));
     let mut stats = Stats {
         reads: 0,
         writes: 0,
@@ -182,44 +184,43 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
     let started = Instant::now();
 
     // Chooses the next I/O, or None when the job is done.
-    let mut next_io = |rng: &mut Rng, map: &mut RandomMap, now: Instant| -> Option<(u64, bool)> {
-        let seq = |n: &mut u64| {
-            let b = job.first_block + *n % job.blocks;
-            *n += 1;
-            b * job.bs
+    let mut next_io =
+        |rng: &mut Rng, map: &mut Option<RandomMap>, now: Instant| -> Option<(u64, bool)> {
+            let seq = |n: &mut u64| {
+                let b = job.first_block + *n % job.blocks;
+                *n += 1;
+                b * job.bs
+            };
+            match job.work {
+                Work::Timed {
+                    pattern,
+                    rwmixread,
+                    deadline,
+                } => {
+                    if now >= deadline {
+                        return None;
+                    }
+                    let write = match pattern {
+                        Pattern::Read | Pattern::Randread => false,
+                        Pattern::Write | Pattern::Randwrite => true,
+                        Pattern::Randrw => rng.next() % 100 >= u64::from(rwmixread),
+                    };
+                    let offset = match (pattern.random(), map) {
+                        (true, Some(map)) => map.next_block() * job.bs,
+                        (true, None) => rng.next() % job.total_blocks * job.bs,
+                        (false, _) => seq(&mut next_seq),
+                    };
+                    Some((offset, write))
+                }
+                Work::VerifyWrite | Work::VerifyRead => {
+                    if issued >= job.blocks {
+                        return None;
+                    }
+                    issued += 1;
+                    Some((seq(&mut next_seq), matches!(job.work, Work::VerifyWrite)))
+                }
+            }
         };
-        match job.work {
-            Work::Timed {
-                pattern,
-                rwmixread,
-                deadline,
-            } => {
-                if now >= deadline {
-                    return None;
-                }
-                let write = match pattern {
-                    Pattern::Read | Pattern::Randread => false,
-                    Pattern::Write | Pattern::Randwrite => true,
-                    Pattern::Randrw => rng.next() % 100 >= u64::from(rwmixread),
-                };
-                let offset = if pattern.random() && job.random_map {
-                    map.next_block() * job.bs
-                } else if pattern.random() {
-                    rng.next() % job.total_blocks * job.bs
-                } else {
-                    seq(&mut next_seq)
-                };
-                Some((offset, write))
-            }
-            Work::VerifyWrite | Work::VerifyRead => {
-                if issued >= job.blocks {
-                    return None;
-                }
-                issued += 1;
-                Some((seq(&mut next_seq), matches!(job.work, Work::VerifyWrite)))
-            }
-        }
-    };
 
     // `now`: the time of the batch this submission belongs to (libblkio sends the batch on
     // the next do_io, right after), so the client reads the clock once per batch.
