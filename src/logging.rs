@@ -131,12 +131,17 @@ fn spdk_name(l: LevelFilter) -> &'static str {
     }
 }
 
+/// The installed log, locked.
+fn log() -> Result<std::sync::MutexGuard<'static, Log>, LogError> {
+    let cell = LOG.get().ok_or(LogError::NotInstalled)?;
+    Ok(cell.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// Runs `change` on the state and swaps in the filter it gives. The filter's parts were
 /// all checked before (the level and flags come from the tables, the targets from `-L`),
 /// so only a sink that is gone can refuse it.
 fn change(change: impl FnOnce(&mut State)) -> Result<(), LogError> {
-    let cell = LOG.get().ok_or(LogError::NotInstalled)?;
-    let mut log = cell.lock().unwrap_or_else(|p| p.into_inner());
+    let mut log = log()?;
     change(&mut log.state);
     let filter =
         EnvFilter::try_new(log.state.spec()).map_err(|e| LogError::Filter(e.to_string()))?;
@@ -147,8 +152,7 @@ fn change(change: impl FnOnce(&mut State)) -> Result<(), LogError> {
 
 /// The level, by SPDK's name.
 pub fn level() -> Result<&'static str, LogError> {
-    let cell = LOG.get().ok_or(LogError::NotInstalled)?;
-    Ok(cell.lock().unwrap_or_else(|p| p.into_inner()).state.name)
+    Ok(log()?.state.name)
 }
 
 /// Sets the level from SPDK's name (any case).
@@ -184,8 +188,7 @@ pub fn set_flag(name: &str, on: bool) -> Result<(), LogError> {
 
 /// Every flag with whether it is enabled, sorted by name.
 pub fn flags() -> Result<Vec<(&'static str, bool)>, LogError> {
-    let cell = LOG.get().ok_or(LogError::NotInstalled)?;
-    let log = cell.lock().unwrap_or_else(|p| p.into_inner());
+    let log = log()?;
     Ok(FLAGS
         .iter()
         .map(|(n, _)| (*n, log.state.flags.contains(n)))

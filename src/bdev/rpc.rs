@@ -83,12 +83,7 @@ pub fn get_iostat(reg: &BdevRegistry, p: &GetIostatParams) -> RpcResult {
             "per_channel statistics are not supported by blockd",
         ));
     }
-    let reset = match p.reset_mode.as_deref() {
-        None => None,
-        Some(m) => {
-            ResetMode::parse(m).map_err(|e| RpcError::invalid_params(format!("reset_mode {e}")))?
-        }
-    };
+    let reset = parse_reset_mode("reset_mode", p.reset_mode.as_deref(), None)?;
     let mut wanted: Vec<&str> = p.names.iter().flatten().map(String::as_str).collect();
     wanted.extend(p.name.as_deref());
     let list = if wanted.is_empty() {
@@ -114,6 +109,18 @@ pub fn get_iostat(reg: &BdevRegistry, p: &GetIostatParams) -> RpcResult {
     }))
 }
 
+/// A reset mode parameter named `field` (`None`: `absent`; `none`: no reset); an unknown
+/// mode is -32602 naming the field.
+fn parse_reset_mode(
+    field: &str,
+    value: Option<&str>,
+    absent: Option<ResetMode>,
+) -> Result<Option<ResetMode>, RpcError> {
+    value.map_or(Ok(absent), |m| {
+        ResetMode::parse(m).map_err(|e| RpcError::invalid_params(format!("{field} {e}")))
+    })
+}
+
 /// `bdev_reset_iostat` params: one bdev or all; mode `all` (default), `maxmin`, `error` or
 /// `none`.
 #[derive(Deserialize, Debug, Default)]
@@ -126,12 +133,7 @@ pub struct ResetIostatParams {
 /// `bdev_reset_iostat` (SPDK v23.01+): clears the statistics of one bdev or of all;
 /// an unknown bdev is -19, an unknown mode -32602, and neither changes anything.
 pub fn reset_iostat(reg: &BdevRegistry, p: &ResetIostatParams) -> RpcResult {
-    let mode = match p.mode.as_deref() {
-        None => Some(ResetMode::All),
-        Some(m) => {
-            ResetMode::parse(m).map_err(|e| RpcError::invalid_params(format!("mode {e}")))?
-        }
-    };
+    let mode = parse_reset_mode("mode", p.mode.as_deref(), Some(ResetMode::All))?;
     let list = named_or_all(reg, p.name.as_deref())?;
     if let Some(mode) = mode {
         list.iter().for_each(|b| b.stats.reset(mode));
