@@ -752,36 +752,30 @@ fn spdk_kill_instance_stops_the_daemon_after_replying() {
         assert_eq!(e.0, -32602, "{bad}: {e:?}");
     }
     assert!(d.rpc("spdk_get_version", Value::Null).is_ok());
-    assert_eq!(
-        d.rpc_ok("spdk_kill_instance", json!({"sig_name": "SIGTERM"})),
-        json!(true)
-    );
-    assert_eq!(
-        d.wait(Duration::from_secs(20)).code(),
-        Some(0),
-        "{}",
-        d.log()
-    );
 
-    let mut d = Daemon::start();
-    let o = d.blockctl(&["spdk_kill_instance", "SIGINT"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        d.wait(Duration::from_secs(20)).code(),
-        Some(0),
-        "{}",
-        d.log()
-    );
-
-    let mut d = Daemon::start();
-    let o = d.rpc_py(&["spdk_kill_instance", "SIGTERM"]);
-    assert!(o.status.success(), "rpc.py: {}{}", stdout(&o), stderr(&o));
-    assert_eq!(
-        d.wait(Duration::from_secs(20)).code(),
-        Some(0),
-        "{}",
-        d.log()
-    );
+    // The raw client's SIGTERM (on the daemon above), blockctl's SIGINT, rpc.py's SIGTERM.
+    let kills: [fn(&Daemon); 3] = [
+        |d| {
+            let r = d.rpc_ok("spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
+            assert_eq!(r, json!(true));
+        },
+        |d| {
+            let o = d.blockctl(&["spdk_kill_instance", "SIGINT"]);
+            assert!(o.status.success(), "{}", stderr(&o));
+        },
+        |d| {
+            let o = d.rpc_py(&["spdk_kill_instance", "SIGTERM"]);
+            assert!(o.status.success(), "rpc.py: {}{}", stdout(&o), stderr(&o));
+        },
+    ];
+    for (i, kill) in kills.into_iter().enumerate() {
+        if i > 0 {
+            d = Daemon::start();
+        }
+        kill(&d);
+        let code = d.wait(Duration::from_secs(20)).code();
+        assert_eq!(code, Some(0), "kill {i}: {}", d.log());
+    }
 }
 
 fn stdout(o: &std::process::Output) -> String {
