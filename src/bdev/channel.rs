@@ -307,6 +307,12 @@ impl BdevChannel {
     pub fn in_flight(&self) -> usize {
         self.immediate.len() + self.throttled.len() + self.inner.in_flight()
     }
+
+    /// Requests are in the backend whose completions need its helper threads to run
+    /// ([`IoChannel::completed_by_helper_threads`]).
+    pub fn awaits_helper_threads(&self) -> bool {
+        self.inner.in_flight() > 0 && self.inner.completed_by_helper_threads()
+    }
 }
 
 impl Drop for BdevChannel {

@@ -234,6 +234,13 @@ pub trait IoChannel {
 
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
+
+    /// Whether completions come from threads of this process that the backend's library
+    /// runs (librbd's) rather than from the kernel: a reactor polling for them takes the
+    /// CPU those threads need whenever they share its core.
+    fn completed_by_helper_threads(&self) -> bool {
+        false
+    }
 }
 
 /// What stores a bdev's data: implemented by each backend module.

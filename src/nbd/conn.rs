@@ -1442,6 +1442,12 @@ impl Poller for Conn {
         self.begin_close("poller stop requested");
     }
 
+    fn awaits_helper_threads(&self) -> bool {
+        self.chan
+            .as_ref()
+            .is_some_and(BdevChannel::awaits_helper_threads)
+    }
+
     fn finished(&self) -> bool {
         self.closing
             && self.in_flight == 0

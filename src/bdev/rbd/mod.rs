@@ -526,6 +526,11 @@ impl IoChannel for RbdChannel {
     fn in_flight(&self) -> usize {
         self.in_flight
     }
+
+    /// librbd's io_context and messenger threads complete every request.
+    fn completed_by_helper_threads(&self) -> bool {
+        true
+    }
 }
 
 /// An rbd bdev the module manages: the generic bdev plus what delete/resize need.

@@ -367,6 +367,10 @@ impl Poller for BlkQueue {
         self.vring.stop();
     }
 
+    fn awaits_helper_threads(&self) -> bool {
+        self.chan.awaits_helper_threads()
+    }
+
     fn finished(&self) -> bool {
         self.vring.is_stopping() && self.in_flight == 0
     }

@@ -572,6 +572,13 @@ impl Poller for RequestQueue {
     fn finished(&self) -> bool {
         self.vring.is_stopping() && self.in_flight == 0
     }
+
+    fn awaits_helper_threads(&self) -> bool {
+        self.chans
+            .iter()
+            .flatten()
+            .any(|lc| lc.chan.awaits_helper_threads())
+    }
 }
 
 impl Drop for RequestQueue {
