@@ -903,6 +903,75 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The default `--sched adaptive`: blockd's threads, librbd's included, run under
+/// SCHED_BATCH while rbd requests are deep in flight and under SCHED_OTHER otherwise
+/// (src/reactor/adaptive_sched.rs); a QD1 client never sees the batch policy.
+#[test]
+fn threads_batch_only_while_rbd_queues_are_deep() {
+    let conf = need_ceph!();
+    let image = unique("adaptive");
+    rbd_cli(
+        &conf,
+        &["create", "--size", "64M", &format!("{POOL}/{image}")],
+    );
+    let d = common::Daemon::start();
+    d.rpc_ok(
+        "bdev_rbd_create",
+        json!({"pool_name": POOL, "rbd_name": image, "block_size": 512}),
+    );
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Ceph0"}),
+    );
+    let vsock = d.socket_dir().join("vhost.0").display().to_string();
+    let bench = |qd: &str, secs: &str| {
+        Command::new(common::blockctl_bin())
+            .args(["bench", "-s", &vsock, "-w", "randread", "-b", "4k"])
+            .args(["-q", qd, "-t", secs, "--no-poll"])
+            .output()
+            .unwrap()
+    };
+    let policy = || d.rpc_ok("framework_get_scheduler", Value::Null)["thread_policy"].clone();
+    let all_threads = |want: i32| {
+        let threads = common::thread_policies(d.pid());
+        assert!(
+            threads.iter().any(|(n, _)| n == "io_context_pool"),
+            "{threads:?}"
+        );
+        assert!(threads.iter().all(|(_, p)| *p == want), "{threads:?}");
+    };
+
+    let out = bench("1", "1");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        policy(),
+        json!({"mode": "adaptive", "policy": "normal", "rbd_in_flight": 0, "switches": 0})
+    );
+    all_threads(0);
+
+    let mut deep = Command::new(common::blockctl_bin())
+        .args(["bench", "-s", &vsock, "-w", "randread", "-b", "4k"])
+        .args(["-q", "32", "-t", "3", "--no-poll"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the batch policy under QD32", || {
+        policy()["policy"] == "batch"
+    });
+    all_threads(3);
+    assert!(deep.wait().unwrap().success());
+
+    // Shallow again: back to normal at the first completion SHALLOW_FOR (20 ms) after the
+    // queue was last deep, well within a second of QD1.
+    let out = bench("1", "1");
+    assert!(out.status.success(), "{out:?}");
+    let p = policy();
+    assert_eq!(p["policy"], "normal", "{p}");
+    assert_eq!(p["rbd_in_flight"], 0, "{p}");
+    assert!(p["switches"].as_u64().unwrap() >= 2, "{p}");
+    all_threads(0);
+}
+
 #[test]
 fn daemon_serves_an_rbd_image() {
     let conf = need_ceph!();

@@ -268,10 +268,20 @@ fn rpc_get_methods_lists_every_method_sorted() {
 }
 
 /// `--sched`: every thread of the daemon runs under the chosen policy, reactors included
-/// (they are created after `main` sets it); without it, under the policy it was started with.
+/// (they are created after `main` sets it). Without it, a daemon started under the
+/// kernel's default policy is adaptive (normal until rbd queues run deep: `tests/rbd.rs`),
+/// and one started under another policy keeps it. `framework_get_scheduler` says which.
 #[test]
 fn threads_run_under_the_sched_policy() {
-    for (args, want) in [(&["--sched", "batch"][..], 3), (&[][..], 0)] {
+    for (args, want, mode) in [
+        (&["--sched", "batch"][..], 3, json!({"mode": "batch"})),
+        (&["--sched", "normal"][..], 0, json!({"mode": "normal"})),
+        (
+            &[][..],
+            0,
+            json!({"mode": "adaptive", "policy": "normal", "rbd_in_flight": 0, "switches": 0}),
+        ),
+    ] {
         let d = Daemon::start_with(args);
         let threads = common::thread_policies(d.pid());
         assert!(threads.iter().any(|(n, _)| n == "reactor_0"), "{threads:?}");
@@ -279,6 +289,9 @@ fn threads_run_under_the_sched_policy() {
             threads.iter().all(|(_, p)| *p == want),
             "{args:?}: {threads:?}"
         );
+        let s = d.rpc_ok("framework_get_scheduler", Value::Null);
+        assert_eq!(s["scheduler_name"], "static", "{s}");
+        assert_eq!(s["thread_policy"], mode, "{args:?}");
     }
     // Without --sched, the policy blockd was started with stays (chrt, systemd): started
     // from a SCHED_BATCH thread, its threads are SCHED_BATCH.
@@ -298,14 +311,19 @@ fn threads_run_under_the_sched_policy() {
         threads.iter().all(|(_, p)| *p == 3),
         "inherited: {threads:?}"
     );
+    let s = d.rpc_ok("framework_get_scheduler", Value::Null);
+    assert_eq!(s["thread_policy"], json!({"mode": "inherited"}));
     drop(d);
     let o = std::process::Command::new(common::blockd_bin())
         .args(["--sched", "fifo"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("batch"),
+        ["adaptive", "batch", "normal"]
+            .iter()
+            .all(|m| err.contains(m)),
         "{o:?}"
     );
 }

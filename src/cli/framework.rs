@@ -28,6 +28,8 @@ pub enum FrameworkCmd {
     SpdkGetVersion,
     /// Reactors with their busy/idle time and pollers.
     FrameworkGetReactors,
+    /// The scheduler, and the scheduling policy of the daemon's threads (`--sched`).
+    FrameworkGetScheduler,
     /// Subsystems in initialization order with their dependencies.
     FrameworkGetSubsystems,
     /// Wait until the daemon has initialized (blockd answers once it serves RPCs at all).
@@ -77,6 +79,7 @@ impl Run for FrameworkCmd {
             ),
             FrameworkCmd::SpdkGetVersion => ctx.call_print("spdk_get_version", None),
             FrameworkCmd::FrameworkGetReactors => ctx.call_print("framework_get_reactors", None),
+            FrameworkCmd::FrameworkGetScheduler => ctx.call_print("framework_get_scheduler", None),
             FrameworkCmd::FrameworkGetSubsystems => {
                 ctx.call_print("framework_get_subsystems", None)
             }

@@ -8,6 +8,7 @@
 //! at once while other threads are waiting for a CPU ([`cpu_demand`]): spinning then only
 //! delays the librbd, io_uring or OSD threads whose work it is waiting for.
 
+pub mod adaptive_sched;
 pub mod cpu_demand;
 pub mod sched_policy;
 

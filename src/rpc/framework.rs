@@ -1,5 +1,6 @@
 //! Framework methods: `rpc_get_methods`, `spdk_get_version`, `framework_get_reactors`,
-//! `framework_get_subsystems`, `framework_get_config`, `framework_wait_init`, with SPDK's
+//! `framework_get_subsystems`, `framework_get_config`, `framework_wait_init`,
+//! `framework_get_scheduler`, with SPDK's
 //! params and result shapes (`lib/rpc/rpc.c`, `lib/event/app_rpc.c`,
 //! `lib/init/subsystem_rpc.c`).
 
@@ -11,12 +12,15 @@ use serde_json::{json, Value};
 use super::{no_params, params, RpcError, RpcMethods, RpcResult};
 use crate::app::App;
 use crate::config;
+use crate::reactor::adaptive_sched;
+use crate::reactor::sched_policy::SchedMode;
 
 /// Registers the framework methods.
 pub fn register(m: &mut RpcMethods) {
     m.add("rpc_get_methods", rpc_get_methods);
     m.add("spdk_get_version", spdk_get_version);
     m.add("framework_get_reactors", framework_get_reactors);
+    m.add("framework_get_scheduler", framework_get_scheduler);
     m.add("framework_get_subsystems", framework_get_subsystems);
     m.add("framework_get_config", framework_get_config);
     m.add("framework_wait_init", framework_wait_init);
@@ -56,6 +60,28 @@ fn spdk_get_version(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
             "suffix": env!("CARGO_PKG_VERSION_PRE"),
             "commit": "",
         }
+    }))
+}
+
+/// `framework_get_scheduler`: SPDK's scheduler is "static" here (a poller stays on the
+/// reactor it was put on), checked every second as SPDK's default period says. blockd
+/// adds `thread_policy`: the `--sched` mode in force ("inherited" without one) and, when
+/// adaptive, the policy the threads run under now, rbd requests in flight and switches.
+fn framework_get_scheduler(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+    no_params(p)?;
+    let mut policy = json!({
+        "mode": SchedMode::in_force().map_or("inherited", SchedMode::name),
+    });
+    if adaptive_sched::enabled() {
+        let s = adaptive_sched::state();
+        policy["policy"] = json!(s.policy.name());
+        policy["rbd_in_flight"] = json!(s.in_flight);
+        policy["switches"] = json!(s.switches);
+    }
+    Ok(json!({
+        "scheduler_name": "static",
+        "scheduler_period": 1_000_000,
+        "thread_policy": policy,
     }))
 }
 
