@@ -6,7 +6,9 @@
 //! notifications, completion eventfds) and sleeps in `epoll_wait` until one fires, so an idle
 //! daemon uses no CPU while a busy one answers with polling latency. It also stops polling
 //! at once while other threads are waiting for a CPU ([`cpu_demand`]): spinning then only
-//! delays the librbd, io_uring or OSD threads whose work it is waiting for.
+//! delays the librbd, io_uring or OSD threads whose work it is waiting for. Likewise while
+//! a poller awaits completions that the backend's own threads produce
+//! ([`Poller::awaits_helper_threads`]: librbd's), which often run on the reactor's core.
 
 pub mod adaptive_sched;
 pub mod cpu_demand;
