@@ -19,7 +19,10 @@
 //! image batches the others' requests too. Only rbd requests count: the other backends
 //! have no helper threads to ping-pong with.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -168,7 +171,7 @@ impl Governor {
     /// thread is at it (the next request retries).
     #[cold]
     fn switch(&self, now: u64) {
-        if self.switching.swap(true, Relaxed) {
+        if self.switching.swap(true, Acquire) {
             return;
         }
         let in_flight = self.in_flight.load(Relaxed);
@@ -186,7 +189,7 @@ impl Governor {
             self.batch.store(policy == SchedPolicy::Batch, Relaxed);
             self.switches.fetch_add(1, Relaxed);
         }
-        self.switching.store(false, Relaxed);
+        self.switching.store(false, Release);
     }
 
     fn state(&self) -> State {

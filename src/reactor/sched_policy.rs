@@ -12,7 +12,7 @@
 //! It costs latency at low queue depth: a 4K read at QD1 took p50 420–490 µs against
 //! 210–250 µs, the same with only librbd's threads batched (likely because they no longer
 //! preempt the OSD's threads either; not traced). Batching only the reactor kept that
-//! latency but gained nothing. So the default, [`adaptive`], batches every thread only
+//! latency but gained nothing. So the default, [`crate::reactor::adaptive_sched`], batches every thread only
 //! while enough librbd requests are in flight for batching to pay, and returns them to
 //! `SCHED_OTHER` when the queues run shallow.
 
@@ -135,7 +135,8 @@ impl SchedPolicy {
                 continue;
             };
             // SAFETY: as in `apply_to_current_thread`; `tid` is a thread of this process
-            // (a recycled id would need the thread to exit and 4M ids to pass meanwhile).
+            // (a recycled id would need the thread to exit and the id space to wrap
+            // meanwhile).
             if unsafe { libc::sched_setscheduler(tid, self.raw(), &param) } == 0 {
                 set += 1;
             }
