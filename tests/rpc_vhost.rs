@@ -429,7 +429,7 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
         "coalescing did not pace interrupts: mean {mean_on} µs with, {mean_off} µs without"
     );
 
-    // Saved as SPDK saves it, after the controller; off again, the latency comes back.
+    // Saved as SPDK saves it, after the controller.
     let cfg = d.rpc_ok("framework_get_config", json!({"name": "vhost_blk"}));
     let methods: Vec<&str> = cfg
         .as_array()
@@ -448,15 +448,16 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
         cfg[1]["params"],
         json!({"ctrlr": "vhost.0", "delay_base_us": 100, "iops_threshold": 100})
     );
+    // Off again: no interrupt is held back any more. (Not judged by latency: with the
+    // other tests of this binary running on 2 cores, one run off took a mean of 424 µs.)
     d.rpc_ok(
         "vhost_controller_set_coalescing",
         json!({"ctrlr": "vhost.0", "delay_base_us": 0, "iops_threshold": 60000}),
     );
-    let (mean_again, _) = bench_irq(&d, sock);
-    assert!(
-        mean_again < mean_on / 10.0,
-        "mean {mean_again} µs after turning it off"
-    );
+    let held_before = held(&d);
+    let (_, n_again) = bench_irq(&d, sock);
+    assert!(n_again > 0);
+    assert_eq!(held(&d), held_before, "coalescing off held interrupts back");
 }
 
 #[test]
