@@ -461,11 +461,9 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
 
         let mut work = 0;
         let mut done = false;
-        let mut helpers = false;
         for p in ctx.pollers.values_mut() {
             work += p.poll();
             done |= p.finished();
-            helpers |= p.awaits_helper_threads();
         }
         if done {
             let finished: Vec<u64> = ctx
@@ -494,7 +492,7 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
             }
             PollMode::Adaptive
                 if now.duration_since(last_work) < opts.idle_threshold
-                    && !helpers
+                    && !ctx.pollers.values().any(|p| p.awaits_helper_threads())
                     && !demand.contended(now) =>
             {
                 continue;
