@@ -424,8 +424,10 @@ fn controller_coalescing_is_spdks_and_paces_interrupts() {
     let (mean_on, n_on) = bench_irq(&d, sock);
     assert!(held(&d) > 0, "no interrupt was held back");
     assert!(n_on > 0 && n_off > 0);
+    // Uncoalesced, the mean is 19–33 µs alone but reached 424–472 µs in CI runs with the
+    // binary's other tests on the same 2 cores; paced, it is milliseconds (3.5 ms there).
     assert!(
-        mean_on > 10.0 * mean_off && mean_on > 500.0,
+        mean_on > 2.0 * mean_off && mean_on > 1_000.0,
         "coalescing did not pace interrupts: mean {mean_on} µs with, {mean_off} µs without"
     );
 
