@@ -48,12 +48,6 @@ pub fn enable() {
     GOVERNOR.enabled.store(true, Relaxed);
 }
 
-/// Whether the governor is on (`blockd --sched adaptive`, or no `--sched` under
-/// `SCHED_OTHER`).
-pub fn enabled() -> bool {
-    GOVERNOR.enabled.load(Relaxed)
-}
-
 /// An rbd request was submitted (called on the reactor that submits it).
 #[inline]
 pub fn io_started() {

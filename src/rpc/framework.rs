@@ -72,7 +72,7 @@ fn framework_get_scheduler(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
     let mut policy = json!({
         "mode": SchedMode::in_force().map_or("inherited", SchedMode::name),
     });
-    if adaptive_sched::enabled() {
+    if SchedMode::in_force() == Some(SchedMode::Adaptive) {
         let s = adaptive_sched::state();
         policy["policy"] = json!(s.policy.name());
         policy["rbd_in_flight"] = json!(s.in_flight);
