@@ -8,7 +8,10 @@
 //! serving RBD, polling cost blockd a fifth of its 4K random-write IOPS (bench/README.md).
 //! The kernel's count of runnable tasks (`/proc/loadavg`, fourth field, proc(5)) is read
 //! at most once per [`SAMPLE_INTERVAL`] of idle polling and smoothed, so one busy kworker
-//! does not switch polling off and the check costs nothing while requests keep coming.
+//! does not switch polling off. It is read only in a real gap ([`QUIET_BEFORE_SAMPLE`]
+//! without work), never between requests that keep coming: the read costs about 1 µs
+//! warm but 12-17 µs on the first call after the core slept (its kernel path is cold), and
+//! the request that arrived meanwhile waited for it (bench/README.md, wake-up).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -16,6 +19,16 @@ use std::time::{Duration, Instant};
 
 /// How often an idle-polling reactor samples the run queue.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_micros(250);
+
+/// A score this old is forgotten: a reactor that slept longer saw none of what happened
+/// meanwhile, and a contended verdict kept from before its sleep (16 clients' burst, say)
+/// made it sleep between, and sample among, the first requests after the wake-up.
+pub const FORGET_AFTER: Duration = Duration::from_millis(10);
+
+/// How long a reactor has found no work before it may sample: longer than a client's
+/// turnaround between a completion and its next request (1-5 µs polling, a few more
+/// sleeping on the eventfd), so requests that keep coming never wait for a sample.
+pub const QUIET_BEFORE_SAMPLE: Duration = Duration::from_micros(20);
 
 /// Weight of the newest sample in the smoothed contention score.
 const NEW_SAMPLE_WEIGHT: f32 = 0.25;
@@ -44,19 +57,34 @@ impl CpuDemand {
         }
     }
 
-    /// Whether other threads want more CPU than the host has, as of `now`. Called by the
-    /// (running) reactor itself, which therefore counts itself out of the runnable tasks.
-    pub fn contended(&mut self, now: Instant) -> bool {
+    /// Whether other threads want more CPU than the host has, as of `now`, for a reactor
+    /// that has found no work for `idle_for`. Called by the (running) reactor itself, which
+    /// therefore counts itself out of the runnable tasks.
+    pub fn contended(&mut self, now: Instant, idle_for: Duration) -> bool {
         if self
             .last_sample
-            .is_none_or(|t| now.duration_since(t) >= SAMPLE_INTERVAL)
+            .is_some_and(|t| now.duration_since(t) >= FORGET_AFTER)
         {
+            self.last_sample = None;
+            self.score = 0.0;
+        }
+        if self.sample_due(now, idle_for) {
             self.last_sample = Some(now);
             if let Some(running) = self.runnable() {
                 self.record(running.saturating_sub(1));
             }
         }
         self.score > CONTENDED
+    }
+
+    /// A sample is due once per [`SAMPLE_INTERVAL`], in a gap of [`QUIET_BEFORE_SAMPLE`].
+    /// A contended reactor sleeps at the first pass without work, so it never sees such a
+    /// gap: it samples on those passes instead, or its score could never fall again.
+    fn sample_due(&self, now: Instant, idle_for: Duration) -> bool {
+        let interval_over = self
+            .last_sample
+            .is_none_or(|t| now.duration_since(t) >= SAMPLE_INTERVAL);
+        interval_over && (idle_for >= QUIET_BEFORE_SAMPLE || self.score > CONTENDED)
     }
 
     /// Folds in one sample: `others` runnable tasks besides the reactor. They are waiting
@@ -109,22 +137,71 @@ mod tests {
         };
         let t0 = Instant::now();
         // Without procfs nothing is ever contended.
-        assert!(!d.contended(t0));
+        assert!(!d.contended(t0, QUIET_BEFORE_SAMPLE));
         // One other task per other CPU: nobody waits.
         for _ in 0..10 {
             d.record(1);
         }
-        assert!(!d.contended(t0));
+        assert!(!d.contended(t0, Duration::ZERO));
         d.record(2);
         d.record(3);
-        assert!(!d.contended(t0), "two busy samples are not a trend");
+        assert!(
+            !d.contended(t0, Duration::ZERO),
+            "two busy samples are not a trend"
+        );
         d.record(2);
         d.record(2);
-        assert!(d.contended(t0));
+        assert!(d.contended(t0, Duration::ZERO));
         d.record(0);
         d.record(1);
         d.record(0);
-        assert!(!d.contended(t0), "the host calmed down");
+        assert!(!d.contended(t0, Duration::ZERO), "the host calmed down");
+    }
+
+    #[test]
+    fn samples_only_in_a_gap_unless_contended() {
+        let mut d = CpuDemand {
+            loadavg: None,
+            cpus: 2,
+            last_sample: None,
+            score: 0.0,
+        };
+        let t0 = Instant::now();
+        let gap = QUIET_BEFORE_SAMPLE;
+        let busy = Duration::from_micros(2);
+        assert!(!d.sample_due(t0, busy), "requests keep coming");
+        assert!(d.sample_due(t0, gap), "first gap");
+        d.last_sample = Some(t0);
+        assert!(
+            !d.sample_due(t0 + SAMPLE_INTERVAL / 2, gap),
+            "sampled just now"
+        );
+        assert!(d.sample_due(t0 + SAMPLE_INTERVAL, gap));
+        // A contended reactor never idles for a gap: it samples at once, still spaced.
+        d.score = 1.0;
+        assert!(!d.sample_due(t0 + SAMPLE_INTERVAL / 2, busy));
+        assert!(d.sample_due(t0 + SAMPLE_INTERVAL, busy));
+    }
+
+    #[test]
+    fn a_verdict_from_before_a_long_sleep_is_forgotten() {
+        let mut d = CpuDemand {
+            loadavg: None,
+            cpus: 2,
+            last_sample: None,
+            score: 0.0,
+        };
+        let t0 = Instant::now();
+        for _ in 0..8 {
+            d.record(3);
+        }
+        d.last_sample = Some(t0);
+        let slept = t0 + FORGET_AFTER / 2;
+        assert!(d.contended(slept, Duration::ZERO));
+        // Woken after a long sleep: uncontended, and no sample between requests.
+        let woke = slept + FORGET_AFTER;
+        assert!(!d.contended(woke, Duration::ZERO));
+        assert!(!d.sample_due(woke, Duration::ZERO));
     }
 
     #[test]

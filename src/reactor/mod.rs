@@ -493,7 +493,7 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
             PollMode::Adaptive
                 if now.duration_since(last_work) < opts.idle_threshold
                     && !ctx.pollers.values().any(|p| p.awaits_helper_threads())
-                    && !demand.contended(now) =>
+                    && !demand.contended(now, now.duration_since(last_work)) =>
             {
                 continue;
             }
