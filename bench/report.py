@@ -8,6 +8,10 @@ import os
 import statistics
 import sys
 
+# Cores further apart than this (ns per cache-line transfer) count as placed apart; the
+# same threshold as bench/harness.py's.
+FAR_NS = 80.0
+
 # blockd row -> peer rows it is compared with.
 PAIRS = [
     (("null", "blockd"), ("null", "qsd")),
@@ -51,11 +55,27 @@ def medians(runs):
     return med
 
 
+def placement(runs):
+    """One sentence on where the host kept the two vCPUs (bench/corelat.c): the probes
+    around every measurement, how many were taken again, and how many stayed apart."""
+    xs = [x for r in runs for x in r["results"] if "core_ns" in x]
+    if not xs:
+        return None
+    probes = [ns for x in xs for p in x["core_probes"] for ns in p]
+    retaken = sum(len(x["core_probes"]) - 1 for x in xs)
+    apart = sum(1 for x in xs if max(x["core_ns"]) > FAR_NS)
+    return (f"Cache-line transfer between the two cores (bench/corelat.c) before and after "
+            f"each of the {len(xs)} measurements: median {statistics.median(probes):.0f} ns, "
+            f"max {max(probes):.0f} ns. The host moved the vCPUs apart during "
+            f"{retaken} of them, which were taken again; {apart} stayed apart (> {FAR_NS:.0f} "
+            f"ns) after 60 s of waiting.")
+
+
 def fmt_iops(v):
     return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.1f}k"
 
 
-def table(meta, med, idle):
+def table(meta, med, idle, runs=()):
     wls = list(meta["workloads"])
     lines = [
         f"Medians of {len({m['n'] for m in med.values()}) and max(m['n'] for m in med.values())} "
@@ -65,6 +85,11 @@ def table(meta, med, idle):
         f"({meta['poll_idle_us']} µs); {meta['qsd']} with an iothread; {meta['fio']} "
         f"(io_uring, O_DIRECT). QD128-2q = 2 queues × QD64. Cores = CPU time of the target "
         f"(fio: of fio) / wall time.",
+    ]
+    where = placement(runs)
+    if where:
+        lines += ["", where]
+    lines += [
         "",
         "| workload | blockd backend | peer | blockd IOPS | peer IOPS | IOPS ratio | blockd p50 µs "
         "| peer p50 µs | p50 ratio | blockd p99 µs | peer p99 µs | blockd cores | peer cores "
@@ -102,8 +127,10 @@ def table(meta, med, idle):
                      f"{idle['rss_kib_before_clients']['VmRSS'] / 1024:.1f} MiB")
         for w in idle["wakeup"]:
             first = ", ".join(f"{v:.1f}" for v in w["first_lat_us"][:6])
+            cores = (f"; cores {w['core_ns'][0]:.0f}/{w['core_ns'][1]:.0f} ns apart"
+                     if "core_ns" in w else "")
             lines.append(f"- after 1.5 s idle, first QD1 latencies µs: {first} … "
-                         f"(steady p50 {w['p50_us']:.1f})")
+                         f"(steady p50 {w['p50_us']:.1f}{cores})")
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +242,7 @@ def main():
     runs, idle = load(d)
     meta = runs[0]["meta"]
     med = medians(runs)
-    text = table(meta, med, idle)
+    text = table(meta, med, idle, runs)
     with open(os.path.join(d, "table.md"), "w") as f:
         f.write(text)
     with open(os.path.join(d, "medians.json"), "w") as f:
