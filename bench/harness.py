@@ -288,19 +288,27 @@ def wait_close(a):
 
 
 def measure_placed(a, procs, socks, img, backend, target, wl, runtime):
-    """`measure`, with the cores close before and after; a measurement during which the
-    host moved them apart is taken again (twice at most). Records the probes."""
+    """`measure`, with the cores close before and after; a measurement after which the
+    host kept them apart is taken again (twice at most). Records the probes.
+
+    A probe right after a client exits read "apart" after a fifth of the measurements of
+    one run, and the probe before the retake, a moment later, "close" every time: an
+    "apart" reading is checked again 0.5 s later, and only one that persists counts (the
+    far placement lasts from seconds to minutes)."""
     probes = []
     for attempt in range(3):
         before = wait_close(a)
         r = measure(a, procs, socks, img, backend, target, wl, runtime)
-        after = core_latency(a)
-        probes.append([before, after])
-        if max(before, after) <= FAR_NS:
+        after = [core_latency(a)]
+        if after[0] > FAR_NS:
+            time.sleep(0.5)
+            after.append(core_latency(a))
+        probes.append([before, *after])
+        if max(before, min(after)) <= FAR_NS:
             break
-        log(f"{wl} {backend} {target}: cores {before:.0f}/{after:.0f} ns apart, "
-            f"attempt {attempt + 1}")
-    r["core_ns"] = probes[-1]
+        log(f"{wl} {backend} {target}: cores {'/'.join(f'{x:.0f}' for x in probes[-1])} "
+            f"ns apart, attempt {attempt + 1}")
+    r["core_ns"] = [probes[-1][0], min(probes[-1][1:])]
     r["core_probes"] = probes
     return r
 
