@@ -68,7 +68,7 @@ def placement(runs):
     return (f"Cache-line transfer between the two cores (bench/corelat.c) before and after "
             f"each of the {len(xs)} measurements: median {statistics.median(probes):.0f} ns, "
             f"max {max(probes):.0f} ns. {rechecked} probe(s) right after a run read apart "
-            f"(> {FAR_NS:.0f} ns) and were repeated 0.5 s later; {retaken} measurement(s) "
+            f"(> {FAR_NS:.0f} ns) and were repeated (0.5 s and 2 s later); {retaken} measurement(s) "
             f"were taken again because the vCPUs stayed apart; {apart} stayed apart after "
             f"60 s of waiting.")
 
