@@ -3,8 +3,11 @@
 //! backend can be measured and checked without a VM.
 //!
 //! One thread per virtqueue keeps `--qd` requests in flight; completions are busy-polled on
-//! libblkio poll queues (default) or awaited on the completion eventfd (`--no-poll`). libblkio
-//! does not notice a dead backend, so connecting and every wait are bounded by `--timeout`.
+//! libblkio poll queues (default) or awaited on the completion eventfd (`--no-poll`). Polling
+//! threads that share a CPU (`--queues` above the number of `--cpus`) yield it whenever a
+//! poll finds nothing, as fio's threads sleep in the kernel: otherwise each held the CPU for a
+//! whole time slice while the others' completions waited. libblkio does not notice a dead
+//! backend, so connecting and every wait are bounded by `--timeout`.
 
 mod args;
 mod histogram;
@@ -308,6 +311,7 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
                     io_timeout: Duration::from_secs(a.timeout.max(1)),
                     cpu: (!cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]),
                     idle_before: Duration::from_secs_f64(a.idle_before),
+                    yield_when_idle: a.polling() && !cpus.is_empty() && nq as usize > cpus.len(),
                 }
             })
             .collect()

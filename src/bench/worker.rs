@@ -56,6 +56,10 @@ pub struct Job {
     pub cpu: Option<usize>,
     /// Idle time between the start of the queue and the first request.
     pub idle_before: Duration,
+    /// Another polling worker runs on this CPU: poll without waiting, and yield the CPU
+    /// when nothing completed (a busy-waiting worker would hold it for its whole time
+    /// slice while the other queue's completions wait).
+    pub yield_when_idle: bool,
 }
 
 /// How many of the first completions' latencies a worker keeps apart (wake-up latency).
@@ -258,16 +262,34 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
         in_flight += 1;
     }
 
+    let mut last_completion = Instant::now();
     while in_flight > 0 {
-        let mut timeout = job.io_timeout;
-        let n = queue
-            .do_io(&mut completions, 1, Some(&mut timeout), None)
-            .map_err(|e| {
-                anyhow!(
-                    "waiting for completions ({in_flight} in flight, timeout {:?}): {e}",
-                    job.io_timeout
-                )
-            })?;
+        let waited = |e: &dyn std::fmt::Display| {
+            anyhow!(
+                "waiting for completions ({in_flight} in flight, timeout {:?}): {e}",
+                job.io_timeout
+            )
+        };
+        let n = if job.yield_when_idle {
+            let n = queue
+                .do_io(&mut completions, 0, None, None)
+                .map_err(|e| waited(&e))?;
+            if n == 0 {
+                if last_completion.elapsed() > job.io_timeout {
+                    return Err(waited(&"timed out"));
+                }
+                // SAFETY: sched_yield has no preconditions.
+                unsafe { libc::sched_yield() };
+                continue;
+            }
+            last_completion = Instant::now();
+            n
+        } else {
+            let mut timeout = job.io_timeout;
+            queue
+                .do_io(&mut completions, 1, Some(&mut timeout), None)
+                .map_err(|e| waited(&e))?
+        };
         let now = Instant::now();
         for c in &completions[..n] {
             // SAFETY: do_io initialised the first `n` entries.
