@@ -2,7 +2,7 @@
  * How long one cache line takes to move from core 0 to core 1 and back: two threads, one
  * per core, take turns incrementing a shared counter. blockd's null and malloc rows move a
  * few such lines per request between the target (core 0) and the client (core 1), so when
- * the host places the two vCPUs far apart (on this machine a transfer then takes 160-175 ns
+ * the host places the two vCPUs far apart (on this machine a transfer then takes 156-176 ns
  * instead of about 30) those rows measure the host's interconnect more than the targets:
  * blockd's null reads fall from ~6.5M to ~2.2M IOPS, QSD's from ~1.27M to ~0.89M.
  * bench/harness.py runs this before and after every measurement.

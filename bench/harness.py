@@ -263,8 +263,8 @@ def run_fio(a, img, wl, runtime):
 
 
 # A cache line moves between the target's and the client's core in about 30 ns when the
-# host places the two vCPUs close together, and in 160-175 ns when it places them far apart
-# (it switches every few minutes). The null and malloc rows move a few lines per request,
+# host places the two vCPUs close together, and in 156-176 ns when it places them far apart
+# (and it moves them now and then). The null and malloc rows move a few lines per request,
 # so a measurement taken far apart is one of the host's interconnect, not of the targets
 # (bench/corelat.c). Every measurement is taken close together when the host allows it.
 FAR_NS = 80.0
@@ -288,30 +288,26 @@ def wait_close(a):
 
 
 def measure_placed(a, procs, socks, img, backend, target, wl, runtime):
-    """`measure`, with the cores close before and after; a measurement after which the
-    host kept them apart is taken again (twice at most). Records the probes.
+    """`measure`, with the cores close right before and right after; otherwise the
+    measurement is taken again (twice at most). Records the probes.
 
-    A probe right after a client exits reads "apart" after a fifth of the measurements,
-    sometimes still 0.5 s later, while the run's own figures are those of the close
-    placement and the probe before the retake, a moment later, reads "close" every time.
-    So an "apart" reading is checked again 0.5 s and 2 s later, and only one that persists
-    counts (the far placement, when it comes, lasts from seconds to minutes)."""
+    The placement is not fixed for minutes: probes 0.5 s and 2 s after a run read apart
+    while one a moment later read close, and a retake between two close probes once ran
+    at the far placement's figures. A busy vCPU seems to stay where it is, and one that
+    idles (between runs, or a client sleeping on its eventfd) may come back elsewhere, so
+    only the probes next to the run say anything about it, and even they do not prove
+    that the vCPUs stayed close throughout."""
     probes = []
     for attempt in range(3):
         before = wait_close(a)
         r = measure(a, procs, socks, img, backend, target, wl, runtime)
-        after = [core_latency(a)]
-        for pause in (0.5, 1.5):
-            if min(after) <= FAR_NS:
-                break
-            time.sleep(pause)
-            after.append(core_latency(a))
-        probes.append([before, *after])
-        if max(before, min(after)) <= FAR_NS:
+        after = core_latency(a)
+        probes.append([before, after])
+        if max(before, after) <= FAR_NS:
             break
-        log(f"{wl} {backend} {target}: cores {'/'.join(f'{x:.0f}' for x in probes[-1])} "
-            f"ns apart, attempt {attempt + 1}")
-    r["core_ns"] = [probes[-1][0], min(probes[-1][1:])]
+        log(f"{wl} {backend} {target}: cores {before:.0f}/{after:.0f} ns apart, "
+            f"attempt {attempt + 1}")
+    r["core_ns"] = probes[-1]
     r["core_probes"] = probes
     return r
 

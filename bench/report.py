@@ -62,15 +62,12 @@ def placement(runs):
     if not xs:
         return None
     probes = [ns for x in xs for ns in x["core_ns"]]
-    rechecked = sum(1 for x in xs for p in x["core_probes"] if len(p) > 2)
     retaken = sum(len(x["core_probes"]) - 1 for x in xs)
     apart = sum(1 for x in xs if max(x["core_ns"]) > FAR_NS)
-    return (f"Cache-line transfer between the two cores (bench/corelat.c) before and after "
-            f"each of the {len(xs)} measurements: median {statistics.median(probes):.0f} ns, "
-            f"max {max(probes):.0f} ns. {rechecked} probe(s) right after a run read apart "
-            f"(> {FAR_NS:.0f} ns) and were repeated (0.5 s and 2 s later); {retaken} measurement(s) "
-            f"were taken again because the vCPUs stayed apart; {apart} stayed apart after "
-            f"60 s of waiting.")
+    return (f"Cache-line transfer between the two cores (bench/corelat.c) right before and "
+            f"after each of the {len(xs)} measurements: median {statistics.median(probes):.0f} "
+            f"ns, max {max(probes):.0f} ns. {retaken} measurement(s) were taken again because "
+            f"a probe read apart (> {FAR_NS:.0f} ns); {apart} read apart in all 3 attempts.")
 
 
 def fmt_iops(v):
