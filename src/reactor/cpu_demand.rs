@@ -120,6 +120,16 @@ fn parse_runnable(loadavg: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    /// A 2-CPU reactor's view with nothing sampled yet and no procfs to sample from.
+    fn without_procfs() -> CpuDemand {
+        CpuDemand {
+            loadavg: None,
+            cpus: 2,
+            last_sample: None,
+            score: 0.0,
+        }
+    }
+
     #[test]
     fn parses_the_runnable_count() {
         assert_eq!(parse_runnable(b"1.61 3.01 2.52 2/234 9449\n"), Some(2));
@@ -130,12 +140,7 @@ mod tests {
 
     #[test]
     fn a_trend_flips_the_state_and_one_sample_does_not() {
-        let mut d = CpuDemand {
-            loadavg: None,
-            cpus: 2,
-            last_sample: None,
-            score: 0.0,
-        };
+        let mut d = without_procfs();
         let t0 = Instant::now();
         // Without procfs nothing is ever contended.
         assert!(!d.contended(t0, QUIET_BEFORE_SAMPLE));
@@ -161,12 +166,7 @@ mod tests {
 
     #[test]
     fn samples_only_in_a_gap_unless_contended() {
-        let mut d = CpuDemand {
-            loadavg: None,
-            cpus: 2,
-            last_sample: None,
-            score: 0.0,
-        };
+        let mut d = without_procfs();
         let t0 = Instant::now();
         let gap = QUIET_BEFORE_SAMPLE;
         let busy = Duration::from_micros(2);
@@ -186,12 +186,7 @@ mod tests {
 
     #[test]
     fn a_verdict_from_before_a_long_sleep_is_forgotten() {
-        let mut d = CpuDemand {
-            loadavg: None,
-            cpus: 2,
-            last_sample: None,
-            score: 0.0,
-        };
+        let mut d = without_procfs();
         let t0 = Instant::now();
         for _ in 0..8 {
             d.record(3);
