@@ -1,6 +1,6 @@
 /*
- * How long one cache line takes to move from core 0 to core 1 and back: two threads, one
- * per core, take turns incrementing a shared counter. blockd's null and malloc rows move a
+ * How long one cache line takes to move between core 0 and core 1: two threads, one per
+ * core, take turns incrementing a shared counter. blockd's null and malloc rows move a
  * few such lines per request between the target (core 0) and the client (core 1), so when
  * the host places the two vCPUs far apart (on this machine a transfer then takes 156-176 ns
  * instead of about 30) those rows measure the host's interconnect more than the targets:
@@ -35,10 +35,11 @@ static void pin(int cpu)
 	}
 }
 
-/* Waits for the counter to reach `from`, then hands it on, every other value. */
-static void take_turns(long from)
+/* For every other value in [from, to): waits for the counter to reach it, then hands the
+ * counter on (the other thread takes the values in between). */
+static void take_turns(long from, long to)
 {
-	for (long i = from; i < TRANSFERS * BATCHES; i += 2) {
+	for (long i = from; i < to; i += 2) {
 		while (atomic_load_explicit(&turn, memory_order_acquire) != i)
 			;
 		atomic_store_explicit(&turn, i + 1, memory_order_release);
@@ -48,7 +49,7 @@ static void take_turns(long from)
 static void *other(void *arg)
 {
 	pin(*(int *)arg);
-	take_turns(1);
+	take_turns(1, TRANSFERS * BATCHES);
 	return NULL;
 }
 
@@ -75,11 +76,7 @@ int main(int argc, char **argv)
 		return 1;
 	for (int k = 0; k < BATCHES; k++) {
 		double t0 = now_ns();
-		for (long i = k * TRANSFERS; i < (k + 1) * TRANSFERS; i += 2) {
-			while (atomic_load_explicit(&turn, memory_order_acquire) != i)
-				;
-			atomic_store_explicit(&turn, i + 1, memory_order_release);
-		}
+		take_turns(k * TRANSFERS, (k + 1) * TRANSFERS);
 		ns[k] = (now_ns() - t0) / TRANSFERS;
 	}
 	pthread_join(t, NULL);

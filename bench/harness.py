@@ -266,7 +266,8 @@ def run_fio(a, img, wl, runtime):
 # host places the two vCPUs close together, and in 156-176 ns when it places them far apart
 # (and it moves them now and then). The null and malloc rows move a few lines per request,
 # so a measurement taken far apart is one of the host's interconnect, not of the targets
-# (bench/corelat.c). Every measurement is taken close together when the host allows it.
+# (bench/corelat.c). Measurements are taken close together when the host allows it. The
+# report reads the threshold from the run's meta.
 FAR_NS = 80.0
 PLACEMENT_WAIT_S = 60.0
 
@@ -292,8 +293,8 @@ def measure_placed(a, procs, socks, img, backend, target, wl, runtime):
     measurement is taken again (twice at most). Records the probes.
 
     The placement is not fixed for minutes: probes 0.5 s and 2 s after a run read apart
-    while one a moment later read close, and a retake between two close probes once ran
-    at the far placement's figures. A busy vCPU seems to stay where it is, and one that
+    while one a moment later read close, and a retake with a close probe before it and a
+    close one within 2 s after it once made the far placement's figures. A busy vCPU seems to stay where it is, and one that
     idles (between runs, or a client sleeping on its eventfd) may come back elsewhere, so
     only the probes next to the run say anything about it, and even they do not prove
     that the vCPUs stayed close throughout."""
@@ -435,6 +436,7 @@ def main():
         "qsd": subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
                               text=True).stdout.splitlines()[0],
         "fio": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip(),
+        "core_far_ns": FAR_NS,
         "workloads": {k: dict(zip(("pattern", "bs", "qd_per_queue", "queues"), v))
                       for k, v in WORKLOADS.items() if k in wls},
     }
