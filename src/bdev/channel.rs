@@ -24,6 +24,9 @@ struct Slot {
     bytes: u64,
     /// Submission time, nanoseconds since the channel's `epoch`.
     start_ns: u64,
+    /// A write submitted with [`BdevChannel::submit_fua`]: once it succeeds, a flush under
+    /// the same user tag follows before the caller hears of it.
+    then_flush: bool,
 }
 
 /// One clock reading, as an `Instant` (QoS) and as nanoseconds since the channel's epoch
@@ -43,8 +46,10 @@ pub struct BdevChannel {
     free: Vec<usize>,
     /// Completions decided without the backend (validation failures).
     immediate: VecDeque<(u64, IoResult)>,
-    /// Operations waiting for QoS tokens, in submission order.
-    throttled: VecDeque<(u64, IoOp)>,
+    /// Operations waiting for QoS tokens, in submission order, with their FUA flag.
+    throttled: VecDeque<(u64, IoOp, bool)>,
+    /// FUA writes that completed in the last reap and now wait for their flush (scratch).
+    to_flush: Vec<u64>,
     /// When the head of `throttled` may be admitted.
     retry_at: Option<Instant>,
     /// Since when this channel has had something in the backend (for `io_time`).
@@ -67,6 +72,7 @@ impl BdevChannel {
             free: Vec::new(),
             immediate: VecDeque::new(),
             throttled: VecDeque::new(),
+            to_flush: Vec::new(),
             retry_at: None,
             busy_since: None,
             stats: LocalStats::default(),
@@ -136,6 +142,30 @@ impl BdevChannel {
     /// # Safety
     /// The buffers of `op` must stay valid until the completion of `tag` is reported.
     pub unsafe fn submit(&mut self, tag: u64, op: IoOp) {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.submit_op(tag, op, false) }
+    }
+
+    /// Submits a write that is reported only once it is durable: forced unit access
+    /// (SCSI WRITE with FUA, NBD_CMD_FLAG_FUA) and write-through caching (virtio-blk
+    /// without `VIRTIO_BLK_F_CONFIG_WCE` writeback, virtio 1.2 §5.2.6.2). The channel
+    /// follows a successful write with a flush under the same tag when the backend has a
+    /// volatile cache to flush; one completion reports both. Other operations are submitted
+    /// as by [`BdevChannel::submit`].
+    ///
+    /// # Safety
+    /// As [`BdevChannel::submit`].
+    pub unsafe fn submit_fua(&mut self, tag: u64, op: IoOp) {
+        let fua = matches!(op, IoOp::Write { .. }) && self.bdev.backend().io_types().flush;
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.submit_op(tag, op, fua) }
+    }
+
+    /// [`BdevChannel::submit`], with a flush after the write when `then_flush`.
+    ///
+    /// # Safety
+    /// As [`BdevChannel::submit`].
+    unsafe fn submit_op(&mut self, tag: u64, op: IoOp, then_flush: bool) {
         if let Err(e) = self.check(&op) {
             self.bdev.stats.record(op.kind(), 0, 0, false);
             self.immediate.push_back((tag, Err(e)));
@@ -143,26 +173,31 @@ impl BdevChannel {
         }
         let now = self.now();
         if !self.throttled.is_empty() {
-            self.throttled.push_back((tag, op));
+            self.throttled.push_back((tag, op, then_flush));
             return;
         }
         let bytes = op.range().map_or(0, |r| r.1);
         match self.bdev.qos.try_admit(op.kind(), bytes, now.at) {
-            Ok(()) => self.dispatch(tag, op, now),
+            // SAFETY: the caller's promise, passed on.
+            Ok(()) => unsafe { self.dispatch(tag, op, then_flush, now) },
             Err(at) => {
                 self.retry_at = Some(at);
-                self.throttled.push_back((tag, op));
+                self.throttled.push_back((tag, op, then_flush));
             }
         }
     }
 
     /// Hands `op` to the backend under a fresh slot.
-    unsafe fn dispatch(&mut self, user_tag: u64, op: IoOp, now: Now) {
+    ///
+    /// # Safety
+    /// As [`BdevChannel::submit`].
+    unsafe fn dispatch(&mut self, user_tag: u64, op: IoOp, then_flush: bool, now: Now) {
         let slot = Slot {
             user_tag,
             kind: op.kind(),
             bytes: op.range().map_or(0, |r| r.1),
             start_ns: now.ns,
+            then_flush,
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -178,7 +213,8 @@ impl BdevChannel {
             self.busy_since = Some(now.at);
         }
         self.stats.add_queue_depth(1);
-        self.inner.submit(idx as u64, op);
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.inner.submit(idx as u64, op) };
     }
 
     /// Hands queued submissions to the backend.
@@ -205,6 +241,7 @@ impl BdevChannel {
             slots,
             free,
             stats,
+            to_flush,
             ..
         } = self;
         n += inner.reap(&mut |idx, r| {
@@ -223,8 +260,17 @@ impl BdevChannel {
             let lat = t.ns.saturating_sub(slot.start_ns);
             stats.add_queue_depth(-1);
             stats.record(slot.kind, slot.bytes, lat, r.is_ok());
-            done(slot.user_tag, r);
+            if slot.then_flush && r.is_ok() {
+                to_flush.push(slot.user_tag);
+            } else {
+                done(slot.user_tag, r);
+            }
         });
+        if !self.to_flush.is_empty() {
+            // Reaped, but reported only after their flush.
+            n -= self.to_flush.len();
+            self.flush_after_writes();
+        }
         // Published before the caller reports the completions to its client, so whoever
         // sees a completion also sees it counted.
         self.flush_stats();
@@ -242,6 +288,20 @@ impl BdevChannel {
         n
     }
 
+    /// Follows the FUA writes that just completed with their flushes. A flush is not
+    /// throttled (QoS limits data, and the write it completes was admitted already).
+    fn flush_after_writes(&mut self) {
+        let now = self.clock();
+        let tags = std::mem::take(&mut self.to_flush);
+        for &tag in &tags {
+            // SAFETY: a flush carries no buffers.
+            unsafe { self.dispatch(tag, IoOp::Flush, false, now) };
+        }
+        self.to_flush = tags;
+        self.to_flush.clear();
+        self.inner.kick();
+    }
+
     /// Submits the throttled operations QoS now admits.
     fn release_throttled(&mut self) {
         let now = self.clock();
@@ -249,14 +309,14 @@ impl BdevChannel {
             return;
         }
         let mut sent = false;
-        while let Some(&(tag, op)) = self.throttled.front() {
+        while let Some(&(tag, op, then_flush)) = self.throttled.front() {
             let bytes = op.range().map_or(0, |r| r.1);
             match self.bdev.qos.try_admit(op.kind(), bytes, now.at) {
                 Ok(()) => {
                     self.throttled.pop_front();
                     // SAFETY: the caller of `submit` promised the buffers stay valid until
                     // the completion is reported, which has not happened yet.
-                    unsafe { self.dispatch(tag, op, now) };
+                    unsafe { self.dispatch(tag, op, then_flush, now) };
                     sent = true;
                 }
                 Err(at) => {

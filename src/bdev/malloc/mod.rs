@@ -393,4 +393,45 @@ mod tests {
             ("bdev_malloc_create", Some(512))
         );
     }
+
+    #[test]
+    fn fua_write_reports_once_after_its_flush() {
+        let r = BdevRegistry::default();
+        let b = create(&r, opts(Some("F"))).unwrap();
+        let mut ch = b.open_channel().unwrap();
+        let mut buf = vec![0x5au8; 1024];
+        let w = [iov(&mut buf)];
+        // SAFETY: `buf` outlives the reap.
+        unsafe {
+            ch.submit_fua(
+                7,
+                IoOp::Write {
+                    offset: 512,
+                    iovs: IoVecs::from_slice(&w),
+                },
+            );
+            ch.kick();
+        }
+        let done = reap_all(&mut ch, 1);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].0, 7);
+        assert!(done[0].1.is_ok());
+        let stats = &b.stats;
+        assert_eq!(stats.num_write_ops.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(stats.num_flush_ops.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A FUA read is a plain read: no flush.
+        // SAFETY: as above.
+        unsafe {
+            ch.submit_fua(
+                8,
+                IoOp::Read {
+                    offset: 512,
+                    iovs: IoVecs::from_slice(&w),
+                },
+            );
+            ch.kick();
+        }
+        assert_eq!(reap_all(&mut ch, 1)[0].0, 8);
+        assert_eq!(stats.num_flush_ops.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
 }
