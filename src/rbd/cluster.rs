@@ -149,9 +149,8 @@ impl Rados {
         // those: a virtio-blk driver without VIRTIO_BLK_F_FLUSH gets a write-through
         // device, SCSI initiators are told WCE=1 and send SYNCHRONIZE CACHE, NBD clients
         // get NBD_FLAG_SEND_FLUSH. The guard would only hold every image at write-through
-        // speed until its guest's first flush (4K random writes at 0.6× fio's rbd engine
-        // in bench/rbd.sh). The rbd tool turns it off for the same reason; `config` may
-        // turn it back on.
+        // speed, a round trip to the OSDs per write, until its guest's first flush. The
+        // rbd tool turns it off for the same reason; `config` may turn it back on.
         if !opts
             .config
             .contains_key("rbd_cache_writethrough_until_flush")
