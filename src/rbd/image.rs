@@ -5,9 +5,9 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr;
 use std::sync::Arc;
 
-use super::cluster::{c_buf_to_string, cstr, IoCtx};
 use super::error::{check, RbdError, RbdResult};
 use super::ffi::{self, rbd_completion_t, rbd_image_t, Api};
+use super::rados::{c_buf_to_string, cstr, IoCtx};
 
 /// Feature bits and their names (`rbd/features.h`).
 pub const FEATURES: &[(u64, &str)] = &[

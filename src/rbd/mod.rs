@@ -2,14 +2,14 @@
 //! librados/librbd bindings ([`ffi`]) and safe owners of their handles ([`Rados`],
 //! [`IoCtx`], [`Image`]) whose errors name the cluster, pool and image ([`RbdError`]).
 
-pub mod cluster;
 pub mod error;
 pub mod ffi;
 pub mod image;
+pub mod rados;
 
-pub use cluster::{ConnectOptions, IoCtx, Rados};
 pub use error::{RbdError, RbdResult};
 pub use image::{CreateOptions, Image, ImageInfo, SnapInfo, Watcher};
+pub use rados::{ConnectOptions, IoCtx, Rados};
 
 /// `POOL/IMAGE[@SNAP]` as the `rbd` tool spells it; the pool defaults to `rbd`.
 #[derive(Clone, Debug, PartialEq, Eq)]

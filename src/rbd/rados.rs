@@ -1,4 +1,5 @@
-//! Cluster connections (`rados_t`) and pools (`rados_ioctx_t`).
+//! librados connections (`rados_t`) and pools (`rados_ioctx_t`): the handles every RBD call
+//! goes through, for the rbd bdev and `blockctl image`/`pool` alike.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, CString};
