@@ -97,7 +97,10 @@ fn bindings_create_stat_resize_remove() {
         assert_eq!(info.order, 22);
         assert_eq!(info.num_objs, 2);
         assert!(info.block_name_prefix.starts_with("rbd_data."), "{info:?}");
-        assert!(info.features.contains(&"layering"), "{info:?}");
+        assert!(
+            blockd::rbdcli::present::feature_names(info.features).contains(&"layering"),
+            "{info:?}"
+        );
         img.resize(16 << 20).unwrap();
         assert_eq!(img.size().unwrap(), 16 << 20);
         // The rbd tool sees the same image.

@@ -44,7 +44,7 @@ use super::{
     IoChannel, IoOp, IoResult, IoTypes, MAX_EXTENTS,
 };
 use crate::rbd::ffi::{rbd_completion_t, Api};
-use crate::rbd::image::AioOp;
+use crate::rbd::aio::AioOp;
 use crate::rbd::{ConnectOptions, Image, Rados, RbdError, RbdResult};
 use crate::reactor::sched::adaptive;
 
