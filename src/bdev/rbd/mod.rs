@@ -43,8 +43,8 @@ use super::{
     check_block_size, push_extent, AllocState, Bdev, BdevBackend, BdevParams, Errno, Extent,
     IoChannel, IoOp, IoResult, IoTypes, MAX_EXTENTS,
 };
-use crate::rbd::ffi::{rbd_completion_t, Api};
 use crate::rbd::aio::AioOp;
+use crate::rbd::ffi::{rbd_completion_t, Api};
 use crate::rbd::{ConnectOptions, Image, Rados, RbdError, RbdResult};
 use crate::reactor::sched::adaptive;
 
