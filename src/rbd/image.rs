@@ -65,29 +65,21 @@ impl ImageOptions {
         // SAFETY: out-pointer.
         unsafe { (api.rbd_image_options_create)(&mut h) };
         let opts = ImageOptions { api, h };
-        // SAFETY (both): live options handle.
-        check(
-            unsafe { (api.rbd_image_options_set_uint64)(h, ffi::RBD_IMAGE_OPTION_FORMAT, 2) }
-                as i64,
-            "setting options of",
-            what,
-        )?;
+        let set = |option: c_int, value: u64, op: &str| {
+            // SAFETY: live options handle (owned by `opts`, dropped after this closure).
+            let rc = unsafe { (api.rbd_image_options_set_uint64)(h, option, value) };
+            check(rc as i64, op, what)
+        };
+        set(ffi::RBD_IMAGE_OPTION_FORMAT, 2, "setting options of")?;
         if let Some(order) = o.order {
-            check(
-                unsafe {
-                    (api.rbd_image_options_set_uint64)(h, ffi::RBD_IMAGE_OPTION_ORDER, order as u64)
-                } as i64,
+            set(
+                ffi::RBD_IMAGE_OPTION_ORDER,
+                order as u64,
                 "setting the order of",
-                what,
             )?;
         }
         if let Some(f) = o.features {
-            check(
-                unsafe { (api.rbd_image_options_set_uint64)(h, ffi::RBD_IMAGE_OPTION_FEATURES, f) }
-                    as i64,
-                "setting the features of",
-                what,
-            )?;
+            set(ffi::RBD_IMAGE_OPTION_FEATURES, f, "setting the features of")?;
         }
         Ok(opts)
     }
@@ -111,11 +103,8 @@ impl IoCtx {
         let n = cstr(image, "image name")?;
         let opts = ImageOptions::new(self.api(), o, &what)?;
         // SAFETY: live ioctx and options, C string.
-        check(
-            unsafe { (self.api().rbd_create4)(self.raw(), n.as_ptr(), size, opts.h) } as i64,
-            "creating",
-            &what,
-        )?;
+        let rc = unsafe { (self.api().rbd_create4)(self.raw(), n.as_ptr(), size, opts.h) };
+        check(rc as i64, "creating", &what)?;
         Ok(())
     }
 
@@ -159,8 +148,8 @@ impl IoCtx {
             )?;
             let mut names: Vec<String> = specs[..max]
                 .iter()
-                // SAFETY: librbd filled `max` specs with C strings.
                 .map(|s| {
+                    // SAFETY: librbd filled `max` specs with C strings.
                     unsafe { CStr::from_ptr(s.name) }
                         .to_string_lossy()
                         .into_owned()
@@ -197,23 +186,15 @@ impl IoCtx {
         let n = cstr(image, "image name")?;
         let s = snap.map(|s| cstr(s, "snapshot name")).transpose()?;
         let mut h: rbd_image_t = ptr::null_mut();
-        // SAFETY: live ioctx, C strings, out-pointer.
-        check(
-            unsafe {
-                (if read_only {
-                    self.api().rbd_open_read_only
-                } else {
-                    self.api().rbd_open
-                })(
-                    self.raw(),
-                    n.as_ptr(),
-                    &mut h,
-                    s.as_ref().map_or(ptr::null(), |s| s.as_ptr()),
-                )
-            } as i64,
-            "opening",
-            &what,
-        )?;
+        let open = if read_only {
+            self.api().rbd_open_read_only
+        } else {
+            self.api().rbd_open
+        };
+        let snap_ptr = s.as_ref().map_or(ptr::null(), |s| s.as_ptr());
+        // SAFETY: live ioctx, C strings (or NULL for no snapshot), out-pointer.
+        let rc = unsafe { open(self.raw(), n.as_ptr(), &mut h, snap_ptr) };
+        check(rc as i64, "opening", &what)?;
         Ok(Image {
             api: self.api(),
             h,
@@ -285,6 +266,7 @@ pub struct Image {
 // SAFETY: librbd serializes access to an image internally; aio calls may come from any
 // thread.
 unsafe impl Send for Image {}
+// SAFETY: as for Send: every method takes `&self` and librbd locks the image inside.
 unsafe impl Sync for Image {}
 
 impl Image {
@@ -307,18 +289,10 @@ impl Image {
     pub fn stat(&self) -> RbdResult<ffi::rbd_image_info_t> {
         // SAFETY: all-zero is a valid rbd_image_info_t.
         let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of::<ffi::rbd_image_info_t>();
         // SAFETY: live image, struct of the given size.
-        check(
-            unsafe {
-                (self.api.rbd_stat)(
-                    self.h,
-                    &mut info,
-                    std::mem::size_of::<ffi::rbd_image_info_t>(),
-                )
-            } as i64,
-            "getting the size of",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_stat)(self.h, &mut info, len) };
+        check(rc as i64, "getting the size of", &self.what)?;
         Ok(info)
     }
 
@@ -331,11 +305,8 @@ impl Image {
     pub fn features(&self) -> RbdResult<u64> {
         let mut f = 0u64;
         // SAFETY: live image, out-pointer.
-        check(
-            unsafe { (self.api.rbd_get_features)(self.h, &mut f) } as i64,
-            "getting the features of",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_get_features)(self.h, &mut f) };
+        check(rc as i64, "getting the features of", &self.what)?;
         Ok(f)
     }
 
@@ -344,20 +315,14 @@ impl Image {
         let st = self.stat()?;
         let mut id = vec![0 as c_char; 64];
         // SAFETY: live image, buffer of the given length.
-        check(
-            unsafe { (self.api.rbd_get_id)(self.h, id.as_mut_ptr(), id.len()) } as i64,
-            "getting the id of",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_get_id)(self.h, id.as_mut_ptr(), id.len()) };
+        check(rc as i64, "getting the id of", &self.what)?;
         let mut prefix = vec![0 as c_char; 64];
-        // SAFETY: as above.
-        check(
-            unsafe {
-                (self.api.rbd_get_block_name_prefix)(self.h, prefix.as_mut_ptr(), prefix.len())
-            } as i64,
-            "getting the block name prefix of",
-            &self.what,
-        )?;
+        // SAFETY: live image, buffer of the given length.
+        let rc = unsafe {
+            (self.api.rbd_get_block_name_prefix)(self.h, prefix.as_mut_ptr(), prefix.len())
+        };
+        check(rc as i64, "getting the block name prefix of", &self.what)?;
         Ok(ImageInfo {
             name: self.name.clone(),
             id: c_buf_to_string(&id),
@@ -381,11 +346,8 @@ impl Image {
     fn u64_prop(&self, what: &str, f: U64Fn) -> RbdResult<u64> {
         let mut v = 0u64;
         // SAFETY: live image, out-pointer.
-        check(
-            unsafe { f(self.h, &mut v) } as i64,
-            &format!("getting the {what} of"),
-            &self.what,
-        )?;
+        let rc = unsafe { f(self.h, &mut v) };
+        check(rc as i64, &format!("getting the {what} of"), &self.what)?;
         Ok(v)
     }
 
@@ -393,11 +355,8 @@ impl Image {
         // SAFETY: all-zero is a valid timespec.
         let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
         // SAFETY: live image, out-pointer.
-        check(
-            unsafe { f(self.h, &mut ts) } as i64,
-            &format!("getting the {what} of"),
-            &self.what,
-        )?;
+        let rc = unsafe { f(self.h, &mut ts) };
+        check(rc as i64, &format!("getting the {what} of"), &self.what)?;
         Ok(system_time(&ts))
     }
 
@@ -412,11 +371,8 @@ impl Image {
     /// Copies the parent's data into this clone and detaches it.
     pub fn flatten(&self) -> RbdResult<()> {
         // SAFETY: live image.
-        check(
-            unsafe { (self.api.rbd_flatten)(self.h) } as i64,
-            "flattening",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_flatten)(self.h) };
+        check(rc as i64, "flattening", &self.what)?;
         Ok(())
     }
 
@@ -569,11 +525,8 @@ impl Image {
     /// Grows or shrinks the image.
     pub fn resize(&self, size: u64) -> RbdResult<()> {
         // SAFETY: live image.
-        check(
-            unsafe { (self.api.rbd_resize)(self.h, size) } as i64,
-            "resizing",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_resize)(self.h, size) };
+        check(rc as i64, "resizing", &self.what)?;
         Ok(())
     }
 
@@ -607,11 +560,8 @@ impl Image {
     /// Synchronous flush.
     pub fn flush(&self) -> RbdResult<()> {
         // SAFETY: live image.
-        check(
-            unsafe { (self.api.rbd_flush)(self.h) } as i64,
-            "flushing",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_flush)(self.h) };
+        check(rc as i64, "flushing", &self.what)?;
         Ok(())
     }
 
@@ -628,22 +578,16 @@ impl Image {
         let mut handle = 0u64;
         // SAFETY: live image, out-pointer; the caller keeps `arg` valid while the watch
         // lasts, and librbd calls `cb` with nothing else.
-        check(
-            unsafe { (self.api.rbd_update_watch)(self.h, &mut handle, Some(cb), arg) } as i64,
-            "watching",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_update_watch)(self.h, &mut handle, Some(cb), arg) };
+        check(rc as i64, "watching", &self.what)?;
         Ok(handle)
     }
 
     /// Removes a watch; when it returns, the callback no longer runs.
     pub fn update_unwatch(&self, handle: u64) -> RbdResult<()> {
         // SAFETY: live image.
-        check(
-            unsafe { (self.api.rbd_update_unwatch)(self.h, handle) } as i64,
-            "unwatching",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_update_unwatch)(self.h, handle) };
+        check(rc as i64, "unwatching", &self.what)?;
         Ok(())
     }
 }

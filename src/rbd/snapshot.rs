@@ -60,8 +60,9 @@ impl Image {
             unsafe { (self.api.rbd_snap_list_end)(v.as_mut_ptr()) };
             for s in &mut out {
                 s.protected = self.snap_is_protected(&s.name)?;
-                // SAFETY: all-zero is a valid timespec; live image, out-pointer.
+                // SAFETY: all-zero is a valid timespec.
                 let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+                // SAFETY: live image, out-pointer.
                 if unsafe { (self.api.rbd_snap_get_timestamp)(self.h, s.id, &mut ts) } == 0 {
                     s.timestamp = Some(system_time(&ts));
                 }
