@@ -97,7 +97,10 @@ fn bindings_create_stat_resize_remove() {
         assert_eq!(info.order, 22);
         assert_eq!(info.num_objs, 2);
         assert!(info.block_name_prefix.starts_with("rbd_data."), "{info:?}");
-        assert!(info.features.contains(&"layering"), "{info:?}");
+        assert!(
+            blockd::rbdcli::present::feature_names(info.features).contains(&"layering"),
+            "{info:?}"
+        );
         img.resize(16 << 20).unwrap();
         assert_eq!(img.size().unwrap(), 16 << 20);
         // The rbd tool sees the same image.
@@ -905,7 +908,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 /// The default `--sched adaptive`: blockd's threads, librbd's included, run under
 /// SCHED_BATCH while rbd requests are deep in flight and under SCHED_OTHER otherwise
-/// (src/reactor/adaptive_sched.rs); a QD1 client never sees the batch policy.
+/// (src/reactor/sched/adaptive.rs); a QD1 client never sees the batch policy.
 #[test]
 fn threads_batch_only_while_rbd_queues_are_deep() {
     let conf = need_ceph!();
@@ -996,7 +999,7 @@ fn daemon_serves_an_rbd_image() {
         "vhost_create_blk_controller",
         json!({"ctrlr": "vhost.0", "dev_name": "Ceph0"}),
     );
-    // librbd's threads inherit the daemon's policy (src/reactor/sched_policy.rs).
+    // librbd's threads inherit the daemon's policy (src/reactor/sched/policy.rs).
     let threads = common::thread_policies(d.pid());
     for name in ["io_context_pool", "msgr-worker-0", "reactor_0"] {
         assert!(

@@ -6,8 +6,8 @@
 //! an image has seen a flush) holds such a write back until the earlier one completes at
 //! the OSD, which under load is hundreds of milliseconds away, so the queue fills with
 //! blocked writes. fio's rbd engine, with its random map, never overlaps, and
-//! `fio --norandommap` on the same image loses about a fifth of its 4K write IOPS (p99
-//! 10–17 ms → 118–126 ms). Comparing targets with fio needs fio's offsets.
+//! `fio --norandommap` on the same image loses write IOPS and its tail latency grows
+//! (bench/README.md, "What is measured"). Comparing targets with fio needs fio's offsets.
 //!
 //! The order is a keyed bijection of `[0, 2^k)` (`2^k` the smallest power of two ≥ the
 //! block count) walked with a counter, skipping values past the end ("cycle walking"): no

@@ -15,7 +15,7 @@ use clap::Parser;
 
 use blockd::app::{App, AppOptions};
 use blockd::cpumask::CpuMask;
-use blockd::reactor::sched_policy::SchedMode;
+use blockd::reactor::sched::SchedMode;
 use blockd::reactor::{PollMode, PollOptions, Reactors};
 use blockd::rpc::server::{RpcListener, RpcServer};
 

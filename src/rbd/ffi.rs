@@ -113,14 +113,20 @@ macro_rules! api {
                     $( $name: {
                         let h = if stringify!($lib) == "rados" { rados } else { rbd };
                         let sym = concat!(stringify!($name), "\0");
-                        let p = libc::dlsym(h, sym.as_ptr() as *const c_char);
+                        // SAFETY: `h` is a live dlopen handle (the caller's contract) and
+                        // `sym` a NUL-terminated name.
+                        let p = unsafe { libc::dlsym(h, sym.as_ptr() as *const c_char) };
                         if p.is_null() {
                             return Err(format!(
                                 "lib{} has no symbol {} (Ceph 14 or newer is needed)",
                                 stringify!($lib), stringify!($name)
                             ));
                         }
-                        std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) -> $ret>(p)
+                        // SAFETY: `p` is the non-NULL address of the C function of that
+                        // name, whose signature the table declares as in the library's header.
+                        unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) -> $ret>(p)
+                        }
                     }, )*
                 })
             }
@@ -202,6 +208,7 @@ api! {
 
 // SAFETY: the table only holds function pointers into libraries that stay loaded forever.
 unsafe impl Send for Api {}
+// SAFETY: as for Send: the pointers never change after `resolve`.
 unsafe impl Sync for Api {}
 
 static API: OnceLock<Result<Api, String>> = OnceLock::new();

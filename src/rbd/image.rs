@@ -1,90 +1,19 @@
-//! Images (`rbd_image_t`): management calls (blocking, control thread only) and the raw
-//! asynchronous I/O entry points used by the rbd bdev.
+//! Images (`rbd_image_t`): creating, listing, opening, cloning and removing them on a pool,
+//! and an open image's metadata, maintenance and synchronous I/O. These calls block: they
+//! belong on a control thread, never on a reactor. Snapshots are in [`super::snapshot`], the
+//! asynchronous I/O of the rbd bdev in [`super::aio`].
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::cluster::{c_buf_to_string, cstr, IoCtx};
 use super::error::{check, RbdError, RbdResult};
-use super::ffi::{self, rbd_completion_t, rbd_image_t, Api};
+use super::ffi::{self, rbd_image_t, Api};
+use super::rados::{c_buf_to_string, cstr, IoCtx};
 
-/// Feature bits and their names (`rbd/features.h`).
-pub const FEATURES: &[(u64, &str)] = &[
-    (1 << 0, "layering"),
-    (1 << 1, "striping"),
-    (1 << 2, "exclusive-lock"),
-    (1 << 3, "object-map"),
-    (1 << 4, "fast-diff"),
-    (1 << 5, "deep-flatten"),
-    (1 << 6, "journaling"),
-    (1 << 7, "data-pool"),
-    (1 << 8, "operations"),
-    (1 << 9, "migrating"),
-    (1 << 10, "non-primary"),
-    (1 << 11, "dirty-cache"),
-];
-
-/// Operation feature bits (`RBD_OPERATION_FEATURE_*`), as `rbd info` names them.
-pub const OP_FEATURES: &[(u64, &str)] = &[
-    (1 << 0, "clone-parent"),
-    (1 << 1, "clone-child"),
-    (1 << 2, "group"),
-    (1 << 3, "snap-trash"),
-];
-
-/// Image flags (`RBD_FLAG_*`), as `rbd info` names them.
-pub const FLAGS: &[(u64, &str)] = &[
-    (1 << 0, "object map invalid"),
-    (1 << 1, "fast diff invalid"),
-];
-
-/// Names of the bits of `bits` in `table`.
-pub fn bit_names(table: &[(u64, &'static str)], bits: u64) -> Vec<&'static str> {
-    table
-        .iter()
-        .filter(|(b, _)| bits & b != 0)
-        .map(|(_, n)| *n)
-        .collect()
-}
-
-/// The feature bits of comma-separated names (`layering,exclusive-lock`) or a number.
-pub fn parse_features(s: &str) -> RbdResult<u64> {
-    if let Ok(n) = s.parse::<u64>() {
-        return Ok(n);
-    }
-    let mut bits = 0;
-    for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        match FEATURES.iter().find(|(_, n)| *n == name) {
-            Some((b, _)) => bits |= b,
-            None => {
-                return Err(RbdError::invalid(format!(
-                    "unknown image feature {name:?} (known: {})",
-                    FEATURES.iter().map(|f| f.1).collect::<Vec<_>>().join(", ")
-                )))
-            }
-        }
-    }
-    Ok(bits)
-}
-
-/// A timestamp as `rbd` prints it (`ctime(3)` in local time, without the newline).
-pub fn ctime(ts: &libc::timespec) -> String {
-    let mut buf = [0 as c_char; 64];
-    // SAFETY: ctime_r writes at most 26 bytes into the 64-byte buffer.
-    let p = unsafe { libc::ctime_r(&ts.tv_sec, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return ts.tv_sec.to_string();
-    }
-    c_buf_to_string(&buf).trim_end().to_string()
-}
-
-/// Names of the feature bits set in `features`.
-pub fn feature_names(features: u64) -> Vec<&'static str> {
-    bit_names(FEATURES, features)
-}
-
-/// What `rbd info` reports; [`ImageInfo::to_json`] has `rbd info --format json`'s keys.
+/// What `rbd info` reports, as librbd gives it (the bits and times as numbers: the CLI
+/// names and formats them as `rbd` does).
 #[derive(Clone, Debug)]
 pub struct ImageInfo {
     pub name: String,
@@ -94,67 +23,18 @@ pub struct ImageInfo {
     pub num_objs: u64,
     pub order: i32,
     pub block_name_prefix: String,
-    pub features: Vec<&'static str>,
-    pub op_features: Vec<&'static str>,
-    pub flags: Vec<&'static str>,
+    /// Feature bits (`RBD_FEATURE_*`).
+    pub features: u64,
+    /// Operation feature bits (`RBD_OPERATION_FEATURE_*`).
+    pub op_features: u64,
+    /// Image flags (`RBD_FLAG_*`).
+    pub flags: u64,
     pub snapshot_count: usize,
     /// `pool/image@snap` of the parent of a clone.
     pub parent: Option<String>,
-    pub create_timestamp: String,
-    pub access_timestamp: String,
-    pub modify_timestamp: String,
-}
-
-impl ImageInfo {
-    /// `rbd info --format json`'s object (format is always 2: blockd makes no format 1
-    /// images and librbd 16 no longer opens them for writing).
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut v = serde_json::json!({
-            "name": self.name,
-            "id": self.id,
-            "size": self.size,
-            "objects": self.num_objs,
-            "order": self.order,
-            "object_size": self.obj_size,
-            "snapshot_count": self.snapshot_count,
-            "block_name_prefix": self.block_name_prefix,
-            "format": 2,
-            "features": self.features,
-            "op_features": self.op_features,
-            "flags": self.flags,
-            "create_timestamp": self.create_timestamp,
-            "access_timestamp": self.access_timestamp,
-            "modify_timestamp": self.modify_timestamp,
-        });
-        if let Some(p) = &self.parent {
-            v["parent"] = serde_json::json!(p);
-        }
-        v
-    }
-}
-
-/// One snapshot.
-#[derive(Clone, Debug)]
-pub struct SnapInfo {
-    pub id: u64,
-    pub name: String,
-    pub size: u64,
-    pub protected: bool,
-    /// When it was taken, as `rbd snap ls` prints it.
-    pub timestamp: String,
-}
-
-impl SnapInfo {
-    /// `rbd snap ls --format json`'s object (`protected` is a string there).
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "name": self.name,
-            "size": self.size,
-            "protected": self.protected.to_string(),
-            "timestamp": self.timestamp,
-        })
-    }
+    pub create_timestamp: SystemTime,
+    pub access_timestamp: SystemTime,
+    pub modify_timestamp: SystemTime,
 }
 
 /// One client watching an image (`rbd status`).
@@ -185,29 +65,21 @@ impl ImageOptions {
         // SAFETY: out-pointer.
         unsafe { (api.rbd_image_options_create)(&mut h) };
         let opts = ImageOptions { api, h };
-        // SAFETY (both): live options handle.
-        check(
-            unsafe { (api.rbd_image_options_set_uint64)(h, ffi::RBD_IMAGE_OPTION_FORMAT, 2) }
-                as i64,
-            "setting options of",
-            what,
-        )?;
+        let set = |option: c_int, value: u64, op: &str| {
+            // SAFETY: live options handle (owned by `opts`, dropped after this closure).
+            let rc = unsafe { (api.rbd_image_options_set_uint64)(h, option, value) };
+            check(rc as i64, op, what)
+        };
+        set(ffi::RBD_IMAGE_OPTION_FORMAT, 2, "setting options of")?;
         if let Some(order) = o.order {
-            check(
-                unsafe {
-                    (api.rbd_image_options_set_uint64)(h, ffi::RBD_IMAGE_OPTION_ORDER, order as u64)
-                } as i64,
+            set(
+                ffi::RBD_IMAGE_OPTION_ORDER,
+                order as u64,
                 "setting the order of",
-                what,
             )?;
         }
         if let Some(f) = o.features {
-            check(
-                unsafe { (api.rbd_image_options_set_uint64)(h, ffi::RBD_IMAGE_OPTION_FEATURES, f) }
-                    as i64,
-                "setting the features of",
-                what,
-            )?;
+            set(ffi::RBD_IMAGE_OPTION_FEATURES, f, "setting the features of")?;
         }
         Ok(opts)
     }
@@ -231,11 +103,8 @@ impl IoCtx {
         let n = cstr(image, "image name")?;
         let opts = ImageOptions::new(self.api(), o, &what)?;
         // SAFETY: live ioctx and options, C string.
-        check(
-            unsafe { (self.api().rbd_create4)(self.raw(), n.as_ptr(), size, opts.h) } as i64,
-            "creating",
-            &what,
-        )?;
+        let rc = unsafe { (self.api().rbd_create4)(self.raw(), n.as_ptr(), size, opts.h) };
+        check(rc as i64, "creating", &what)?;
         Ok(())
     }
 
@@ -279,8 +148,8 @@ impl IoCtx {
             )?;
             let mut names: Vec<String> = specs[..max]
                 .iter()
-                // SAFETY: librbd filled `max` specs with C strings.
                 .map(|s| {
+                    // SAFETY: librbd filled `max` specs with C strings.
                     unsafe { CStr::from_ptr(s.name) }
                         .to_string_lossy()
                         .into_owned()
@@ -317,23 +186,15 @@ impl IoCtx {
         let n = cstr(image, "image name")?;
         let s = snap.map(|s| cstr(s, "snapshot name")).transpose()?;
         let mut h: rbd_image_t = ptr::null_mut();
-        // SAFETY: live ioctx, C strings, out-pointer.
-        check(
-            unsafe {
-                (if read_only {
-                    self.api().rbd_open_read_only
-                } else {
-                    self.api().rbd_open
-                })(
-                    self.raw(),
-                    n.as_ptr(),
-                    &mut h,
-                    s.as_ref().map_or(ptr::null(), |s| s.as_ptr()),
-                )
-            } as i64,
-            "opening",
-            &what,
-        )?;
+        let open = if read_only {
+            self.api().rbd_open_read_only
+        } else {
+            self.api().rbd_open
+        };
+        let snap_ptr = s.as_ref().map_or(ptr::null(), |s| s.as_ptr());
+        // SAFETY: live ioctx, C strings (or NULL for no snapshot), out-pointer.
+        let rc = unsafe { open(self.raw(), n.as_ptr(), &mut h, snap_ptr) };
+        check(rc as i64, "opening", &what)?;
         Ok(Image {
             api: self.api(),
             h,
@@ -395,20 +256,18 @@ impl IoCtx {
 /// An open image. librbd image handles are thread-safe for I/O; management calls block and
 /// belong on a control thread. Dropping closes the image (flushing its cache).
 pub struct Image {
-    api: &'static Api,
-    h: rbd_image_t,
-    ioctx: Arc<IoCtx>,
-    name: String,
-    what: String,
+    pub(super) api: &'static Api,
+    pub(super) h: rbd_image_t,
+    pub(super) ioctx: Arc<IoCtx>,
+    pub(super) name: String,
+    pub(super) what: String,
 }
 
 // SAFETY: librbd serializes access to an image internally; aio calls may come from any
 // thread.
 unsafe impl Send for Image {}
+// SAFETY: as for Send: every method takes `&self` and librbd locks the image inside.
 unsafe impl Sync for Image {}
-
-/// Called on a librbd thread when an aio finishes: `(arg, return value)`.
-pub type AioCallback = unsafe extern "C" fn(rbd_completion_t, *mut c_void);
 
 impl Image {
     /// "image pool/name" (or "snapshot pool/name@snap").
@@ -426,30 +285,14 @@ impl Image {
         &self.name
     }
 
-    fn with_snap(&self, op: &str, snap: &str, f: SnapFn) -> RbdResult<()> {
-        let s = cstr(snap, "snapshot name")?;
-        // SAFETY: live image, C string.
-        let rc = unsafe { f(self.h, s.as_ptr()) } as i64;
-        let what = format!("snapshot {}/{}@{}", self.ioctx.pool(), self.name, snap);
-        check(rc, op, &what).map(|_| ())
-    }
-
     /// Size in bytes, refreshing the header first when another client changed it.
     pub fn stat(&self) -> RbdResult<ffi::rbd_image_info_t> {
         // SAFETY: all-zero is a valid rbd_image_info_t.
         let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of::<ffi::rbd_image_info_t>();
         // SAFETY: live image, struct of the given size.
-        check(
-            unsafe {
-                (self.api.rbd_stat)(
-                    self.h,
-                    &mut info,
-                    std::mem::size_of::<ffi::rbd_image_info_t>(),
-                )
-            } as i64,
-            "getting the size of",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_stat)(self.h, &mut info, len) };
+        check(rc as i64, "getting the size of", &self.what)?;
         Ok(info)
     }
 
@@ -462,11 +305,8 @@ impl Image {
     pub fn features(&self) -> RbdResult<u64> {
         let mut f = 0u64;
         // SAFETY: live image, out-pointer.
-        check(
-            unsafe { (self.api.rbd_get_features)(self.h, &mut f) } as i64,
-            "getting the features of",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_get_features)(self.h, &mut f) };
+        check(rc as i64, "getting the features of", &self.what)?;
         Ok(f)
     }
 
@@ -475,20 +315,14 @@ impl Image {
         let st = self.stat()?;
         let mut id = vec![0 as c_char; 64];
         // SAFETY: live image, buffer of the given length.
-        check(
-            unsafe { (self.api.rbd_get_id)(self.h, id.as_mut_ptr(), id.len()) } as i64,
-            "getting the id of",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_get_id)(self.h, id.as_mut_ptr(), id.len()) };
+        check(rc as i64, "getting the id of", &self.what)?;
         let mut prefix = vec![0 as c_char; 64];
-        // SAFETY: as above.
-        check(
-            unsafe {
-                (self.api.rbd_get_block_name_prefix)(self.h, prefix.as_mut_ptr(), prefix.len())
-            } as i64,
-            "getting the block name prefix of",
-            &self.what,
-        )?;
+        // SAFETY: live image, buffer of the given length.
+        let rc = unsafe {
+            (self.api.rbd_get_block_name_prefix)(self.h, prefix.as_mut_ptr(), prefix.len())
+        };
+        check(rc as i64, "getting the block name prefix of", &self.what)?;
         Ok(ImageInfo {
             name: self.name.clone(),
             id: c_buf_to_string(&id),
@@ -497,12 +331,9 @@ impl Image {
             num_objs: st.num_objs,
             order: st.order,
             block_name_prefix: c_buf_to_string(&prefix),
-            features: feature_names(self.features()?),
-            op_features: bit_names(
-                OP_FEATURES,
-                self.u64_prop("op features", self.api.rbd_get_op_features)?,
-            ),
-            flags: bit_names(FLAGS, self.u64_prop("flags", self.api.rbd_get_flags)?),
+            features: self.features()?,
+            op_features: self.u64_prop("op features", self.api.rbd_get_op_features)?,
+            flags: self.u64_prop("flags", self.api.rbd_get_flags)?,
             snapshot_count: self.snap_list()?.len(),
             parent: self.parent()?,
             create_timestamp: self.timestamp("creation time", self.api.rbd_get_create_timestamp)?,
@@ -515,24 +346,18 @@ impl Image {
     fn u64_prop(&self, what: &str, f: U64Fn) -> RbdResult<u64> {
         let mut v = 0u64;
         // SAFETY: live image, out-pointer.
-        check(
-            unsafe { f(self.h, &mut v) } as i64,
-            &format!("getting the {what} of"),
-            &self.what,
-        )?;
+        let rc = unsafe { f(self.h, &mut v) };
+        check(rc as i64, &format!("getting the {what} of"), &self.what)?;
         Ok(v)
     }
 
-    fn timestamp(&self, what: &str, f: TimeFn) -> RbdResult<String> {
+    fn timestamp(&self, what: &str, f: TimeFn) -> RbdResult<SystemTime> {
         // SAFETY: all-zero is a valid timespec.
         let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
         // SAFETY: live image, out-pointer.
-        check(
-            unsafe { f(self.h, &mut ts) } as i64,
-            &format!("getting the {what} of"),
-            &self.what,
-        )?;
-        Ok(ctime(&ts))
+        let rc = unsafe { f(self.h, &mut ts) };
+        check(rc as i64, &format!("getting the {what} of"), &self.what)?;
+        Ok(system_time(&ts))
     }
 
     /// Gives up the exclusive lock if this handle owns it (so that another client's writes
@@ -546,11 +371,8 @@ impl Image {
     /// Copies the parent's data into this clone and detaches it.
     pub fn flatten(&self) -> RbdResult<()> {
         // SAFETY: live image.
-        check(
-            unsafe { (self.api.rbd_flatten)(self.h) } as i64,
-            "flattening",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_flatten)(self.h) };
+        check(rc as i64, "flattening", &self.what)?;
         Ok(())
     }
 
@@ -703,96 +525,9 @@ impl Image {
     /// Grows or shrinks the image.
     pub fn resize(&self, size: u64) -> RbdResult<()> {
         // SAFETY: live image.
-        check(
-            unsafe { (self.api.rbd_resize)(self.h, size) } as i64,
-            "resizing",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_resize)(self.h, size) };
+        check(rc as i64, "resizing", &self.what)?;
         Ok(())
-    }
-
-    /// Snapshots, in creation order.
-    pub fn snap_list(&self) -> RbdResult<Vec<SnapInfo>> {
-        let mut max: c_int = 16;
-        loop {
-            let mut v: Vec<ffi::rbd_snap_info_t> = (0..max.max(1) as usize + 1)
-                .map(|_| ffi::rbd_snap_info_t {
-                    id: 0,
-                    size: 0,
-                    name: ptr::null(),
-                })
-                .collect();
-            // SAFETY: array of `max` entries (+1 for the terminator); -ERANGE updates max.
-            let rc = unsafe { (self.api.rbd_snap_list)(self.h, v.as_mut_ptr(), &mut max) };
-            if rc == -libc::ERANGE {
-                continue;
-            }
-            let n = check(rc as i64, "listing snapshots of", &self.what)? as usize;
-            let mut out = Vec::with_capacity(n);
-            for s in &v[..n] {
-                // SAFETY: librbd filled `n` entries with C strings.
-                let name = unsafe { CStr::from_ptr(s.name) }
-                    .to_string_lossy()
-                    .into_owned();
-                out.push(SnapInfo {
-                    id: s.id,
-                    size: s.size,
-                    protected: false,
-                    name,
-                    timestamp: String::new(),
-                });
-            }
-            // SAFETY: frees the names rbd_snap_list allocated.
-            unsafe { (self.api.rbd_snap_list_end)(v.as_mut_ptr()) };
-            for s in &mut out {
-                s.protected = self.snap_is_protected(&s.name)?;
-                // SAFETY: all-zero is a valid timespec; live image, out-pointer.
-                let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-                if unsafe { (self.api.rbd_snap_get_timestamp)(self.h, s.id, &mut ts) } == 0 {
-                    s.timestamp = ctime(&ts);
-                }
-            }
-            return Ok(out);
-        }
-    }
-
-    /// Whether a snapshot is protected.
-    pub fn snap_is_protected(&self, snap: &str) -> RbdResult<bool> {
-        let s = cstr(snap, "snapshot name")?;
-        let mut p: c_int = 0;
-        // SAFETY: live image, C string, out-pointer.
-        let rc = unsafe { (self.api.rbd_snap_is_protected)(self.h, s.as_ptr(), &mut p) };
-        check(
-            rc as i64,
-            "checking",
-            &format!("snapshot {}/{}@{}", self.ioctx.pool(), self.name, snap),
-        )?;
-        Ok(p != 0)
-    }
-
-    /// Creates a snapshot.
-    pub fn snap_create(&self, snap: &str) -> RbdResult<()> {
-        self.with_snap("creating", snap, self.api.rbd_snap_create)
-    }
-
-    /// Removes a snapshot (must be unprotected).
-    pub fn snap_remove(&self, snap: &str) -> RbdResult<()> {
-        self.with_snap("removing", snap, self.api.rbd_snap_remove)
-    }
-
-    /// Rolls the image back to a snapshot.
-    pub fn snap_rollback(&self, snap: &str) -> RbdResult<()> {
-        self.with_snap("rolling back to", snap, self.api.rbd_snap_rollback)
-    }
-
-    /// Protects a snapshot (required before cloning it).
-    pub fn snap_protect(&self, snap: &str) -> RbdResult<()> {
-        self.with_snap("protecting", snap, self.api.rbd_snap_protect)
-    }
-
-    /// Unprotects a snapshot (fails while clones exist).
-    pub fn snap_unprotect(&self, snap: &str) -> RbdResult<()> {
-        self.with_snap("unprotecting", snap, self.api.rbd_snap_unprotect)
     }
 
     /// Synchronous read of `buf.len()` bytes at `off` (CLI export). Returns bytes read.
@@ -825,11 +560,8 @@ impl Image {
     /// Synchronous flush.
     pub fn flush(&self) -> RbdResult<()> {
         // SAFETY: live image.
-        check(
-            unsafe { (self.api.rbd_flush)(self.h) } as i64,
-            "flushing",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_flush)(self.h) };
+        check(rc as i64, "flushing", &self.what)?;
         Ok(())
     }
 
@@ -844,98 +576,34 @@ impl Image {
         arg: *mut c_void,
     ) -> RbdResult<u64> {
         let mut handle = 0u64;
-        check(
-            (self.api.rbd_update_watch)(self.h, &mut handle, Some(cb), arg) as i64,
-            "watching",
-            &self.what,
-        )?;
+        // SAFETY: live image, out-pointer; the caller keeps `arg` valid while the watch
+        // lasts, and librbd calls `cb` with nothing else.
+        let rc = unsafe { (self.api.rbd_update_watch)(self.h, &mut handle, Some(cb), arg) };
+        check(rc as i64, "watching", &self.what)?;
         Ok(handle)
     }
 
     /// Removes a watch; when it returns, the callback no longer runs.
     pub fn update_unwatch(&self, handle: u64) -> RbdResult<()> {
         // SAFETY: live image.
-        check(
-            unsafe { (self.api.rbd_update_unwatch)(self.h, handle) } as i64,
-            "unwatching",
-            &self.what,
-        )?;
+        let rc = unsafe { (self.api.rbd_update_unwatch)(self.h, handle) };
+        check(rc as i64, "unwatching", &self.what)?;
         Ok(())
     }
-
-    /// Creates a completion that calls `cb(completion, arg)` on a librbd thread.
-    ///
-    /// # Safety
-    /// `arg` must stay valid until `cb` runs; `cb` must release the completion
-    /// ([`Image::aio_release`]).
-    pub unsafe fn aio_completion(
-        &self,
-        arg: *mut c_void,
-        cb: AioCallback,
-    ) -> Result<rbd_completion_t, i32> {
-        let mut c: rbd_completion_t = ptr::null_mut();
-        let rc = (self.api.rbd_aio_create_completion)(arg, Some(cb), &mut c);
-        if rc < 0 {
-            Err(-rc)
-        } else {
-            Ok(c)
-        }
-    }
-
-    /// The API table, for completion callbacks (`rbd_aio_get_return_value`/`release`).
-    pub fn api(&self) -> &'static Api {
-        self.api
-    }
-
-    /// Starts one aio; `Err(errno)` when librbd refused to start it (the completion was
-    /// not consumed and must be released by the caller).
-    ///
-    /// # Safety
-    /// The buffers of `op` must stay valid until the completion fires.
-    pub unsafe fn aio_start(&self, op: AioOp, c: rbd_completion_t) -> Result<(), i32> {
-        let a = self.api;
-        let rc = match op {
-            AioOp::Readv { iov, cnt, off } => (a.rbd_aio_readv)(self.h, iov, cnt, off, c),
-            AioOp::Writev { iov, cnt, off } => (a.rbd_aio_writev)(self.h, iov, cnt, off, c),
-            AioOp::Flush => (a.rbd_aio_flush)(self.h, c),
-            AioOp::Discard { off, len } => (a.rbd_aio_discard)(self.h, off, len, c),
-            AioOp::WriteZeroes { off, len } => {
-                (a.rbd_aio_write_zeroes)(self.h, off, len as usize, c, 0, 0)
-            }
-        };
-        if rc < 0 {
-            Err(-rc)
-        } else {
-            Ok(())
-        }
-    }
 }
 
-/// An asynchronous operation for [`Image::aio_start`].
-#[derive(Clone, Copy, Debug)]
-pub enum AioOp {
-    Readv {
-        iov: *const libc::iovec,
-        cnt: c_int,
-        off: u64,
-    },
-    Writev {
-        iov: *const libc::iovec,
-        cnt: c_int,
-        off: u64,
-    },
-    Flush,
-    Discard {
-        off: u64,
-        len: u64,
-    },
-    WriteZeroes {
-        off: u64,
-        len: u64,
-    },
+/// A librbd time as a `SystemTime`; one beyond what `SystemTime` holds (where it is
+/// narrower than a `timespec`) becomes the epoch instead of a panic.
+pub(super) fn system_time(ts: &libc::timespec) -> SystemTime {
+    let nanos = Duration::from_nanos(ts.tv_nsec.clamp(0, 999_999_999) as u64);
+    let t = if ts.tv_sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(ts.tv_sec as u64))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(ts.tv_sec.unsigned_abs()))
+    };
+    t.and_then(|t| t.checked_add(nanos)).unwrap_or(UNIX_EPOCH)
 }
 
-type SnapFn = unsafe extern "C" fn(rbd_image_t, *const c_char) -> c_int;
 type U64Fn = unsafe extern "C" fn(rbd_image_t, *mut u64) -> c_int;
 type TimeFn = unsafe extern "C" fn(rbd_image_t, *mut libc::timespec) -> c_int;
 
@@ -953,5 +621,38 @@ impl Drop for Image {
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Image({})", self.what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(sec: i64, nsec: i64) -> libc::timespec {
+        // SAFETY: all-zero is a valid timespec.
+        let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+        t.tv_sec = sec as libc::time_t;
+        t.tv_nsec = nsec as _;
+        t
+    }
+
+    #[test]
+    fn librbd_times_convert_without_panicking() {
+        assert_eq!(
+            system_time(&ts(1_700_000_000, 5)),
+            UNIX_EPOCH + Duration::new(1_700_000_000, 5)
+        );
+        assert_eq!(
+            system_time(&ts(-2, 500_000_000)),
+            UNIX_EPOCH - Duration::from_millis(1_500)
+        );
+        // The extremes a corrupt header could hold convert without a panic.
+        assert!(system_time(&ts(i64::MAX, 999_999_999)) > UNIX_EPOCH);
+        assert!(system_time(&ts(i64::MIN, 0)) < UNIX_EPOCH);
+        assert_eq!(
+            system_time(&ts(0, -1)),
+            UNIX_EPOCH,
+            "negative nanoseconds clamp to 0"
+        );
     }
 }

@@ -1,15 +1,22 @@
 //! Ceph RBD access shared by the rbd bdev and `blockctl image`/`pool`: run-time loaded
 //! librados/librbd bindings ([`ffi`]) and safe owners of their handles ([`Rados`],
-//! [`IoCtx`], [`Image`]) whose errors name the cluster, pool and image ([`RbdError`]).
+//! [`IoCtx`], [`Image`]) whose errors name the cluster, pool and image ([`RbdError`]):
+//! connections and pools in [`rados`], images in [`image`], their snapshots in
+//! [`snapshot`], asynchronous I/O in [`aio`]. How `blockctl` shows what they return is
+//! the CLI's business (`crate::rbdcli::present`).
 
-pub mod cluster;
+pub mod aio;
 pub mod error;
 pub mod ffi;
 pub mod image;
+pub mod rados;
+pub mod snapshot;
 
-pub use cluster::{ConnectOptions, IoCtx, Rados};
+pub use aio::{AioCallback, AioOp};
 pub use error::{RbdError, RbdResult};
-pub use image::{CreateOptions, Image, ImageInfo, SnapInfo, Watcher};
+pub use image::{CreateOptions, Image, ImageInfo, Watcher};
+pub use rados::{ConnectOptions, IoCtx, Rados};
+pub use snapshot::SnapInfo;
 
 /// `POOL/IMAGE[@SNAP]` as the `rbd` tool spells it; the pool defaults to `rbd`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,9 +9,11 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::{json, Value};
 
+use super::present::{
+    image_info_json, parse_features, print_image_info, snap_json, snap_timestamp,
+};
 use super::size::{human, image_size, object_size, order};
 use super::CephArgs;
-use crate::rbd::image::parse_features;
 use crate::rbd::{CreateOptions, Image, ImageSpec};
 
 /// Bytes per I/O of import/export (one default object).
@@ -237,24 +239,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Info { ceph, spec } => {
             let s = ImageSpec::parse(&spec)?;
             let info = open_ro(&ceph, &s)?.info()?;
-            ceph.emit(info.to_json(), || {
-                println!("rbd image '{}':", info.name);
-                println!("\tsize {} in {} objects", human(info.size), info.num_objs);
-                println!("\torder {} ({} objects)", info.order, human(info.obj_size));
-                println!("\tsnapshot_count: {}", info.snapshot_count);
-                println!("\tid: {}", info.id);
-                println!("\tblock_name_prefix: {}", info.block_name_prefix);
-                println!("\tformat: 2");
-                println!("\tfeatures: {}", info.features.join(", "));
-                println!("\top_features: {}", info.op_features.join(", "));
-                println!("\tflags: {}", info.flags.join(", "));
-                println!("\tcreate_timestamp: {}", info.create_timestamp);
-                println!("\taccess_timestamp: {}", info.access_timestamp);
-                println!("\tmodify_timestamp: {}", info.modify_timestamp);
-                if let Some(p) = &info.parent {
-                    println!("\tparent: {p}");
-                }
-            });
+            ceph.emit(image_info_json(&info), || print_image_info(&info));
         }
         ImageCommand::Resize {
             ceph,
@@ -469,17 +454,15 @@ fn snap(cmd: SnapCommand) -> anyhow::Result<()> {
     if let SnapCommand::Ls { .. } = cmd {
         let s = ImageSpec::parse(spec)?;
         let snaps = open_ro(ceph, &s)?.snap_list()?;
-        let v: Vec<Value> = snaps.iter().map(|s| s.to_json()).collect();
+        let v: Vec<Value> = snaps.iter().map(snap_json).collect();
+        let stamps: Vec<String> = snaps.iter().map(snap_timestamp).collect();
         ceph.emit(json!(v), || {
-            print_snap_table(snaps.iter().map(|s| {
-                (
-                    s.id,
-                    s.name.as_str(),
-                    s.size,
-                    s.protected,
-                    s.timestamp.as_str(),
-                )
-            }))
+            print_snap_table(
+                snaps
+                    .iter()
+                    .zip(&stamps)
+                    .map(|(s, t)| (s.id, s.name.as_str(), s.size, s.protected, t.as_str())),
+            )
         });
         return Ok(());
     }

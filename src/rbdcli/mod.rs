@@ -6,6 +6,7 @@
 pub mod image;
 pub mod local;
 pub mod pool;
+pub mod present;
 pub mod progress;
 pub mod size;
 

@@ -4,14 +4,15 @@
 //! A polling reactor looks busy to the scheduler, so the threads that produce its work
 //! (librbd's messenger and finisher, io_uring workers, a Ceph OSD on the same host) are
 //! neither woken onto its core nor balanced there. When runnable threads outnumber the
-//! other CPUs, every microsecond spent spinning is taken from one of them: on a 2-core host
-//! serving RBD, polling cost blockd a fifth of its 4K random-write IOPS (bench/README.md).
-//! The kernel's count of runnable tasks (`/proc/loadavg`, fourth field, proc(5)) is read
-//! at most once per [`SAMPLE_INTERVAL`] of idle polling and smoothed, so one busy kworker
-//! does not switch polling off. It is read only in a real gap ([`QUIET_BEFORE_SAMPLE`]
-//! without work), never between requests that keep coming: the read costs about 1 µs
-//! warm but 12-17 µs on the first call after the core slept (its kernel path is cold), and
-//! the request that arrived meanwhile waited for it (bench/README.md, wake-up).
+//! other CPUs, every microsecond spent spinning is taken from one of them, and on a small
+//! host serving RBD the librbd and OSD threads starved that way cost more throughput than
+//! polling gains (bench/README.md). The kernel's count of runnable tasks (`/proc/loadavg`,
+//! fourth field, proc(5)) is read at most once per [`SAMPLE_INTERVAL`] of idle polling and
+//! smoothed, so one busy kworker does not switch polling off. It is read only in a real gap
+//! ([`QUIET_BEFORE_SAMPLE`] without work), never between requests that keep coming: the
+//! read is a system call whose kernel path is cold on the first call after the core slept,
+//! so it then costs many times a warm read, and the request that arrived meanwhile waited
+//! for it (bench/README.md, Wake-up).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -26,9 +27,10 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_micros(250);
 pub const FORGET_AFTER: Duration = Duration::from_millis(10);
 
 /// How long a reactor has found no work before it may sample: longer than a polling
-/// client's turnaround between a completion and its next request (1-5 µs), so requests
-/// that keep coming do not wait for a sample. (A client sleeping on its eventfd takes
-/// 2-27 µs to wake, so some of its gaps are sampled: about 1 µs on a warm core.)
+/// client's turnaround between a completion and its next request, so requests that keep
+/// coming do not wait for a sample. (A client sleeping on its eventfd can take longer to
+/// wake, so some of its gaps are sampled; the core is warm then, and the read cheap.)
+/// The turnaround and wake-up times it was chosen against are in bench/README.md.
 pub const QUIET_BEFORE_SAMPLE: Duration = Duration::from_micros(20);
 
 /// Weight of the newest sample in the smoothed contention score.

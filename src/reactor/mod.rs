@@ -10,9 +10,8 @@
 //! a poller awaits completions that the backend's own threads produce
 //! ([`Poller::awaits_helper_threads`]: librbd's), which often run on the reactor's core.
 
-pub mod adaptive_sched;
 pub mod cpu_demand;
-pub mod sched_policy;
+pub mod sched;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -94,8 +93,8 @@ pub trait Poller {
     /// Requests are in flight whose completions need other threads of this process to run
     /// (librbd's, [`crate::bdev::IoChannel::completed_by_helper_threads`]). An adaptive
     /// reactor then sleeps at once instead of polling: on a shared core its polling would
-    /// delay the very threads it waits for (4K RBD reads at QD1 took 320 µs instead of
-    /// 245 µs on the bench host with the reactor and librbd on one core).
+    /// delay the very threads it waits for, so each completion would come later than if the
+    /// reactor slept (README.md, Performance: "No idle polling while librbd works").
     fn awaits_helper_threads(&self) -> bool {
         false
     }

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use super::{no_params, params, RpcError, RpcMethods, RpcResult};
 use crate::app::App;
 use crate::config;
-use crate::reactor::adaptive_sched;
-use crate::reactor::sched_policy::SchedMode;
+use crate::reactor::sched::adaptive;
+use crate::reactor::sched::SchedMode;
 
 /// Registers the framework methods.
 pub fn register(m: &mut RpcMethods) {
@@ -73,7 +73,7 @@ fn framework_get_scheduler(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
         "mode": SchedMode::in_force().map_or("inherited", SchedMode::name),
     });
     if SchedMode::in_force() == Some(SchedMode::Adaptive) {
-        let s = adaptive_sched::state();
+        let s = adaptive::state();
         policy["policy"] = json!(s.policy.name());
         policy["rbd_in_flight"] = json!(s.in_flight);
         policy["switches"] = json!(s.switches);

@@ -43,10 +43,10 @@ use super::{
     check_block_size, push_extent, AllocState, Bdev, BdevBackend, BdevParams, Errno, Extent,
     IoChannel, IoOp, IoResult, IoTypes, MAX_EXTENTS,
 };
+use crate::rbd::aio::AioOp;
 use crate::rbd::ffi::{rbd_completion_t, Api};
-use crate::rbd::image::AioOp;
 use crate::rbd::{ConnectOptions, Image, Rados, RbdError, RbdResult};
-use crate::reactor::adaptive_sched;
+use crate::reactor::sched::adaptive;
 
 /// `product_name` of rbd bdevs (SPDK's).
 pub const PRODUCT_NAME: &str = "Ceph Rbd Disk";
@@ -439,7 +439,7 @@ struct RbdChannel {
 impl IoChannel for RbdChannel {
     unsafe fn submit(&mut self, tag: u64, op: IoOp) {
         self.in_flight += 1;
-        adaptive_sched::io_started();
+        adaptive::io_started();
         if self.read_only {
             match op {
                 IoOp::Read { .. } => {}
@@ -514,7 +514,7 @@ impl IoChannel for RbdChannel {
             done(tag, r);
         }
         self.in_flight -= n.min(self.in_flight);
-        adaptive_sched::io_finished(n);
+        adaptive::io_finished(n);
         n
     }
 
@@ -539,7 +539,7 @@ impl IoChannel for RbdChannel {
 impl Drop for RbdChannel {
     fn drop(&mut self) {
         // Requests abandoned with the channel no longer count as in flight.
-        adaptive_sched::io_finished(self.in_flight);
+        adaptive::io_finished(self.in_flight);
     }
 }
 

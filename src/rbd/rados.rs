@@ -1,4 +1,5 @@
-//! Cluster connections (`rados_t`) and pools (`rados_ioctx_t`).
+//! librados connections (`rados_t`) and pools (`rados_ioctx_t`): the handles every RBD call
+//! goes through, for the rbd bdev and `blockctl image`/`pool` alike.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, CString};
@@ -73,6 +74,7 @@ pub struct Rados {
 
 // SAFETY: librados cluster handles may be used from any thread concurrently.
 unsafe impl Send for Rados {}
+// SAFETY: as for Send; the other fields are immutable after `connect`.
 unsafe impl Sync for Rados {}
 
 impl Rados {
@@ -86,11 +88,8 @@ impl Rados {
         let cluster = cstr(opts.cluster.as_deref().unwrap_or("ceph"), "cluster name")?;
         let mut h: rados_t = ptr::null_mut();
         // SAFETY: valid out-pointer and C strings.
-        check(
-            unsafe { (api.rados_create2)(&mut h, cluster.as_ptr(), name.as_ptr(), 0) } as i64,
-            "creating a handle for",
-            &what,
-        )?;
+        let rc = unsafe { (api.rados_create2)(&mut h, cluster.as_ptr(), name.as_ptr(), 0) };
+        check(rc as i64, "creating a handle for", &what)?;
         // From here on `r` owns the handle and shuts it down on error.
         let r = Rados {
             api,
@@ -130,11 +129,8 @@ impl Rados {
             }
         })?;
         // SAFETY: NULL means CEPH_ARGS.
-        check(
-            unsafe { (api.rados_conf_parse_env)(h, ptr::null()) } as i64,
-            "parsing CEPH_ARGS for",
-            &what,
-        )?;
+        let rc = unsafe { (api.rados_conf_parse_env)(h, ptr::null()) };
+        check(rc as i64, "parsing CEPH_ARGS for", &what)?;
         if let Some(k) = &opts.key_file {
             r.conf_set(
                 "keyring",
@@ -149,9 +145,8 @@ impl Rados {
         // those: a virtio-blk driver without VIRTIO_BLK_F_FLUSH gets a write-through
         // device, SCSI initiators are told WCE=1 and send SYNCHRONIZE CACHE, NBD clients
         // get NBD_FLAG_SEND_FLUSH. The guard would only hold every image at write-through
-        // speed until its guest's first flush (4K random writes at 0.6× fio's rbd engine
-        // in bench/rbd.sh). The rbd tool turns it off for the same reason; `config` may
-        // turn it back on.
+        // speed, a round trip to the OSDs per write, until its guest's first flush. The
+        // rbd tool turns it off for the same reason; `config` may turn it back on.
         if !opts
             .config
             .contains_key("rbd_cache_writethrough_until_flush")
@@ -163,11 +158,8 @@ impl Rados {
             r.conf_set("client_mount_timeout", "30")?;
         }
         // SAFETY: live, configured handle.
-        check(
-            unsafe { (api.rados_connect)(h) } as i64,
-            "connecting to",
-            &what,
-        )?;
+        let rc = unsafe { (api.rados_connect)(h) };
+        check(rc as i64, "connecting to", &what)?;
         Ok(Arc::new(r))
     }
 
@@ -233,11 +225,8 @@ impl Rados {
     pub fn pool_create(&self, pool: &str) -> RbdResult<()> {
         let p = cstr(pool, "pool name")?;
         // SAFETY: live handle, C string.
-        check(
-            unsafe { (self.api.rados_pool_create)(self.h, p.as_ptr()) } as i64,
-            "creating",
-            &format!("pool {pool}"),
-        )?;
+        let rc = unsafe { (self.api.rados_pool_create)(self.h, p.as_ptr()) };
+        check(rc as i64, "creating", &format!("pool {pool}"))?;
         Ok(())
     }
 
@@ -245,11 +234,8 @@ impl Rados {
     pub fn pool_delete(&self, pool: &str) -> RbdResult<()> {
         let p = cstr(pool, "pool name")?;
         // SAFETY: live handle, C string.
-        check(
-            unsafe { (self.api.rados_pool_delete)(self.h, p.as_ptr()) } as i64,
-            "deleting",
-            &format!("pool {pool}"),
-        )?;
+        let rc = unsafe { (self.api.rados_pool_delete)(self.h, p.as_ptr()) };
+        check(rc as i64, "deleting", &format!("pool {pool}"))?;
         Ok(())
     }
 
@@ -307,6 +293,7 @@ impl Rados {
             }
             // SAFETY: librados returned `n` bytes at `p`; freed right after copying.
             let v = unsafe { std::slice::from_raw_parts(p as *const u8, n) }.to_vec();
+            // SAFETY: a buffer librados allocated, freed once, not used after.
             unsafe { (self.api.rados_buffer_free)(p) };
             v
         };
@@ -332,11 +319,8 @@ impl Rados {
         let p = cstr(pool, "pool name")?;
         let mut io: rados_ioctx_t = ptr::null_mut();
         // SAFETY: live handle, C string, out-pointer.
-        check(
-            unsafe { (self.api.rados_ioctx_create)(self.h, p.as_ptr(), &mut io) } as i64,
-            "opening",
-            &format!("pool {pool}"),
-        )?;
+        let rc = unsafe { (self.api.rados_ioctx_create)(self.h, p.as_ptr(), &mut io) };
+        check(rc as i64, "opening", &format!("pool {pool}"))?;
         Ok(Arc::new(IoCtx {
             rados: self.clone(),
             h: io,
@@ -361,6 +345,8 @@ pub struct IoCtx {
 
 // SAFETY: rados_ioctx_t may be shared between threads for the calls made here.
 unsafe impl Send for IoCtx {}
+// SAFETY: as for Send; none of the calls made here changes the ioctx's state (no
+// snapshot context or locator key is ever set on it).
 unsafe impl Sync for IoCtx {}
 
 impl IoCtx {
@@ -385,11 +371,8 @@ impl IoCtx {
     /// `rbd pool init`: tags the pool for rbd and creates its directory objects.
     pub fn rbd_pool_init(&self) -> RbdResult<()> {
         // SAFETY: live ioctx.
-        check(
-            unsafe { (self.api().rbd_pool_init)(self.h, false) } as i64,
-            "initializing",
-            &format!("pool {}", self.pool),
-        )?;
+        let rc = unsafe { (self.api().rbd_pool_init)(self.h, false) };
+        check(rc as i64, "initializing", &format!("pool {}", self.pool))?;
         Ok(())
     }
 }

@@ -3,16 +3,16 @@
 //!
 //! Batching pays when many requests are in flight: a reactor submitting a burst is not
 //! preempted by the librbd thread each submission wakes, and completions are taken in
-//! batches ([`crate::reactor::sched_policy`]). It costs when few are: at QD1 every hop of a
-//! request (reactor, librbd's io_context and messenger threads, the OSD) waits for the
-//! running thread instead of preempting it, which doubled RBD read latency on the bench
-//! host. So the rbd channels count their requests in flight, process-wide, and the first
-//! thread to see the count cross a threshold switches every thread of the daemon: to
-//! batch at [`BATCH_AT`] or more, back to normal once no more than [`NORMAL_AT`] are in
-//! flight and none was deep for [`SHALLOW_FOR`]. A deep queue drains in bursts (the reactor
-//! reaps a batch of completions before the client refills it), so the count alone would
-//! flap dozens of times a second; the wait bounds the switches (each one
-//! `sched_setscheduler` per thread, tens of µs) to one pair per [`SHALLOW_FOR`].
+//! batches ([`super`]). It costs when few are: at QD1 every hop of a request (reactor,
+//! librbd's io_context and messenger threads, the OSD) waits for the running thread
+//! instead of preempting it, which adds up to a multiple of the request's latency
+//! (README.md, Performance). So the rbd channels count their requests in flight,
+//! process-wide, and the first thread to see the count cross a threshold switches every
+//! thread of the daemon: to batch at [`BATCH_AT`] or more, back to normal once no more than
+//! [`NORMAL_AT`] are in flight and none was deep for [`SHALLOW_FOR`]. A deep queue drains in
+//! bursts (the reactor reaps a batch of completions before the client refills it), so the
+//! count alone would flap many times a second; the wait bounds the switches (each one a
+//! `sched_setscheduler` call per thread of the daemon) to one pair per [`SHALLOW_FOR`].
 //!
 //! The count is per daemon, not per image, because the policy is per thread and the
 //! reactors and (with a registered cluster) librbd's threads serve many images: one busy
@@ -26,10 +26,12 @@ use std::sync::atomic::{
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::reactor::sched_policy::SchedPolicy;
+use super::policy::SchedPolicy;
 
-/// Requests in flight from which the daemon's threads are batched. At QD4 batching
-/// already gave 4K RBD reads and writes a few percent (bench host, 3 rounds each).
+/// Requests in flight from which the daemon's threads are batched: the lowest queue depth
+/// at which batching still gained throughput in the measurements (README.md, Performance),
+/// so that a client with a few requests in flight gets the gain and a QD1 client never
+/// pays the latency.
 pub const BATCH_AT: usize = 4;
 
 /// Requests in flight at or under which the threads go back to `SCHED_OTHER`, after
