@@ -365,3 +365,6 @@ impl Drop for Conn {
         tracing::info!(conn = self.id, peer = %self.entry.peer, "nbd connection closed");
     }
 }
+
+#[cfg(test)]
+mod tests;

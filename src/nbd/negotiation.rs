@@ -123,7 +123,7 @@ struct ClientFlags {
 }
 
 /// The `NBD_OPT_SET_META_CONTEXT` selection (proto.md "Metadata querying").
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct MetaSelection {
     /// The export the selection was made for: it only holds for that export.
     export: Option<String>,
@@ -131,7 +131,7 @@ struct MetaSelection {
 }
 
 /// The handshake state of one connection, after the greeting was sent.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Negotiation {
     /// None until the client flags arrive.
     client: Option<ClientFlags>,
@@ -400,3 +400,6 @@ fn option_too_big<A>(h: &[u8; proto::OPT_HEADER_LEN], client: ClientFlags) -> St
         ),
     }
 }
+
+#[cfg(test)]
+mod tests;
