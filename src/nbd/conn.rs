@@ -14,12 +14,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::buf::BufPool;
 use super::export::Attachment;
-use super::negotiation::{Negotiation, Next, Step, Unopenable};
+use super::negotiation::{Agreed, Negotiation, Next, Step, Unopenable};
 use super::proto;
 use super::socket::{ClientSocket, Received};
 use super::transmission::{InputStep, Transmission};
-use crate::bdev::BdevChannel;
 use crate::reactor::Poller;
 
 /// The registry moved to [`super::conns`]; `mod.rs` and `server.rs` still import it from here.
@@ -42,12 +42,6 @@ enum Phase {
     Transmitting(Box<Transmission>),
 }
 
-/// Set once the connection started closing.
-struct Closing {
-    /// Until when queued replies (and block-status answers) are waited for.
-    deadline: Instant,
-}
-
 /// One client connection.
 pub struct Conn {
     id: u64,
@@ -55,9 +49,9 @@ pub struct Conn {
     entry: Arc<ConnEntry>,
     sock: ClientSocket,
     phase: Phase,
-    closing: Option<Closing>,
-    /// No more input is read (closing, or the client's end is gone).
-    read_closed: bool,
+    /// Set when closing starts (no more input is read from then on): until when queued
+    /// replies and block-status answers are waited for.
+    closing_until: Option<Instant>,
 }
 
 impl Conn {
@@ -100,22 +94,17 @@ impl Conn {
             entry,
             sock: ClientSocket::new(fd)?,
             phase: Phase::Negotiating(Negotiation::new()),
-            closing: None,
-            read_closed: false,
+            closing_until: None,
         })
     }
 
     /// Attaches to the export: opens the bdev channel on this reactor.
-    fn enter_transmission(
-        &mut self,
-        att: Attachment,
-        agreed: super::negotiation::Agreed,
-    ) -> std::io::Result<()> {
+    fn enter_transmission(&mut self, att: Attachment, agreed: Agreed) -> std::io::Result<()> {
         let t = Transmission::open(self.id, att, agreed, &self.sock)?;
         let export = &t.attachment().export;
         self.sock
             .output
-            .set_pool(super::buf::BufPool::new(export.bdev.backend().buf_align()));
+            .set_pool(BufPool::new(export.bdev.backend().buf_align()));
         *lock(&self.entry.export) = Some(export.name.clone());
         tracing::info!(conn = self.id, peer = %self.entry.peer, export = %export.name,
                        structured = agreed.structured, "nbd client attached");
@@ -138,13 +127,10 @@ impl Conn {
     }
 
     fn begin_close(&mut self, why: &str) {
-        if self.closing.is_none() {
+        if self.closing_until.is_none() {
             tracing::debug!(conn = self.id, peer = %self.entry.peer, "nbd connection closing: {why}");
-            self.closing = Some(Closing {
-                deadline: Instant::now() + CLOSE_GRACE,
-            });
+            self.closing_until = Some(Instant::now() + CLOSE_GRACE);
         }
-        self.read_closed = true;
         if let Some(t) = self.transmitting_mut() {
             t.abandon_payload();
         }
@@ -152,14 +138,11 @@ impl Conn {
 
     /// Whether the close grace period is over.
     fn grace_over(&self) -> bool {
-        self.closing
-            .as_ref()
-            .is_some_and(|c| Instant::now() >= c.deadline)
+        self.closing_until.is_some_and(|d| Instant::now() >= d)
     }
 
     fn want_read(&self) -> bool {
-        !self.read_closed
-            && self.closing.is_none()
+        self.closing_until.is_none()
             && self.transmitting().map_or(0, Transmission::outstanding) < MAX_IN_FLIGHT
             && self.sock.output.bytes() < MAX_OUT_BYTES
     }
@@ -288,7 +271,7 @@ impl Conn {
 
 impl Poller for Conn {
     fn poll(&mut self) -> usize {
-        if self.closing.is_none() && self.entry.stop.load(Ordering::Acquire) {
+        if self.closing_until.is_none() && self.entry.stop.load(Ordering::Acquire) {
             self.begin_close("server stop or export removal");
         }
         let mut work = self.reap();
@@ -300,7 +283,7 @@ impl Poller for Conn {
             t.channel_mut().kick();
         }
         work += self.reap();
-        if self.closing.is_some() {
+        if self.closing_until.is_some() {
             if let Some(t) = self.transmitting_mut() {
                 t.advance_close();
             }
@@ -328,10 +311,7 @@ impl Poller for Conn {
         let t = self.transmitting();
         let chan = t.and_then(|t| t.channel().next_deadline());
         let waiting = !self.sock.output.is_empty() || t.is_some_and(|t| t.status_pending() > 0);
-        let close = match &self.closing {
-            Some(c) if waiting => Some(c.deadline),
-            _ => None,
-        };
+        let close = self.closing_until.filter(|_| waiting);
         match (chan, close) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -344,12 +324,12 @@ impl Poller for Conn {
 
     fn awaits_helper_threads(&self) -> bool {
         self.transmitting()
-            .is_some_and(|t| BdevChannel::awaits_helper_threads(t.channel()))
+            .is_some_and(|t| t.channel().awaits_helper_threads())
     }
 
     fn finished(&self) -> bool {
         let grace_over = self.grace_over();
-        self.closing.is_some()
+        self.closing_until.is_some()
             && self.transmitting().is_none_or(|t| t.settled(grace_over))
             && (self.sock.output.is_empty() || self.sock.output.failed() || grace_over)
     }
