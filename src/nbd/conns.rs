@@ -100,3 +100,23 @@ pub struct ConnCtx {
     pub exports: Arc<Exports>,
     pub conns: Arc<Conns>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_and_forget() {
+        let conns = Conns::default();
+        let (a, ea) = conns.register(0, "a".into());
+        let (b, _) = conns.register(1, "b".into());
+        assert_ne!(a, b);
+        assert_eq!((conns.len(), ea.core, ea.peer.as_str()), (2, 0, "a"));
+        assert!(!conns.wait_gone(&[a, b], Duration::ZERO));
+        conns.unregister(a);
+        assert!(conns.wait_gone(&[a], Duration::ZERO));
+        assert!(!conns.wait_gone(&[a, b], Duration::ZERO));
+        conns.unregister(b);
+        assert!(conns.is_empty());
+    }
+}
