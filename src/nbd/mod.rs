@@ -14,12 +14,16 @@
 
 pub mod buf;
 pub mod conn;
+pub mod conns;
 pub mod export;
 pub mod kernel;
+pub mod negotiation;
 pub mod offload;
 pub mod proto;
 pub mod rpc;
 pub mod server;
+pub mod socket;
+pub mod transmission;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
