@@ -146,17 +146,21 @@ impl BdevChannel {
         unsafe { self.submit_op(tag, op, false) }
     }
 
-    /// Submits a write that is reported only once it is durable: forced unit access
-    /// (SCSI WRITE with FUA, NBD_CMD_FLAG_FUA) and write-through caching (virtio-blk
-    /// without `VIRTIO_BLK_F_CONFIG_WCE` writeback, virtio 1.2 §5.2.6.2). The channel
-    /// follows a successful write with a flush under the same tag when the backend has a
-    /// volatile cache to flush; one completion reports both. Other operations are submitted
-    /// as by [`BdevChannel::submit`].
+    /// Submits an operation that is reported only once what it wrote is durable: forced
+    /// unit access (SCSI WRITE with FUA, NBD_CMD_FLAG_FUA) and write-through caching
+    /// (virtio-blk without `VIRTIO_BLK_F_CONFIG_WCE` writeback, virtio 1.2 §5.2.6.2). The
+    /// channel follows a successful write, unmap or write-zeroes with a flush under the same
+    /// tag when the backend has a volatile cache to flush; one completion reports both.
+    /// Reads and flushes are submitted as by [`BdevChannel::submit`].
     ///
     /// # Safety
     /// As [`BdevChannel::submit`].
     pub unsafe fn submit_fua(&mut self, tag: u64, op: IoOp) {
-        let fua = matches!(op, IoOp::Write { .. }) && self.bdev.backend().io_types().flush;
+        let writes = matches!(
+            op,
+            IoOp::Write { .. } | IoOp::Unmap { .. } | IoOp::WriteZeroes { .. }
+        );
+        let fua = writes && self.bdev.backend().io_types().flush;
         // SAFETY: the caller's promise, passed on.
         unsafe { self.submit_op(tag, op, fua) }
     }

@@ -34,8 +34,6 @@ struct Accepted {
     buf: Option<AlignedBuf>,
     /// The iovec handed to the backend (boxed with the request: its address is stable).
     iov: libc::iovec,
-    /// A TRIM or WRITE_ZEROES with FUA whose own operation is done: its flush is in flight.
-    fua_flushing: bool,
 }
 
 /// Accepted requests by slot; a slot number is the tag of the request's bdev I/O.
@@ -328,20 +326,17 @@ impl Transmission {
     /// The checks of proto.md "Request types" and "Error values".
     fn validate(&self, q: &Request) -> Result<(), u32> {
         let e = &self.att.export;
-        let allowed = match q.typ {
-            proto::CMD_READ => {
-                if self.agreed.structured {
-                    proto::CMD_FLAG_DF
-                } else {
-                    0
-                }
-            }
-            proto::CMD_WRITE | proto::CMD_TRIM => proto::CMD_FLAG_FUA,
-            proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE,
-            proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
-            proto::CMD_FLUSH => 0,
-            _ => return Err(proto::EINVAL),
-        };
+        // FUA is valid on every command once SEND_FUA is advertised (always): "the server
+        // MUST accept all commands with this bit set (even by ignoring the bit)"; it only
+        // acts on the commands that write.
+        let allowed = proto::CMD_FLAG_FUA
+            | match q.typ {
+                proto::CMD_READ if self.agreed.structured => proto::CMD_FLAG_DF,
+                proto::CMD_READ | proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_FLUSH => 0,
+                proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_NO_HOLE,
+                proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
+                _ => return Err(proto::EINVAL),
+            };
         if q.flags & !allowed != 0 {
             return Err(proto::EINVAL);
         }
@@ -434,7 +429,6 @@ impl Transmission {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             },
-            fua_flushing: false,
         });
         if q.typ == proto::CMD_WRITE {
             self.incoming = Incoming::Payload { slot, got: 0 };
@@ -549,8 +543,8 @@ impl Transmission {
         out.push_bytes(chunk);
     }
 
-    /// Hands a request to the bdev channel. A write with FUA goes through
-    /// [`BdevChannel::submit_fua`]: its one completion comes once the data is durable
+    /// Hands a request to the bdev channel. A request with FUA goes through
+    /// [`BdevChannel::submit_fua`]: its one completion comes once what it wrote is durable
     /// (proto.md "NBD_CMD_FLAG_FUA": no reply before then).
     fn submit(&mut self, slot: usize) {
         let Some(a) = self.requests.get_mut(slot) else {
@@ -567,32 +561,28 @@ impl Transmission {
         // request for as long.
         let iovs = unsafe { IoVecs::from_slice(std::slice::from_ref(&a.iov)) };
         let q = a.req;
-        let op = if a.fua_flushing {
-            IoOp::Flush
-        } else {
-            match q.typ {
-                proto::CMD_READ => IoOp::Read {
-                    offset: q.offset,
-                    iovs,
-                },
-                proto::CMD_WRITE => IoOp::Write {
-                    offset: q.offset,
-                    iovs,
-                },
-                proto::CMD_TRIM => IoOp::Unmap {
-                    offset: q.offset,
-                    len: q.len as u64,
-                },
-                proto::CMD_WRITE_ZEROES => IoOp::WriteZeroes {
-                    offset: q.offset,
-                    len: q.len as u64,
-                    may_unmap: q.flags & proto::CMD_FLAG_NO_HOLE == 0,
-                },
-                _ => IoOp::Flush,
-            }
+        let op = match q.typ {
+            proto::CMD_READ => IoOp::Read {
+                offset: q.offset,
+                iovs,
+            },
+            proto::CMD_WRITE => IoOp::Write {
+                offset: q.offset,
+                iovs,
+            },
+            proto::CMD_TRIM => IoOp::Unmap {
+                offset: q.offset,
+                len: q.len as u64,
+            },
+            proto::CMD_WRITE_ZEROES => IoOp::WriteZeroes {
+                offset: q.offset,
+                len: q.len as u64,
+                may_unmap: q.flags & proto::CMD_FLAG_NO_HOLE == 0,
+            },
+            _ => IoOp::Flush,
         };
         let tag = slot as u64;
-        if q.typ == proto::CMD_WRITE && q.flags & proto::CMD_FLAG_FUA != 0 {
+        if q.flags & proto::CMD_FLAG_FUA != 0 {
             // SAFETY: see above.
             unsafe { self.chan.submit_fua(tag, op) };
         } else {
@@ -624,17 +614,6 @@ impl Transmission {
             return;
         }
         let slot = tag as usize;
-        let supports_flush = self.supports_flush();
-        if let Some(a) = self.requests.get_mut(slot) {
-            // Writes with FUA were made durable by the channel (submit_fua); TRIM and
-            // WRITE_ZEROES with FUA get their flush here before the reply.
-            let fua = a.req.flags & proto::CMD_FLAG_FUA != 0 && a.req.typ != proto::CMD_WRITE;
-            if r.is_ok() && fua && !a.fua_flushing && supports_flush {
-                a.fua_flushing = true;
-                self.submit(slot);
-                return;
-            }
-        }
         let Some(mut a) = self.requests.release(slot) else {
             tracing::error!(conn = self.conn, tag, "completion for an unknown request");
             return;

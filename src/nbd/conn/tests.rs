@@ -263,6 +263,17 @@ fn fua_replies_come_after_the_flush() {
     assert_eq!(stats.num_flush_ops.load(Relaxed), 3);
     assert_eq!(stats.num_unmap_ops.load(Relaxed), 1);
     assert_eq!(stats.num_write_zeroes_ops.load(Relaxed), 1);
+    // FUA on a read is accepted and ignored (proto.md: valid on every command).
+    let mut w = req(0, proto::CMD_WRITE, 6, 8192, 512);
+    w.extend_from_slice(&[7; 512]);
+    assert_eq!(p.exchange(&w, 16), simple(0, 6));
+    let mut r = simple(0, 7);
+    r.extend_from_slice(&[7; 512]);
+    assert_eq!(
+        p.exchange(&req(fua, proto::CMD_READ, 7, 8192, 512), 16 + 512),
+        r
+    );
+    assert_eq!(stats.num_flush_ops.load(Relaxed), 3);
     // NBD_CMD_DISC: closed, after the flush of a closing connection.
     p.client
         .write_all(&req(0, proto::CMD_DISC, 5, 0, 0))
