@@ -219,19 +219,6 @@ impl Vring {
         self.queue.pop_descriptor_chain(mem)
     }
 
-    /// The next available chain and a free slot tag for it, taken from `free` only when a
-    /// chain is there: the engines serve at most as many chains as they have slots.
-    pub fn pop_for_slot<'m>(
-        &mut self,
-        mem: &'m GuestMemoryMmap,
-        free: &mut Vec<u32>,
-    ) -> Option<(u32, DescriptorChain<&'m GuestMemoryMmap>)> {
-        let &tag = free.last()?;
-        let chain = self.pop(mem)?;
-        free.pop();
-        Some((tag, chain))
-    }
-
     /// Returns chain `head` to the driver with `len` bytes written (§2.7.8); a failure
     /// (the frontend broke the ring) is logged as "cannot return `what`". The driver sees
     /// it after the next [`Vring::notify_guest`], which every poll pass that adds used

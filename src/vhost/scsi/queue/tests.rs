@@ -10,11 +10,23 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_scsi::*;
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
 use super::*;
 use crate::bdev::malloc::{self, MallocOpts};
 use crate::bdev::BdevRegistry;
+use crate::bdev::{IoOp, IoVecs};
+use crate::reactor::Poller;
 use crate::vhost::device::GuestMem;
+use crate::vhost::device::QueueSetup;
+use crate::vhost::scsi::lock;
 use crate::vhost::scsi::request::REQ_HEADER_LEN;
+use crate::vhost::scsi::request::{LunAddr, RESP_LEN};
 use crate::vhost::scsi::ScsiDevice;
 
 type Mem = GuestMemoryMmap<()>;
@@ -226,12 +238,12 @@ impl Rig {
                 Instant::now() < deadline,
                 "command not completed: used {} {:?} {:?} in_flight {} next_avail {}",
                 used_idx(m, used_addr),
-                rq.vring
+                rq.vring()
                     .queue()
                     .used_idx(m, std::sync::atomic::Ordering::Acquire),
                 used_addr,
-                rq.in_flight,
-                rq.vring.queue().next_avail()
+                rq.in_flight(),
+                rq.vring().queue().next_avail()
             );
         }
         let (id, used) = used_elem(m, used_addr, self.n - 1, QSIZE);
