@@ -540,3 +540,6 @@ impl Event {
         b
     }
 }
+
+#[cfg(test)]
+mod tests;
