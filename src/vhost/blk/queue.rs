@@ -223,3 +223,6 @@ impl QueueDevice for BlkIo {
         self.chan.awaits_helper_threads()
     }
 }
+
+#[cfg(test)]
+mod bench;
