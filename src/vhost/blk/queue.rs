@@ -54,6 +54,7 @@ pub struct BlkIo {
 
 impl BlkIo {
     /// The verdict on a parse.
+    #[inline]
     fn parsed(slot: &mut BlkSlot, r: Result<(), RequestError>) -> Parsed {
         let Err(e) = r else {
             return Parsed::Valid;
@@ -100,6 +101,7 @@ impl QueueDevice for BlkIo {
         Self::parsed(slot, r)
     }
 
+    #[inline]
     fn start(&mut self, tag: u32, slot: &mut BlkSlot) -> u32 {
         let readonly = self.shared.readonly;
         slot.status = VIRTIO_BLK_S_OK as u8;
@@ -199,8 +201,8 @@ impl QueueDevice for BlkIo {
     }
 
     #[inline]
-    fn poll_io(&mut self, mut done: impl FnMut(u32, IoResult)) {
-        self.chan.poll(&mut |tag, res| done(tag as u32, res));
+    fn poll_io(&mut self, done: &mut dyn FnMut(u64, IoResult)) {
+        self.chan.poll(done);
     }
 
     fn kick(&mut self) {

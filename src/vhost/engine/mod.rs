@@ -73,8 +73,9 @@ pub trait QueueDevice {
     /// releases what the request holds.
     fn finish(&mut self, req: &mut Self::Request, out: GuestWriter<'_>) -> u32;
 
-    /// Reaps the bdev channels' completions: `done(tag, result)` for each.
-    fn poll_io(&mut self, done: impl FnMut(u32, IoResult));
+    /// Reaps the bdev channels' completions: `done(tag, result)` for each (the shape of
+    /// [`crate::bdev::BdevChannel::poll`], so that a channel calls the engine directly).
+    fn poll_io(&mut self, done: &mut dyn FnMut(u64, IoResult));
 
     /// Hands the operations submitted since the last kick to the backends.
     fn kick(&mut self);
@@ -204,6 +205,7 @@ impl<D: QueueDevice> Engine<D> {
     }
 
     /// Writes the answer of request `tag`, returns its chain to the driver, frees the slot.
+    #[inline]
     fn complete(&mut self, tag: u32, mem: &GuestMemoryMmap) {
         let Some(slot) = self.slots.get_mut(tag as usize) else {
             return;
@@ -239,7 +241,7 @@ impl<D: QueueDevice> Poller for Engine<D> {
         let mut done = std::mem::take(&mut self.done);
         {
             let slots = &mut self.slots;
-            self.dev.poll_io(|tag, res| {
+            self.dev.poll_io(&mut |tag, res| {
                 let Some(slot) = slots.get_mut(tag as usize) else {
                     return;
                 };
@@ -250,7 +252,7 @@ impl<D: QueueDevice> Poller for Engine<D> {
                 D::on_io_done(&mut slot.req, res);
                 slot.pending -= 1;
                 if slot.pending == 0 {
-                    done.push(tag);
+                    done.push(tag as u32);
                 }
             });
         }

@@ -238,6 +238,7 @@ impl ScsiIo {
 
     /// The verdict on a parse: a rejected command is answered with FAILURE when it has
     /// room for a response (§5.6.6.1), else returned unused.
+    #[inline]
     fn parsed(&self, slot: &mut ScsiCmd, r: Result<(), RequestError>) -> Parsed {
         let Err(e) = r else {
             return Parsed::Valid;
@@ -466,9 +467,9 @@ impl QueueDevice for ScsiIo {
     }
 
     #[inline]
-    fn poll_io(&mut self, mut done: impl FnMut(u32, IoResult)) {
+    fn poll_io(&mut self, done: &mut dyn FnMut(u64, IoResult)) {
         for lc in self.chans.iter_mut().flatten() {
-            lc.chan.poll(&mut |tag, res| done(tag as u32, res));
+            lc.chan.poll(done);
         }
     }
 
