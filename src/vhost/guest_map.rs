@@ -8,7 +8,8 @@
 //! lookup is a scan of a few entries. It neither copies nor owns the mappings: it is valid
 //! exactly as long as the `GuestMemoryMmap` it was built from, which its owner keeps.
 //! Nothing here writes vm-memory's dirty bitmap: blockd offers no dirty logging
-//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
+//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`); completion writes go through
+//! [`crate::vhost::engine::GuestWriter`], where it would be added.
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 

@@ -3,7 +3,9 @@
 //! eventfds of vhost-user (vhost-user.rst "Ring states"), notification suppression around
 //! the reactor's sleeps, and the answer to GET_VRING_BASE when the poller goes away.
 //!
-//! The device engines (blk, scsi) keep only what is theirs: slots, parsing, bdev channels.
+//! The request queues run on [`crate::vhost::engine::Engine`], which adds the slots, the
+//! memory generations and the completion path; the scsi control and event queues use a
+//! `Vring` directly.
 //!
 //! When the rings lie inside single memory regions (always, with QEMU and libblkio), the
 //! hot-path accessors go through a [`RingView`] of pre-translated pointers; otherwise

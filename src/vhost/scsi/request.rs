@@ -150,7 +150,7 @@ impl Streams {
         self.split()
     }
 
-    /// Collects chain `head` through a ring view (`read` is [`RingView::read_chain`] or
+    /// Collects chain `head` through a ring view (`read` is [`crate::vhost::split_ring::RingView::read_chain`] or
     /// [`Vring::read_chain`]), as [`Streams::collect`] does through virtio-queue.
     pub fn collect_ring(
         &mut self,
