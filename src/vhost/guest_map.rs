@@ -8,11 +8,24 @@
 //! lookup is a scan of a few entries. It neither copies nor owns the mappings: it is valid
 //! exactly as long as the `GuestMemoryMmap` it was built from, which its owner keeps.
 //! Nothing here writes vm-memory's dirty bitmap: blockd offers no dirty logging
-//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
+//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`); completion writes go through
+//! [`crate::vhost::engine::GuestWriter`], where it would be added.
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::vhost::guest_stream::{StreamError, MAX_IOVECS};
+/// Most host iovecs one request's data may map to (Linux `UIO_MAXIOV`, the preadv/io_uring
+/// limit).
+pub const MAX_IOVECS: usize = 1024;
+
+/// Why a guest range cannot be used (here or in a descriptor stream); the parsers turn it
+/// into their own error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// A range not (fully) backed by guest memory, or whose address overflows.
+    BadGuestAddress { addr: u64, len: u64 },
+    /// The range maps to more than [`MAX_IOVECS`] host buffers.
+    TooManyIovecs,
+}
 
 /// One guest memory region: guest-physical `[gpa, gpa + len)` is mapped at `host`.
 #[derive(Clone, Copy, Debug)]

@@ -12,19 +12,7 @@ use std::ops::Range;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use crate::vhost::guest_map::GuestMap;
-
-/// Most host iovecs one request's data may map to (Linux `UIO_MAXIOV`, the preadv/io_uring
-/// limit).
-pub const MAX_IOVECS: usize = 1024;
-
-/// Why a range of a stream cannot be used; the parsers turn it into their own error.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamError {
-    /// A range not (fully) backed by guest memory, or whose address overflows.
-    BadGuestAddress { addr: u64, len: u64 },
-    /// The range maps to more than [`MAX_IOVECS`] host buffers.
-    TooManyIovecs,
-}
+pub use crate::vhost::guest_map::{StreamError, MAX_IOVECS};
 
 /// One non-empty descriptor, copied out of a chain (the chain itself lives in guest memory
 /// the driver may rewrite at any time).

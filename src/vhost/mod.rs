@@ -8,6 +8,7 @@
 pub mod blk;
 pub mod coalescing;
 pub mod device;
+pub mod engine;
 mod events;
 pub mod guest_map;
 pub mod guest_stream;

@@ -3,7 +3,9 @@
 //! eventfds of vhost-user (vhost-user.rst "Ring states"), notification suppression around
 //! the reactor's sleeps, and the answer to GET_VRING_BASE when the poller goes away.
 //!
-//! The device engines (blk, scsi) keep only what is theirs: slots, parsing, bdev channels.
+//! The request queues run on [`crate::vhost::engine::Engine`], which adds the slots, the
+//! memory generations and the completion path; the scsi control and event queues use a
+//! `Vring` directly.
 //!
 //! When the rings lie inside single memory regions (always, with QEMU and libblkio), the
 //! hot-path accessors go through a [`RingView`] of pre-translated pointers; otherwise
@@ -217,19 +219,6 @@ impl Vring {
         mem: &'m GuestMemoryMmap,
     ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
         self.queue.pop_descriptor_chain(mem)
-    }
-
-    /// The next available chain and a free slot tag for it, taken from `free` only when a
-    /// chain is there: the engines serve at most as many chains as they have slots.
-    pub fn pop_for_slot<'m>(
-        &mut self,
-        mem: &'m GuestMemoryMmap,
-        free: &mut Vec<u32>,
-    ) -> Option<(u32, DescriptorChain<&'m GuestMemoryMmap>)> {
-        let &tag = free.last()?;
-        let chain = self.pop(mem)?;
-        free.pop();
-        Some((tag, chain))
     }
 
     /// Returns chain `head` to the driver with `len` bytes written (§2.7.8); a failure

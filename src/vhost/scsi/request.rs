@@ -21,12 +21,18 @@ use std::ops::Deref;
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{GuestMemory, GuestMemoryBackend};
 
+#[cfg(test)]
+use crate::vhost::guest_map::GuestMap;
 pub use crate::vhost::guest_stream::{
-    copy_from_iovecs, copy_to_iovecs, read_stream, write_stream, Desc, MAX_IOVECS,
+    copy_from_iovecs, copy_to_iovecs, read_stream, Desc, MAX_IOVECS,
 };
-use crate::vhost::guest_stream::{push_iovecs, walk, StreamError};
+use crate::vhost::guest_stream::{push_iovecs, walk, GuestRanges, StreamError};
+use crate::vhost::split_ring::ChainError;
+#[cfg(test)]
+use crate::vhost::split_ring::RingView;
+use crate::vhost::vring::Vring;
 
 /// `cdb_size` blockd advertises and requires (the virtio default; QEMU refuses changes).
 pub const CDB_SIZE: usize = 32;
@@ -80,27 +86,46 @@ impl From<StreamError> for ParseError {
     }
 }
 
-/// The descriptors of a chain split into its readable and writable streams.
+/// The descriptors of a chain (zero-length ones dropped), in order: a device-readable
+/// stream, then a device-writable stream (§2.7.4.2).
 #[derive(Default, Debug)]
 pub struct Streams {
-    pub readable: Vec<Desc>,
-    pub writable: Vec<Desc>,
+    descs: Vec<Desc>,
+    /// `descs[..first_write]` are readable, `descs[first_write..end_write]` writable; a
+    /// readable descriptor at `end_write` breaks the order (and ends the usable part).
+    first_write: usize,
+    end_write: usize,
     pub readable_len: u64,
     pub writable_len: u64,
 }
 
 impl Streams {
-    /// Collects the chain's descriptors (zero-length ones dropped), enforcing the
+    /// The device-readable stream.
+    pub fn readable(&self) -> &[Desc] {
+        &self.descs[..self.first_write]
+    }
+
+    /// The device-writable stream (up to a misplaced readable descriptor).
+    pub fn writable(&self) -> &[Desc] {
+        &self.descs[self.first_write..self.end_write]
+    }
+
+    fn clear(&mut self) {
+        self.descs.clear();
+        self.first_write = 0;
+        self.end_write = 0;
+        self.readable_len = 0;
+        self.writable_len = 0;
+    }
+
+    /// Collects the chain's descriptors through virtio-queue, enforcing the
     /// readable-then-writable order.
     pub fn collect<M>(&mut self, chain: &mut DescriptorChain<M>) -> Result<(), ParseError>
     where
         M: Deref,
         M::Target: GuestMemory,
     {
-        self.readable.clear();
-        self.writable.clear();
-        self.readable_len = 0;
-        self.writable_len = 0;
+        self.clear();
         let mut count = 0;
         let mut last_has_next = false;
         for d in chain.by_ref() {
@@ -109,23 +134,12 @@ impl Streams {
                 return Err(ParseError::TooManyDescriptors);
             }
             last_has_next = d.has_next();
-            if d.len() == 0 {
-                continue;
-            }
-            let desc = Desc {
-                addr: d.addr().0,
-                len: d.len(),
-                write: d.is_write_only(),
-            };
-            if d.is_write_only() {
-                self.writable.push(desc);
-                self.writable_len += u64::from(d.len());
-            } else {
-                if !self.writable.is_empty() {
-                    return Err(ParseError::ReadableAfterWritable);
-                }
-                self.readable.push(desc);
-                self.readable_len += u64::from(d.len());
+            if d.len() > 0 {
+                self.descs.push(Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write: d.is_write_only(),
+                });
             }
         }
         // virtio-queue stops early (without an error) on loops, bad `next` indexes and
@@ -133,12 +147,45 @@ impl Streams {
         if count == 0 || last_has_next {
             return Err(ParseError::BadChain);
         }
+        self.split()
+    }
+
+    /// Collects chain `head` through a ring view (`read` is [`crate::vhost::split_ring::RingView::read_chain`] or
+    /// [`Vring::read_chain`]), as [`Streams::collect`] does through virtio-queue.
+    pub fn collect_ring(
+        &mut self,
+        read: impl FnOnce(usize, &mut Vec<Desc>) -> Result<(), ChainError>,
+    ) -> Result<(), ParseError> {
+        self.clear();
+        read(MAX_DESCS, &mut self.descs).map_err(|e| match e {
+            ChainError::Empty | ChainError::Truncated => ParseError::BadChain,
+            ChainError::TooLong => ParseError::TooManyDescriptors,
+        })?;
+        self.split()
+    }
+
+    /// Finds the two streams in `descs`.
+    fn split(&mut self) -> Result<(), ParseError> {
+        let n = self.descs.len();
+        let first_write = self.descs.iter().position(|d| d.write).unwrap_or(n);
+        let end_write = self.descs[first_write..]
+            .iter()
+            .position(|d| !d.write)
+            .map_or(n, |i| first_write + i);
+        self.first_write = first_write;
+        self.end_write = end_write;
+        let sum = |d: &[Desc]| d.iter().map(|d| u64::from(d.len)).sum::<u64>();
+        self.readable_len = sum(self.readable());
+        self.writable_len = sum(self.writable());
+        if end_write < n {
+            return Err(ParseError::ReadableAfterWritable);
+        }
         Ok(())
     }
 }
 
 /// Translates `[skip, skip + take)` of the stream into host iovecs.
-fn map_data<M: GuestMemoryBackend + ?Sized>(
+fn map_data<M: GuestRanges + ?Sized>(
     mem: &M,
     descs: &[Desc],
     skip: u64,
@@ -247,13 +294,8 @@ pub struct RequestError {
 }
 
 impl CmdRequest {
-    /// Parses `chain` into `self`, reusing the vectors.
-    pub fn parse_into<M>(&mut self, mut chain: DescriptorChain<M>) -> Result<(), RequestError>
-    where
-        M: Deref,
-        M::Target: GuestMemoryBackend,
-    {
-        self.head_index = chain.head_index();
+    fn reset(&mut self, head_index: u16) {
+        self.head_index = head_index;
         self.data_out.clear();
         self.data_in.clear();
         self.data_out_len = 0;
@@ -261,69 +303,111 @@ impl CmdRequest {
         self.lun = [0; 8];
         self.tag = 0;
         self.cdb = [0; CDB_SIZE];
-        let head_index = self.head_index;
+    }
+
+    /// Parses `chain`, read through virtio-queue, into `self`, reusing the vectors.
+    pub fn parse_into<M>(&mut self, mut chain: DescriptorChain<M>) -> Result<(), RequestError>
+    where
+        M: Deref,
+        M::Target: GuestMemoryBackend,
+    {
+        self.reset(chain.head_index());
         let r = self.streams.collect(&mut chain);
-        let mem = chain.memory();
-        let can_respond = self.streams.writable_len >= RESP_LEN;
-        let fail = |error| RequestError {
+        self.parse_streams(r, chain.memory())
+    }
+
+    /// Parses chain `head` of `vring`, read through its pre-translated view
+    /// ([`Vring::has_view`] must be true), as [`CmdRequest::parse_into`] does.
+    pub fn parse_ring(&mut self, vring: &Vring, head: u16) -> Result<(), RequestError> {
+        self.reset(head);
+        let r = self
+            .streams
+            .collect_ring(|max, out| vring.read_chain(head, max, out));
+        self.parse_streams(r, vring.map())
+    }
+
+    /// [`CmdRequest::parse_ring`] on a bare ring view.
+    #[cfg(test)]
+    fn parse_view(
+        &mut self,
+        view: &RingView,
+        map: &GuestMap,
+        head: u16,
+    ) -> Result<(), RequestError> {
+        self.reset(head);
+        let r = self
+            .streams
+            .collect_ring(|max, out| view.read_chain(map, head, max, out));
+        self.parse_streams(r, map)
+    }
+
+    /// Validates the collected streams (`collected` is how collecting them went) as a
+    /// command (§5.6.6.1).
+    fn parse_streams<M: GuestRanges + ?Sized>(
+        &mut self,
+        collected: Result<(), ParseError>,
+        mem: &M,
+    ) -> Result<(), RequestError> {
+        let head_index = self.head_index;
+        let fail = |can_respond, error| RequestError {
             head_index,
             can_respond,
             error,
         };
-        r.map_err(&fail)?;
-        if !can_respond {
-            return Err(fail(ParseError::ResponseTooShort(
-                self.streams.writable_len,
-            )));
+        // A chain that could not be read entirely has no trustworthy place for an answer:
+        // it goes back unused.
+        if let Err(e @ (ParseError::BadChain | ParseError::TooManyDescriptors)) = collected {
+            return Err(fail(false, e));
         }
-        if self.streams.readable_len < REQ_HEADER_LEN {
-            return Err(fail(ParseError::HeaderTooShort(self.streams.readable_len)));
+        let streams = &self.streams;
+        // The response header must be writable guest memory: checked now, so that a
+        // request with `can_respond` cannot fail to be answered.
+        let response = if streams.writable_len < RESP_LEN {
+            Err(ParseError::ResponseTooShort(streams.writable_len))
+        } else {
+            walk(streams.writable(), 0, RESP_LEN, |addr, len| {
+                if mem.check(addr, len) {
+                    Ok(())
+                } else {
+                    Err(ParseError::BadGuestAddress { addr, len })
+                }
+            })
+            .map(|_| ())
+        };
+        let can_respond = response.is_ok();
+        collected.map_err(|e| fail(can_respond, e))?;
+        response.map_err(|e| fail(false, e))?;
+        if streams.readable_len < REQ_HEADER_LEN {
+            return Err(fail(true, ParseError::HeaderTooShort(streams.readable_len)));
         }
         let mut hdr = [0u8; REQ_HEADER_LEN as usize];
-        read_stream(mem, &self.streams.readable, 0, &mut hdr).map_err(|e| fail(e.into()))?;
+        read_stream(mem, streams.readable(), 0, &mut hdr).map_err(|e| fail(true, e.into()))?;
         self.lun.copy_from_slice(&hdr[0..8]);
         self.tag = u64::from_le_bytes([
             hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
         ]);
         self.cdb.copy_from_slice(&hdr[19..19 + CDB_SIZE]);
-        self.data_out_len = self.streams.readable_len - REQ_HEADER_LEN;
-        self.data_in_len = self.streams.writable_len - RESP_LEN;
+        self.data_out_len = streams.readable_len - REQ_HEADER_LEN;
+        self.data_in_len = streams.writable_len - RESP_LEN;
         if self.data_out_len > 0 && self.data_in_len > 0 {
-            return Err(fail(ParseError::Bidirectional));
+            return Err(fail(true, ParseError::Bidirectional));
         }
-        // The response header must be writable guest memory: check it now so completion
-        // cannot fail on it.
-        walk(&self.streams.writable, 0, RESP_LEN, |addr, len| {
-            let ok = mem
-                .get_slice(GuestAddress(addr), len as usize)
-                .is_ok_and(|s| s.len() == len as usize);
-            if ok {
-                Ok(())
-            } else {
-                Err(ParseError::BadGuestAddress { addr, len })
-            }
-        })
-        .map_err(|e| RequestError {
-            head_index,
-            can_respond: false,
-            error: e,
-        })?;
         map_data(
             mem,
-            &self.streams.readable,
+            streams.readable(),
             REQ_HEADER_LEN,
             self.data_out_len,
             &mut self.data_out,
         )
-        .map_err(&fail)?;
+        .map_err(|e| fail(true, e))?;
         map_data(
             mem,
-            &self.streams.writable,
+            streams.writable(),
             RESP_LEN,
             self.data_in_len,
             &mut self.data_in,
         )
-        .map_err(&fail)?;
+        .map_err(|e| fail(true, e))?;
         Ok(())
     }
 }
@@ -397,7 +481,7 @@ where
     if streams.readable_len < 4 {
         return Err(ParseError::HeaderTooShort(streams.readable_len));
     }
-    read_stream(mem, &streams.readable, 0, &mut ty)?;
+    read_stream(mem, streams.readable(), 0, &mut ty)?;
     match u32::from_le_bytes(ty) {
         virtio_bindings::virtio_scsi::VIRTIO_SCSI_T_TMF => {
             if streams.readable_len < TMF_REQ_LEN {
@@ -407,7 +491,7 @@ where
                 return Err(ParseError::ResponseTooShort(streams.writable_len));
             }
             let mut b = [0u8; TMF_REQ_LEN as usize];
-            read_stream(mem, &streams.readable, 0, &mut b)?;
+            read_stream(mem, streams.readable(), 0, &mut b)?;
             let mut lun = [0u8; 8];
             lun.copy_from_slice(&b[8..16]);
             Ok(ControlRequest::Tmf {
@@ -425,7 +509,7 @@ where
                 return Err(ParseError::ResponseTooShort(streams.writable_len));
             }
             let mut b = [0u8; AN_REQ_LEN as usize];
-            read_stream(mem, &streams.readable, 0, &mut b)?;
+            read_stream(mem, streams.readable(), 0, &mut b)?;
             let mut lun = [0u8; 8];
             lun.copy_from_slice(&b[4..12]);
             Ok(ControlRequest::An {
@@ -456,3 +540,6 @@ impl Event {
         b
     }
 }
+
+#[cfg(test)]
+mod tests;

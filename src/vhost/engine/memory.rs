@@ -1,0 +1,120 @@
+//! Keeps guest memory mapped while in-flight requests point into it.
+//!
+//! The frontend may swap the memory table (vhost-user.rst "VHOST_USER_SET_MEM_TABLE",
+//! "VHOST_USER_ADD_MEM_REG"/"REM_MEM_REG") while requests are in the bdevs with iovecs
+//! into the old mappings: those must stay mapped until the requests complete. One
+//! reference per memory generation, counted by requests, instead of one `Arc` clone per
+//! request keeps reference-count atomics off the per-request path.
+
+use std::sync::Arc;
+
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+
+use crate::vhost::device::GuestMem;
+
+/// The current guest memory and the retired generations in-flight requests still use.
+pub struct MemGenerations {
+    /// The memory new requests point into, its generation and how many in-flight requests
+    /// use it.
+    cur: Arc<GuestMemoryMmap>,
+    gen: u32,
+    refs: usize,
+    /// Older generations still used: (generation, memory, requests).
+    retired: Vec<(u32, Arc<GuestMemoryMmap>, usize)>,
+}
+
+impl MemGenerations {
+    /// Starts at the memory `mem` holds now.
+    pub fn new(mem: &GuestMem) -> Self {
+        MemGenerations {
+            cur: mem.memory().into_inner(),
+            gen: 0,
+            refs: 0,
+            retired: Vec::new(),
+        }
+    }
+
+    /// The current guest memory; when the frontend swapped it, the old one is kept (as a
+    /// retired generation) until the requests that point into it are released.
+    pub fn refresh(&mut self, mem: &GuestMem) -> &Arc<GuestMemoryMmap> {
+        let guard = mem.memory();
+        if !std::ptr::eq(&*guard, Arc::as_ptr(&self.cur)) {
+            let old = std::mem::replace(&mut self.cur, guard.into_inner());
+            if self.refs > 0 {
+                self.retired.push((self.gen, old, self.refs));
+            }
+            self.gen = self.gen.wrapping_add(1);
+            self.refs = 0;
+        }
+        &self.cur
+    }
+
+    /// A request starts pointing into the current memory; returns its generation, to give
+    /// back to [`MemGenerations::release`].
+    #[inline]
+    pub fn hold(&mut self) -> u32 {
+        self.refs += 1;
+        self.gen
+    }
+
+    /// A request of generation `gen` no longer points into guest memory.
+    #[inline]
+    pub fn release(&mut self, gen: u32) {
+        if gen == self.gen {
+            self.refs -= 1;
+            return;
+        }
+        if let Some(i) = self.retired.iter().position(|r| r.0 == gen) {
+            self.retired[i].2 -= 1;
+            if self.retired[i].2 == 0 {
+                self.retired.swap_remove(i);
+            }
+        }
+    }
+
+    /// Retired generations still mapped (tests).
+    #[cfg(test)]
+    pub fn retired(&self) -> usize {
+        self.retired.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap()
+    }
+
+    #[test]
+    fn old_memory_lives_until_its_requests_are_released() {
+        let atomic = GuestMemoryAtomic::new(mem());
+        let mut g = MemGenerations::new(&atomic);
+        let first = Arc::downgrade(g.refresh(&atomic));
+        let a = g.hold();
+        let b = g.hold();
+        // The frontend swaps the table: the old memory stays for `a` and `b`.
+        atomic.lock().unwrap().replace(mem());
+        let second = Arc::downgrade(g.refresh(&atomic));
+        assert!(!first.ptr_eq(&second));
+        assert_eq!(g.retired(), 1);
+        let c = g.hold();
+        g.release(a);
+        assert!(first.upgrade().is_some(), "still used by b");
+        g.release(b);
+        assert_eq!(g.retired(), 0);
+        assert!(
+            first.upgrade().is_none(),
+            "unmapped once its last request is done"
+        );
+        // A swap with nothing in flight retires nothing.
+        g.release(c);
+        atomic.lock().unwrap().replace(mem());
+        g.refresh(&atomic);
+        assert_eq!(g.retired(), 0);
+        assert!(second.upgrade().is_none());
+    }
+}

@@ -1,0 +1,129 @@
+//! The virtio-scsi event queue (virtio 1.2 §5.6.6.3): the driver posts buffers, the
+//! device fills them with the controller's hot-plug events, on the ring directly.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_scsi::*;
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::super::request::{Event, Streams, EVENT_LEN};
+use super::super::{lock, ScsiShared};
+use crate::reactor::Poller;
+use crate::vhost::device::QueueSetup;
+use crate::vhost::engine::GuestWriter;
+use crate::vhost::vring::Vring;
+
+/// The event queue's poller (§5.6.6.3): fills the driver's event buffers with the
+/// controller's pending events.
+pub struct EventQueue {
+    /// First field: dropped (answering GET_VRING_BASE) before the rest.
+    vring: Vring,
+    wake: EventFd,
+    shared: Arc<ScsiShared>,
+    streams: Streams,
+}
+
+impl EventQueue {
+    /// Builds the poller; events queued before it (no driver listening) are forgotten:
+    /// the driver scans the targets when it starts.
+    pub fn new(setup: QueueSetup, shared: Arc<ScsiShared>) -> std::io::Result<Self> {
+        {
+            let mut ev = lock(&shared.events);
+            ev.running = true;
+            ev.pending.clear();
+            ev.missed = false;
+        }
+        Ok(EventQueue {
+            // Control and event traffic is rare: never held back by coalescing.
+            vring: Vring::new(setup).without_coalescing(),
+            wake: shared.event_wake.try_clone()?,
+            shared,
+            streams: Streams::default(),
+        })
+    }
+
+    fn has_events(&self) -> bool {
+        let ev = lock(&self.shared.events);
+        !ev.pending.is_empty() || ev.missed
+    }
+}
+
+impl Poller for EventQueue {
+    fn poll(&mut self) -> usize {
+        let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
+        self.vring.sync_mem(&mem);
+        let mut work = 0;
+        while !self.vring.is_stopping() && self.has_events() {
+            let Some(mut chain) = self.vring.pop(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            work += 1;
+            let ok = self.streams.collect(&mut chain).is_ok()
+                && self.streams.readable().is_empty()
+                && self.streams.writable_len >= EVENT_LEN;
+            let used = if ok {
+                let event = {
+                    let mut ev = lock(&self.shared.events);
+                    let missed = std::mem::take(&mut ev.missed);
+                    let mut e = ev.pending.pop_front().unwrap_or(Event {
+                        event: VIRTIO_SCSI_T_NO_EVENT,
+                        lun: [0; 8],
+                        reason: 0,
+                    });
+                    if missed {
+                        e.event |= VIRTIO_SCSI_T_EVENTS_MISSED;
+                    }
+                    e
+                };
+                let out = GuestWriter::new(self.vring.map());
+                match out.write_stream(self.streams.writable(), &event.to_bytes()) {
+                    Ok(()) => EVENT_LEN as u32,
+                    Err(_) => 0,
+                }
+            } else {
+                tracing::debug!(queue = self.vring.index(), "unusable event buffer");
+                0
+            };
+            self.vring.add_used(&mem, head, used, "an event buffer");
+        }
+        if work > 0 {
+            self.vring.notify_guest(&mem);
+        }
+        work
+    }
+
+    fn arm(&mut self) -> bool {
+        self.vring.arm() && self.has_events()
+    }
+
+    fn disarm(&mut self) {
+        self.vring.disarm();
+        let _ = self.wake.read();
+    }
+
+    fn wake_fds(&self) -> Vec<RawFd> {
+        vec![self.vring.wake_fd(), self.wake.as_raw_fd()]
+    }
+
+    fn request_stop(&mut self) {
+        self.vring.stop();
+    }
+
+    fn finished(&self) -> bool {
+        self.vring.is_stopping()
+    }
+}
+
+impl Drop for EventQueue {
+    fn drop(&mut self) {
+        {
+            let mut ev = lock(&self.shared.events);
+            ev.running = false;
+            ev.pending.clear();
+            ev.missed = false;
+        }
+    }
+}
