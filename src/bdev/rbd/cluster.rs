@@ -141,9 +141,9 @@ impl Clusters {
 
     /// `bdev_rbd_register_cluster`: connects now, so that a wrong configuration fails here
     /// with a message naming the cluster.
-    pub fn register(&self, cfg: ClusterConfig) -> RbdResult<String> {
+    pub fn register(&self, cfg: ClusterConfig) -> crate::error::Result<String> {
         if cfg.name.is_empty() {
-            return Err(RbdError::invalid("cluster name must not be empty"));
+            return Err(RbdError::invalid("cluster name must not be empty").into());
         }
         let exists = || {
             RbdError::new(
@@ -152,13 +152,13 @@ impl Clusters {
             )
         };
         if self.lock().contains_key(&cfg.name) {
-            return Err(exists());
+            return Err(exists().into());
         }
         let n = cfg.connections.unwrap_or(1);
         if !(1..=64).contains(&n) {
-            return Err(RbdError::invalid(format!(
-                "connections {n} must be between 1 and 64"
-            )));
+            return Err(
+                RbdError::invalid(format!("connections {n} must be between 1 and 64")).into(),
+            );
         }
         let opts = cfg.connect_options();
         let mut conns = Vec::with_capacity(n);
@@ -167,7 +167,7 @@ impl Clusters {
         }
         let mut map = self.lock();
         if map.contains_key(&cfg.name) {
-            return Err(exists());
+            return Err(exists().into());
         }
         let name = cfg.name.clone();
         map.insert(
@@ -183,7 +183,7 @@ impl Clusters {
     }
 
     /// `bdev_rbd_unregister_cluster`: refused (EBUSY, naming them) while bdevs use it.
-    pub fn unregister(&self, name: &str) -> RbdResult<()> {
+    pub fn unregister(&self, name: &str) -> crate::error::Result<()> {
         let mut map = self.lock();
         let e = map.get(name).ok_or_else(|| not_registered(name))?;
         if !e.users.is_empty() {
@@ -191,14 +191,15 @@ impl Clusters {
             return Err(RbdError::new(
                 libc::EBUSY,
                 format!("cluster {name} is used by bdev(s) {}", users.join(", ")),
-            ));
+            )
+            .into());
         }
         map.remove(name);
         Ok(())
     }
 
     /// `bdev_rbd_get_clusters_info`: one cluster's object, or an array of all.
-    pub fn info(&self, name: Option<&str>) -> RbdResult<Value> {
+    pub fn info(&self, name: Option<&str>) -> crate::error::Result<Value> {
         let map = self.lock();
         match name {
             Some(n) => Ok(map.get(n).ok_or_else(|| not_registered(n))?.cfg.to_json()),
@@ -209,7 +210,11 @@ impl Clusters {
     }
 
     /// Takes a connection of cluster `name` for bdev `user`.
-    pub(super) fn acquire(&self, name: &str, user: &str) -> RbdResult<(Arc<Rados>, ClusterConfig)> {
+    pub(super) fn acquire(
+        &self,
+        name: &str,
+        user: &str,
+    ) -> crate::error::Result<(Arc<Rados>, ClusterConfig)> {
         let mut map = self.lock();
         let e = map.get_mut(name).ok_or_else(|| not_registered(name))?;
         let conn = e.conns[e.next % e.conns.len()].clone();

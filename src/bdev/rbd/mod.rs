@@ -43,6 +43,7 @@ use super::{
     check_block_size, push_extent, AllocState, Bdev, BdevBackend, BdevParams, Errno, Extent,
     IoChannel, IoOp, IoResult, IoTypes, MAX_EXTENTS,
 };
+use crate::error::Error;
 use crate::rbd::ffi::{rbd_completion_t, Api};
 use crate::rbd::image::AioOp;
 use crate::rbd::{ConnectOptions, Image, Rados, RbdError, RbdResult};
@@ -549,6 +550,13 @@ struct Entry {
     shared: Arc<Shared>,
 }
 
+impl From<RbdError> for Error {
+    /// The rbd library's errors are already an errno and a message naming the object.
+    fn from(e: RbdError) -> Self {
+        Error::new(e.errno, e.message)
+    }
+}
+
 fn no_such_bdev(name: &str) -> RbdError {
     RbdError::new(libc::ENODEV, format!("rbd bdev {name} not found"))
 }
@@ -578,18 +586,15 @@ impl RbdState {
 
     /// Opens the image and builds the bdev (blocking: control thread only). The caller has
     /// checked that the name is free in the daemon's registry.
-    pub fn create(&self, cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
+    pub fn create(&self, cfg: RbdBdevConfig) -> crate::error::Result<Arc<Bdev>> {
         check_block_size(cfg.block_size).map_err(RbdError::invalid)?;
         if cfg.pool_name.is_empty() || cfg.rbd_name.is_empty() {
-            return Err(RbdError::invalid(
-                "pool_name and rbd_name must not be empty",
-            ));
+            return Err(RbdError::invalid("pool_name and rbd_name must not be empty").into());
         }
         if self.exists(&cfg.name) {
-            return Err(RbdError::new(
-                libc::EEXIST,
-                format!("bdev {} already exists", cfg.name),
-            ));
+            return Err(
+                RbdError::new(libc::EEXIST, format!("bdev {} already exists", cfg.name)).into(),
+            );
         }
         let (conn, config_file, key_file) = match &cfg.cluster_name {
             Some(c) => {
@@ -612,11 +617,11 @@ impl RbdState {
                 (Rados::connect(&opts)?, None, None)
             }
         };
-        let release = |e: RbdError| {
+        let release = |e: RbdError| -> Error {
             if let Some(c) = &cfg.cluster_name {
                 self.clusters.release(c, &cfg.name);
             }
-            e
+            e.into()
         };
         let opened = conn
             .ioctx(&cfg.pool_name)
@@ -677,7 +682,7 @@ impl RbdState {
 
     /// Deletes an rbd bdev: stops the watch, flushes, releases the exclusive lock and its
     /// cluster. The image is closed when the last channel using it is dropped.
-    pub fn delete(&self, name: &str) -> RbdResult<Arc<Bdev>> {
+    pub fn delete(&self, name: &str) -> crate::error::Result<Arc<Bdev>> {
         let e = self.lock().remove(name).ok_or_else(|| no_such_bdev(name))?;
         let r = e.bdev.backend().close();
         if let Some(c) = &e.shared.cfg.cluster_name {
@@ -691,7 +696,7 @@ impl RbdState {
 
     /// `bdev_rbd_resize`: grows the image to `new_size_mib` MiB (shrinking is refused, as in
     /// SPDK: a guest would lose data) and tells the frontends.
-    pub fn resize(&self, name: &str, new_size_mib: u64) -> RbdResult<()> {
+    pub fn resize(&self, name: &str, new_size_mib: u64) -> crate::error::Result<()> {
         let (bdev, shared) = {
             let map = self.lock();
             let e = map.get(name).ok_or_else(|| no_such_bdev(name))?;
@@ -708,13 +713,15 @@ impl RbdState {
                     "rbd bdev {name} is read-only: cannot resize {}",
                     image.what()
                 ),
-            ));
+            )
+            .into());
         }
         let cur = image.size()?;
         if bytes < cur {
             return Err(RbdError::invalid(format!(
                 "new size {new_size_mib} MiB of bdev {name} is smaller than the current {cur} bytes"
-            )));
+            ))
+            .into());
         }
         image.resize(bytes)?;
         bdev.set_num_blocks(bytes / shared.cfg.block_size as u64);

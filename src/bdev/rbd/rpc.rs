@@ -14,7 +14,6 @@ use uuid::Uuid;
 use super::cluster::ClusterConfig;
 use super::{RbdBdevConfig, RbdState};
 use crate::bdev::rpc::{BdevContext, NameParams};
-use crate::rbd::RbdError;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
 /// What the rbd methods act on: the bdevs and the rbd state (clusters, rbd bdevs).
@@ -30,10 +29,6 @@ pub fn register<C: RbdContext>(m: &mut RpcMethods<C>) {
     m.add("bdev_rbd_register_cluster", register_cluster);
     m.add("bdev_rbd_unregister_cluster", unregister_cluster);
     m.add("bdev_rbd_get_clusters_info", get_clusters_info);
-}
-
-fn err(e: RbdError) -> RpcError {
-    RpcError::errno_msg(e.errno, e.message)
 }
 
 #[derive(Deserialize)]
@@ -77,20 +72,17 @@ fn create<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
             .find(|n| !name_taken(app, n))
             .unwrap_or_default(),
     };
-    let bdev = app
-        .rbd()
-        .create(RbdBdevConfig {
-            name,
-            user_id: p.user_id,
-            pool_name: p.pool_name,
-            rbd_name: p.rbd_name,
-            block_size: p.block_size,
-            config: p.config,
-            cluster_name: p.cluster_name,
-            uuid: p.uuid,
-            read_only: p.read_only,
-        })
-        .map_err(err)?;
+    let bdev = app.rbd().create(RbdBdevConfig {
+        name,
+        user_id: p.user_id,
+        pool_name: p.pool_name,
+        rbd_name: p.rbd_name,
+        block_size: p.block_size,
+        config: p.config,
+        cluster_name: p.cluster_name,
+        uuid: p.uuid,
+        read_only: p.read_only,
+    })?;
     if let Err(e) = app.bdevs().add(bdev.clone()) {
         // Lost a race for the name: undo.
         let _ = app.rbd().delete(bdev.name());
@@ -107,7 +99,7 @@ fn delete<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     // Refused (EBUSY, naming the owner) while a controller claims it; closes the backend.
     app.bdevs()
         .remove_product(&p.name, Some(super::PRODUCT_NAME))?;
-    app.rbd().delete(&p.name).map_err(err)?;
+    app.rbd().delete(&p.name)?;
     Ok(json!(true))
 }
 
@@ -123,18 +115,18 @@ fn resize<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     if !app.rbd().exists(&p.name) {
         return Err(RpcError::errno(libc::ENODEV));
     }
-    app.rbd().resize(&p.name, p.new_size).map_err(err)?;
+    app.rbd().resize(&p.name, p.new_size)?;
     Ok(json!(true))
 }
 
 fn register_cluster<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let cfg: ClusterConfig = params(p)?;
-    Ok(json!(app.rbd().clusters.register(cfg).map_err(err)?))
+    Ok(json!(app.rbd().clusters.register(cfg)?))
 }
 
 fn unregister_cluster<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: NameParams = params(p)?;
-    app.rbd().clusters.unregister(&p.name).map_err(err)?;
+    app.rbd().clusters.unregister(&p.name)?;
     Ok(json!(true))
 }
 
@@ -146,5 +138,5 @@ struct InfoParams {
 
 fn get_clusters_info<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: InfoParams = params(p)?;
-    app.rbd().clusters.info(p.name.as_deref()).map_err(err)
+    Ok(app.rbd().clusters.info(p.name.as_deref())?)
 }
