@@ -16,7 +16,8 @@
 //! ([`BdevBackend::read_only`]) and its channels fail writes, unmaps and write-zeroes
 //! with EROFS.
 //!
-//! At daemon shutdown [`shutdown`] closes every image (`rbd_close`: header unwatched,
+//! The registered clusters and the rbd bdevs are an [`RbdState`] the application owns. At
+//! daemon shutdown (the end of `App::shutdown`) [`RbdState::shutdown`] closes every image (`rbd_close`: header unwatched,
 //! exclusive lock released) and every cluster connection (`rados_shutdown`), so the next
 //! opener does not wait for the OSDs to time a dead watcher out.
 
@@ -75,7 +76,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The backend's state shared by the bdev, its channels and its watcher thread.
 struct Shared {
     cfg: RbdBdevConfig,
-    /// The open image; `None` once [`shutdown`] closed it.
+    /// The open image; `None` once [`RbdState::shutdown`] closed it.
     image: Mutex<Option<Arc<Image>>>,
     config_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
@@ -345,7 +346,7 @@ impl BdevBackend for RbdBackend {
 
     /// Flushes and hands the exclusive lock back (bounded by [`CLOSE_TIMEOUT`]). The
     /// handle stays open for channels still draining; the image is closed when the last
-    /// of them goes (delete) or by [`shutdown`] (daemon exit).
+    /// of them goes (delete) or by [`RbdState::shutdown`] (daemon exit).
     fn close(&self) -> std::io::Result<()> {
         let shared = self.shared.clone();
         let what = format!("rbd bdev {}: flushing", self.shared.cfg.name);
