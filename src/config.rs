@@ -1,112 +1,14 @@
-//! Saved configurations: what `framework_get_config` answers, what `rpc.py save_config`
-//! assembles, and what `blockd --json` replays.
+//! Saved configurations: how one is replayed (the calls and their order), shared by
+//! `blockd --json` and `blockctl load_config`. What each subsystem saves, and the replay
+//! itself through the daemon's RPC methods, belong to the application (`app::config`).
 //!
 //! A configuration is SPDK's JSON config file:
 //! `{"subsystems":[{"subsystem":"bdev","config":[{"method":..,"params":{..}},..]},..]}`.
 //! Each entry is the RPC call that recreates one object, so replaying a configuration is
 //! calling those methods in dependency order (bdevs before the controllers that use them).
 
-use std::sync::Arc;
-
 use anyhow::Context;
-use serde_json::{json, Value};
-
-use crate::app::App;
-use crate::rpc::{code, RpcError};
-
-/// A subsystem of `framework_get_subsystems`: a group of objects saved and replayed together.
-pub struct Subsystem {
-    /// Name, as in SPDK (`bdev`, `vhost_blk`).
-    pub name: &'static str,
-    /// Subsystems whose objects must exist before this one's are created.
-    pub depends_on: &'static [&'static str],
-    /// The `{method, params}` entries that recreate this subsystem's objects.
-    pub config: fn(&App) -> Vec<Value>,
-}
-
-/// Every subsystem, in initialization (dependency) order. Add one line per new subsystem.
-pub const SUBSYSTEMS: &[Subsystem] = &[
-    Subsystem {
-        name: "bdev",
-        depends_on: &[],
-        config: bdev_config,
-    },
-    Subsystem {
-        name: "vhost_blk",
-        depends_on: &["bdev"],
-        config: vhost_blk_config,
-    },
-    Subsystem {
-        name: "vhost_scsi",
-        depends_on: &["bdev"],
-        config: vhost_scsi_config,
-    },
-    Subsystem {
-        name: "nbd",
-        depends_on: &["bdev"],
-        config: nbd_config,
-    },
-];
-
-fn entry(method: &str, params: Value) -> Value {
-    json!({"method": method, "params": params})
-}
-
-/// bdev: each bdev's creation call, then its QoS limits when any is set (as SPDK's
-/// `bdev_qos_config_json`, which writes only the nonzero limits).
-fn bdev_config(app: &App) -> Vec<Value> {
-    let mut out: Vec<Value> = crate::bdev::rbd::cluster::config_entries()
-        .into_iter()
-        .map(|(m, p)| entry(m, p))
-        .collect();
-    for bdev in app.bdevs.list() {
-        let Some((method, params)) = bdev.backend().config(&bdev) else {
-            continue;
-        };
-        out.push(entry(method, params));
-        let l = bdev.qos.limits();
-        let mut p = serde_json::Map::new();
-        for (k, v) in [
-            ("rw_ios_per_sec", l.rw_ios_per_sec),
-            ("rw_mbytes_per_sec", l.rw_mbytes_per_sec),
-            ("r_mbytes_per_sec", l.r_mbytes_per_sec),
-            ("w_mbytes_per_sec", l.w_mbytes_per_sec),
-        ] {
-            if v != 0 {
-                p.insert(k.into(), json!(v));
-            }
-        }
-        if !p.is_empty() {
-            p.insert("name".into(), json!(bdev.name()));
-            out.push(entry("bdev_set_qos_limit", Value::Object(p)));
-        }
-    }
-    out
-}
-
-fn nbd_config(app: &App) -> Vec<Value> {
-    app.nbd
-        .config_entries()
-        .into_iter()
-        .map(|(m, p)| entry(m, p))
-        .collect()
-}
-
-fn vhost_scsi_config(app: &App) -> Vec<Value> {
-    app.vhost
-        .subsystem_config_entries("vhost_scsi")
-        .into_iter()
-        .map(|(m, p)| entry(m, p))
-        .collect()
-}
-
-fn vhost_blk_config(app: &App) -> Vec<Value> {
-    app.vhost
-        .config_entries()
-        .into_iter()
-        .map(|(m, p)| entry(m, p))
-        .collect()
-}
+use serde_json::Value;
 
 /// Methods that `save_config` of an SPDK target writes into every configuration to tune
 /// SPDK's own machinery (buffer pools, sockets, accel, the NVMe, RAID and iSCSI bdev
@@ -137,31 +39,6 @@ fn is_spdk_tuning(method: &str) -> bool {
     SPDK_TUNING_METHODS.contains(&method)
 }
 
-/// The subsystem named `name`.
-pub fn subsystem(name: &str) -> Option<&'static Subsystem> {
-    SUBSYSTEMS.iter().find(|s| s.name == name)
-}
-
-/// `framework_get_config`: the entries of subsystem `name`; -32602 for an unknown one.
-pub fn subsystem_config(app: &App, name: &str) -> Result<Vec<Value>, RpcError> {
-    let s = subsystem(name).ok_or_else(|| {
-        RpcError::new(
-            code::INVALID_PARAMS,
-            format!("No such device: subsystem '{name}' does not exist"),
-        )
-    })?;
-    Ok((s.config)(app))
-}
-
-/// The whole configuration, as `rpc.py save_config` assembles it.
-pub fn save(app: &App) -> Value {
-    let subsystems: Vec<Value> = SUBSYSTEMS
-        .iter()
-        .map(|s| json!({"subsystem": s.name, "config": (s.config)(app)}))
-        .collect();
-    json!({ "subsystems": subsystems })
-}
-
 /// One call of a configuration, in replay order.
 #[derive(Debug)]
 pub struct PlannedCall<'a> {
@@ -180,7 +57,7 @@ pub struct PlannedCall<'a> {
 /// and SPDK's tuning entries ([`SPDK_TUNING_METHODS`]) the daemon lacks are handed to
 /// `skipped` instead of planned. Any other method the daemon lacks (`known` false) fails
 /// the plan, so a configuration it cannot recreate changes nothing. Shared by
-/// `blockd --json` ([`load`]) and `blockctl load_config`.
+/// `blockd --json` (`app::load`) and `blockctl load_config`.
 pub fn plan<'a>(
     cfg: &'a Value,
     known: impl Fn(&str) -> bool,
@@ -244,49 +121,10 @@ pub fn plan<'a>(
     Ok(plan.into_iter().map(|(_, c)| c).collect())
 }
 
-/// Replays a configuration through the RPC methods ([`plan`] gives the calls and their
-/// order; SPDK's tuning entries are logged and skipped). Stops at the first failing call,
-/// with an error naming the subsystem, the entry's index and method, and the RPC error.
-pub fn load(app: &Arc<App>, cfg: &Value) -> anyhow::Result<()> {
-    let calls = plan(
-        cfg,
-        |m| app.rpc.get(m).is_some(),
-        |s| SUBSYSTEMS.iter().position(|k| k.name == s),
-        |c| {
-            tracing::info!(
-                subsystem = c.subsystem,
-                index = c.index,
-                method = c.method,
-                "skipping SPDK tuning entry: blockd has nothing it sets"
-            )
-        },
-    )?;
-    for c in calls {
-        app.rpc
-            .call(app, c.method, c.params.cloned())
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "subsystem '{}' entry {} ({}) failed: {} (code {})",
-                    c.subsystem,
-                    c.index,
-                    c.method,
-                    e.message,
-                    e.code
-                )
-            })?;
-        tracing::debug!(
-            subsystem = c.subsystem,
-            index = c.index,
-            method = c.method,
-            "config entry replayed"
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn plan_orders_by_rank_flattens_batches_and_skips_only_tuning() {

@@ -7,7 +7,14 @@
 //!   `bdev::{malloc, null, aio}`;
 //! - [`reactor`] runs frontends and backends on threads pinned to the cores of the cpumask;
 //! - [`rpc`] speaks SPDK-compatible JSON-RPC 2.0 and only parses, validates and calls into the
-//!   same library functions the configuration loader ([`config`]) uses.
+//!   same library functions the configuration replay uses;
+//! - [`app`] owns all the daemon's state, assembles the RPC method table from each module's
+//!   `register`, and has the one shutdown path.
+//!
+//! Dependencies go one way: frontends (vhost, nbd) → bdev layer → backends; domain modules
+//! return [`error::Error`] (an errno and a message) and never import `app` or `rpc`; only
+//! each module's `rpc.rs` turns their errors into JSON-RPC errors. `tests/layering.rs`
+//! checks it.
 
 pub mod app;
 pub mod bdev;
@@ -15,6 +22,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod cpumask;
+pub mod error;
 pub mod localpool;
 pub mod logging;
 pub mod nbd;

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockd::bdev::rbd::cluster::{self, ClusterConfig};
-use blockd::bdev::rbd::{self as rbdbdev, RbdBdevConfig};
+use blockd::bdev::rbd::cluster::ClusterConfig;
+use blockd::bdev::rbd::{RbdBdevConfig, RbdState};
 use blockd::bdev::{Bdev, BdevChannel, IoOp, IoResult, IoVecs};
 use blockd::rbd::{ConnectOptions, CreateOptions, Rados};
 use clap::Parser;
@@ -122,6 +122,7 @@ fn bindings_create_stat_resize_remove() {
 
 #[test]
 fn missing_image_is_enoent_with_its_name() {
+    let rbd = RbdState::default();
     let conf = need_ceph!();
     let r = connect(&conf);
     let e = r.ioctx(POOL).unwrap().open("nosuch", None).unwrap_err();
@@ -131,21 +132,23 @@ fn missing_image_is_enoent_with_its_name() {
     assert_eq!(e.errno, libc::ENOENT);
     assert_eq!(e.message, "pool nosuchpool not found");
     // Through the bdev layer, with the default connection (CEPH_CONF).
-    let e = rbdbdev::create(RbdBdevConfig {
-        name: unique("nosuch"),
-        pool_name: POOL.into(),
-        rbd_name: "nosuch".into(),
-        block_size: 512,
-        ..Default::default()
-    })
-    .err()
-    .unwrap();
+    let e = rbd
+        .create(RbdBdevConfig {
+            name: unique("nosuch"),
+            pool_name: POOL.into(),
+            rbd_name: "nosuch".into(),
+            block_size: 512,
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
     assert_eq!(e.errno, libc::ENOENT);
     assert_eq!(e.message, "image testpool/nosuch not found");
 }
 
 #[test]
 fn bad_keyring_is_permission_denied_naming_the_cluster() {
+    let rbd = RbdState::default();
     let conf = need_ceph!();
     let dir = tempfile::tempdir().unwrap();
     let kr = dir.path().join("bad.keyring");
@@ -176,15 +179,20 @@ fn bad_keyring_is_permission_denied_naming_the_cluster() {
     assert!(t.elapsed() < Duration::from_secs(20));
     // Registering a cluster with that keyring fails the same way and registers nothing.
     let name = unique("bad");
-    let e = cluster::register(ClusterConfig {
-        name: name.clone(),
-        config_file: Some(conf.display().to_string()),
-        key_file: Some(kr.display().to_string()),
-        ..Default::default()
-    })
-    .unwrap_err();
+    let e = rbd
+        .clusters
+        .register(ClusterConfig {
+            name: name.clone(),
+            config_file: Some(conf.display().to_string()),
+            key_file: Some(kr.display().to_string()),
+            ..Default::default()
+        })
+        .unwrap_err();
     assert!(e.message.contains(&format!("cluster {name}")), "{e}");
-    assert_eq!(cluster::info(Some(&name)).unwrap_err().errno, libc::ENOENT);
+    assert_eq!(
+        rbd.clusters.info(Some(&name)).unwrap_err().errno,
+        libc::ENOENT
+    );
 }
 
 /// Waits (bounded) for `n` completions on `ch`.
@@ -225,42 +233,45 @@ fn iov(buf: &mut [u8]) -> libc::iovec {
     }
 }
 
-fn register_test_cluster(conf: &Path) -> String {
+fn register_test_cluster(rbd: &RbdState, conf: &Path) -> String {
     let name = unique("cl");
-    cluster::register(ClusterConfig {
-        name: name.clone(),
-        config_file: Some(conf.display().to_string()),
-        connections: Some(2),
-        ..Default::default()
-    })
-    .unwrap();
+    rbd.clusters
+        .register(ClusterConfig {
+            name: name.clone(),
+            config_file: Some(conf.display().to_string()),
+            connections: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
     name
 }
 
-fn make_bdev(conf: &Path, cluster: Option<&str>, size: u64) -> (Arc<Bdev>, String) {
+fn make_bdev(rbd: &RbdState, conf: &Path, cluster: Option<&str>, size: u64) -> (Arc<Bdev>, String) {
     let r = connect(conf);
     let image = unique("bdev");
     r.ioctx(POOL)
         .unwrap()
         .create_image(&image, size, &CreateOptions::default())
         .unwrap();
-    let bdev = rbdbdev::create(RbdBdevConfig {
-        name: unique("Ceph"),
-        pool_name: POOL.into(),
-        rbd_name: image.clone(),
-        block_size: 4096,
-        cluster_name: cluster.map(String::from),
-        ..Default::default()
-    })
-    .unwrap();
+    let bdev = rbd
+        .create(RbdBdevConfig {
+            name: unique("Ceph"),
+            pool_name: POOL.into(),
+            rbd_name: image.clone(),
+            block_size: 4096,
+            cluster_name: cluster.map(String::from),
+            ..Default::default()
+        })
+        .unwrap();
     (bdev, image)
 }
 
 #[test]
 fn channel_write_read_discard_zeroes_flush() {
+    let rbd = RbdState::default();
     let conf = need_ceph!();
-    let cl = register_test_cluster(&conf);
-    let (bdev, image) = make_bdev(&conf, Some(&cl), 8 << 20);
+    let cl = register_test_cluster(&rbd, &conf);
+    let (bdev, image) = make_bdev(&rbd, &conf, Some(&cl), 8 << 20);
     assert_eq!(bdev.num_blocks(), 2048);
     let j = bdev.to_json();
     assert_eq!(j["product_name"], "Ceph Rbd Disk");
@@ -272,7 +283,7 @@ fn channel_write_read_discard_zeroes_flush() {
     assert_eq!(p["block_size"], 4096);
 
     // Unregistering a cluster in use is refused, naming the bdev.
-    let e = cluster::unregister(&cl).unwrap_err();
+    let e = rbd.clusters.unregister(&cl).unwrap_err();
     assert_eq!(e.errno, libc::EBUSY);
     assert!(e.message.contains(bdev.name()), "{e}");
 
@@ -373,17 +384,18 @@ fn channel_write_read_discard_zeroes_flush() {
 
     drop(ch);
     drop(other);
-    rbdbdev::delete(bdev.name()).unwrap();
+    rbd.delete(bdev.name()).unwrap();
     drop(bdev);
-    cluster::unregister(&cl).unwrap();
+    rbd.clusters.unregister(&cl).unwrap();
     r.ioctx(POOL).unwrap().remove_image(&image).unwrap();
 }
 
 #[test]
 fn resize_from_rbd_cli_reaches_the_bdev() {
+    let rbd = RbdState::default();
     let conf = need_ceph!();
     // No cluster: the bdev's own connection through CEPH_CONF.
-    let (bdev, image) = make_bdev(&conf, None, 8 << 20);
+    let (bdev, image) = make_bdev(&rbd, &conf, None, 8 << 20);
     let seen = Arc::new(AtomicU32::new(0));
     let s2 = seen.clone();
     bdev.subscribe_resize(Box::new(move |n| s2.store(n as u32, Ordering::SeqCst)));
@@ -405,9 +417,9 @@ fn resize_from_rbd_cli_reaches_the_bdev() {
     eprintln!("resize seen after {:?}", t.elapsed());
 
     // bdev_rbd_resize: grows, refuses to shrink.
-    rbdbdev::resize(bdev.name(), 24).unwrap();
+    rbd.resize(bdev.name(), 24).unwrap();
     assert_eq!(bdev.num_blocks(), 24 * 256);
-    let e = rbdbdev::resize(bdev.name(), 8).unwrap_err();
+    let e = rbd.resize(bdev.name(), 8).unwrap_err();
     assert_eq!(e.errno, libc::EINVAL);
     assert_eq!(
         connect(&conf)
@@ -419,7 +431,7 @@ fn resize_from_rbd_cli_reaches_the_bdev() {
             .unwrap(),
         24 << 20
     );
-    rbdbdev::delete(bdev.name()).unwrap();
+    rbd.delete(bdev.name()).unwrap();
     drop(bdev);
     connect(&conf)
         .ioctx(POOL)
@@ -539,33 +551,37 @@ fn cli_import_export_snap_rollback_clone() {
 
 #[test]
 fn cluster_info_and_default_names_via_rpc() {
+    let rbd = RbdState::default();
     let conf = need_ceph!();
     let mut p = BTreeMap::new();
     p.insert("rbd_cache".to_string(), "false".to_string());
     let name = unique("info");
-    cluster::register(ClusterConfig {
-        name: name.clone(),
-        config_file: Some(conf.display().to_string()),
-        config_param: Some(p),
-        ..Default::default()
-    })
-    .unwrap();
-    let v = cluster::info(Some(&name)).unwrap();
+    rbd.clusters
+        .register(ClusterConfig {
+            name: name.clone(),
+            config_file: Some(conf.display().to_string()),
+            config_param: Some(p),
+            ..Default::default()
+        })
+        .unwrap();
+    let v = rbd.clusters.info(Some(&name)).unwrap();
     assert_eq!(v["cluster_name"], name.as_str());
     assert_eq!(v["config_param"]["rbd_cache"], "false");
-    let all = cluster::info(None).unwrap();
+    let all = rbd.clusters.info(None).unwrap();
     assert!(all
         .as_array()
         .unwrap()
         .iter()
         .any(|c| c["cluster_name"] == name.as_str()));
-    let e = cluster::register(ClusterConfig {
-        name: name.clone(),
-        ..Default::default()
-    })
-    .unwrap_err();
+    let e = rbd
+        .clusters
+        .register(ClusterConfig {
+            name: name.clone(),
+            ..Default::default()
+        })
+        .unwrap_err();
     assert_eq!(e.errno, libc::EEXIST);
-    cluster::unregister(&name).unwrap();
+    rbd.clusters.unregister(&name).unwrap();
 }
 
 #[test]
@@ -627,7 +643,7 @@ fn rpc_errors_carry_errno_and_names() {
         true
     );
     assert_eq!(
-        rbdbdev::get(n.as_str().unwrap()).unwrap().num_blocks(),
+        app.rbd.get(n.as_str().unwrap()).unwrap().num_blocks(),
         16384
     );
     assert_eq!(
@@ -1345,6 +1361,7 @@ fn sigterm_leaves_no_watcher_behind() {
 /// VIRTIO_BLK_F_RO, and `save_config` carries the flag so a replay restores it.
 #[test]
 fn read_only_bdev_serves_reads_and_refuses_writes() {
+    let rbd = RbdState::default();
     let conf = need_ceph!();
     let name = unique("ro");
     let spec = format!("{POOL}/{name}");
@@ -1379,15 +1396,16 @@ fn read_only_bdev_serves_reads_and_refuses_writes() {
 
     // In-process: the channel fails writes with EROFS and still reads.
     {
-        let bdev = rbdbdev::create(RbdBdevConfig {
-            name: unique("CephRo"),
-            pool_name: POOL.into(),
-            rbd_name: name.clone(),
-            block_size: 512,
-            read_only: true,
-            ..Default::default()
-        })
-        .unwrap();
+        let bdev = rbd
+            .create(RbdBdevConfig {
+                name: unique("CephRo"),
+                pool_name: POOL.into(),
+                rbd_name: name.clone(),
+                block_size: 512,
+                read_only: true,
+                ..Default::default()
+            })
+            .unwrap();
         assert!(bdev.backend().read_only());
         let t = bdev.backend().io_types();
         assert!(!t.unmap && !t.write_zeroes);
@@ -1431,7 +1449,7 @@ fn read_only_bdev_serves_reads_and_refuses_writes() {
         assert_eq!(io(&mut ch, 5, rd), Ok(()));
         assert_eq!(buf, data[..4096]);
         drop(ch);
-        rbdbdev::delete(bdev.name()).unwrap();
+        rbd.delete(bdev.name()).unwrap();
     }
 
     // Through the daemon, created by SPDK's rpc.py with its -r flag.

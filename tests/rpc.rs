@@ -238,7 +238,7 @@ fn spdk_get_version_shape_and_params() {
 fn rpc_get_methods_lists_every_method_sorted() {
     let d = Daemon::start();
     let methods = d.methods();
-    let expected: Vec<String> = blockd::rpc::RpcMethods::all()
+    let expected: Vec<String> = blockd::app::App::methods()
         .names()
         .into_iter()
         .map(String::from)

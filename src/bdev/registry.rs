@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::Bdev;
-use crate::rpc::RpcError;
+use crate::error::Error;
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -19,15 +19,15 @@ pub enum RegistryError {
     Claimed { bdev: String, owner: String },
 }
 
-impl From<RegistryError> for RpcError {
-    /// -17 (`EEXIST`), -19 (`ENODEV`) and -16 (`EBUSY`), with messages naming the bdev.
+impl From<RegistryError> for Error {
+    /// `EEXIST`, `ENODEV` and `EBUSY`, with messages naming the bdev.
     fn from(e: RegistryError) -> Self {
         let errno = match e {
             RegistryError::Exists(_) => libc::EEXIST,
             RegistryError::NotFound(_) => libc::ENODEV,
             RegistryError::Claimed { .. } => libc::EBUSY,
         };
-        RpcError::errno_msg(errno, e.to_string())
+        Error::new(errno, e.to_string())
     }
 }
 
@@ -152,11 +152,11 @@ mod tests {
         let r = BdevRegistry::default();
         let a = null::create(&r, opts("Null0")).unwrap();
         let e = err(null::create(&r, opts("Null0")));
-        assert_eq!(e.code, -libc::EEXIST);
+        assert_eq!(e.errno, libc::EEXIST);
         assert!(e.message.contains("Null0"), "{}", e.message);
         // The uuid is an alias: a bdev may not be named like another's uuid.
         let e = err(null::create(&r, opts(&a.uuid().to_string())));
-        assert_eq!(e.code, -libc::EEXIST);
+        assert_eq!(e.errno, libc::EEXIST);
         assert!(Arc::ptr_eq(&r.get(&a.uuid().to_string()).unwrap(), &a));
         assert_eq!(r.first_free_name("Null"), "Null1");
 
@@ -169,9 +169,9 @@ mod tests {
                 owner: "vhost controller vhost.1".into()
             }
         );
-        let rpc: RpcError = e.into();
-        assert_eq!(rpc.code, -libc::EBUSY);
-        assert!(rpc.message.contains("vhost.1"), "{}", rpc.message);
+        let domain: Error = e.into();
+        assert_eq!(domain.errno, libc::EBUSY);
+        assert!(domain.message.contains("vhost.1"), "{}", domain.message);
         assert_eq!(r.list().len(), 1);
 
         a.release("vhost controller vhost.1");
@@ -183,7 +183,7 @@ mod tests {
         r.remove_product("Null0", Some("Null disk")).unwrap();
         assert!(r.get("Null0").is_none());
         assert!(r.list().is_empty());
-        let rpc: RpcError = err(r.remove("Null0")).into();
-        assert_eq!(rpc.code, -libc::ENODEV);
+        let domain: Error = err(r.remove("Null0")).into();
+        assert_eq!(domain.errno, libc::ENODEV);
     }
 }

@@ -7,10 +7,23 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::qos::QosLimits;
+use super::registry::RegistryError;
 use super::stats::ResetMode;
 use super::{Bdev, BdevRegistry};
-use crate::app::App;
 use crate::rpc::{no_params, params, RpcError, RpcMethods, RpcResult};
+
+/// What the bdev methods act on: the application's bdevs. The application implements it,
+/// and so does every context of a module whose methods also need bdevs.
+pub trait BdevContext: Send + Sync + 'static {
+    fn bdevs(&self) -> &BdevRegistry;
+}
+
+impl From<RegistryError> for RpcError {
+    /// -17 (`EEXIST`), -19 (`ENODEV`) and -16 (`EBUSY`), with messages naming the bdev.
+    fn from(e: RegistryError) -> Self {
+        crate::error::Error::from(e).into()
+    }
+}
 
 /// `{name}` of the delete methods.
 #[derive(Deserialize, Debug)]
@@ -22,9 +35,9 @@ pub struct NameParams {
 /// `bdev_<module>_delete {name}` of the backends whose bdevs live only in the registry
 /// (malloc, null, aio, local): removes bdev `name` if it is a `product` bdev (ENODEV when
 /// there is none, EBUSY while it is claimed); answers true (SPDK jsonrpc.md).
-pub fn delete_product(app: &Arc<App>, p: Option<Value>, product: &str) -> RpcResult {
+pub fn delete_product<C: BdevContext>(app: &Arc<C>, p: Option<Value>, product: &str) -> RpcResult {
     let p: NameParams = params(p)?;
-    app.bdevs.remove_product(&p.name, Some(product))?;
+    app.bdevs().remove_product(&p.name, Some(product))?;
     Ok(Value::Bool(true))
 }
 
@@ -141,8 +154,8 @@ pub fn reset_iostat(reg: &BdevRegistry, p: &ResetIostatParams) -> RpcResult {
     Ok(json!(true))
 }
 
-fn rpc_reset_iostat(app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    reset_iostat(&app.bdevs, &params(p)?)
+fn rpc_reset_iostat<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
+    reset_iostat(app.bdevs(), &params(p)?)
 }
 
 /// `bdev_set_qos_limit`: merges the given limits into the bdev's; unknown bdev → -32602
@@ -172,21 +185,21 @@ pub fn set_qos_limit(reg: &BdevRegistry, p: &SetQosParams) -> Result<(), RpcErro
     Ok(())
 }
 
-fn rpc_get_bdevs(app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    get_bdevs(&app.bdevs, &params(p)?)
+fn rpc_get_bdevs<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
+    get_bdevs(app.bdevs(), &params(p)?)
 }
 
-fn rpc_get_iostat(app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    get_iostat(&app.bdevs, &params(p)?)
+fn rpc_get_iostat<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
+    get_iostat(app.bdevs(), &params(p)?)
 }
 
-fn rpc_set_qos_limit(app: &Arc<App>, p: Option<Value>) -> RpcResult {
-    set_qos_limit(&app.bdevs, &params(p)?)?;
+fn rpc_set_qos_limit<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
+    set_qos_limit(app.bdevs(), &params(p)?)?;
     Ok(Value::Bool(true))
 }
 
 /// Registers the generic bdev methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: BdevContext>(m: &mut RpcMethods<C>) {
     m.add("bdev_get_bdevs", rpc_get_bdevs);
     m.add("bdev_get_iostat", rpc_get_iostat);
     m.add("bdev_reset_iostat", rpc_reset_iostat);
@@ -198,7 +211,7 @@ pub fn register(m: &mut RpcMethods) {
 /// (partition tables, lvol stores), and ends each saved bdev configuration with it.
 /// blockd has no examining modules and registers a bdev completely before its create call
 /// returns, so there is never anything to wait for: `true` at once.
-fn rpc_wait_for_examine(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn rpc_wait_for_examine<C: BdevContext>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
     Ok(json!(true))
 }

@@ -2,8 +2,8 @@
 //!
 //! Start-up order: bind the RPC socket (so a second daemon on the same socket fails before it
 //! touches anything), start the reactors, replay `--json`, then serve RPCs. SIGTERM/SIGINT
-//! stop the RPC server, drain and flush everything (`App::shutdown`), close the rbd images
-//! and cluster connections (bounded wait) and exit 0.
+//! stop the RPC server, then `App::shutdown` drains and flushes everything, closes the rbd
+//! images and cluster connections (bounded wait), and blockd exits 0.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -104,14 +104,6 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
-/// Stops the app, then closes the rbd images and cluster connections (process-wide, so
-/// not part of [`App::shutdown`]): an image left open keeps its watch registered with the
-/// OSDs for ~30 s after the exit, holding off `rbd rm` and the next opener.
-fn stop(app: &App) {
-    app.shutdown();
-    blockd::bdev::rbd::shutdown(blockd::bdev::rbd::SHUTDOWN_TIMEOUT);
-}
-
 fn run(args: Args) -> anyhow::Result<()> {
     let signals = block_signals()?;
     if !args.socket_dir.is_dir() {
@@ -142,10 +134,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 serde_json::from_slice(&b)
                     .with_context(|| format!("{} is not valid JSON", path.display()))
             })
-            .and_then(|cfg| blockd::config::load(&app, &cfg))
+            .and_then(|cfg| blockd::app::load(&app, &cfg))
             .with_context(|| format!("replaying {}", path.display()));
         if let Err(e) = replay {
-            stop(&app);
+            app.shutdown();
             return Err(e);
         }
         tracing::info!(config = %path.display(), "configuration replayed");
@@ -161,7 +153,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let sig = wait_for_signal(&signals);
     tracing::info!(signal = sig, "shutting down");
     server.stop();
-    stop(&app);
+    app.shutdown();
     tracing::info!("blockd stopped");
     Ok(())
 }

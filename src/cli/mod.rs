@@ -107,9 +107,23 @@ commands! {
     Pool(crate::rbdcli::local::PoolArgs),
 }
 
+// The commands that never reach the daemon are implemented beside it (bench, rbdcli): their
+// `Run` is here, so that they know nothing of blockctl.
 impl Run for crate::bench::BenchArgs {
     fn run(self, _ctx: &Ctx) -> anyhow::Result<()> {
         crate::bench::run(&self)
+    }
+}
+
+impl Run for crate::rbdcli::local::ImageArgs {
+    fn run(self, _ctx: &Ctx) -> anyhow::Result<()> {
+        crate::rbdcli::local::run_image(&self.opts, self.cmd)
+    }
+}
+
+impl Run for crate::rbdcli::local::PoolArgs {
+    fn run(self, _ctx: &Ctx) -> anyhow::Result<()> {
+        crate::rbdcli::local::run_pool(&self.opts, self.cmd)
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::proto;
 use crate::bdev::Bdev;
-use crate::rpc::RpcError;
+use crate::error::Error;
 
 /// Largest request payload (read or write) accepted: 32 MiB, advertised as the maximum
 /// block size (proto.md "Block size constraints").
@@ -101,9 +101,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Checks an export name: a non-empty proto.md string (≤ 4096 bytes, no NUL).
-pub fn validate_name(name: &str) -> Result<(), RpcError> {
+pub fn validate_name(name: &str) -> crate::error::Result<()> {
     if name.is_empty() || name.len() > proto::MAX_STRING || name.contains('\0') {
-        return Err(RpcError::invalid_params(format!(
+        return Err(Error::invalid(format!(
             "export name '{}' must be 1 to {} bytes without NUL",
             name.escape_debug(),
             proto::MAX_STRING
@@ -121,17 +121,17 @@ impl Exports {
         bdev: Arc<Bdev>,
         readonly: bool,
         kernel: bool,
-    ) -> Result<Arc<Export>, RpcError> {
+    ) -> crate::error::Result<Arc<Export>> {
         validate_name(name)?;
         let mut map = lock(&self.map);
         if map.contains_key(name) {
-            return Err(RpcError::errno_msg(
+            return Err(Error::new(
                 libc::EEXIST,
                 format!("nbd export {name} already exists: File exists"),
             ));
         }
         if let Err(holder) = bdev.claim(&Export::claim_name(name)) {
-            return Err(RpcError::errno_msg(
+            return Err(Error::new(
                 libc::EBUSY,
                 format!(
                     "bdev {} is already claimed by {holder}: Device or resource busy",
@@ -159,16 +159,16 @@ impl Exports {
 
     /// Removes an export and releases its bdev; refused (-16) while clients are attached
     /// unless `force` (the caller then disconnects them).
-    pub fn remove(&self, name: &str, force: bool) -> Result<Arc<Export>, RpcError> {
+    pub fn remove(&self, name: &str, force: bool) -> crate::error::Result<Arc<Export>> {
         let mut map = lock(&self.map);
         let Some(e) = map.get(name).cloned() else {
-            return Err(RpcError::errno_msg(
+            return Err(Error::new(
                 libc::ENODEV,
                 format!("nbd export {name} does not exist: No such device"),
             ));
         };
         if !force && e.clients() > 0 {
-            return Err(RpcError::errno_msg(
+            return Err(Error::new(
                 libc::EBUSY,
                 format!(
                     "nbd export {name} has {} client(s) connected: Device or resource busy \

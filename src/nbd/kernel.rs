@@ -10,11 +10,11 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use crate::rpc::RpcError;
+use crate::error::Error;
 
 /// Errno and message when the kernel has no nbd driver.
-pub fn unavailable() -> RpcError {
-    RpcError::errno_msg(
+pub fn unavailable() -> Error {
+    Error::new(
         libc::ENODEV,
         "kernel nbd support is not available (modprobe nbd); export over a socket with \
          nbd_export_add instead",

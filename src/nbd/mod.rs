@@ -32,8 +32,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::bdev::Bdev;
+use crate::error::Error;
 use crate::reactor::Reactors;
-use crate::rpc::RpcError;
 use conn::{ConnCtx, Conns};
 use export::{Export, Exports};
 use server::{Server, ServerOpts, Start};
@@ -55,7 +55,7 @@ pub struct Disk {
     family: u16,
 }
 
-/// The NBD state of the daemon (a field of [`crate::app::App`]).
+/// The NBD state of the daemon (owned by the application).
 #[derive(Default)]
 pub struct NbdState {
     exports: Arc<Exports>,
@@ -88,21 +88,21 @@ impl NbdState {
         reactors: &Arc<Reactors>,
         opts: ServerOpts,
         socket_mode: u32,
-    ) -> Result<Option<std::net::SocketAddr>, RpcError> {
+    ) -> crate::error::Result<Option<std::net::SocketAddr>> {
         if opts.unix_path.is_none() && opts.tcp_addr.is_none() {
-            return Err(RpcError::invalid_params(
+            return Err(Error::invalid(
                 "nbd_server_start needs unix_path and/or tcp_addr",
             ));
         }
         let mut s = lock(&self.server);
         if s.is_some() {
-            return Err(RpcError::errno_msg(
+            return Err(Error::new(
                 libc::EEXIST,
                 "the nbd server is already running (nbd_server_stop first): File exists",
             ));
         }
         let srv = Server::start(reactors.clone(), self.ctx(), opts, socket_mode)
-            .map_err(|e| RpcError::invalid_params(format!("nbd_server_start: {e:#}")))?;
+            .map_err(|e| Error::invalid(format!("nbd_server_start: {e:#}")))?;
         let bound = srv.tcp_bound;
         *s = Some(srv);
         Ok(bound)
@@ -110,9 +110,9 @@ impl NbdState {
 
     /// Stops listening and disconnects every socket client after its in-flight requests
     /// complete and the bdev is flushed. -19 when no server runs.
-    pub fn stop_server(&self, reactors: &Reactors) -> Result<(), RpcError> {
+    pub fn stop_server(&self, reactors: &Reactors) -> crate::error::Result<()> {
         let Some(mut srv) = lock(&self.server).take() else {
-            return Err(RpcError::errno_msg(
+            return Err(Error::new(
                 libc::ENODEV,
                 "the nbd server is not running: No such device",
             ));
@@ -144,7 +144,7 @@ impl NbdState {
         name: &str,
         bdev: Arc<Bdev>,
         readonly: bool,
-    ) -> Result<Arc<Export>, RpcError> {
+    ) -> crate::error::Result<Arc<Export>> {
         self.exports.add(name, bdev, readonly, false)
     }
 
@@ -155,10 +155,10 @@ impl NbdState {
         reactors: &Reactors,
         name: &str,
         force: bool,
-    ) -> Result<(), RpcError> {
+    ) -> crate::error::Result<()> {
         if let Some(e) = self.exports.get(name) {
             if e.kernel {
-                return Err(RpcError::invalid_params(format!(
+                return Err(Error::invalid(format!(
                     "export {name} belongs to a kernel nbd device: use nbd_stop_disk"
                 )));
             }
@@ -181,16 +181,17 @@ impl NbdState {
         reactors: &Reactors,
         bdev: Arc<Bdev>,
         device: Option<&str>,
-    ) -> Result<String, RpcError> {
+    ) -> crate::error::Result<String> {
         let index = match device {
-            Some(d) => Some(kernel::device_index(d).ok_or_else(|| {
-                RpcError::invalid_params(format!("nbd_device '{d}' is not /dev/nbdN"))
-            })?),
+            Some(d) => Some(
+                kernel::device_index(d)
+                    .ok_or_else(|| Error::invalid(format!("nbd_device '{d}' is not /dev/nbdN")))?,
+            ),
             None => None,
         };
         if let Some(d) = device {
             if lock(&self.disks).contains_key(d) {
-                return Err(RpcError::errno_msg(
+                return Err(Error::new(
                     libc::EBUSY,
                     format!("{d} is already attached: Device or resource busy"),
                 ));
@@ -200,7 +201,7 @@ impl NbdState {
             return Err(kernel::unavailable());
         }
         let sys_err = |what: &str, e: std::io::Error| {
-            RpcError::errno_msg(
+            Error::new(
                 e.raw_os_error().unwrap_or(libc::EIO),
                 format!("nbd_start_disk {}: {what}: {e}", bdev.name()),
             )
@@ -223,7 +224,7 @@ impl NbdState {
         };
         let Some(att) = self.exports.attach(&export_name) else {
             cleanup(self);
-            return Err(RpcError::internal("export vanished"));
+            return Err(Error::internal(libc::ENODEV, "export vanished"));
         };
         let Some(conn) = server::spawn_conn(
             reactors,
@@ -233,7 +234,8 @@ impl NbdState {
             Start::Transmission(att),
         ) else {
             cleanup(self);
-            return Err(RpcError::internal(
+            return Err(Error::internal(
+                libc::EAGAIN,
                 "no reactor to serve the kernel nbd device",
             ));
         };
@@ -276,9 +278,9 @@ impl NbdState {
 
     /// Detaches a kernel device: the kernel flushes and disconnects, blockd drains the
     /// connection, flushes the bdev and releases it.
-    pub fn stop_disk(&self, reactors: &Reactors, device: &str) -> Result<(), RpcError> {
+    pub fn stop_disk(&self, reactors: &Reactors, device: &str) -> crate::error::Result<()> {
         let Some(d) = lock(&self.disks).remove(device) else {
-            return Err(RpcError::errno_msg(
+            return Err(Error::new(
                 libc::ENODEV,
                 format!("{device} is not attached by blockd: No such device"),
             ));
@@ -298,7 +300,7 @@ impl NbdState {
     }
 
     /// `nbd_get_disks`: [{nbd_device, bdev_name}], optionally one device.
-    pub fn disks_json(&self, device: Option<&str>) -> Result<Value, RpcError> {
+    pub fn disks_json(&self, device: Option<&str>) -> crate::error::Result<Value> {
         let disks = lock(&self.disks);
         let v: Vec<Value> = disks
             .values()
@@ -307,7 +309,7 @@ impl NbdState {
             .collect();
         if let Some(dev) = device {
             if v.is_empty() {
-                return Err(RpcError::errno_msg(
+                return Err(Error::new(
                     libc::ENODEV,
                     format!("{dev} is not attached by blockd: No such device"),
                 ));

@@ -9,12 +9,22 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::server::{parse_tcp_addr, ServerOpts};
-use crate::app::App;
+use super::NbdState;
+use crate::bdev::rpc::BdevContext;
 use crate::bdev::Bdev;
+use crate::reactor::Reactors;
 use crate::rpc::{no_params, params, RpcError, RpcMethods, RpcResult};
 
+/// What the nbd methods act on: the bdevs, the NBD state, the reactors that serve the
+/// connections, and the mode of Unix sockets.
+pub trait NbdContext: BdevContext {
+    fn nbd(&self) -> &NbdState;
+    fn nbd_reactors(&self) -> &Arc<Reactors>;
+    fn socket_mode(&self) -> u32;
+}
+
 /// Registers the nbd methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: NbdContext>(m: &mut RpcMethods<C>) {
     m.add("nbd_server_start", server_start);
     m.add("nbd_server_stop", server_stop);
     m.add("nbd_export_add", export_add);
@@ -25,8 +35,8 @@ pub fn register(m: &mut RpcMethods) {
     m.add("nbd_get_disks", get_disks);
 }
 
-fn bdev(app: &App, name: &str) -> Result<Arc<Bdev>, RpcError> {
-    app.bdevs.get(name).ok_or_else(|| {
+fn bdev<C: NbdContext>(app: &C, name: &str) -> Result<Arc<Bdev>, RpcError> {
+    app.bdevs().get(name).ok_or_else(|| {
         RpcError::errno_msg(
             libc::ENODEV,
             format!("bdev {name} not found: No such device"),
@@ -42,7 +52,7 @@ struct ServerStart {
 }
 
 /// `nbd_server_start {unix_path?, tcp_addr?}` → true. A bare port binds 127.0.0.1.
-fn server_start(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn server_start<C: NbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: ServerStart = params(p)?;
     if let Some(a) = &p.tcp_addr {
         parse_tcp_addr(a).map_err(RpcError::invalid_params)?;
@@ -51,15 +61,15 @@ fn server_start(app: &Arc<App>, p: Option<Value>) -> RpcResult {
         unix_path: p.unix_path,
         tcp_addr: p.tcp_addr,
     };
-    app.nbd
-        .start_server(&app.reactors, opts, app.opts.socket_mode)?;
+    app.nbd()
+        .start_server(app.nbd_reactors(), opts, app.socket_mode())?;
     Ok(json!(true))
 }
 
 /// `nbd_server_stop` → true: stops listening, drains, flushes and disconnects clients.
-fn server_stop(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn server_stop<C: NbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
-    app.nbd.stop_server(&app.reactors)?;
+    app.nbd().stop_server(app.nbd_reactors())?;
     Ok(json!(true))
 }
 
@@ -74,11 +84,11 @@ struct ExportAdd {
 
 /// `nbd_export_add {bdev_name, name?, readonly?}` → the export name (default: the bdev
 /// name). Claims the bdev: one export per bdev.
-fn export_add(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn export_add<C: NbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: ExportAdd = params(p)?;
-    let b = bdev(app, &p.bdev_name)?;
+    let b = bdev(app.as_ref(), &p.bdev_name)?;
     let name = p.name.unwrap_or_else(|| b.name().to_string());
-    let e = app.nbd.add_export(&name, b, p.readonly)?;
+    let e = app.nbd().add_export(&name, b, p.readonly)?;
     Ok(json!(e.name))
 }
 
@@ -92,9 +102,10 @@ struct ExportRemove {
 
 /// `nbd_export_remove {name, force?}` → true; refused (-16) while clients are connected
 /// unless `force`.
-fn export_remove(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn export_remove<C: NbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: ExportRemove = params(p)?;
-    app.nbd.remove_export(&app.reactors, &p.name, p.force)?;
+    app.nbd()
+        .remove_export(app.nbd_reactors(), &p.name, p.force)?;
     Ok(json!(true))
 }
 
@@ -105,10 +116,10 @@ struct GetExports {
 }
 
 /// `nbd_get_exports {name?}` → [{name, bdev_name, readonly, clients}].
-fn get_exports(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn get_exports<C: NbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: GetExports = params(p)?;
     let v: Vec<Value> = app
-        .nbd
+        .nbd()
         .exports()
         .list()
         .iter()
@@ -135,12 +146,12 @@ struct StartDisk {
 
 /// `nbd_start_disk {bdev_name, nbd_device?}` → "/dev/nbdX"; -19 when the kernel has no
 /// nbd driver.
-fn start_disk(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn start_disk<C: NbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: StartDisk = params(p)?;
-    let b = bdev(app, &p.bdev_name)?;
+    let b = bdev(app.as_ref(), &p.bdev_name)?;
     let dev = app
-        .nbd
-        .start_disk(&app.reactors, b, p.nbd_device.as_deref())?;
+        .nbd()
+        .start_disk(app.nbd_reactors(), b, p.nbd_device.as_deref())?;
     Ok(json!(dev))
 }
 
@@ -151,9 +162,9 @@ struct StopDisk {
 }
 
 /// `nbd_stop_disk {nbd_device}` → true.
-fn stop_disk(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn stop_disk<C: NbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: StopDisk = params(p)?;
-    app.nbd.stop_disk(&app.reactors, &p.nbd_device)?;
+    app.nbd().stop_disk(app.nbd_reactors(), &p.nbd_device)?;
     Ok(json!(true))
 }
 
@@ -164,7 +175,7 @@ struct GetDisks {
 }
 
 /// `nbd_get_disks {nbd_device?}` → [{nbd_device, bdev_name}].
-fn get_disks(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn get_disks<C: NbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: GetDisks = params(p)?;
-    app.nbd.disks_json(p.nbd_device.as_deref())
+    Ok(app.nbd().disks_json(p.nbd_device.as_deref())?)
 }

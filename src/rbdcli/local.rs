@@ -79,18 +79,6 @@ pub struct PoolArgs {
     pub cmd: PoolCommand,
 }
 
-impl crate::cli::Run for ImageArgs {
-    fn run(self, _ctx: &crate::cli::Ctx) -> anyhow::Result<()> {
-        run_image(&self.opts, self.cmd)
-    }
-}
-
-impl crate::cli::Run for PoolArgs {
-    fn run(self, _ctx: &crate::cli::Ctx) -> anyhow::Result<()> {
-        run_pool(&self.opts, self.cmd)
-    }
-}
-
 /// `POOL/IMAGE[@SNAP]` of a local spec (without prefix), on `root`.
 fn parse(root: &PoolRoot, spec: &str) -> anyhow::Result<(Pool, ImageSpec)> {
     let s = ImageSpec::parse(spec)?;

@@ -85,15 +85,3 @@ impl CephArgs {
         }
     }
 }
-
-impl crate::cli::Run for image::ImageCommand {
-    fn run(self, _ctx: &crate::cli::Ctx) -> anyhow::Result<()> {
-        image::run(self)
-    }
-}
-
-impl crate::cli::Run for pool::PoolCommand {
-    fn run(self, _ctx: &crate::cli::Ctx) -> anyhow::Result<()> {
-        pool::run(self)
-    }
-}

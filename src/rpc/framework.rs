@@ -9,14 +9,24 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{no_params, params, RpcError, RpcMethods, RpcResult};
-use crate::app::App;
-use crate::config;
+use super::{no_params, params, RpcContext, RpcError, RpcMethods, RpcResult};
 use crate::reactor::sched::adaptive;
 use crate::reactor::sched::SchedMode;
+use crate::reactor::Reactors;
+
+/// What the framework methods read of the application.
+pub trait FrameworkContext: RpcContext {
+    /// The reactors (`framework_get_reactors`).
+    fn reactors(&self) -> &Reactors;
+    /// Subsystems in initialization order, each with those it depends on.
+    fn subsystems(&self) -> Vec<(&'static str, &'static [&'static str])>;
+    /// The `{method, params}` entries that recreate subsystem `name`; `None` for an
+    /// unknown one.
+    fn subsystem_config(&self, name: &str) -> Option<Vec<Value>>;
+}
 
 /// Registers the framework methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: FrameworkContext>(m: &mut RpcMethods<C>) {
     m.add("rpc_get_methods", rpc_get_methods);
     m.add("spdk_get_version", spdk_get_version);
     m.add("framework_get_reactors", framework_get_reactors);
@@ -41,14 +51,14 @@ struct GetMethods {
 }
 
 /// `rpc_get_methods`: every method name, sorted.
-fn rpc_get_methods(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn rpc_get_methods<C: FrameworkContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let _: GetMethods = params(p)?;
-    Ok(json!(app.rpc.names()))
+    Ok(json!(app.methods().names()))
 }
 
 /// `spdk_get_version`: blockd's version in SPDK's result shape. Takes no params (SPDK
 /// answers -32602 when given any).
-fn spdk_get_version(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn spdk_get_version<C: FrameworkContext>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
     let num = |s: &str| s.parse::<u64>().unwrap_or(0);
     Ok(json!({
@@ -67,7 +77,7 @@ fn spdk_get_version(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
 /// reactor it was put on), checked every second as SPDK's default period says. blockd
 /// adds `thread_policy`: the `--sched` mode in force ("inherited" without one) and, when
 /// adaptive, the policy the threads run under now, rbd requests in flight and switches.
-fn framework_get_scheduler(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn framework_get_scheduler<C: FrameworkContext>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
     let mut policy = json!({
         "mode": SchedMode::in_force().map_or("inherited", SchedMode::name),
@@ -86,18 +96,18 @@ fn framework_get_scheduler(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
 }
 
 /// `framework_get_reactors`: per-core busy/idle time and pollers.
-fn framework_get_reactors(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn framework_get_reactors<C: FrameworkContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
-    Ok(app.reactors.to_json())
+    Ok(app.reactors().to_json())
 }
 
 /// `framework_get_subsystems`: subsystems in initialization order with their dependencies.
-fn framework_get_subsystems(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn framework_get_subsystems<C: FrameworkContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
     Ok(Value::Array(
-        config::SUBSYSTEMS
-            .iter()
-            .map(|s| json!({"subsystem": s.name, "depends_on": s.depends_on}))
+        app.subsystems()
+            .into_iter()
+            .map(|(name, depends_on)| json!({"subsystem": name, "depends_on": depends_on}))
             .collect(),
     ))
 }
@@ -112,16 +122,23 @@ struct GetConfig {
     with_batches: bool,
 }
 
-/// `framework_get_config {name}`: the `{method, params}` list that recreates the subsystem.
-fn framework_get_config(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+/// `framework_get_config {name}`: the `{method, params}` list that recreates the subsystem;
+/// -32602 for an unknown one.
+fn framework_get_config<C: FrameworkContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let req: GetConfig = params(p)?;
-    Ok(Value::Array(config::subsystem_config(app, &req.name)?))
+    let entries = app.subsystem_config(&req.name).ok_or_else(|| {
+        RpcError::invalid_params(format!(
+            "No such device: subsystem '{}' does not exist",
+            req.name
+        ))
+    })?;
+    Ok(Value::Array(entries))
 }
 
 /// `framework_wait_init`: SPDK answers it once its subsystems are initialized, and start-up
 /// scripts call it before configuring anything. blockd replays `--json` before it serves
 /// its RPC socket, so whoever it answers is already past initialization: `true` at once.
-fn framework_wait_init(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn framework_wait_init<C: FrameworkContext>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
     Ok(json!(true))
 }
@@ -145,7 +162,7 @@ const KILL_SIGNALS: &[(&str, i32)] = &[
 
 /// `spdk_kill_instance {sig_name}` (SPDK `lib/event/app_rpc.c`): the daemon signals itself.
 /// The signal is raised after the `true` reply is written ([`super::server::raise_after_reply`]).
-fn spdk_kill_instance(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn spdk_kill_instance<C: FrameworkContext>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let req: KillInstance = params(p)?;
     let (_, sig) = KILL_SIGNALS
         .iter()

@@ -10,11 +10,10 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{no_params, params, RpcError, RpcMethods, RpcResult};
-use crate::app::App;
 use crate::logging::{self, LogError};
 
 /// Registers the log methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: Send + Sync + 'static>(m: &mut RpcMethods<C>) {
     m.add("log_set_level", set_level);
     m.add("log_set_print_level", set_level);
     m.add("log_get_level", get_level);
@@ -44,7 +43,7 @@ fn rpc_err(e: LogError) -> RpcError {
 }
 
 /// `log_set_level` / `log_set_print_level {level}`: ERROR, WARNING, NOTICE, INFO, DEBUG.
-fn set_level(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn set_level<C>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let req: Level = params(p)?;
     logging::set_level(&req.level).map_err(rpc_err)?;
     tracing::info!(level = %req.level, "log level set");
@@ -52,18 +51,18 @@ fn set_level(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
 }
 
 /// `log_get_level` / `log_get_print_level`: the level's SPDK name.
-fn get_level(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn get_level<C>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
     Ok(json!(logging::level().map_err(rpc_err)?))
 }
 
 /// `log_set_flag {flag}`: the flag's modules log at debug (`all`: every flag).
-fn set_flag(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn set_flag<C>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     switch_flag(p, true)
 }
 
 /// `log_clear_flag {flag}`.
-fn clear_flag(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn clear_flag<C>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     switch_flag(p, false)
 }
 
@@ -74,7 +73,7 @@ fn switch_flag(p: Option<Value>, on: bool) -> RpcResult {
 }
 
 /// `log_get_flags`: `{flag: enabled}` for every flag.
-fn get_flags(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn get_flags<C>(_app: &Arc<C>, p: Option<Value>) -> RpcResult {
     no_params(p)?;
     let mut out = Map::new();
     for (name, on) in logging::flags().map_err(rpc_err)? {

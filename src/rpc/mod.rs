@@ -3,7 +3,11 @@
 //! This layer only parses and validates: every handler decodes its params with [`params`]
 //! and calls the same library functions the configuration loader uses. Handlers live beside
 //! the module they drive (`bdev/malloc/rpc.rs`, `vhost/blk/rpc.rs`, ...), as SPDK's
-//! `bdev_<name>_rpc.c`, and register themselves in [`RpcMethods`].
+//! `bdev_<name>_rpc.c`, and register themselves in an [`RpcMethods`] table that the
+//! application assembles. The table is generic over the context its handlers act on, so
+//! this layer knows neither the application nor the modules: each module's `register`
+//! asks of the context only what its handlers use (a small trait the application
+//! implements).
 
 pub mod framework;
 pub mod log;
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::app::App;
+use crate::error::{Error, Fault};
 
 /// JSON-RPC 2.0 error codes (SPDK `include/spdk/jsonrpc.h`).
 pub mod code {
@@ -73,21 +77,32 @@ impl RpcError {
     }
 }
 
-/// `strerror(errno)`, the text SPDK puts in its error messages.
-pub fn strerror(errno: i32) -> String {
-    let s = std::io::Error::from_raw_os_error(errno).to_string();
-    // std appends " (os error N)".
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
+pub use crate::error::strerror;
+
+impl From<Error> for RpcError {
+    /// How blockd answers a failed domain operation: code `-errno` with the message naming
+    /// the object (as SPDK's backends answer, e.g. -17 for a duplicate bdev); -32602 for an
+    /// invalid argument, -32603 for the daemon's own failure, both with the message.
+    fn from(e: Error) -> Self {
+        match e.fault {
+            Fault::Failed => RpcError::errno_msg(e.errno, e.message),
+            Fault::Argument => RpcError::invalid_params(e.message),
+            Fault::Internal => RpcError::internal(e.message),
+        }
     }
 }
 
 /// The result of a handler.
 pub type RpcResult = Result<Value, RpcError>;
 
-/// A method handler: the app and the request's `params` (absent when the request had none).
-pub type RpcHandler = fn(&Arc<App>, Option<Value>) -> RpcResult;
+/// A method handler: the context it acts on (the application) and the request's `params`
+/// (absent when the request had none).
+pub type RpcHandler<C> = fn(&Arc<C>, Option<Value>) -> RpcResult;
+
+/// A context RPC requests are served on: it holds its method table.
+pub trait RpcContext: Send + Sync + Sized + 'static {
+    fn methods(&self) -> &RpcMethods<Self>;
+}
 
 /// Decodes `params` into `T`, answering -32602 with serde's description of what is wrong
 /// (missing field `num_blocks`, unknown field `foo`, invalid type ...). Absent params decode
@@ -108,35 +123,25 @@ pub fn no_params(p: Option<Value>) -> Result<(), RpcError> {
     }
 }
 
-/// The methods the daemon answers, by name.
-#[derive(Default)]
-pub struct RpcMethods {
-    map: BTreeMap<&'static str, RpcHandler>,
+/// The methods the daemon answers, by name, with handlers acting on a `C`.
+pub struct RpcMethods<C> {
+    map: BTreeMap<&'static str, RpcHandler<C>>,
 }
 
-impl RpcMethods {
-    /// Every method blockd implements, each registered by the module that owns it.
-    pub fn all() -> Self {
-        let mut m = RpcMethods::default();
-        framework::register(&mut m);
-        log::register(&mut m);
-        crate::bdev::rpc::register(&mut m);
-        crate::bdev::malloc::rpc::register(&mut m);
-        crate::bdev::null::rpc::register(&mut m);
-        crate::bdev::aio::rpc::register(&mut m);
-        crate::bdev::rbd::rpc::register(&mut m);
-        crate::bdev::local::rpc::register(&mut m);
-        crate::vhost::blk::rpc::register(&mut m);
-        crate::nbd::rpc::register(&mut m);
-        crate::vhost::scsi::rpc::register(&mut m);
-        m
+impl<C> Default for RpcMethods<C> {
+    fn default() -> Self {
+        RpcMethods {
+            map: BTreeMap::new(),
+        }
     }
+}
 
-    pub fn add(&mut self, name: &'static str, handler: RpcHandler) {
+impl<C> RpcMethods<C> {
+    pub fn add(&mut self, name: &'static str, handler: RpcHandler<C>) {
         self.map.insert(name, handler);
     }
 
-    pub fn get(&self, name: &str) -> Option<RpcHandler> {
+    pub fn get(&self, name: &str) -> Option<RpcHandler<C>> {
         self.map.get(name).copied()
     }
 
@@ -145,10 +150,10 @@ impl RpcMethods {
         self.map.keys().copied().collect()
     }
 
-    /// Runs `method` with `params`.
-    pub fn call(&self, app: &Arc<App>, method: &str, params: Option<Value>) -> RpcResult {
+    /// Runs `method` with `params` on `ctx`.
+    pub fn call(&self, ctx: &Arc<C>, method: &str, params: Option<Value>) -> RpcResult {
         match self.get(method) {
-            Some(h) => h(app, params),
+            Some(h) => h(ctx, params),
             None => Err(RpcError::method_not_found()),
         }
     }

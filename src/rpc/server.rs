@@ -23,8 +23,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{code, RpcError};
-use crate::app::App;
+use super::{code, RpcContext, RpcError};
 
 /// Unparsed bytes a connection may accumulate before it is answered -32700 and closed
 /// (SPDK caps a request at a similar size).
@@ -140,12 +139,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl RpcServer {
     /// Binds `path` (see [`RpcListener::bind`]) and serves `app`'s methods on it.
-    pub fn start(app: Arc<App>, path: &Path) -> anyhow::Result<RpcServer> {
+    pub fn start<C: RpcContext>(app: Arc<C>, path: &Path) -> anyhow::Result<RpcServer> {
         Self::serve(app, RpcListener::bind(path)?)
     }
 
     /// Serves `app`'s methods on an already bound socket.
-    pub fn serve(app: Arc<App>, listener: RpcListener) -> anyhow::Result<RpcServer> {
+    pub fn serve<C: RpcContext>(app: Arc<C>, listener: RpcListener) -> anyhow::Result<RpcServer> {
         let shared = Arc::new(Shared {
             stopping: AtomicBool::new(false),
             next_conn: AtomicU64::new(0),
@@ -201,7 +200,7 @@ impl Drop for RpcServer {
     }
 }
 
-fn accept_loop(app: Arc<App>, listener: &RpcListener, shared: Arc<Shared>) {
+fn accept_loop<C: RpcContext>(app: Arc<C>, listener: &RpcListener, shared: Arc<Shared>) {
     loop {
         let accepted = listener.listener.accept();
         if shared.stopping.load(Ordering::SeqCst) {
@@ -252,7 +251,7 @@ fn accept_loop(app: Arc<App>, listener: &RpcListener, shared: Arc<Shared>) {
     }
 }
 
-fn serve_connection(app: &Arc<App>, mut stream: UnixStream) -> io::Result<()> {
+fn serve_connection<C: RpcContext>(app: &Arc<C>, mut stream: UnixStream) -> io::Result<()> {
     ON_CONNECTION.set(true);
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut framer = Framer::default();
@@ -335,7 +334,7 @@ fn error_reply(id: Value, code: i32, message: &str) -> Value {
 
 /// Validates one decoded value as a JSON-RPC 2.0 request (§4), runs it, and returns the
 /// answer (`None` for a notification).
-pub(crate) fn handle_request(app: &Arc<App>, v: Value) -> Option<Value> {
+pub(crate) fn handle_request<C: RpcContext>(app: &Arc<C>, v: Value) -> Option<Value> {
     let invalid = |id: Value| Some(error_reply(id, code::INVALID_REQUEST, "Invalid Request"));
     let Value::Object(mut req) = v else {
         // Batches (arrays) are not supported, like SPDK before v24.
@@ -361,7 +360,7 @@ pub(crate) fn handle_request(app: &Arc<App>, v: Value) -> Option<Value> {
     };
     tracing::debug!(%method, id = %reply_id, "RPC request");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        app.rpc.call(app, &method, params)
+        app.methods().call(app, &method, params)
     }))
     .unwrap_or_else(|_| {
         tracing::error!(%method, "RPC handler panicked");

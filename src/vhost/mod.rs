@@ -12,6 +12,7 @@ pub mod engine;
 mod events;
 pub mod guest_map;
 pub mod guest_stream;
+pub mod rpc;
 pub mod scsi;
 pub mod session;
 pub mod split_ring;
@@ -25,9 +26,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde_json::{json, Value};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
-use crate::app::App;
 use crate::cpumask::CpuMask;
-use crate::rpc::RpcError;
+use crate::error::Error;
+use crate::reactor::Reactors;
 use device::VirtioDevice;
 use session::Session;
 
@@ -81,16 +82,25 @@ impl ConfigNotifier {
     }
 }
 
-/// Parses a controller's `--cpumask` and checks it against the daemon's; SPDK answers
-/// -32602 "Invalid argument" and logs both masks (`vhost_dev_register`).
-pub fn controller_cpumask(app: &App, ctrlr: &str, mask: Option<&str>) -> Result<CpuMask, RpcError> {
-    let core_mask = app.reactors.mask();
+/// Parses a controller's `--cpumask` and checks it against the daemon's `core_mask`
+/// (`EINVAL` otherwise, both masks logged, as SPDK's `vhost_dev_register`).
+pub fn controller_cpumask(
+    core_mask: &CpuMask,
+    ctrlr: &str,
+    mask: Option<&str>,
+) -> crate::error::Result<CpuMask> {
     let Some(m) = mask else {
         return Ok(core_mask.clone());
     };
+    let invalid = || {
+        Error::new(
+            libc::EINVAL,
+            format!("controller {ctrlr}: cpumask {m} is invalid"),
+        )
+    };
     let parsed = CpuMask::parse(m).map_err(|e| {
         tracing::error!(ctrlr, "cpumask {m} is invalid: {e}");
-        RpcError::invalid_params_errno(libc::EINVAL)
+        invalid()
     })?;
     if !parsed.is_subset_of(core_mask) {
         tracing::error!(
@@ -98,7 +108,7 @@ pub fn controller_cpumask(app: &App, ctrlr: &str, mask: Option<&str>) -> Result<
             "one of selected cpu is outside of core mask(={core_mask})"
         );
         tracing::error!(ctrlr, "cpumask {m} is invalid (core mask is {core_mask})");
-        return Err(RpcError::invalid_params_errno(libc::EINVAL));
+        return Err(invalid());
     }
     Ok(parsed)
 }
@@ -174,11 +184,24 @@ impl Controller {
     }
 }
 
+/// Where controller sockets are created (`-S`) and with which mode (`--socket-mode`).
+#[derive(Clone, Debug)]
+pub struct SocketDir {
+    pub dir: PathBuf,
+    pub mode: u32,
+}
+
+fn no_such_controller(name: &str) -> Error {
+    Error::new(libc::ENODEV, format!("controller {name} does not exist"))
+}
+
 /// All controllers of the daemon.
-#[derive(Default)]
 pub struct VhostRegistry {
     ctrlrs: Mutex<BTreeMap<String, Arc<Controller>>>,
     events: OnceLock<Arc<events::Events>>,
+    /// The reactors the controllers' queues run on (and the event thread hands them to).
+    reactors: Arc<Reactors>,
+    sockets: SocketDir,
 }
 
 /// What [`VhostRegistry::create`] needs.
@@ -191,12 +214,31 @@ pub struct NewController {
 }
 
 impl VhostRegistry {
-    fn events(&self, app: &App) -> Result<&Arc<events::Events>, RpcError> {
+    /// No controller yet; their sockets go in `sockets`, their queues on `reactors`.
+    pub fn new(reactors: Arc<Reactors>, sockets: SocketDir) -> Self {
+        VhostRegistry {
+            ctrlrs: Mutex::default(),
+            events: OnceLock::new(),
+            reactors,
+            sockets,
+        }
+    }
+
+    /// The cores controllers may run on.
+    pub fn core_mask(&self) -> &CpuMask {
+        self.reactors.mask()
+    }
+
+    fn events(&self) -> crate::error::Result<&Arc<events::Events>> {
         if let Some(e) = self.events.get() {
             return Ok(e);
         }
-        let e = events::Events::start(app.reactors.clone())
-            .map_err(|e| RpcError::internal(format!("cannot start the vhost event thread: {e}")))?;
+        let e = events::Events::start(self.reactors.clone()).map_err(|e| {
+            Error::internal(
+                e.raw_os_error().unwrap_or(libc::EIO),
+                format!("cannot start the vhost event thread: {e}"),
+            )
+        })?;
         Ok(self.events.get_or_init(|| e))
     }
 
@@ -217,16 +259,26 @@ impl VhostRegistry {
 
     /// Creates the controller's socket and starts accepting a frontend on it. On failure
     /// nothing is left behind (the caller releases what the device holds).
-    pub fn create(&self, app: &App, c: NewController) -> Result<Arc<Controller>, RpcError> {
-        let socket = app.opts.socket_dir.join(&c.name);
+    pub fn create(&self, c: NewController) -> crate::error::Result<Arc<Controller>> {
+        let socket = self.sockets.dir.join(&c.name);
         let mut map = lock(&self.ctrlrs);
         if map.contains_key(&c.name) {
-            return Err(RpcError::invalid_params_errno(libc::EEXIST));
+            return Err(Error::new(
+                libc::EEXIST,
+                format!("controller {} already exists", c.name),
+            ));
         }
         let listener =
-            crate::unix_socket::bind_listener(&socket, app.opts.socket_mode).map_err(|e| {
+            crate::unix_socket::bind_listener(&socket, self.sockets.mode).map_err(|e| {
                 tracing::error!(ctrlr = %c.name, "cannot create socket {}: {e}", socket.display());
-                RpcError::invalid_params(format!("cannot create socket {}: {e}", socket.display()))
+                // The name or the socket directory the caller chose does not make a socket.
+                Error {
+                    fault: crate::error::Fault::Argument,
+                    ..Error::io(
+                        format_args!("cannot create socket {}", socket.display()),
+                        &e,
+                    )
+                }
             })?;
         let ctrl = Arc::new(Controller {
             name: c.name.clone(),
@@ -237,9 +289,13 @@ impl VhostRegistry {
             notifier: c.notifier,
             session: Mutex::new(None),
         });
-        if let Err(e) = self.events(app).and_then(|ev| {
-            ev.add_listener(ctrl.clone(), listener)
-                .map_err(|e| RpcError::internal(format!("cannot watch {}: {e}", socket.display())))
+        if let Err(e) = self.events().and_then(|ev| {
+            ev.add_listener(ctrl.clone(), listener).map_err(|e| {
+                Error::internal(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("cannot watch {}: {e}", socket.display()),
+                )
+            })
         }) {
             let _ = std::fs::remove_file(&socket);
             return Err(e);
@@ -249,20 +305,25 @@ impl VhostRegistry {
         Ok(ctrl)
     }
 
-    /// Deletes a controller; refused (-32602 "Device or resource busy") while a frontend is
-    /// connected, as SPDK does.
-    pub fn delete(&self, name: &str) -> Result<(), RpcError> {
+    /// Deletes a controller; refused (`EBUSY`) while a frontend is connected, as SPDK does.
+    pub fn delete(&self, name: &str) -> crate::error::Result<()> {
         let mut map = lock(&self.ctrlrs);
         let Some(ctrl) = map.get(name).cloned() else {
-            return Err(RpcError::invalid_params_errno(libc::ENODEV));
+            return Err(no_such_controller(name));
         };
         if ctrl.connected() {
             tracing::error!(ctrlr = %name, "cannot delete: a frontend is connected");
-            return Err(RpcError::invalid_params_errno(libc::EBUSY));
+            return Err(Error::new(
+                libc::EBUSY,
+                format!("controller {name} has a frontend connected"),
+            ));
         }
         if ctrl.device.busy() {
             tracing::error!(ctrlr = %name, "cannot delete: the controller is not empty");
-            return Err(RpcError::invalid_params_errno(libc::EBUSY));
+            return Err(Error::new(
+                libc::EBUSY,
+                format!("controller {name} is not empty"),
+            ));
         }
         if let Some(ev) = self.events.get() {
             ev.remove_controller(&ctrl);
@@ -277,7 +338,7 @@ impl VhostRegistry {
 
     /// Stops every controller: disconnects frontends after draining their queues, removes
     /// the sockets, releases the bdevs.
-    pub fn shutdown_all(&self, _app: &App) {
+    pub fn shutdown_all(&self) {
         let ctrls: Vec<Arc<Controller>> = std::mem::take(&mut *lock(&self.ctrlrs))
             .into_values()
             .collect();
@@ -292,22 +353,20 @@ impl VhostRegistry {
     }
 
     /// Sets a controller's interrupt coalescing (SPDK's `vhost_controller_set_coalescing`):
-    /// -32602 "No such device" for an unknown controller, "Invalid argument" for values
-    /// SPDK refuses. Running queues take the new values at their next notification.
+    /// `ENODEV` for an unknown controller, `EINVAL` for values SPDK refuses. Running queues
+    /// take the new values at their next notification.
     pub fn set_coalescing(
         &self,
         name: &str,
         delay_base_us: u32,
         iops_threshold: u32,
-    ) -> Result<(), RpcError> {
-        let ctrl = self
-            .get(name)
-            .ok_or_else(|| RpcError::invalid_params_errno(libc::ENODEV))?;
+    ) -> crate::error::Result<()> {
+        let ctrl = self.get(name).ok_or_else(|| no_such_controller(name))?;
         ctrl.coalescing
             .set(delay_base_us, iops_threshold)
             .map_err(|e| {
                 tracing::error!(ctrlr = %name, "vhost_controller_set_coalescing: {e}");
-                RpcError::invalid_params_errno(libc::EINVAL)
+                Error::new(libc::EINVAL, format!("controller {name}: {e}"))
             })?;
         tracing::info!(ctrlr = %name, delay_base_us, iops_threshold, "interrupt coalescing set");
         Ok(())

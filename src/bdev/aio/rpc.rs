@@ -7,10 +7,14 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::AioOpts;
-use crate::app::App;
-use crate::bdev::rpc::{delete_product, NameParams};
+use super::{AioFiles, AioOpts};
+use crate::bdev::rpc::{delete_product, BdevContext, NameParams};
 use crate::rpc::{params, RpcMethods, RpcResult};
+
+/// What the aio methods act on: the bdevs and the aio files (for rescans).
+pub trait AioContext: BdevContext {
+    fn aio_files(&self) -> &AioFiles;
+}
 
 /// `bdev_aio_create` params: every field SPDK's rpc.py may send.
 #[derive(Deserialize, Debug)]
@@ -42,25 +46,25 @@ impl CreateParams {
     }
 }
 
-fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn create<C: AioContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let opts = params::<CreateParams>(p)?.into_opts();
-    let bdev = super::create(&app.bdevs, opts)?;
+    let bdev = super::create(app.bdevs(), app.aio_files(), opts)?;
     Ok(Value::String(bdev.name().to_string()))
 }
 
-fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn delete<C: AioContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     delete_product(app, p, super::PRODUCT_NAME)
 }
 
 /// `bdev_aio_rescan {name}`: re-reads the file size; true.
-fn rescan(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn rescan<C: AioContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: NameParams = params(p)?;
-    super::rescan(&app.bdevs, &p.name)?;
+    super::rescan(app.bdevs(), app.aio_files(), &p.name)?;
     Ok(Value::Bool(true))
 }
 
 /// Registers this backend's methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: AioContext>(m: &mut RpcMethods<C>) {
     m.add("bdev_aio_create", create);
     m.add("bdev_aio_delete", delete);
     m.add("bdev_aio_rescan", rescan);

@@ -6,6 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use super::*;
 use crate::bdev::channel::test_support::{err, iov, reap_all, submit};
 use crate::bdev::BdevChannel;
+use crate::bdev::{IoOp, IoResult, IoVecs};
 
 const MIB: u64 = 1 << 20;
 
@@ -89,7 +90,7 @@ fn file_bytes(f: &tempfile::NamedTempFile) -> Vec<u8> {
 fn aio_direct_and_bounce_paths() {
     let f = sparse_file(MIB);
     let r = BdevRegistry::default();
-    let b = create(&r, opts(&f, "Aio0")).unwrap();
+    let b = create(&r, &AioFiles::default(), opts(&f, "Aio0")).unwrap();
     assert_eq!((b.block_size(), b.num_blocks()), (512, 2048));
     let j = b.to_json();
     assert_eq!(j["product_name"], "AIO disk");
@@ -149,6 +150,7 @@ fn aio_unmap_punches_and_write_zeroes_zero() {
     let r = BdevRegistry::default();
     let b = create(
         &r,
+        &AioFiles::default(),
         AioOpts {
             block_size: Some(4096),
             ..opts(&f, "Aio1")
@@ -207,6 +209,7 @@ fn aio_unmap_punches_and_write_zeroes_zero() {
     let g = sparse_file(MIB);
     let b2 = create(
         &r,
+        &AioFiles::default(),
         AioOpts {
             fallocate: false,
             ..opts(&g, "Aio2")
@@ -231,7 +234,7 @@ fn aio_rejects_out_of_range_and_readonly_writes() {
     // 1 MiB + 300 bytes: the tail is not a whole block and not part of the bdev.
     let f = sparse_file(MIB + 300);
     let r = BdevRegistry::default();
-    let b = create(&r, opts(&f, "Aio3")).unwrap();
+    let b = create(&r, &AioFiles::default(), opts(&f, "Aio3")).unwrap();
     assert_eq!(b.num_blocks(), 2048);
     let mut ch = b.open_channel().unwrap();
     let before = file_bytes(&f);
@@ -258,6 +261,7 @@ fn aio_rejects_out_of_range_and_readonly_writes() {
 
     let ro = create(
         &r,
+        &AioFiles::default(),
         AioOpts {
             readonly: true,
             ..opts(&f, "Aio4")
@@ -276,7 +280,7 @@ fn aio_rejects_out_of_range_and_readonly_writes() {
 fn aio_short_read_is_an_error_not_success() {
     let f = sparse_file(MIB);
     let r = BdevRegistry::default();
-    let b = create(&r, opts(&f, "Aio5")).unwrap();
+    let b = create(&r, &AioFiles::default(), opts(&f, "Aio5")).unwrap();
     let mut ch = b.open_channel().unwrap();
     // The file shrinks under the bdev: a read across the new end gets a short transfer,
     // then no progress at all.
@@ -294,6 +298,7 @@ fn aio_deep_queue_overflows_the_ring() {
     let r = BdevRegistry::default();
     let b = create(
         &r,
+        &AioFiles::default(),
         AioOpts {
             block_size: Some(4096),
             ..opts(&f, "Aio6")
@@ -332,6 +337,7 @@ fn aio_create_errors_name_the_file() {
     let r = BdevRegistry::default();
     let e = err(create(
         &r,
+        &AioFiles::default(),
         AioOpts {
             filename: "/nonexistent/blockd-test.img".into(),
             name: "A".into(),
@@ -341,23 +347,26 @@ fn aio_create_errors_name_the_file() {
             uuid: None,
         },
     ));
-    assert_eq!(e.code, -libc::ENOENT);
+    assert_eq!(e.errno, libc::ENOENT);
     assert!(
         e.message.contains("/nonexistent/blockd-test.img"),
         "{}",
         e.message
     );
     let tiny = sparse_file(100);
-    let e = err(create(&r, opts(&tiny, "T")));
-    assert_eq!(e.code, -libc::EINVAL);
+    let e = err(create(&r, &AioFiles::default(), opts(&tiny, "T")));
+    assert_eq!(e.errno, libc::EINVAL);
     assert!(
         e.message.contains("smaller than one block"),
         "{}",
         e.message
     );
     let f = sparse_file(MIB);
-    create(&r, opts(&f, "A")).unwrap();
-    assert_eq!(err(create(&r, opts(&f, "A"))).code, -libc::EEXIST);
+    create(&r, &AioFiles::default(), opts(&f, "A")).unwrap();
+    assert_eq!(
+        err(create(&r, &AioFiles::default(), opts(&f, "A"))).errno,
+        libc::EEXIST
+    );
 }
 
 #[test]
@@ -371,7 +380,7 @@ fn aio_allocation_reports_holes_and_data() {
     std::os::unix::fs::FileExt::write_all_at(f.as_file(), &tail, 6 * MIB).unwrap();
     f.as_file().sync_all().unwrap();
     let reg = BdevRegistry::default();
-    let b = create(&reg, opts(&f, "alloc0")).unwrap();
+    let b = create(&reg, &AioFiles::default(), opts(&f, "alloc0")).unwrap();
     assert!(b.backend().allocation_blocks());
     let map = b.backend().allocation(0, 8 * MIB).unwrap();
     let ext = |len, state| Extent { len, state };

@@ -25,10 +25,10 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::aio::{self, AioOpts};
+use super::aio::{self, AioFiles, AioOpts};
 use super::{Bdev, BdevBackend, BdevParams, BdevRegistry, Errno, Extent, IoChannel, IoTypes};
+use crate::error::Error;
 use crate::localpool::{self, PoolRoot, ServedImage};
-use crate::rpc::RpcError;
 
 /// `product_name` of local bdevs.
 pub const PRODUCT_NAME: &str = "Local pool image";
@@ -56,14 +56,14 @@ struct LocalBackend {
     served: Mutex<Option<ServedImage>>,
 }
 
-fn pool_err(e: localpool::Error) -> RpcError {
-    RpcError::errno_msg(e.errno(), e.to_string())
+fn pool_err(e: localpool::Error) -> Error {
+    Error::new(e.errno(), e.to_string())
 }
 
 /// Creates a bdev on `{pool, image}` and registers it (`bdev_local_create`).
-pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> Result<Arc<Bdev>, RpcError> {
+pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> crate::error::Result<Arc<Bdev>> {
     if opts.name.is_empty() {
-        return Err(RpcError::invalid_params("name must not be empty"));
+        return Err(Error::invalid("name must not be empty"));
     }
     if registry.get(&opts.name).is_some() {
         return Err(super::registry::RegistryError::Exists(opts.name).into());
@@ -74,10 +74,12 @@ pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> Result<Arc<Bdev>, Rpc
         .and_then(|p| p.serve(&opts.image, opts.readonly))
         .map_err(pool_err)?;
     // The aio bdev lives in a private registry that is dropped at once: only this backend
-    // holds it, and the daemon's registry sees one bdev, the local one.
+    // holds it, and the daemon's registry sees one bdev, the local one (which
+    // `bdev_aio_rescan` does not take).
     let scratch = BdevRegistry::default();
     let inner = aio::create(
         &scratch,
+        &AioFiles::default(),
         AioOpts {
             filename: served.path.clone(),
             name: opts.name.clone(),
@@ -87,12 +89,7 @@ pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> Result<Arc<Bdev>, Rpc
             uuid: opts.uuid,
         },
     )
-    .map_err(|e| {
-        RpcError::new(
-            e.code,
-            format!("local image {}/{}: {}", opts.pool, opts.image, e.message),
-        )
-    })?;
+    .map_err(|e| e.context(format_args!("local image {}/{}", opts.pool, opts.image)))?;
     drop(scratch);
     let params = BdevParams {
         name: opts.name.clone(),

@@ -9,8 +9,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::LocalOpts;
-use crate::app::App;
 use crate::bdev::rpc::delete_product;
+use crate::bdev::rpc::BdevContext;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
 /// `bdev_local_create` params.
@@ -30,15 +30,15 @@ pub struct CreateParams {
     pub uuid: Option<Uuid>,
 }
 
-fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn create<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: CreateParams = params(p)?;
     let name = match p.name {
         Some(n) if n.is_empty() => return Err(RpcError::invalid_params("name must not be empty")),
         Some(n) => n,
-        None => app.bdevs.first_free_name("Local"),
+        None => app.bdevs().first_free_name("Local"),
     };
     let bdev = super::create(
-        &app.bdevs,
+        app.bdevs(),
         LocalOpts {
             name,
             pool: p.pool,
@@ -52,12 +52,12 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     Ok(Value::String(bdev.name().to_string()))
 }
 
-fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn delete<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     delete_product(app, p, super::PRODUCT_NAME)
 }
 
 /// Registers this backend's methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: BdevContext>(m: &mut RpcMethods<C>) {
     m.add("bdev_local_create", create);
     m.add("bdev_local_delete", delete);
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{check_block_size, Bdev, BdevBackend, BdevParams, BdevRegistry, Errno, IoChannel};
 use super::{IoOp, IoResult, IoTypes};
-use crate::rpc::RpcError;
+use crate::error::Error;
 
 /// `product_name` of malloc bdevs.
 pub const PRODUCT_NAME: &str = "Malloc disk";
@@ -203,20 +203,18 @@ impl BdevBackend for MallocBackend {
 }
 
 /// Creates a malloc bdev and registers it (`bdev_malloc_create`).
-pub fn create(registry: &BdevRegistry, opts: MallocOpts) -> Result<Arc<Bdev>, RpcError> {
-    check_block_size(opts.block_size).map_err(RpcError::invalid_params)?;
+pub fn create(registry: &BdevRegistry, opts: MallocOpts) -> crate::error::Result<Arc<Bdev>> {
+    check_block_size(opts.block_size).map_err(Error::invalid)?;
     if opts.num_blocks == 0 {
-        return Err(RpcError::invalid_params(
-            "num_blocks must be greater than 0",
-        ));
+        return Err(Error::invalid("num_blocks must be greater than 0"));
     }
     let len = opts
         .num_blocks
         .checked_mul(opts.block_size as u64)
         .and_then(|l| usize::try_from(l).ok())
-        .ok_or_else(|| RpcError::invalid_params("num_blocks * block_size overflows"))?;
+        .ok_or_else(|| Error::invalid("num_blocks * block_size overflows"))?;
     let name = match opts.name {
-        Some(n) if n.is_empty() => return Err(RpcError::invalid_params("name must not be empty")),
+        Some(n) if n.is_empty() => return Err(Error::invalid("name must not be empty")),
         Some(n) => n,
         None => registry.first_free_name("Malloc"),
     };
@@ -225,7 +223,7 @@ pub fn create(registry: &BdevRegistry, opts: MallocOpts) -> Result<Arc<Bdev>, Rp
     }
     let mem = Mapping::new(len).map_err(|e| {
         let errno = e.raw_os_error().unwrap_or(libc::ENOMEM);
-        RpcError::errno_msg(
+        Error::new(
             errno,
             format!("cannot allocate {len} bytes for {name}: {e}"),
         )
@@ -265,7 +263,7 @@ mod tests {
         assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc0");
         assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc1");
         let e = err(create(&r, opts(Some("Malloc1"))));
-        assert_eq!(e.code, -libc::EEXIST);
+        assert_eq!(e.errno, libc::EEXIST);
         r.remove_product("Malloc0", Some(PRODUCT_NAME)).unwrap();
         assert_eq!(create(&r, opts(None)).unwrap().name(), "Malloc0");
         assert_eq!(
@@ -276,8 +274,8 @@ mod tests {
                     ..opts(None)
                 }
             ))
-            .code,
-            -32602
+            .fault,
+            crate::error::Fault::Argument
         );
     }
 

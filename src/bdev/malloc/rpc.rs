@@ -7,8 +7,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::MallocOpts;
-use crate::app::App;
 use crate::bdev::rpc::delete_product;
+use crate::bdev::rpc::BdevContext;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
 /// `bdev_malloc_create` params: every field SPDK's rpc.py may send.
@@ -50,18 +50,18 @@ impl CreateParams {
     }
 }
 
-fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn create<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let opts = params::<CreateParams>(p)?.into_opts()?;
-    let bdev = super::create(&app.bdevs, opts)?;
+    let bdev = super::create(app.bdevs(), opts)?;
     Ok(Value::String(bdev.name().to_string()))
 }
 
-fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn delete<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     delete_product(app, p, super::PRODUCT_NAME)
 }
 
 /// Registers this backend's methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: BdevContext>(m: &mut RpcMethods<C>) {
     m.add("bdev_malloc_create", create);
     m.add("bdev_malloc_delete", delete);
 }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{check_block_size, Bdev, BdevBackend, BdevParams, BdevRegistry, IoChannel, IoOp};
 use super::{IoResult, IoTypes};
-use crate::rpc::RpcError;
+use crate::error::Error;
 
 /// `product_name` of null bdevs.
 pub const PRODUCT_NAME: &str = "Null disk";
@@ -83,24 +83,20 @@ impl BdevBackend for NullBackend {
 }
 
 /// Creates a null bdev and registers it (`bdev_null_create`).
-pub fn create(registry: &BdevRegistry, opts: NullOpts) -> Result<Arc<Bdev>, RpcError> {
-    check_block_size(opts.block_size).map_err(RpcError::invalid_params)?;
+pub fn create(registry: &BdevRegistry, opts: NullOpts) -> crate::error::Result<Arc<Bdev>> {
+    check_block_size(opts.block_size).map_err(Error::invalid)?;
     if opts.name.is_empty() {
-        return Err(RpcError::invalid_params("name must not be empty"));
+        return Err(Error::invalid("name must not be empty"));
     }
     if opts.num_blocks == 0 {
-        return Err(RpcError::invalid_params(
-            "num_blocks must be greater than 0",
-        ));
+        return Err(Error::invalid("num_blocks must be greater than 0"));
     }
     if opts
         .num_blocks
         .checked_mul(opts.block_size as u64)
         .is_none()
     {
-        return Err(RpcError::invalid_params(
-            "num_blocks * block_size overflows",
-        ));
+        return Err(Error::invalid("num_blocks * block_size overflows"));
     }
     let bdev = Bdev::new(
         BdevParams {
@@ -193,6 +189,6 @@ mod tests {
         assert_eq!(p["uuid"], b.uuid().to_string());
         r.remove_product("Null0", Some(PRODUCT_NAME)).unwrap();
         let gone = r.remove_product("Null0", Some(PRODUCT_NAME)).err();
-        assert_eq!(gone.map(|e| RpcError::from(e).code), Some(-libc::ENODEV));
+        assert_eq!(gone.map(|e| Error::from(e).errno), Some(libc::ENODEV));
     }
 }

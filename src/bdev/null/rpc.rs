@@ -8,8 +8,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::NullOpts;
-use crate::app::App;
 use crate::bdev::rpc::delete_product;
+use crate::bdev::rpc::BdevContext;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
 /// `bdev_null_create` params: every field SPDK's rpc.py may send.
@@ -52,13 +52,13 @@ impl CreateParams {
     }
 }
 
-fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn create<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let opts = params::<CreateParams>(p)?.into_opts()?;
-    let bdev = super::create(&app.bdevs, opts)?;
+    let bdev = super::create(app.bdevs(), opts)?;
     Ok(Value::String(bdev.name().to_string()))
 }
 
-fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn delete<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     delete_product(app, p, super::PRODUCT_NAME)
 }
 
@@ -73,10 +73,10 @@ pub struct ResizeParams {
 /// `bdev_null_resize` (SPDK `bdev_null_resize`): grows a null bdev to `new_size` MiB, and
 /// connected guests get a config change. Shrinking is refused (-22), as in SPDK: a guest
 /// may be using the blocks. A name that is not a null bdev is -19.
-fn resize(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn resize<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let req: ResizeParams = params(p)?;
     let bdev = app
-        .bdevs
+        .bdevs()
         .get(&req.name)
         .filter(|b| b.backend().product_name() == super::PRODUCT_NAME)
         .ok_or_else(|| RpcError::errno(libc::ENODEV))?;
@@ -101,7 +101,7 @@ fn resize(app: &Arc<App>, p: Option<Value>) -> RpcResult {
 }
 
 /// Registers this backend's methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: BdevContext>(m: &mut RpcMethods<C>) {
     m.add("bdev_null_create", create);
     m.add("bdev_null_delete", delete);
     m.add("bdev_null_resize", resize);

@@ -95,10 +95,10 @@ struct Entry {
     users: BTreeSet<String>,
 }
 
-static CLUSTERS: Mutex<BTreeMap<String, Entry>> = Mutex::new(BTreeMap::new());
-
-fn clusters() -> MutexGuard<'static, BTreeMap<String, Entry>> {
-    CLUSTERS.lock().unwrap_or_else(|e| e.into_inner())
+/// The registered clusters by name (part of the application's rbd state).
+#[derive(Default)]
+pub struct Clusters {
+    map: Mutex<BTreeMap<String, Entry>>,
 }
 
 /// Connects with `opts`, on a thread restricted to `core_mask` when one is given so that
@@ -130,119 +130,130 @@ pub fn connect_on(opts: &ConnectOptions, core_mask: Option<&str>) -> RbdResult<A
     .unwrap_or_else(|_| Err(RbdError::new(libc::EIO, "connecting thread panicked")))
 }
 
-/// `bdev_rbd_register_cluster`: connects now, so that a wrong configuration fails here
-/// with a message naming the cluster.
-pub fn register(cfg: ClusterConfig) -> RbdResult<String> {
-    if cfg.name.is_empty() {
-        return Err(RbdError::invalid("cluster name must not be empty"));
-    }
-    let exists = || {
-        RbdError::new(
-            libc::EEXIST,
-            format!("cluster {} is already registered", cfg.name),
-        )
-    };
-    if clusters().contains_key(&cfg.name) {
-        return Err(exists());
-    }
-    let n = cfg.connections.unwrap_or(1);
-    if !(1..=64).contains(&n) {
-        return Err(RbdError::invalid(format!(
-            "connections {n} must be between 1 and 64"
-        )));
-    }
-    let opts = cfg.connect_options();
-    let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        conns.push(connect_on(&opts, cfg.core_mask.as_deref())?);
-    }
-    let mut map = clusters();
-    if map.contains_key(&cfg.name) {
-        return Err(exists());
-    }
-    let name = cfg.name.clone();
-    map.insert(
-        name.clone(),
-        Entry {
-            cfg,
-            conns,
-            next: 0,
-            users: BTreeSet::new(),
-        },
-    );
-    Ok(name)
-}
-
 fn not_registered(name: &str) -> RbdError {
     RbdError::new(libc::ENOENT, format!("cluster {name} is not registered"))
 }
 
-/// `bdev_rbd_unregister_cluster`: refused (EBUSY, naming them) while bdevs use it.
-pub fn unregister(name: &str) -> RbdResult<()> {
-    let mut map = clusters();
-    let e = map.get(name).ok_or_else(|| not_registered(name))?;
-    if !e.users.is_empty() {
-        let users: Vec<&str> = e.users.iter().map(|s| s.as_str()).collect();
-        return Err(RbdError::new(
-            libc::EBUSY,
-            format!("cluster {name} is used by bdev(s) {}", users.join(", ")),
-        ));
+impl Clusters {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
-    map.remove(name);
-    Ok(())
-}
 
-/// `bdev_rbd_get_clusters_info`: one cluster's object, or an array of all.
-pub fn info(name: Option<&str>) -> RbdResult<Value> {
-    let map = clusters();
-    match name {
-        Some(n) => Ok(map.get(n).ok_or_else(|| not_registered(n))?.cfg.to_json()),
-        None => Ok(Value::Array(
-            map.values().map(|e| e.cfg.to_json()).collect(),
-        )),
-    }
-}
-
-/// Takes a connection of cluster `name` for bdev `user`.
-pub(crate) fn acquire(name: &str, user: &str) -> RbdResult<(Arc<Rados>, ClusterConfig)> {
-    let mut map = clusters();
-    let e = map.get_mut(name).ok_or_else(|| not_registered(name))?;
-    let conn = e.conns[e.next % e.conns.len()].clone();
-    e.next = e.next.wrapping_add(1);
-    e.users.insert(user.to_string());
-    Ok((conn, e.cfg.clone()))
-}
-
-/// Bdev `user` no longer uses cluster `name`.
-pub(crate) fn release(name: &str, user: &str) {
-    if let Some(e) = clusters().get_mut(name) {
-        e.users.remove(user);
-    }
-}
-
-/// Removes every registered cluster (daemon shutdown): `(name, connections)`, so the
-/// caller can shut them down once the images using them are closed.
-pub(crate) fn take_all() -> Vec<(String, Vec<Arc<Rados>>)> {
-    std::mem::take(&mut *clusters())
-        .into_iter()
-        .map(|(name, e)| (name, e.conns))
-        .collect()
-}
-
-/// `framework_get_config` entries that re-register every cluster (before the rbd bdevs
-/// that name them, as SPDK's rbd module writes them). The call carries what was given,
-/// `key` included when it was passed in `config_param`, since a replay cannot connect
-/// without it: protect saved configurations like keyrings.
-pub fn config_entries() -> Vec<(&'static str, Value)> {
-    clusters()
-        .values()
-        .map(|e| {
-            (
-                "bdev_rbd_register_cluster",
-                serde_json::to_value(&e.cfg).unwrap_or(Value::Null),
+    /// `bdev_rbd_register_cluster`: connects now, so that a wrong configuration fails here
+    /// with a message naming the cluster.
+    pub fn register(&self, cfg: ClusterConfig) -> crate::error::Result<String> {
+        if cfg.name.is_empty() {
+            return Err(RbdError::invalid("cluster name must not be empty").into());
+        }
+        let exists = || {
+            RbdError::new(
+                libc::EEXIST,
+                format!("cluster {} is already registered", cfg.name),
             )
-        })
-        .collect()
+        };
+        if self.lock().contains_key(&cfg.name) {
+            return Err(exists().into());
+        }
+        let n = cfg.connections.unwrap_or(1);
+        if !(1..=64).contains(&n) {
+            return Err(
+                RbdError::invalid(format!("connections {n} must be between 1 and 64")).into(),
+            );
+        }
+        let opts = cfg.connect_options();
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            conns.push(connect_on(&opts, cfg.core_mask.as_deref())?);
+        }
+        let mut map = self.lock();
+        if map.contains_key(&cfg.name) {
+            return Err(exists().into());
+        }
+        let name = cfg.name.clone();
+        map.insert(
+            name.clone(),
+            Entry {
+                cfg,
+                conns,
+                next: 0,
+                users: BTreeSet::new(),
+            },
+        );
+        Ok(name)
+    }
+
+    /// `bdev_rbd_unregister_cluster`: refused (EBUSY, naming them) while bdevs use it.
+    pub fn unregister(&self, name: &str) -> crate::error::Result<()> {
+        let mut map = self.lock();
+        let e = map.get(name).ok_or_else(|| not_registered(name))?;
+        if !e.users.is_empty() {
+            let users: Vec<&str> = e.users.iter().map(|s| s.as_str()).collect();
+            return Err(RbdError::new(
+                libc::EBUSY,
+                format!("cluster {name} is used by bdev(s) {}", users.join(", ")),
+            )
+            .into());
+        }
+        map.remove(name);
+        Ok(())
+    }
+
+    /// `bdev_rbd_get_clusters_info`: one cluster's object, or an array of all.
+    pub fn info(&self, name: Option<&str>) -> crate::error::Result<Value> {
+        let map = self.lock();
+        match name {
+            Some(n) => Ok(map.get(n).ok_or_else(|| not_registered(n))?.cfg.to_json()),
+            None => Ok(Value::Array(
+                map.values().map(|e| e.cfg.to_json()).collect(),
+            )),
+        }
+    }
+
+    /// Takes a connection of cluster `name` for bdev `user`.
+    pub(super) fn acquire(
+        &self,
+        name: &str,
+        user: &str,
+    ) -> crate::error::Result<(Arc<Rados>, ClusterConfig)> {
+        let mut map = self.lock();
+        let e = map.get_mut(name).ok_or_else(|| not_registered(name))?;
+        let conn = e.conns[e.next % e.conns.len()].clone();
+        e.next = e.next.wrapping_add(1);
+        e.users.insert(user.to_string());
+        Ok((conn, e.cfg.clone()))
+    }
+
+    /// Bdev `user` no longer uses cluster `name`.
+    pub(super) fn release(&self, name: &str, user: &str) {
+        if let Some(e) = self.lock().get_mut(name) {
+            e.users.remove(user);
+        }
+    }
+
+    /// Removes every registered cluster (daemon shutdown): `(name, connections)`, so the
+    /// caller can shut them down once the images using them are closed.
+    pub(super) fn take_all(&self) -> Vec<(String, Vec<Arc<Rados>>)> {
+        std::mem::take(&mut *self.lock())
+            .into_iter()
+            .map(|(name, e)| (name, e.conns))
+            .collect()
+    }
+
+    /// `framework_get_config` entries that re-register every cluster (before the rbd bdevs
+    /// that name them, as SPDK's rbd module writes them). The call carries what was given,
+    /// `key` included when it was passed in `config_param`, since a replay cannot connect
+    /// without it: protect saved configurations like keyrings.
+    pub fn config_entries(&self) -> Vec<(&'static str, Value)> {
+        self.lock()
+            .values()
+            .map(|e| {
+                (
+                    "bdev_rbd_register_cluster",
+                    serde_json::to_value(&e.cfg).unwrap_or(Value::Null),
+                )
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -266,12 +277,13 @@ mod tests {
 
     #[test]
     fn unknown_cluster() {
+        let c = Clusters::default();
         assert_eq!(
-            unregister("nosuch-cluster").unwrap_err().errno,
+            c.unregister("nosuch-cluster").unwrap_err().errno,
             libc::ENOENT
         );
         assert_eq!(
-            acquire("nosuch-cluster", "b").unwrap_err().message,
+            c.acquire("nosuch-cluster", "b").unwrap_err().message,
             "cluster nosuch-cluster is not registered"
         );
     }

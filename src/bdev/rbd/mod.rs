@@ -16,7 +16,8 @@
 //! ([`BdevBackend::read_only`]) and its channels fail writes, unmaps and write-zeroes
 //! with EROFS.
 //!
-//! At daemon shutdown [`shutdown`] closes every image (`rbd_close`: header unwatched,
+//! The registered clusters and the rbd bdevs are an [`RbdState`] the application owns. At
+//! daemon shutdown (the end of `App::shutdown`) [`RbdState::shutdown`] closes every image (`rbd_close`: header unwatched,
 //! exclusive lock released) and every cluster connection (`rados_shutdown`), so the next
 //! opener does not wait for the OSDs to time a dead watcher out.
 
@@ -24,7 +25,7 @@ pub mod cluster;
 pub mod rpc;
 mod shutdown;
 
-pub use shutdown::{shutdown, SHUTDOWN_TIMEOUT};
+pub use shutdown::SHUTDOWN_TIMEOUT;
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -43,6 +44,7 @@ use super::{
     check_block_size, push_extent, AllocState, Bdev, BdevBackend, BdevParams, Errno, Extent,
     IoChannel, IoOp, IoResult, IoTypes, MAX_EXTENTS,
 };
+use crate::error::Error;
 use crate::rbd::aio::AioOp;
 use crate::rbd::ffi::{rbd_completion_t, Api};
 use crate::rbd::{ConnectOptions, Image, Rados, RbdError, RbdResult};
@@ -74,7 +76,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The backend's state shared by the bdev, its channels and its watcher thread.
 struct Shared {
     cfg: RbdBdevConfig,
-    /// The open image; `None` once [`shutdown`] closed it.
+    /// The open image; `None` once [`RbdState::shutdown`] closed it.
     image: Mutex<Option<Arc<Image>>>,
     config_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
@@ -344,7 +346,7 @@ impl BdevBackend for RbdBackend {
 
     /// Flushes and hands the exclusive lock back (bounded by [`CLOSE_TIMEOUT`]). The
     /// handle stays open for channels still draining; the image is closed when the last
-    /// of them goes (delete) or by [`shutdown`] (daemon exit).
+    /// of them goes (delete) or by [`RbdState::shutdown`] (daemon exit).
     fn close(&self) -> std::io::Result<()> {
         let shared = self.shared.clone();
         let what = format!("rbd bdev {}: flushing", self.shared.cfg.name);
@@ -549,174 +551,188 @@ struct Entry {
     shared: Arc<Shared>,
 }
 
-static BDEVS: Mutex<BTreeMap<String, Entry>> = Mutex::new(BTreeMap::new());
-
-fn bdevs() -> MutexGuard<'static, BTreeMap<String, Entry>> {
-    lock(&BDEVS)
-}
-
-/// Whether an rbd bdev called `name` exists.
-pub fn exists(name: &str) -> bool {
-    bdevs().contains_key(name)
-}
-
-/// The rbd bdev called `name`.
-pub fn get(name: &str) -> Option<Arc<Bdev>> {
-    bdevs().get(name).map(|e| e.bdev.clone())
-}
-
-/// Opens the image and builds the bdev (blocking: control thread only). The caller has
-/// checked that the name is free in the daemon's registry.
-pub fn create(cfg: RbdBdevConfig) -> RbdResult<Arc<Bdev>> {
-    check_block_size(cfg.block_size).map_err(RbdError::invalid)?;
-    if cfg.pool_name.is_empty() || cfg.rbd_name.is_empty() {
-        return Err(RbdError::invalid(
-            "pool_name and rbd_name must not be empty",
-        ));
+impl From<RbdError> for Error {
+    /// The rbd library's errors are already an errno and a message naming the object.
+    fn from(e: RbdError) -> Self {
+        Error::new(e.errno, e.message)
     }
-    if exists(&cfg.name) {
-        return Err(RbdError::new(
-            libc::EEXIST,
-            format!("bdev {} already exists", cfg.name),
-        ));
-    }
-    let (conn, config_file, key_file) = match &cfg.cluster_name {
-        Some(c) => {
-            let (conn, ccfg) = cluster::acquire(c, &cfg.name)?;
-            (
-                conn,
-                ccfg.config_file.map(PathBuf::from),
-                ccfg.key_file.map(PathBuf::from),
-            )
-        }
-        None => {
-            let opts = ConnectOptions {
-                label: String::new(),
-                cluster: None,
-                user_id: cfg.user_id.clone(),
-                config_file: None,
-                key_file: None,
-                config: cfg.config.clone().unwrap_or_default(),
-            };
-            (Rados::connect(&opts)?, None, None)
-        }
-    };
-    let release = |e: RbdError| {
-        if let Some(c) = &cfg.cluster_name {
-            cluster::release(c, &cfg.name);
-        }
-        e
-    };
-    let opened = conn
-        .ioctx(&cfg.pool_name)
-        .and_then(|io| {
-            if cfg.read_only {
-                io.open_read_only(&cfg.rbd_name, None)
-            } else {
-                io.open(&cfg.rbd_name, None)
-            }
-        })
-        .and_then(|img| img.size().map(|s| (img, s)));
-    let (image, size) = opened.map_err(release)?;
-    let blocks = size / cfg.block_size as u64;
-    if blocks == 0 {
-        return Err(release(RbdError::invalid(format!(
-            "{} ({size} bytes) is smaller than one block of {}",
-            image.what(),
-            cfg.block_size
-        ))));
-    }
-    let shared = Arc::new(Shared {
-        cfg: cfg.clone(),
-        image: Mutex::new(Some(Arc::new(image))),
-        config_file,
-        key_file,
-        watch: Mutex::new(None),
-    });
-    let bdev = Bdev::new(
-        BdevParams {
-            name: cfg.name.clone(),
-            uuid: cfg.uuid,
-            block_size: cfg.block_size,
-            num_blocks: blocks,
-        },
-        Box::new(RbdBackend {
-            shared: shared.clone(),
-        }),
-    );
-    shared.start_watch(Arc::downgrade(&bdev)).map_err(release)?;
-    let mut map = bdevs();
-    if map.contains_key(&cfg.name) {
-        drop(map);
-        shared.stop_watch();
-        return Err(release(RbdError::new(
-            libc::EEXIST,
-            format!("bdev {} already exists", cfg.name),
-        )));
-    }
-    map.insert(
-        cfg.name.clone(),
-        Entry {
-            bdev: bdev.clone(),
-            shared,
-        },
-    );
-    Ok(bdev)
 }
 
 fn no_such_bdev(name: &str) -> RbdError {
     RbdError::new(libc::ENODEV, format!("rbd bdev {name} not found"))
 }
 
-/// Deletes an rbd bdev: stops the watch, flushes, releases the exclusive lock and its
-/// cluster. The image is closed when the last channel using it is dropped.
-pub fn delete(name: &str) -> RbdResult<Arc<Bdev>> {
-    let e = bdevs().remove(name).ok_or_else(|| no_such_bdev(name))?;
-    let r = e.bdev.backend().close();
-    if let Some(c) = &e.shared.cfg.cluster_name {
-        cluster::release(c, name);
-    }
-    if let Err(err) = r {
-        tracing::warn!("{name}: flushing on delete: {err}");
-    }
-    Ok(e.bdev)
+/// The daemon's rbd state, owned by the application: the registered clusters and the rbd
+/// bdevs with what delete/resize/shutdown need of them.
+#[derive(Default)]
+pub struct RbdState {
+    pub clusters: cluster::Clusters,
+    bdevs: Mutex<BTreeMap<String, Entry>>,
 }
 
-/// `bdev_rbd_resize`: grows the image to `new_size_mib` MiB (shrinking is refused, as in
-/// SPDK: a guest would lose data) and tells the frontends.
-pub fn resize(name: &str, new_size_mib: u64) -> RbdResult<()> {
-    let (bdev, shared) = {
-        let map = bdevs();
-        let e = map.get(name).ok_or_else(|| no_such_bdev(name))?;
-        (e.bdev.clone(), e.shared.clone())
-    };
-    let bytes = new_size_mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| RbdError::invalid(format!("new_size {new_size_mib} MiB is too large")))?;
-    let image = shared.image()?;
-    if shared.cfg.read_only {
-        return Err(RbdError::new(
-            libc::EROFS,
-            format!(
-                "rbd bdev {name} is read-only: cannot resize {}",
-                image.what()
-            ),
-        ));
+impl RbdState {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        lock(&self.bdevs)
     }
-    let cur = image.size()?;
-    if bytes < cur {
-        return Err(RbdError::invalid(format!(
-            "new size {new_size_mib} MiB of bdev {name} is smaller than the current {cur} bytes"
-        )));
-    }
-    image.resize(bytes)?;
-    bdev.set_num_blocks(bytes / shared.cfg.block_size as u64);
-    Ok(())
-}
 
-/// Names of the rbd bdevs.
-pub fn names() -> Vec<String> {
-    bdevs().keys().cloned().collect()
+    /// Whether an rbd bdev called `name` exists.
+    pub fn exists(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    /// The rbd bdev called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Bdev>> {
+        self.lock().get(name).map(|e| e.bdev.clone())
+    }
+
+    /// Opens the image and builds the bdev (blocking: control thread only). The caller has
+    /// checked that the name is free in the daemon's registry.
+    pub fn create(&self, cfg: RbdBdevConfig) -> crate::error::Result<Arc<Bdev>> {
+        check_block_size(cfg.block_size).map_err(RbdError::invalid)?;
+        if cfg.pool_name.is_empty() || cfg.rbd_name.is_empty() {
+            return Err(RbdError::invalid("pool_name and rbd_name must not be empty").into());
+        }
+        if self.exists(&cfg.name) {
+            return Err(
+                RbdError::new(libc::EEXIST, format!("bdev {} already exists", cfg.name)).into(),
+            );
+        }
+        let (conn, config_file, key_file) = match &cfg.cluster_name {
+            Some(c) => {
+                let (conn, ccfg) = self.clusters.acquire(c, &cfg.name)?;
+                (
+                    conn,
+                    ccfg.config_file.map(PathBuf::from),
+                    ccfg.key_file.map(PathBuf::from),
+                )
+            }
+            None => {
+                let opts = ConnectOptions {
+                    label: String::new(),
+                    cluster: None,
+                    user_id: cfg.user_id.clone(),
+                    config_file: None,
+                    key_file: None,
+                    config: cfg.config.clone().unwrap_or_default(),
+                };
+                (Rados::connect(&opts)?, None, None)
+            }
+        };
+        let release = |e: RbdError| -> Error {
+            if let Some(c) = &cfg.cluster_name {
+                self.clusters.release(c, &cfg.name);
+            }
+            e.into()
+        };
+        let opened = conn
+            .ioctx(&cfg.pool_name)
+            .and_then(|io| {
+                if cfg.read_only {
+                    io.open_read_only(&cfg.rbd_name, None)
+                } else {
+                    io.open(&cfg.rbd_name, None)
+                }
+            })
+            .and_then(|img| img.size().map(|s| (img, s)));
+        let (image, size) = opened.map_err(release)?;
+        let blocks = size / cfg.block_size as u64;
+        if blocks == 0 {
+            return Err(release(RbdError::invalid(format!(
+                "{} ({size} bytes) is smaller than one block of {}",
+                image.what(),
+                cfg.block_size
+            ))));
+        }
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            image: Mutex::new(Some(Arc::new(image))),
+            config_file,
+            key_file,
+            watch: Mutex::new(None),
+        });
+        let bdev = Bdev::new(
+            BdevParams {
+                name: cfg.name.clone(),
+                uuid: cfg.uuid,
+                block_size: cfg.block_size,
+                num_blocks: blocks,
+            },
+            Box::new(RbdBackend {
+                shared: shared.clone(),
+            }),
+        );
+        shared.start_watch(Arc::downgrade(&bdev)).map_err(release)?;
+        let mut map = self.lock();
+        if map.contains_key(&cfg.name) {
+            drop(map);
+            shared.stop_watch();
+            return Err(release(RbdError::new(
+                libc::EEXIST,
+                format!("bdev {} already exists", cfg.name),
+            )));
+        }
+        map.insert(
+            cfg.name.clone(),
+            Entry {
+                bdev: bdev.clone(),
+                shared,
+            },
+        );
+        Ok(bdev)
+    }
+
+    /// Deletes an rbd bdev: stops the watch, flushes, releases the exclusive lock and its
+    /// cluster. The image is closed when the last channel using it is dropped.
+    pub fn delete(&self, name: &str) -> crate::error::Result<Arc<Bdev>> {
+        let e = self.lock().remove(name).ok_or_else(|| no_such_bdev(name))?;
+        let r = e.bdev.backend().close();
+        if let Some(c) = &e.shared.cfg.cluster_name {
+            self.clusters.release(c, name);
+        }
+        if let Err(err) = r {
+            tracing::warn!("{name}: flushing on delete: {err}");
+        }
+        Ok(e.bdev)
+    }
+
+    /// `bdev_rbd_resize`: grows the image to `new_size_mib` MiB (shrinking is refused, as in
+    /// SPDK: a guest would lose data) and tells the frontends.
+    pub fn resize(&self, name: &str, new_size_mib: u64) -> crate::error::Result<()> {
+        let (bdev, shared) = {
+            let map = self.lock();
+            let e = map.get(name).ok_or_else(|| no_such_bdev(name))?;
+            (e.bdev.clone(), e.shared.clone())
+        };
+        let bytes = new_size_mib.checked_mul(1 << 20).ok_or_else(|| {
+            RbdError::invalid(format!("new_size {new_size_mib} MiB is too large"))
+        })?;
+        let image = shared.image()?;
+        if shared.cfg.read_only {
+            return Err(RbdError::new(
+                libc::EROFS,
+                format!(
+                    "rbd bdev {name} is read-only: cannot resize {}",
+                    image.what()
+                ),
+            )
+            .into());
+        }
+        let cur = image.size()?;
+        if bytes < cur {
+            return Err(RbdError::invalid(format!(
+                "new size {new_size_mib} MiB of bdev {name} is smaller than the current {cur} bytes"
+            ))
+            .into());
+        }
+        image.resize(bytes)?;
+        bdev.set_num_blocks(bytes / shared.cfg.block_size as u64);
+        Ok(())
+    }
+
+    /// Names of the rbd bdevs.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
 }
 
 #[cfg(test)]

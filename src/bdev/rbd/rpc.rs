@@ -11,25 +11,24 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::cluster::{self, ClusterConfig};
-use super::RbdBdevConfig;
-use crate::app::App;
-use crate::bdev::rpc::NameParams;
-use crate::rbd::RbdError;
+use super::cluster::ClusterConfig;
+use super::{RbdBdevConfig, RbdState};
+use crate::bdev::rpc::{BdevContext, NameParams};
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
+/// What the rbd methods act on: the bdevs and the rbd state (clusters, rbd bdevs).
+pub trait RbdContext: BdevContext {
+    fn rbd(&self) -> &RbdState;
+}
+
 /// Registers this backend's methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: RbdContext>(m: &mut RpcMethods<C>) {
     m.add("bdev_rbd_create", create);
     m.add("bdev_rbd_delete", delete);
     m.add("bdev_rbd_resize", resize);
     m.add("bdev_rbd_register_cluster", register_cluster);
     m.add("bdev_rbd_unregister_cluster", unregister_cluster);
     m.add("bdev_rbd_get_clusters_info", get_clusters_info);
-}
-
-fn err(e: RbdError) -> RpcError {
-    RpcError::errno_msg(e.errno, e.message)
 }
 
 #[derive(Deserialize)]
@@ -50,11 +49,11 @@ struct CreateParams {
 }
 
 /// Whether `name` is taken by any bdev of the daemon.
-fn name_taken(app: &Arc<App>, name: &str) -> bool {
-    super::exists(name) || app.bdevs.get(name).is_some()
+fn name_taken<C: RbdContext>(app: &Arc<C>, name: &str) -> bool {
+    app.rbd().exists(name) || app.bdevs().get(name).is_some()
 }
 
-fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn create<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: CreateParams = params(p)?;
     let name = match p.name {
         Some(n) if n.is_empty() => return Err(RpcError::invalid_params("name must not be empty")),
@@ -73,7 +72,7 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
             .find(|n| !name_taken(app, n))
             .unwrap_or_default(),
     };
-    let bdev = super::create(RbdBdevConfig {
+    let bdev = app.rbd().create(RbdBdevConfig {
         name,
         user_id: p.user_id,
         pool_name: p.pool_name,
@@ -83,25 +82,24 @@ fn create(app: &Arc<App>, p: Option<Value>) -> RpcResult {
         cluster_name: p.cluster_name,
         uuid: p.uuid,
         read_only: p.read_only,
-    })
-    .map_err(err)?;
-    if let Err(e) = app.bdevs.add(bdev.clone()) {
+    })?;
+    if let Err(e) = app.bdevs().add(bdev.clone()) {
         // Lost a race for the name: undo.
-        let _ = super::delete(bdev.name());
+        let _ = app.rbd().delete(bdev.name());
         return Err(e.into());
     }
     Ok(json!(bdev.name()))
 }
 
-fn delete(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn delete<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: NameParams = params(p)?;
-    if !super::exists(&p.name) {
+    if !app.rbd().exists(&p.name) {
         return Err(RpcError::errno(libc::ENODEV));
     }
     // Refused (EBUSY, naming the owner) while a controller claims it; closes the backend.
-    app.bdevs
+    app.bdevs()
         .remove_product(&p.name, Some(super::PRODUCT_NAME))?;
-    super::delete(&p.name).map_err(err)?;
+    app.rbd().delete(&p.name)?;
     Ok(json!(true))
 }
 
@@ -112,23 +110,23 @@ struct ResizeParams {
     new_size: u64,
 }
 
-fn resize(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn resize<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: ResizeParams = params(p)?;
-    if !super::exists(&p.name) {
+    if !app.rbd().exists(&p.name) {
         return Err(RpcError::errno(libc::ENODEV));
     }
-    super::resize(&p.name, p.new_size).map_err(err)?;
+    app.rbd().resize(&p.name, p.new_size)?;
     Ok(json!(true))
 }
 
-fn register_cluster(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn register_cluster<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let cfg: ClusterConfig = params(p)?;
-    Ok(json!(cluster::register(cfg).map_err(err)?))
+    Ok(json!(app.rbd().clusters.register(cfg)?))
 }
 
-fn unregister_cluster(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn unregister_cluster<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: NameParams = params(p)?;
-    cluster::unregister(&p.name).map_err(err)?;
+    app.rbd().clusters.unregister(&p.name)?;
     Ok(json!(true))
 }
 
@@ -138,7 +136,7 @@ struct InfoParams {
     name: Option<String>,
 }
 
-fn get_clusters_info(_app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn get_clusters_info<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: InfoParams = params(p)?;
-    cluster::info(p.name.as_deref()).map_err(err)
+    Ok(app.rbd().clusters.info(p.name.as_deref())?)
 }

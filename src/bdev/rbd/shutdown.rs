@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{bdevs, cluster};
+use super::RbdState;
 
 /// How long daemon shutdown waits for the cluster to acknowledge the closes.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,46 +44,47 @@ pub(super) fn bounded<T: Send + 'static>(
     }
 }
 
-/// Closes every rbd image and every registered cluster connection (bounded by
-/// `timeout`). The module's state is process-wide, so this is for the process's exit
-/// (the daemon calls it after `App::shutdown`), never for one app among several in a
-/// process. Call after the reactors have stopped: an image still used by a channel is
-/// left open (and logged). The rbd bdevs are gone from the module afterwards.
-pub fn shutdown(timeout: Duration) {
-    let entries: Vec<_> = std::mem::take(&mut *bdevs()).into_values().collect();
-    let clusters = cluster::take_all();
-    if entries.is_empty() && clusters.is_empty() {
-        return;
-    }
-    let (n_images, n_clusters) = (entries.len(), clusters.len());
-    let start = Instant::now();
-    let done = bounded(
-        "closing rbd images and cluster connections",
-        timeout,
-        move || {
-            for e in entries {
-                e.shared.close_image();
-            }
-            // The images held their cluster connection: each is now the last user.
-            for (name, conns) in clusters {
-                for conn in conns {
-                    if let Err(conn) = Arc::try_unwrap(conn) {
-                        tracing::warn!(
+impl RbdState {
+    /// Closes every rbd image and every registered cluster connection (bounded by
+    /// `timeout`), at the end of `App::shutdown`. Call after the reactors have stopped: an
+    /// image still used by a channel is left open (and logged). The rbd bdevs and clusters
+    /// are gone from the state afterwards.
+    pub fn shutdown(&self, timeout: Duration) {
+        let entries: Vec<_> = std::mem::take(&mut *self.lock()).into_values().collect();
+        let clusters = self.clusters.take_all();
+        if entries.is_empty() && clusters.is_empty() {
+            return;
+        }
+        let (n_images, n_clusters) = (entries.len(), clusters.len());
+        let start = Instant::now();
+        let done = bounded(
+            "closing rbd images and cluster connections",
+            timeout,
+            move || {
+                for e in entries {
+                    e.shared.close_image();
+                }
+                // The images held their cluster connection: each is now the last user.
+                for (name, conns) in clusters {
+                    for conn in conns {
+                        if let Err(conn) = Arc::try_unwrap(conn) {
+                            tracing::warn!(
                             "cluster {name}: connection still used ({} references): not shut down",
                             Arc::strong_count(&conn) - 1
                         );
+                        }
                     }
                 }
-            }
-        },
-    );
-    if done.is_some() {
-        tracing::info!(
-            images = n_images,
-            clusters = n_clusters,
-            elapsed_ms = start.elapsed().as_millis() as u64,
-            "rbd images and cluster connections closed"
+            },
         );
+        if done.is_some() {
+            tracing::info!(
+                images = n_images,
+                clusters = n_clusters,
+                elapsed_ms = start.elapsed().as_millis() as u64,
+                "rbd images and cluster connections closed"
+            );
+        }
     }
 }
 

@@ -8,13 +8,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{claim_name, BlkDevice};
-use crate::app::App;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 use crate::vhost::device::VirtioDevice;
+use crate::vhost::rpc::{vhost_error, VhostContext};
 use crate::vhost::{controller_cpumask, validate_name, ConfigNotifier, NewController};
 
 /// Registers the vhost methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: VhostContext>(m: &mut RpcMethods<C>) {
     m.add("vhost_create_blk_controller", create_blk_controller);
     m.add("vhost_get_controllers", get_controllers);
     m.add("vhost_delete_controller", delete_controller);
@@ -36,7 +36,7 @@ struct CreateBlk {
     transport: Option<String>,
 }
 
-fn create_blk_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn create_blk_controller<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: CreateBlk = params(p)?;
     if let Err(e) = validate_name(&p.ctrlr) {
         tracing::error!("vhost_create_blk_controller: {e}");
@@ -52,12 +52,13 @@ fn create_blk_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
             return Err(RpcError::invalid_params(format!("unknown transport '{t}'")));
         }
     }
-    let cpumask = controller_cpumask(app, &p.ctrlr, p.cpumask.as_deref())?;
-    if app.vhost.exists(&p.ctrlr) {
+    let cpumask = controller_cpumask(app.vhost().core_mask(), &p.ctrlr, p.cpumask.as_deref())
+        .map_err(vhost_error)?;
+    if app.vhost().exists(&p.ctrlr) {
         tracing::error!(ctrlr = %p.ctrlr, "controller already exists");
         return Err(RpcError::invalid_params_errno(libc::EEXIST));
     }
-    let Some(bdev) = app.bdevs.get(&p.dev_name) else {
+    let Some(bdev) = app.bdevs().get(&p.dev_name) else {
         tracing::error!(ctrlr = %p.ctrlr, "bdev '{}' does not exist", p.dev_name);
         return Err(RpcError::invalid_params_errno(libc::ENODEV));
     };
@@ -75,19 +76,16 @@ fn create_blk_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
         p.readonly,
         notifier.clone(),
     ));
-    match app.vhost.create(
-        app,
-        NewController {
-            name: p.ctrlr.clone(),
-            cpumask,
-            device: device.clone(),
-            notifier,
-        },
-    ) {
+    match app.vhost().create(NewController {
+        name: p.ctrlr.clone(),
+        cpumask,
+        device: device.clone(),
+        notifier,
+    }) {
         Ok(_) => Ok(json!(true)),
         Err(e) => {
             device.close();
-            Err(e)
+            Err(vhost_error(e))
         }
     }
 }
@@ -98,10 +96,10 @@ struct GetControllers {
     name: Option<String>,
 }
 
-fn get_controllers(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn get_controllers<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: GetControllers = params(p)?;
     match p.name {
-        Some(n) => match app.vhost.get(&n) {
+        Some(n) => match app.vhost().get(&n) {
             Some(c) => Ok(json!([c.to_json()])),
             None => Err(RpcError::new(
                 crate::rpc::code::INTERNAL_ERROR,
@@ -109,7 +107,7 @@ fn get_controllers(app: &Arc<App>, p: Option<Value>) -> RpcResult {
             )),
         },
         None => Ok(Value::Array(
-            app.vhost.list().iter().map(|c| c.to_json()).collect(),
+            app.vhost().list().iter().map(|c| c.to_json()).collect(),
         )),
     }
 }
@@ -120,9 +118,9 @@ struct DeleteController {
     ctrlr: String,
 }
 
-fn delete_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn delete_controller<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: DeleteController = params(p)?;
-    app.vhost.delete(&p.ctrlr)?;
+    app.vhost().delete(&p.ctrlr).map_err(vhost_error)?;
     Ok(json!(true))
 }
 
@@ -134,9 +132,10 @@ struct SetCoalescing {
     iops_threshold: u32,
 }
 
-fn set_coalescing(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn set_coalescing<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: SetCoalescing = params(p)?;
-    app.vhost
-        .set_coalescing(&p.ctrlr, p.delay_base_us, p.iops_threshold)?;
+    app.vhost()
+        .set_coalescing(&p.ctrlr, p.delay_base_us, p.iops_threshold)
+        .map_err(vhost_error)?;
     Ok(json!(true))
 }

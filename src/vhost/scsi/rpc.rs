@@ -9,13 +9,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::ScsiDevice;
-use crate::app::App;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
-use crate::vhost::controller_cpumask;
-use crate::vhost::{validate_name, Controller, NewController};
+use crate::vhost::rpc::{vhost_error, VhostContext};
+use crate::vhost::{controller_cpumask, validate_name, Controller, NewController};
 
 /// Registers the vhost-scsi methods.
-pub fn register(m: &mut RpcMethods) {
+pub fn register<C: VhostContext>(m: &mut RpcMethods<C>) {
     m.add("vhost_create_scsi_controller", create_scsi_controller);
     m.add("vhost_start_scsi_controller", start_scsi_controller);
     m.add("vhost_scsi_controller_add_target", add_target);
@@ -33,14 +32,15 @@ struct CreateScsi {
     delay: bool,
 }
 
-fn create_scsi_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn create_scsi_controller<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: CreateScsi = params(p)?;
     if let Err(e) = validate_name(&p.ctrlr) {
         tracing::error!("vhost_create_scsi_controller: {e}");
         return Err(RpcError::invalid_params_errno(libc::EINVAL));
     }
-    let cpumask = controller_cpumask(app, &p.ctrlr, p.cpumask.as_deref())?;
-    if app.vhost.exists(&p.ctrlr) {
+    let cpumask = controller_cpumask(app.vhost().core_mask(), &p.ctrlr, p.cpumask.as_deref())
+        .map_err(vhost_error)?;
+    if app.vhost().exists(&p.ctrlr) {
         tracing::error!(ctrlr = %p.ctrlr, "controller already exists");
         return Err(RpcError::invalid_params_errno(libc::EEXIST));
     }
@@ -49,16 +49,15 @@ fn create_scsi_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
     if p.delay {
         tracing::info!(ctrlr = %p.ctrlr, "delay requested: the controller listens at once, targets are hot-plugged");
     }
-    app.vhost.create(
-        app,
-        NewController {
+    app.vhost()
+        .create(NewController {
             name: p.ctrlr,
             cpumask,
             device: Arc::new(device),
             // SCSI capacity changes travel as unit attentions, not config changes.
             notifier: Default::default(),
-        },
-    )?;
+        })
+        .map_err(vhost_error)?;
     Ok(json!(true))
 }
 
@@ -70,8 +69,8 @@ struct StartScsi {
 
 /// The scsi controller named `name`: -32602 "No such device" when there is none or it is
 /// not a scsi controller (as SPDK's `vhost_scsi_dev_get`).
-fn scsi_ctrlr(app: &App, name: &str) -> Result<Arc<Controller>, RpcError> {
-    match app.vhost.get(name) {
+fn scsi_ctrlr<C: VhostContext>(app: &C, name: &str) -> Result<Arc<Controller>, RpcError> {
+    match app.vhost().get(name) {
         Some(c) if scsi_device(&c).is_some() => Ok(c),
         _ => {
             tracing::error!(ctrlr = name, "no such scsi controller");
@@ -84,9 +83,9 @@ fn scsi_device(c: &Controller) -> Option<&ScsiDevice> {
     c.device.as_any()?.downcast_ref::<ScsiDevice>()
 }
 
-fn start_scsi_controller(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn start_scsi_controller<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: StartScsi = params(p)?;
-    scsi_ctrlr(app, &p.ctrlr)?;
+    scsi_ctrlr(app.as_ref(), &p.ctrlr)?;
     Ok(json!(true))
 }
 
@@ -98,13 +97,13 @@ struct AddTarget {
     bdev_name: String,
 }
 
-fn add_target(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn add_target<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: AddTarget = params(p)?;
-    let c = scsi_ctrlr(app, &p.ctrlr)?;
+    let c = scsi_ctrlr(app.as_ref(), &p.ctrlr)?;
     let Some(dev) = scsi_device(&c) else {
         return Err(RpcError::invalid_params_errno(libc::ENODEV));
     };
-    let Some(bdev) = app.bdevs.get(&p.bdev_name) else {
+    let Some(bdev) = app.bdevs().get(&p.bdev_name) else {
         tracing::error!(ctrlr = %p.ctrlr, "bdev '{}' does not exist", p.bdev_name);
         return Err(RpcError::invalid_params_errno(libc::ENODEV));
     };
@@ -125,9 +124,9 @@ struct RemoveTarget {
     scsi_target_num: i64,
 }
 
-fn remove_target(app: &Arc<App>, p: Option<Value>) -> RpcResult {
+fn remove_target<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: RemoveTarget = params(p)?;
-    let c = scsi_ctrlr(app, &p.ctrlr)?;
+    let c = scsi_ctrlr(app.as_ref(), &p.ctrlr)?;
     let Some(dev) = scsi_device(&c) else {
         return Err(RpcError::invalid_params_errno(libc::ENODEV));
     };

@@ -518,6 +518,7 @@ fn read_only_lun_is_write_protected() {
     let r = BdevRegistry::default();
     let ro = crate::bdev::aio::create(
         &r,
+        &crate::bdev::aio::AioFiles::default(),
         crate::bdev::aio::AioOpts {
             filename: f.path().into(),
             name: "ro".into(),
