@@ -4,7 +4,12 @@
 //!
 //! - [`proto`]: the wire format (pure);
 //! - [`server`]: listeners and the accept thread;
-//! - [`conn`]: one client connection, a poller on the least-loaded reactor;
+//! - [`conn`]: one client connection, a poller on the least-loaded reactor, made of
+//!   [`socket`] (the non-blocking socket, receive buffer and reply queue),
+//!   [`negotiation`] (the handshake and option haggling, bytes in, bytes out) and
+//!   [`transmission`] (requests → bdev I/O → replies);
+//! - [`conns`]: the registry of connections;
+//! - [`buf`]: the pool of payload buffers;
 //! - [`export`]: export name → bdev (claimed), readonly, clients;
 //! - [`kernel`]: the generic-netlink attach of `/dev/nbdX`;
 //! - [`offload`]: helper threads for blocking queries (allocation maps of files and RBD

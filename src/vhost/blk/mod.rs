@@ -1,8 +1,9 @@
 //! vhost-user-blk controllers: the virtio-blk device model (virtio 1.2 §5.2) over a bdev.
 //!
 //! Split as firecracker's block device: [`request`] parses descriptor chains, [`queue`] is
-//! the I/O engine of one virtqueue on a reactor, [`config`] the configuration space, and
-//! [`rpc`] the SPDK-compatible methods.
+//! the device's part of a request queue (start a request on the bdev channel, write its
+//! status) on the shared virtqueue engine ([`crate::vhost::engine`]), [`config`] the
+//! configuration space, and [`rpc`] the SPDK-compatible methods.
 
 pub mod config;
 pub mod queue;
