@@ -16,6 +16,8 @@ pub mod rpc;
 pub mod scsi;
 pub mod session;
 pub mod split_ring;
+#[cfg(test)]
+pub(crate) mod test_chains;
 pub mod vring;
 
 use coalescing::Coalescing;

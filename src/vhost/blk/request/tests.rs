@@ -2,40 +2,20 @@
 //! driver and a real mmap-backed guest memory with two adjacent regions and a hole.
 
 use super::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT};
 
-use crate::vhost::guest_map::GuestMap;
-use crate::vhost::split_ring::RingView;
-
-type Mem = vm_memory::GuestMemoryMmap<()>;
-
-const R: u16 = 0;
-const W: u16 = VRING_DESC_F_WRITE as u16;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const IND: u16 = VRING_DESC_F_INDIRECT as u16;
+use crate::vhost::test_chains::{mem, raw, ring_view, Mem, Rng, HOLE, IND, NEXT, R, W};
 
 const HDR: u64 = 0x1000;
 const STATUS: u64 = 0x1800;
 const DATA: u64 = 0x2000;
 const SEGS: u64 = 0x5000;
 const TABLE: u64 = 0x6000;
-/// Unmapped: between region B (ends 0x20000) and region C (starts 0x40000).
-const HOLE: u64 = 0x30000;
 
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
-
-fn mem() -> Mem {
-    Mem::from_ranges(&[
-        (GuestAddress(0), 0x10000),
-        (GuestAddress(0x10000), 0x10000),
-        (GuestAddress(0x40000), 0x10000),
-    ])
-    .unwrap()
-}
 
 fn limits() -> RequestLimits {
     RequestLimits {
@@ -66,10 +46,6 @@ fn seg(mem: &Mem, addr: u64, sector: u64, num: u32, flags: u32) {
     mem.write_slice(&b, GuestAddress(addr)).unwrap();
 }
 
-fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-}
-
 fn host(mem: &Mem, addr: u64) -> *mut libc::c_void {
     mem.get_host_address(GuestAddress(addr)).unwrap().cast()
 }
@@ -81,10 +57,7 @@ fn parse_fast(
     q: &MockSplitQueue<Mem>,
     lim: &RequestLimits,
 ) -> Result<BlkRequest, RequestError> {
-    let queue: Queue = q.create_queue().unwrap();
-    let map = GuestMap::new(mem);
-    let view = RingView::new(&queue, &map).expect("the mock's rings lie in one region");
-    let head = view.avail_entry(queue.next_avail());
+    let (map, view, head) = ring_view(mem, q);
     let mut req = BlkRequest::new();
     req.parse_view(&view, &map, head, lim).map(|()| req)
 }
@@ -814,20 +787,6 @@ fn write_status_writes_the_byte_and_rejects_bad_addresses() {
     write_status(&m, GuestAddress(STATUS), UNSUPP).unwrap();
     assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), UNSUPP);
     assert!(write_status(&m, GuestAddress(HOLE), 0).is_err());
-}
-
-/// Deterministic xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn random_desc(rng: &mut Rng) -> RawDescriptor {

@@ -2,38 +2,20 @@
 //! a chain: virtio-queue's `DescriptorChain` (`parse_into`) and the pre-translated ring view
 //! (`parse_view`, the hot path). Every test checks that both reach the same verdict.
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::*;
-
-type Mem = vm_memory::GuestMemoryMmap<()>;
-
-const R: u16 = 0;
-const W: u16 = VRING_DESC_F_WRITE as u16;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const IND: u16 = VRING_DESC_F_INDIRECT as u16;
+use crate::vhost::test_chains::{mem, raw, ring_view, Mem, Rng, HOLE, IND, NEXT, R, W};
 
 const HDR: u64 = 0x1000;
 const RESP: u64 = 0x1800;
 const DATA: u64 = 0x2000;
 const TABLE: u64 = 0x6000;
-/// Unmapped: between region B (ends 0x20000) and region C (starts 0x40000).
-const HOLE: u64 = 0x30000;
 const H: u32 = REQ_HEADER_LEN as u32;
 const RL: u32 = RESP_LEN as u32;
-
-fn mem() -> Mem {
-    Mem::from_ranges(&[
-        (GuestAddress(0), 0x10000),
-        (GuestAddress(0x10000), 0x10000),
-        (GuestAddress(0x40000), 0x10000),
-    ])
-    .unwrap()
-}
 
 /// A READ(10) header for target 0, LUN 0.
 fn hdr(mem: &Mem, addr: u64) {
@@ -44,16 +26,9 @@ fn hdr(mem: &Mem, addr: u64) {
     mem.write_slice(&h, GuestAddress(addr)).unwrap();
 }
 
-fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-}
-
 /// Parses the chain at the head of `q`'s available ring through the ring view.
 fn parse_fast(mem: &Mem, q: &MockSplitQueue<Mem>) -> Result<CmdRequest, RequestError> {
-    let queue: Queue = q.create_queue().unwrap();
-    let map = GuestMap::new(mem);
-    let view = RingView::new(&queue, &map).expect("the mock's rings lie in one region");
-    let head = view.avail_entry(queue.next_avail());
+    let (map, view, head) = ring_view(mem, q);
     let mut req = CmdRequest::default();
     req.parse_view(&view, &map, head).map(|()| req)
 }
@@ -276,20 +251,6 @@ fn broken_chains_are_returned_unused() {
     }
     let big = raw(0x20000 - 16 * n, 16 * n as u32, IND, 0);
     assert_err(parse_raw(&m, &[big]), ParseError::TooManyDescriptors, false);
-}
-
-/// Deterministic xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn random_desc(rng: &mut Rng) -> RawDescriptor {
