@@ -101,9 +101,10 @@ impl QueueDevice for BlkIo {
         Self::parsed(slot, r)
     }
 
+    /// Read-only devices never get here with a write: the parser refused it
+    /// ([`RequestLimits::read_only`], `VIRTIO_BLK_S_IOERR`).
     #[inline]
     fn start(&mut self, tag: u32, slot: &mut BlkSlot) -> u32 {
-        let readonly = self.shared.readonly;
         slot.status = VIRTIO_BLK_S_OK as u8;
         let req = &slot.req;
         let offset = req.sector.saturating_mul(512);
@@ -122,10 +123,6 @@ impl QueueDevice for BlkIo {
                 );
                 1
             },
-            RequestKind::Out if readonly => {
-                slot.status = VIRTIO_BLK_S_IOERR as u8;
-                0
-            }
             // Write-through (CONFIG_WCE writeback=0, §5.2.6.2): durable before completion.
             RequestKind::Out => unsafe {
                 let op = IoOp::Write {
@@ -147,10 +144,6 @@ impl QueueDevice for BlkIo {
                 // SAFETY: the memory the request was parsed against is mapped during the
                 // poll pass.
                 unsafe { req.copy_to_data(&self.shared.id) };
-                0
-            }
-            RequestKind::Discard | RequestKind::WriteZeroes if readonly => {
-                slot.status = VIRTIO_BLK_S_IOERR as u8;
                 0
             }
             RequestKind::Discard | RequestKind::WriteZeroes => {
