@@ -16,6 +16,9 @@
 //! each module's `rpc.rs` turns their errors into JSON-RPC errors. `tests/layering.rs`
 //! checks it.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod app;
 pub mod bdev;
 pub mod bench;

@@ -81,7 +81,9 @@ impl IoVecs {
         if self.cnt == 0 {
             &[]
         } else {
-            std::slice::from_raw_parts(self.ptr, self.cnt)
+            // SAFETY: `ptr`/`cnt` came from a live slice in `from_slice`, whose caller keeps it
+            // valid and unaliased for as long as this view is used (`# Safety`).
+            unsafe { std::slice::from_raw_parts(self.ptr, self.cnt) }
         }
     }
 

@@ -416,6 +416,8 @@ unsafe extern "C" fn aio_done(c: rbd_completion_t, arg: *mut c_void) {
     let ctx = unsafe { Box::from_raw(arg as *mut AioCtx) };
     // SAFETY: `c` is this callback's live completion; we release it exactly once.
     let rv = unsafe { (ctx.api.rbd_aio_get_return_value)(c) };
+    // SAFETY: as above; `c` is not used after this release (the contract of
+    // `Image::aio_completion`).
     unsafe { (ctx.api.rbd_aio_release)(c) };
     let r = if rv < 0 {
         Err(Errno(i32::try_from(-rv).unwrap_or(libc::EIO)))
@@ -453,7 +455,9 @@ impl IoChannel for RbdChannel {
             }
         }
         let iov_op = |iovs: super::IoVecs| match i32::try_from(iovs.count()) {
-            Ok(n) => Ok((iovs.as_slice().as_ptr(), n)),
+            // SAFETY: `submit`'s caller keeps the iovecs valid until `tag` is reaped, which is
+            // after librbd's completion (the pointer is only handed to librbd).
+            Ok(n) => Ok((unsafe { iovs.as_slice() }.as_ptr(), n)),
             Err(_) => Err(libc::EINVAL),
         };
         let (aio, expect) = match op {
@@ -491,17 +495,26 @@ impl IoChannel for RbdChannel {
             api: self.api,
             queue: self.queue.clone(),
         }));
-        let c = match self.image.aio_completion(ctx as *mut c_void, aio_done) {
+        // SAFETY: `ctx` is leaked above and stays valid until `aio_done` reclaims it;
+        // `aio_done` releases the completion.
+        let c = match unsafe { self.image.aio_completion(ctx as *mut c_void, aio_done) } {
             Ok(c) => c,
             Err(e) => {
-                drop(Box::from_raw(ctx));
+                // SAFETY: no completion was created, so no callback owns `ctx`: reclaim it.
+                drop(unsafe { Box::from_raw(ctx) });
                 return self.queue.push(tag, Err(Errno(e)));
             }
         };
-        if let Err(e) = self.image.aio_start(aio, c) {
+        // SAFETY: `submit`'s caller keeps the buffers of `op` valid until `tag` is reaped,
+        // which `aio_done` makes possible only after the completion fired.
+        if let Err(e) = unsafe { self.image.aio_start(aio, c) } {
             // Not started: the callback will never run; undo both allocations.
-            (self.api.rbd_aio_release)(c);
-            drop(Box::from_raw(ctx));
+            // SAFETY: librbd did not consume `c` and will never call `aio_done` for it, so
+            // this is its only release and `ctx` has no other owner.
+            unsafe {
+                (self.api.rbd_aio_release)(c);
+                drop(Box::from_raw(ctx));
+            }
             self.queue.push(tag, Err(Errno(e)));
         }
     }

@@ -318,8 +318,8 @@ impl QueueDevice for ScsiIo {
             cdb::decode(&slot.req.cdb, &bdev)
         };
         let req = &mut slot.req;
-        // SAFETY (submits below): the iovecs live in `slot.req`, untouched until the
-        // command completes, and point into guest memory the engine keeps mapped as long.
+        // The submits below are sound because the iovecs live in `slot.req`, untouched until
+        // the command completes, and point into guest memory the engine keeps mapped as long.
         match action {
             Action::Good => {}
             Action::Data(d) => {
@@ -334,6 +334,7 @@ impl QueueDevice for ScsiIo {
                     slot.check(sense::INVALID_FIELD_IN_CDB);
                 } else {
                     trim_iovecs(&mut req.data_in, len);
+                    // SAFETY: `req.data_in` and its guest buffers outlive the I/O (see above).
                     unsafe {
                         lc.chan.submit(
                             tag as u64,
@@ -354,6 +355,7 @@ impl QueueDevice for ScsiIo {
                 } else {
                     trim_iovecs(&mut req.data_out, len);
                     // FUA (SBC-3 §5.31): durable before GOOD.
+                    // SAFETY: `req.data_out` and its guest buffers outlive the I/O (see above).
                     unsafe {
                         let op = IoOp::Write {
                             offset,
@@ -369,6 +371,7 @@ impl QueueDevice for ScsiIo {
                 }
             }
             Action::Flush => {
+                // SAFETY: a flush carries no buffers.
                 unsafe { lc.chan.submit(tag as u64, IoOp::Flush) };
                 slot.pending = 1;
             }
@@ -382,6 +385,7 @@ impl QueueDevice for ScsiIo {
                     match cdb::parse_unmap(&slot.scratch, &bdev, &mut slot.ranges) {
                         Ok(()) => {
                             for &(offset, len) in &slot.ranges {
+                                // SAFETY: an unmap carries no buffers.
                                 unsafe { lc.chan.submit(tag as u64, IoOp::Unmap { offset, len }) };
                                 slot.pending += 1;
                             }
@@ -418,6 +422,7 @@ impl QueueDevice for ScsiIo {
                                 may_unmap: false,
                             }
                         };
+                        // SAFETY: unmap and write-zeroes carry no buffers.
                         unsafe { lc.chan.submit(tag as u64, op) };
                         slot.pending = 1;
                     }

@@ -312,6 +312,7 @@ fn write_read_verify_on_bdev() {
     let mut ch = b.open_channel().unwrap();
     let mut buf = vec![0u8; 8 * 512];
     let iov = crate::bdev::channel::test_support::iov(&mut buf);
+    // SAFETY: `buf` and `iov` outlive the `reap_all` below.
     unsafe {
         crate::bdev::channel::test_support::submit(
             &mut ch,
