@@ -33,5 +33,6 @@ pub mod rbd;
 pub mod rbdcli;
 pub mod reactor;
 pub mod rpc;
+pub mod sync;
 pub mod unix_socket;
 pub mod vhost;

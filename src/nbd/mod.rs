@@ -34,16 +34,13 @@ use serde_json::{json, Value};
 use crate::bdev::Bdev;
 use crate::error::Error;
 use crate::reactor::Reactors;
+use crate::sync::lock;
 use conn::{ConnCtx, Conns};
 use export::{Export, Exports};
 use server::{Server, ServerOpts, Start};
 
 /// How long stopping waits for connections to drain and close.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A bdev attached to the kernel as `/dev/nbdX`.
 pub struct Disk {

@@ -15,16 +15,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bdev::{Errno, Extent};
+use crate::sync::lock;
 
 /// Helper threads of the pool.
 pub const HELPERS: usize = 2;
 
 /// What a finished query answers: the request's cookie and the backend's extents.
 pub type Outcome = (u64, Result<Vec<Extent>, Errno>);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Finished queries of one connection, reaped on its reactor.
 pub struct Results {

@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{code, RpcContext, RpcError};
+use crate::sync::lock;
 
 /// Unparsed bytes a connection may accumulate before it is answered -32700 and closed
 /// (SPDK caps a request at a similar size).
@@ -131,10 +132,6 @@ pub struct RpcServer {
     listener: Mutex<Option<Arc<RpcListener>>>,
     accept: Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RpcServer {

@@ -29,6 +29,7 @@ use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use crate::cpumask::CpuMask;
 use crate::error::Error;
 use crate::reactor::Reactors;
+use crate::sync::lock;
 use device::VirtioDevice;
 use session::Session;
 
@@ -123,10 +124,6 @@ pub struct Controller {
     pub coalescing: Arc<Coalescing>,
     notifier: ConfigNotifier,
     session: Mutex<Option<Arc<Mutex<Session>>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Controller {

@@ -161,7 +161,7 @@ impl BdevBackend for LocalBackend {
 
     fn close(&self) -> std::io::Result<()> {
         let r = self.inner.backend().close();
-        self.served.lock().unwrap_or_else(|e| e.into_inner()).take();
+        crate::sync::lock(&self.served).take();
         r
     }
 }

@@ -49,6 +49,7 @@ use crate::rbd::aio::AioOp;
 use crate::rbd::ffi::{rbd_completion_t, Api};
 use crate::rbd::{ConnectOptions, Image, Rados, RbdError, RbdResult};
 use crate::reactor::sched::adaptive;
+use crate::sync::lock;
 
 /// `product_name` of rbd bdevs (SPDK's).
 pub const PRODUCT_NAME: &str = "Ceph Rbd Disk";
@@ -101,10 +102,6 @@ unsafe extern "C" fn watch_cb(arg: *mut c_void) {
     // SAFETY: `arg` is the WatchCtx registered with the watch, alive until unwatch returns.
     let ctx = unsafe { &*(arg as *const WatchCtx) };
     let _ = lock(&ctx.tx).send(());
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {

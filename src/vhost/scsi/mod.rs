@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bdev::Bdev;
 use crate::reactor::{Poller, ReactorCtx};
+use crate::sync::lock;
 use crate::vhost::device::{QueueSetup, VirtioDevice};
 use request::{Event, LunAddr};
 
@@ -72,10 +73,6 @@ pub struct ScsiShared {
     /// Wakes the event queue poller when an event is queued.
     pub(crate) event_wake: EventFd,
     closed: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ScsiShared {
