@@ -166,6 +166,7 @@ fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
+            // Nothing better to do when stderr/stdout is gone.
             let _ = e.print();
             return if e.use_stderr() {
                 ExitCode::FAILURE

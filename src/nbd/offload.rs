@@ -45,12 +45,14 @@ impl Results {
 
     fn push(&self, o: Outcome) {
         lock(&self.done).push(o);
+        // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
         let _ = self.efd.write(1);
     }
 
     /// Moves the finished queries into `out` (clearing the eventfd first, so a push that
     /// races with this signals it again).
     pub fn take(&self, out: &mut Vec<Outcome>) {
+        // Clears the eventfd; EAGAIN just means it was not signalled.
         let _ = self.efd.read();
         out.append(&mut lock(&self.done));
     }

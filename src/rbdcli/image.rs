@@ -565,7 +565,9 @@ fn import(
     })();
     if let Err(e) = result {
         // Do not leave a half-imported image behind.
-        let _ = io.remove_image(&s.image);
+        if let Err(r) = io.remove_image(&s.image) {
+            tracing::warn!("cannot remove the half-imported image {s}: {r}");
+        }
         return Err(e.context(format!("importing {file} to {s}")));
     }
     Ok(())

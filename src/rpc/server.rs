@@ -113,7 +113,9 @@ impl Drop for RpcListener {
         // Remove the file only if it is still ours (a later daemon may have replaced it).
         if let Ok(md) = std::fs::symlink_metadata(&self.path) {
             if (md.dev(), md.ino()) == self.ident {
-                let _ = std::fs::remove_file(&self.path);
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!("cannot remove {}: {e}", self.path.display());
+                }
             }
         }
     }
@@ -181,9 +183,12 @@ impl RpcServer {
             unsafe { libc::shutdown(l.listener.as_raw_fd(), libc::SHUT_RDWR) };
         }
         if let Some(t) = lock(&self.accept).take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!("the RPC accept thread panicked");
+            }
         }
         for (_, c) in lock(&self.shared.conns).drain() {
+            // Fails only when the peer is already gone (ENOTCONN): nothing left to wake.
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         // Last reference: dropping it closes the fd and removes the file.

@@ -294,6 +294,7 @@ impl VhostRegistry {
                 )
             })
         }) {
+            // Undo of the bind above; the error returned is the one that matters.
             let _ = std::fs::remove_file(&socket);
             return Err(e);
         }
@@ -327,7 +328,9 @@ impl VhostRegistry {
         }
         map.remove(name);
         drop(map);
-        let _ = std::fs::remove_file(&ctrl.socket);
+        if let Err(e) = std::fs::remove_file(&ctrl.socket) {
+            tracing::warn!(ctrlr = %name, "cannot remove {}: {e}", ctrl.socket.display());
+        }
         ctrl.device.close();
         tracing::info!(ctrlr = %name, "controller deleted");
         Ok(())
@@ -344,7 +347,9 @@ impl VhostRegistry {
                 ev.remove_controller(&ctrl);
             }
             ctrl.detach();
-            let _ = std::fs::remove_file(&ctrl.socket);
+            if let Err(e) = std::fs::remove_file(&ctrl.socket) {
+                tracing::warn!(ctrlr = %ctrl.name, "cannot remove {}: {e}", ctrl.socket.display());
+            }
             ctrl.device.close();
         }
     }

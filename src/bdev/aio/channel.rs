@@ -455,6 +455,7 @@ impl IoChannel for AioChannel {
             // Completions of file I/O are posted by task work that runs when this thread
             // enters the kernel; a reactor busy-polling in user space would otherwise see
             // them only at its next interrupt or sleep. One cheap io_uring_enter runs it.
+            // Best effort: on failure the task work runs at the reactor's next sleep.
             let _ = self.ring.submitter().submit();
             has = !self.ring.completion().is_empty();
         }

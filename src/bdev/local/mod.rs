@@ -105,7 +105,9 @@ pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> crate::error::Result<
     };
     let bdev = Bdev::new(params, Box::new(backend));
     if let Err(e) = registry.add(bdev.clone()) {
-        let _ = bdev.backend().close();
+        if let Err(c) = bdev.backend().close() {
+            tracing::warn!(bdev = bdev.name(), "closing a duplicate local bdev: {c}");
+        }
         return Err(e.into());
     }
     tracing::info!(

@@ -101,6 +101,7 @@ struct WatchCtx {
 unsafe extern "C" fn watch_cb(arg: *mut c_void) {
     // SAFETY: `arg` is the WatchCtx registered with the watch, alive until unwatch returns.
     let ctx = unsafe { &*(arg as *const WatchCtx) };
+    // The watch thread is gone only when the bdev is; a lost resize event is moot then.
     let _ = lock(&ctx.tx).send(());
 }
 
@@ -157,7 +158,9 @@ impl Shared {
             Err(e) => {
                 // SAFETY: not registered: we still own ctx. Dropping it ends the thread.
                 drop(unsafe { Box::from_raw(ctx) });
-                let _ = thread.join();
+                if thread.join().is_err() {
+                    tracing::error!("{}: the resize watch thread panicked", self.cfg.name);
+                }
                 Err(e)
             }
         }
@@ -176,7 +179,9 @@ impl Shared {
         // SAFETY: unwatched, so librbd no longer uses ctx; dropping the sender stops the
         // thread.
         drop(unsafe { Box::from_raw(w.ctx) });
-        let _ = w.thread.join();
+        if w.thread.join().is_err() {
+            tracing::error!("{}: the resize watch thread panicked", self.cfg.name);
+        }
     }
 
     /// Quiesces the image for a delete: stops the watch, flushes, and hands the exclusive
@@ -379,6 +384,7 @@ impl CompletionQueue {
             self.pending.fetch_add(1, Ordering::Release) == 0
         };
         if first {
+            // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
             let _ = self.efd.write(1);
         }
     }
@@ -394,6 +400,7 @@ impl CompletionQueue {
     /// already waiting. A push after the check finds the queue empty and signals again,
     /// so no wake-up is lost; a stale signal costs one spurious wake-up, never a spin.
     fn arm(&self) -> bool {
+        // Clears the eventfd; EAGAIN just means it was not signalled.
         let _ = self.efd.read();
         self.pending.load(Ordering::Acquire) > 0
     }

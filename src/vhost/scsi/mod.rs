@@ -107,6 +107,7 @@ impl ScsiShared {
             });
         }
         drop(ev);
+        // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
         let _ = self.event_wake.write(1);
     }
 }
