@@ -87,6 +87,7 @@ pub enum ImageCommand {
         #[command(flatten)]
         ceph: CephArgs,
         /// POOL/IMAGE[@SNAP]
+        #[allow(rustdoc::broken_intra_doc_links)] // clap help text, not markdown
         spec: String,
     },
     /// Resize an image; shrinking needs --allow-shrink.
@@ -136,6 +137,7 @@ pub enum ImageCommand {
         #[arg(long, short = 'p')]
         pool: Option<String>,
         /// POOL/IMAGE[@SNAP]
+        #[allow(rustdoc::broken_intra_doc_links)] // clap help text, not markdown
         spec: Option<String>,
     },
     /// Import a file (`-`: stdin) as a new image; zero blocks are skipped.
@@ -160,6 +162,7 @@ pub enum ImageCommand {
         #[arg(long)]
         overwrite: bool,
         /// POOL/IMAGE[@SNAP]
+        #[allow(rustdoc::broken_intra_doc_links)] // clap help text, not markdown
         spec: String,
         file: String,
     },

@@ -2,7 +2,7 @@
 //! libblkio) at a time, a virtio device model whose queues run on the reactors.
 //!
 //! Protocol messages of every controller are handled by a single control thread
-//! ([`events`]), as SPDK's vhost-events thread does; the data path never leaves the
+//! (`events`), as SPDK's vhost-events thread does; the data path never leaves the
 //! reactors.
 
 pub mod blk;

@@ -1,7 +1,7 @@
 //! The `local` backend: a bdev over an image of the embedded local pool
 //! ([`crate::localpool`]), blockd's own `bdev_local_create`.
 //!
-//! A thin layer over the [`aio`](super::aio) backend: the pool library resolves
+//! A thin layer over the [`aio`] backend: the pool library resolves
 //! `{pool, image}` to the image's data file and takes the image's use lock (exclusive for
 //! a read-write bdev, shared for a read-only one) so `blockctl image rm`/`snap rollback`/
 //! shrinking refuse a served image and no second writer opens it; the data path is an aio

@@ -346,7 +346,7 @@ impl BdevBackend for RbdBackend {
         true
     }
 
-    /// Flushes and hands the exclusive lock back (bounded by [`CLOSE_TIMEOUT`]). The
+    /// Flushes and hands the exclusive lock back (bounded by `CLOSE_TIMEOUT`). The
     /// handle stays open for channels still draining; the image is closed when the last
     /// of them goes (delete) or by [`RbdState::shutdown`] (daemon exit).
     fn close(&self) -> std::io::Result<()> {
