@@ -121,7 +121,9 @@ impl Vring {
         }
         // Through the old view, while the memory it points into is still held.
         self.publish_used();
-        self.map = GuestMap::new(mem);
+        // SAFETY: `map_of` below keeps `mem` mapped until the next `sync_mem` replaces `map`
+        // and `view` with it, and through `drop` (which publishes via `view`).
+        self.map = unsafe { GuestMap::new(mem) };
         self.view = RingView::new(&self.queue, &self.map);
         self.avail_seen = self.queue.next_avail();
         self.map_of = Some(mem.clone());

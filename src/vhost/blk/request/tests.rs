@@ -82,7 +82,8 @@ fn parse_fast(
     lim: &RequestLimits,
 ) -> Result<BlkRequest, RequestError> {
     let queue: Queue = q.create_queue().unwrap();
-    let map = GuestMap::new(mem);
+    // SAFETY: the caller's `mem` outlives `map` and `view`, both local to this function.
+    let map = unsafe { GuestMap::new(mem) };
     let view = RingView::new(&queue, &map).expect("the mock's rings lie in one region");
     let head = view.avail_entry(queue.next_avail());
     let mut req = BlkRequest::new();

@@ -51,7 +51,8 @@ fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
 /// Parses the chain at the head of `q`'s available ring through the ring view.
 fn parse_fast(mem: &Mem, q: &MockSplitQueue<Mem>) -> Result<CmdRequest, RequestError> {
     let queue: Queue = q.create_queue().unwrap();
-    let map = GuestMap::new(mem);
+    // SAFETY: the caller's `mem` outlives `map` and `view`, both local to this function.
+    let map = unsafe { GuestMap::new(mem) };
     let view = RingView::new(&queue, &map).expect("the mock's rings lie in one region");
     let head = view.avail_entry(queue.next_avail());
     let mut req = CmdRequest::default();
