@@ -16,6 +16,9 @@
 //! each module's `rpc.rs` turns their errors into JSON-RPC errors. `tests/layering.rs`
 //! checks it.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod app;
 pub mod bdev;
 pub mod bench;
@@ -30,5 +33,6 @@ pub mod rbd;
 pub mod rbdcli;
 pub mod reactor;
 pub mod rpc;
+pub mod sync;
 pub mod unix_socket;
 pub mod vhost;

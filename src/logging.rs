@@ -134,7 +134,7 @@ fn spdk_name(l: LevelFilter) -> &'static str {
 /// The installed log, locked.
 fn log() -> Result<std::sync::MutexGuard<'static, Log>, LogError> {
     let cell = LOG.get().ok_or(LogError::NotInstalled)?;
-    Ok(cell.lock().unwrap_or_else(|p| p.into_inner()))
+    Ok(crate::sync::lock(cell))
 }
 
 /// Runs `change` on the state and swaps in the filter it gives. The filter's parts were

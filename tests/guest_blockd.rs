@@ -2,6 +2,9 @@
 //! disks on blockd controllers made through RPC exactly as a user would, and checks the
 //! guest's own report *and* the bytes behind the bdev on the host.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 #[path = "common/guest.rs"]
 mod guest;

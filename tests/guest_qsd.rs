@@ -3,6 +3,9 @@
 //! real Linux guest in QEMU (TCG) and checks the guest's report *and* the bytes in the
 //! backend's image file. The same tests run against blockd by swapping [`Qsd`] for
 //! blockd's `Daemon` helper (tests/common/mod.rs).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #[path = "common/guest.rs"]
 mod guest;
 

@@ -4,6 +4,9 @@
 //! and hot-removed while the guest runs (TRANSPORT_RESET events, virtio 1.2 §5.6.6.3.1),
 //! and a read-only bdev seen by sd as a write-protected disk.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 #[path = "common/guest.rs"]
 mod guest;

@@ -4,6 +4,9 @@
 //! backing file; malloc and thin RBD images mapped too; export removal refused while a
 //! client holds a connection.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 #[path = "common/ceph.rs"]
 mod ceph;
 mod common;

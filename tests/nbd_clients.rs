@@ -2,6 +2,9 @@
 //! engine) and hostile raw sockets, on an in-process app: reactors, a malloc bdev, the NBD
 //! server on a temporary Unix socket, everything driven through the JSON-RPC methods.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

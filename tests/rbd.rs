@@ -3,6 +3,9 @@
 //! The cluster comes from tests/common/ceph.rs (`$CEPH_CONF`, or one started by
 //! scripts/ceph-cluster.sh). Without Ceph binaries every test prints a SKIP line and passes.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -1412,9 +1415,9 @@ fn read_only_bdev_serves_reads_and_refuses_writes() {
         let mut ch = bdev.open_channel().unwrap();
         let mut buf = vec![0x5Au8; 4096];
         let iovs = [iov(&mut buf)];
-        // SAFETY: `buf` and `iovs` outlive each I/O.
         let w = IoOp::Write {
             offset: 0,
+            // SAFETY: `buf` and `iovs` outlive each I/O.
             iovs: unsafe { IoVecs::from_slice(&iovs) },
         };
         let erofs = Err(blockd::bdev::Errno(libc::EROFS));

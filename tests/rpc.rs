@@ -1,6 +1,9 @@
 //! The JSON-RPC server, framework methods, `blockd` start/stop and `blockctl`, against the
 //! real binaries.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -298,10 +301,8 @@ fn threads_run_under_the_sched_policy() {
     let d = std::thread::spawn(|| {
         let batch = libc::sched_param { sched_priority: 0 };
         // SAFETY: pid 0 is this (test-only) thread; `batch` is read only.
-        assert_eq!(
-            unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &batch) },
-            0
-        );
+        let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &batch) };
+        assert_eq!(r, 0);
         Daemon::start()
     })
     .join()

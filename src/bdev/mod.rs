@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::sync::lock;
+
 pub use channel::BdevChannel;
 pub use registry::BdevRegistry;
 
@@ -81,7 +83,9 @@ impl IoVecs {
         if self.cnt == 0 {
             &[]
         } else {
-            std::slice::from_raw_parts(self.ptr, self.cnt)
+            // SAFETY: `ptr`/`cnt` came from a live slice in `from_slice`, whose caller keeps it
+            // valid and unaliased for as long as this view is used (`# Safety`).
+            unsafe { std::slice::from_raw_parts(self.ptr, self.cnt) }
         }
     }
 
@@ -387,7 +391,7 @@ impl Bdev {
     /// Claims the bdev for `owner` (a controller or export name): a claimed bdev cannot be
     /// deleted. Fails with the current owner's name when already claimed.
     pub fn claim(&self, owner: &str) -> Result<(), String> {
-        let mut c = self.claimed_by.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = lock(&self.claimed_by);
         match &*c {
             Some(o) => Err(o.clone()),
             None => {
@@ -399,7 +403,7 @@ impl Bdev {
 
     /// Releases a claim taken by `owner`.
     pub fn release(&self, owner: &str) {
-        let mut c = self.claimed_by.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = lock(&self.claimed_by);
         if c.as_deref() == Some(owner) {
             *c = None;
         }
@@ -407,22 +411,14 @@ impl Bdev {
 
     /// Who claimed the bdev, if anyone.
     pub fn claimed_by(&self) -> Option<String> {
-        self.claimed_by
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.claimed_by).clone()
     }
 
     /// Changes the size (a backend resized) and tells every listener (controllers turn it
     /// into a virtio config-change notification).
     pub fn set_num_blocks(&self, num_blocks: u64) {
         self.num_blocks.store(num_blocks, Ordering::Release);
-        for (_, l) in self
-            .resize_listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for (_, l) in lock(&self.resize_listeners).iter() {
             l(num_blocks);
         }
     }
@@ -431,19 +427,13 @@ impl Bdev {
     /// for [`Bdev::unsubscribe_resize`].
     pub fn subscribe_resize(&self, f: ResizeListener) -> u64 {
         let id = self.next_listener.fetch_add(1, Ordering::Relaxed);
-        self.resize_listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((id, f));
+        lock(&self.resize_listeners).push((id, f));
         id
     }
 
     /// Removes a resize listener.
     pub fn unsubscribe_resize(&self, id: u64) {
-        self.resize_listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(i, _)| *i != id);
+        lock(&self.resize_listeners).retain(|(i, _)| *i != id);
     }
 
     /// The object `bdev_get_bdevs` returns for this bdev (SPDK's shape).

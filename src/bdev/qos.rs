@@ -154,7 +154,7 @@ impl Default for Qos {
 
 impl Qos {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// The limits in force.

@@ -43,7 +43,7 @@ fn matches(b: &Bdev, name: &str) -> bool {
 
 impl BdevRegistry {
     fn lock(&self) -> MutexGuard<'_, Vec<Arc<Bdev>>> {
-        self.bdevs.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.bdevs)
     }
 
     /// Every bdev, in creation order.

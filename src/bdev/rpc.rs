@@ -326,9 +326,9 @@ mod tests {
         let mut ch = b.open_channel().unwrap();
         let mut buf = vec![0u8; 4096];
         let v = [iov(&mut buf)];
-        // SAFETY: `buf` and `v` outlive every submission (the channel is drained below).
         let op = IoOp::Read {
             offset: 0,
+            // SAFETY: `buf` and `v` outlive every submission (the channel is drained below).
             iovs: unsafe { IoVecs::from_slice(&v) },
         };
         let depth = 32;

@@ -5,6 +5,9 @@
 //! stop the RPC server, then `App::shutdown` drains and flushes everything, closes the rbd
 //! images and cluster connections (bounded wait), and blockd exits 0.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -163,6 +166,7 @@ fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
+            // Nothing better to do when stderr/stdout is gone.
             let _ = e.print();
             return if e.use_stderr() {
                 ExitCode::FAILURE

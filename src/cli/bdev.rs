@@ -13,6 +13,7 @@ pub enum BdevCmd {
     /// Create a bdev in RAM.
     BdevMallocCreate {
         /// Name of the bdev (default: Malloc<N>).
+        #[allow(rustdoc::invalid_html_tags)] // clap help text, not markdown
         #[arg(short = 'b', long)]
         name: Option<String>,
         /// UUID of the bdev (default: random).

@@ -16,6 +16,7 @@ pub enum LocalCmd {
         /// Image name.
         image: String,
         /// Name of the bdev (default: Local<N>).
+        #[allow(rustdoc::invalid_html_tags)] // clap help text, not markdown
         #[arg(short = 'b', long)]
         name: Option<String>,
         /// Block size in bytes (default 512).

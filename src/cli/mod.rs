@@ -6,7 +6,7 @@
 //! rpc.py prints it and exits 1; so does a socket that cannot be reached.
 //!
 //! Adding a command group: write a module with a `clap::Subcommand` (or `clap::Args`) type
-//! that implements [`Run`], and add one line to the [`commands!`] list below
+//! that implements [`Run`], and add one line to the `commands!` list below
 //! (`#[command(flatten)]` for top-level rpc.py-style methods, or a plain variant with
 //! `#[command(subcommand)]` for a `blockctl image create ...`-style group).
 

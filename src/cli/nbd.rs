@@ -34,6 +34,7 @@ pub enum NbdCmd {
         #[arg(long = "unix-path")]
         unix_path: Option<String>,
         /// TCP address to listen on: PORT (127.0.0.1), HOST:PORT or [V6]:PORT.
+        #[allow(rustdoc::broken_intra_doc_links)] // clap help text, not markdown
         #[arg(long = "tcp-addr")]
         tcp_addr: Option<String>,
     },

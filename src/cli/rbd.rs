@@ -13,6 +13,7 @@ pub enum RbdCmd {
     /// Create a bdev on an RBD image (librbd).
     BdevRbdCreate {
         /// Name of the bdev (default: Ceph<N>).
+        #[allow(rustdoc::invalid_html_tags)] // clap help text, not markdown
         #[arg(short = 'b', long)]
         name: Option<String>,
         /// Ceph user name (admin, not client.admin).

@@ -196,6 +196,7 @@ pub fn clone_file(src: &Path, dst: &Path, progress: Progress) -> Result<CopyMeth
         Ok(m)
     })();
     r.map_err(|e| {
+        // Cleanup of the partial copy; the error returned is the one that matters.
         let _ = std::fs::remove_file(dst);
         Error::io(&format!("copying {} to", src.display()), dst, e)
     })

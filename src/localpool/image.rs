@@ -97,6 +97,7 @@ impl Pool {
         // A data file without metadata is the leftover of a crash in create or rm.
         let f = File::create(&data).map_err(|e| Error::io("creating", &data, e))?;
         if let Err(e) = fill(&f).and_then(|_| f.sync_all()) {
+            // Cleanup of the failed create; the error returned is the one that matters.
             let _ = std::fs::remove_file(&data);
             return Err(Error::io("writing", &data, e));
         }
@@ -208,7 +209,7 @@ impl Pool {
         let sd = self.snap_dir(image);
         std::fs::create_dir_all(&sd).map_err(|e| Error::io("creating", &sd, e))?;
         let sp = self.snap_path(image, snap);
-        // A file without metadata entry is a leftover of a crash.
+        // A file without metadata entry is a leftover of a crash (usually there is none).
         let _ = std::fs::remove_file(&sp);
         let how = copy::clone_file(&self.data_path(image), &sp, &mut |_| {})?;
         std::fs::set_permissions(&sp, std::fs::Permissions::from_mode(0o444))
@@ -265,12 +266,14 @@ impl Pool {
         let tmp = self
             .dir
             .join(format!(".{image}.img.rollback.{}", std::process::id()));
+        // A leftover of a crash, if any (`clone_file` then creates it anew).
         let _ = std::fs::remove_file(&tmp);
         copy::clone_file(&self.snap_path(image, snap), &tmp, progress)?;
         let data = self.data_path(image);
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
             .and_then(|_| std::fs::rename(&tmp, &data))
             .map_err(|e| {
+                // Cleanup; the error returned is the one that matters.
                 let _ = std::fs::remove_file(&tmp);
                 Error::io("replacing", &data, e)
             })?;
@@ -350,6 +353,7 @@ impl Pool {
             )));
         }
         let data = dest.data_path(child);
+        // No metadata (checked above): a data file here is a leftover of a crash.
         let _ = std::fs::remove_file(&data);
         let how = copy::clone_file(&self.snap_path(image, snap), &data, progress)?;
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o644))
@@ -436,6 +440,7 @@ impl Pool {
         let tmp = self
             .dir
             .join(format!(".{name}.img.import.{}", std::process::id()));
+        // A leftover of a crash, if any (the copy below creates it with `create_new`).
         let _ = std::fs::remove_file(&tmp);
         let size = match src {
             ImportSource::File(f) => {
@@ -470,6 +475,7 @@ impl Pool {
         let size = match size {
             Ok(s) => s,
             Err(e) => {
+                // Cleanup; the error returned is the one that matters.
                 let _ = std::fs::remove_file(&tmp);
                 return Err(Error::io("importing into", &tmp, e));
             }
@@ -480,9 +486,11 @@ impl Pool {
             std::fs::rename(&tmp, &data).map_err(|e| Error::io("renaming to", &data, e))
         });
         if let Err(e) = r {
+            // Cleanup; the error returned is the one that matters.
             let _ = std::fs::remove_file(&tmp);
             // Undo the metadata written by create_unlocked (the image is not complete).
             if !matches!(e, Error::Exists(_)) {
+                // Best effort, as for `tmp`.
                 let _ = std::fs::remove_file(self.meta_path(name));
             }
             return Err(e);

@@ -141,6 +141,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         std::fs::rename(&tmp, path)
     })();
     if let Err(e) = r {
+        // Cleanup; the error returned is the one that matters.
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io("writing", path, e));
     }

@@ -11,7 +11,7 @@
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::buf::BufPool;
@@ -21,6 +21,7 @@ use super::proto;
 use super::socket::{ClientSocket, Received};
 use super::transmission::{InputStep, Transmission};
 use crate::reactor::Poller;
+use crate::sync::lock;
 
 /// The registry moved to [`super::conns`]; `mod.rs` and `server.rs` still import it from here.
 pub use super::conns::{ConnCtx, ConnEntry, Conns};
@@ -31,10 +32,6 @@ pub const MAX_IN_FLIGHT: usize = 128;
 const MAX_OUT_BYTES: usize = 64 * 1024 * 1024;
 /// How long a closing connection keeps trying to send queued replies.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Where the connection is in the protocol.
 enum Phase {

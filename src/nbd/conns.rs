@@ -10,10 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::export::Exports;
 use crate::reactor::Reactors;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 /// What the server knows about a live connection.
 pub struct ConnEntry {

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::proto;
 use crate::bdev::Bdev;
 use crate::error::Error;
+use crate::sync::lock;
 
 /// Largest request payload (read or write) accepted: 32 MiB, advertised as the maximum
 /// block size (proto.md "Block size constraints").
@@ -94,10 +95,6 @@ impl Drop for Attachment {
 #[derive(Default)]
 pub struct Exports {
     map: Mutex<BTreeMap<String, Arc<Export>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Checks an export name: a non-empty proto.md string (≤ 4096 bytes, no NUL).

@@ -39,16 +39,13 @@ use serde_json::{json, Value};
 use crate::bdev::Bdev;
 use crate::error::Error;
 use crate::reactor::Reactors;
+use crate::sync::lock;
 use conn::{ConnCtx, Conns};
 use export::{Export, Exports};
 use server::{Server, ServerOpts, Start};
 
 /// How long stopping waits for connections to drain and close.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A bdev attached to the kernel as `/dev/nbdX`.
 pub struct Disk {
@@ -218,6 +215,8 @@ impl NbdState {
         let export_name = format!("nbd-disk-{}-{}", bdev.name(), uuid::Uuid::new_v4().simple());
         let export = self.exports.add(&export_name, bdev.clone(), false, true)?;
         let cleanup = |this: &Self| {
+            // Undo of the add above: the export exists and is ours, a forced removal of it
+            // does not fail.
             let _ = this.exports.remove(&export_name, true);
         };
         let (ours, theirs) = match kernel::socketpair() {
@@ -297,9 +296,15 @@ impl NbdState {
         let ids = self
             .conns
             .stop_where(reactors, |c| lock(&c.export).as_deref() == Some(&d.export));
-        let _ = self.conns.wait_gone(&ids, STOP_TIMEOUT);
+        if !self.conns.wait_gone(&ids, STOP_TIMEOUT) {
+            tracing::warn!(device, "some connections did not close in time");
+        }
+        // The disk's own connection, normally among `ids` already: the result adds nothing
+        // to the warning above.
         let _ = self.conns.wait_gone(&[d.conn], Duration::from_millis(1));
-        let _ = self.exports.remove(&d.export, true);
+        if let Err(e) = self.exports.remove(&d.export, true) {
+            tracing::warn!(device, "removing export {}: {e}", d.export);
+        }
         tracing::info!(device, "kernel nbd device detached");
         Ok(())
     }
@@ -359,7 +364,9 @@ impl NbdState {
     pub fn shutdown(&self, reactors: &Reactors) {
         let devs: Vec<String> = lock(&self.disks).keys().cloned().collect();
         for d in devs {
-            let _ = self.stop_disk(reactors, &d);
+            if let Err(e) = self.stop_disk(reactors, &d) {
+                tracing::warn!(device = d, "nbd shutdown: {e}");
+            }
         }
         if let Some(mut s) = lock(&self.server).take() {
             s.stop();
@@ -369,7 +376,9 @@ impl NbdState {
             tracing::warn!("nbd shutdown: some connections did not close in time");
         }
         for e in self.exports.list() {
-            let _ = self.exports.remove(&e.name, true);
+            if let Err(r) = self.exports.remove(&e.name, true) {
+                tracing::warn!("nbd shutdown: removing export {}: {r}", e.name);
+            }
         }
     }
 }

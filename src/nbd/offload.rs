@@ -15,16 +15,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bdev::{Errno, Extent};
+use crate::sync::lock;
 
 /// Helper threads of the pool.
 pub const HELPERS: usize = 2;
 
 /// What a finished query answers: the request's cookie and the backend's extents.
 pub type Outcome = (u64, Result<Vec<Extent>, Errno>);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Finished queries of one connection, reaped on its reactor.
 pub struct Results {
@@ -48,12 +45,14 @@ impl Results {
 
     fn push(&self, o: Outcome) {
         lock(&self.done).push(o);
+        // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
         let _ = self.efd.write(1);
     }
 
     /// Moves the finished queries into `out` (clearing the eventfd first, so a push that
     /// races with this signals it again).
     pub fn take(&self, out: &mut Vec<Outcome>) {
+        // Clears the eventfd; EAGAIN just means it was not signalled.
         let _ = self.efd.read();
         out.append(&mut lock(&self.done));
     }

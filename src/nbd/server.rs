@@ -108,6 +108,7 @@ impl Server {
             let addr = parse_tcp_addr(a).map_err(|e| anyhow::anyhow!(e))?;
             let l = TcpListener::bind(addr).map_err(|e| {
                 if let Some(p) = &opts.unix_path {
+                    // Undo of the bind above; the error returned is the one that matters.
                     let _ = std::fs::remove_file(p);
                 }
                 anyhow::anyhow!("cannot listen on {addr}: {e}")
@@ -148,12 +149,17 @@ impl Server {
 
     /// Stops accepting and removes the Unix socket (connections are stopped by the caller).
     pub fn stop(&mut self) {
+        // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!("the nbd accept thread panicked");
+            }
         }
         if let Some(p) = &self.opts.unix_path {
-            let _ = std::fs::remove_file(p);
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!("cannot remove {}: {e}", p.display());
+            }
         }
         tracing::info!("nbd server stopped");
     }
@@ -189,6 +195,7 @@ fn accept_loop(epoll: Epoll, listeners: Vec<Listener>, reactors: Arc<Reactors>, 
                         .accept()
                         .map(|(s, _)| (OwnedFd::from(s), "unix".to_string())),
                     Listener::Tcp(l) => l.accept().map(|(s, a)| {
+                        // Latency only: replies still flow without TCP_NODELAY.
                         let _ = s.set_nodelay(true);
                         (OwnedFd::from(s), a.to_string())
                     }),

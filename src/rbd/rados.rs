@@ -106,7 +106,8 @@ impl Rados {
             // A missing default file is not an error here (mon_host may come from
             // `config`); connecting reports what is missing.
             None => {
-                // SAFETY: live handle; NULL searches the default locations.
+                // SAFETY: live handle; NULL searches the default locations. Its result is
+                // ignored on purpose (see above).
                 let _ = unsafe { (api.rados_conf_read_file)(h, ptr::null()) };
                 0
             }

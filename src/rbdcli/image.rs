@@ -87,6 +87,7 @@ pub enum ImageCommand {
         #[command(flatten)]
         ceph: CephArgs,
         /// POOL/IMAGE[@SNAP]
+        #[allow(rustdoc::broken_intra_doc_links)] // clap help text, not markdown
         spec: String,
     },
     /// Resize an image; shrinking needs --allow-shrink.
@@ -136,6 +137,7 @@ pub enum ImageCommand {
         #[arg(long, short = 'p')]
         pool: Option<String>,
         /// POOL/IMAGE[@SNAP]
+        #[allow(rustdoc::broken_intra_doc_links)] // clap help text, not markdown
         spec: Option<String>,
     },
     /// Import a file (`-`: stdin) as a new image; zero blocks are skipped.
@@ -160,6 +162,7 @@ pub enum ImageCommand {
         #[arg(long)]
         overwrite: bool,
         /// POOL/IMAGE[@SNAP]
+        #[allow(rustdoc::broken_intra_doc_links)] // clap help text, not markdown
         spec: String,
         file: String,
     },
@@ -565,7 +568,9 @@ fn import(
     })();
     if let Err(e) = result {
         // Do not leave a half-imported image behind.
-        let _ = io.remove_image(&s.image);
+        if let Err(r) = io.remove_image(&s.image) {
+            tracing::warn!("cannot remove the half-imported image {s}: {r}");
+        }
         return Err(e.context(format!("importing {file} to {s}")));
     }
     Ok(())

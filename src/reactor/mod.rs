@@ -26,6 +26,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::cpumask::CpuMask;
+use crate::sync::lock;
 
 /// When a reactor sleeps instead of polling (`--poll`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -225,6 +226,8 @@ impl ReactorCtx {
     pub fn remove_poller(&mut self, id: PollerId) -> Option<Box<dyn Poller>> {
         let p = self.pollers.remove(&id.0)?;
         for fd in self.fds.remove(&id.0).unwrap_or_default() {
+            // Best effort: an fd that failed to be added (logged by `add_poller`) or was
+            // already closed is not in the set, and a closed fd leaves it by itself.
             let _ = self
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -243,10 +246,6 @@ impl ReactorCtx {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Pins the calling thread to `core`.
@@ -307,6 +306,7 @@ impl Reactors {
                     let epoll = match started {
                         Ok(e) => e,
                         Err(e) => {
+                            // `start` waits on `ready_rx` until it has an answer.
                             let _ = ready_tx.send(Err(e));
                             return;
                         }
@@ -316,9 +316,11 @@ impl Reactors {
                         wake.as_raw_fd(),
                         EpollEvent::new(EventSet::IN, u64::MAX),
                     ) {
+                        // As above: the receiver lives until it has the answer.
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
+                    // As above.
                     let _ = ready_tx.send(Ok(()));
                     let ctx = ReactorCtx {
                         core,
@@ -379,6 +381,7 @@ impl Reactors {
         if lock(&h.tx).send(Box::new(f)).is_err() {
             return false;
         }
+        // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
         let _ = h.wake.write(1);
         true
     }
@@ -392,6 +395,7 @@ impl Reactors {
     ) -> Option<R> {
         let (tx, rx) = mpsc::channel();
         if !self.run(core, move |ctx| {
+            // `call` stopped waiting only if it is gone; nobody wants the result then.
             let _ = tx.send(f(ctx));
         }) {
             return None;
@@ -402,11 +406,16 @@ impl Reactors {
     /// Stops every reactor after the pollers it still has are dropped, and joins them.
     pub fn shutdown(&self) {
         for h in &self.handles {
+            // A reactor whose receiver is gone has already exited; the wake-up is best
+            // effort (the eventfd write fails only when the counter would overflow, i.e. it is already signalled).
             let _ = lock(&h.tx).send(Box::new(|ctx: &mut ReactorCtx| ctx.stop = true));
             let _ = h.wake.write(1);
         }
         for t in lock(&self.threads).drain(..) {
-            let _ = t.join();
+            let name = t.thread().name().unwrap_or("reactor").to_string();
+            if t.join().is_err() {
+                tracing::error!("{name} panicked; its pollers were dropped with it");
+            }
         }
     }
 
@@ -508,8 +517,10 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
             let deadline = ctx.pollers.values().filter_map(|p| p.next_deadline()).min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             ctx.shared.sleeping.store(true, Ordering::Relaxed);
+            // An error is EINTR (the epoll is ours and valid): the loop polls and sleeps again.
             let _ = sleep_on(&ctx.epoll, timeout, &mut events);
             ctx.shared.sleeping.store(false, Ordering::Relaxed);
+            // Drains the wake eventfd; EAGAIN just means nobody woke us.
             let _ = wake.read();
         }
         for p in ctx.pollers.values_mut() {

@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{code, RpcContext, RpcError};
+use crate::sync::lock;
 
 /// Unparsed bytes a connection may accumulate before it is answered -32700 and closed
 /// (SPDK caps a request at a similar size).
@@ -112,7 +113,9 @@ impl Drop for RpcListener {
         // Remove the file only if it is still ours (a later daemon may have replaced it).
         if let Ok(md) = std::fs::symlink_metadata(&self.path) {
             if (md.dev(), md.ino()) == self.ident {
-                let _ = std::fs::remove_file(&self.path);
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!("cannot remove {}: {e}", self.path.display());
+                }
             }
         }
     }
@@ -131,10 +134,6 @@ pub struct RpcServer {
     listener: Mutex<Option<Arc<RpcListener>>>,
     accept: Mutex<Option<JoinHandle<()>>>,
     path: PathBuf,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl RpcServer {
@@ -184,9 +183,12 @@ impl RpcServer {
             unsafe { libc::shutdown(l.listener.as_raw_fd(), libc::SHUT_RDWR) };
         }
         if let Some(t) = lock(&self.accept).take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::error!("the RPC accept thread panicked");
+            }
         }
         for (_, c) in lock(&self.shared.conns).drain() {
+            // Fails only when the peer is already gone (ENOTCONN): nothing left to wake.
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         // Last reference: dropping it closes the fd and removes the file.

@@ -83,6 +83,7 @@ impl Events {
                     Entry::Listener(_, l) => l.as_raw_fd(),
                     Entry::Conn(_, _, fd) => *fd,
                 };
+                // Best effort: dropping the entry closes the fd, which leaves the set anyway.
                 let _ = self
                     .epoll
                     .ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -132,6 +133,7 @@ impl Events {
                         if !matches!(e, VuError::Disconnected | VuError::PartialMessage) {
                             tracing::warn!(ctrlr = %ctrl.name, "closing the frontend connection: {e}");
                         }
+                        // Best effort: removing the entry closes the fd, which leaves the set.
                         let _ = self
                             .epoll
                             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -152,7 +154,11 @@ impl Events {
             tracing::warn!(ctrlr = %ctrl.name, "refusing a second frontend: one is connected");
             return;
         }
-        let _ = stream.set_nonblocking(false);
+        // The vhost-user handler reads whole messages with blocking reads.
+        if let Err(e) = stream.set_nonblocking(false) {
+            tracing::warn!(ctrlr = %ctrl.name, "refusing a frontend: {e}");
+            return;
+        }
         let session = Arc::new(Mutex::new(Session::new(
             &ctrl.name,
             ctrl.device.clone(),

@@ -47,8 +47,13 @@ pub struct GuestMap {
 unsafe impl Send for GuestMap {}
 
 impl GuestMap {
-    /// The table of `mem`. Valid while `mem` is alive.
-    pub fn new(mem: &GuestMemoryMmap) -> Self {
+    /// The table of `mem`.
+    ///
+    /// # Safety
+    /// `mem`'s mappings must outlive every use of this table and of what is built from it
+    /// (a `RingView`, host iovecs): `read`, `write` and the ring accessors are safe to call
+    /// and dereference these addresses unchecked. Keep `mem` (or an `Arc` of it) alive.
+    pub unsafe fn new(mem: &GuestMemoryMmap) -> Self {
         let mut regions: Vec<Region> = mem
             .iter()
             .map(|r| Region {
@@ -178,7 +183,8 @@ mod tests {
     fn translates_within_and_across_regions() {
         let mem = two_regions();
         mem.write_slice(b"abcdef", GuestAddress(0x1ffd)).unwrap();
-        let map = GuestMap::new(&mem);
+        // SAFETY: `mem` lives until the end of the test, past every use of `map`.
+        let map = unsafe { GuestMap::new(&mem) };
         assert!(map.host_range(0x1000, 0x1000).is_some());
         assert!(
             map.host_range(0x1ffd, 6).is_none(),

@@ -2,7 +2,7 @@
 //! libblkio) at a time, a virtio device model whose queues run on the reactors.
 //!
 //! Protocol messages of every controller are handled by a single control thread
-//! ([`events`]), as SPDK's vhost-events thread does; the data path never leaves the
+//! (`events`), as SPDK's vhost-events thread does; the data path never leaves the
 //! reactors.
 
 pub mod blk;
@@ -31,6 +31,7 @@ use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use crate::cpumask::CpuMask;
 use crate::error::Error;
 use crate::reactor::Reactors;
+use crate::sync::lock;
 use device::VirtioDevice;
 use session::Session;
 
@@ -125,10 +126,6 @@ pub struct Controller {
     pub coalescing: Arc<Coalescing>,
     notifier: ConfigNotifier,
     session: Mutex<Option<Arc<Mutex<Session>>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Controller {
@@ -299,6 +296,7 @@ impl VhostRegistry {
                 )
             })
         }) {
+            // Undo of the bind above; the error returned is the one that matters.
             let _ = std::fs::remove_file(&socket);
             return Err(e);
         }
@@ -332,7 +330,9 @@ impl VhostRegistry {
         }
         map.remove(name);
         drop(map);
-        let _ = std::fs::remove_file(&ctrl.socket);
+        if let Err(e) = std::fs::remove_file(&ctrl.socket) {
+            tracing::warn!(ctrlr = %name, "cannot remove {}: {e}", ctrl.socket.display());
+        }
         ctrl.device.close();
         tracing::info!(ctrlr = %name, "controller deleted");
         Ok(())
@@ -349,7 +349,9 @@ impl VhostRegistry {
                 ev.remove_controller(&ctrl);
             }
             ctrl.detach();
-            let _ = std::fs::remove_file(&ctrl.socket);
+            if let Err(e) = std::fs::remove_file(&ctrl.socket) {
+                tracing::warn!(ctrlr = %ctrl.name, "cannot remove {}: {e}", ctrl.socket.display());
+            }
             ctrl.device.close();
         }
     }

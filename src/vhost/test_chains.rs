@@ -38,14 +38,21 @@ pub fn raw(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
 }
 
-/// The pre-translated view of `q`'s rings and the head at its next available entry: what
-/// the engine's fast path parses from.
-pub fn ring_view(mem: &Mem, q: &MockSplitQueue<Mem>) -> (GuestMap, RingView, u16) {
+/// Calls `f` with the pre-translated view of `q`'s rings and the head at its next available
+/// entry: what the engine's fast path parses from. The map and view live only during `f`,
+/// while `mem` is borrowed.
+pub fn with_ring_view<T>(
+    mem: &Mem,
+    q: &MockSplitQueue<Mem>,
+    f: impl FnOnce(&GuestMap, &RingView, u16) -> T,
+) -> T {
     let queue: Queue = q.create_queue().unwrap();
-    let map = GuestMap::new(mem);
+    // SAFETY: `mem` is borrowed for this whole call, and `map` and `view`, which point into
+    // it, are dropped before it returns.
+    let map = unsafe { GuestMap::new(mem) };
     let view = RingView::new(&queue, &map).expect("the mock's rings lie in one region");
     let head = view.avail_entry(queue.next_avail());
-    (map, view, head)
+    f(&map, &view, head)
 }
 
 /// Deterministic xorshift64*.

@@ -121,7 +121,9 @@ impl Vring {
         }
         // Through the old view, while the memory it points into is still held.
         self.publish_used();
-        self.map = GuestMap::new(mem);
+        // SAFETY: `map_of` below keeps `mem` mapped until the next `sync_mem` replaces `map`
+        // and `view` with it, and through `drop` (which publishes via `view`).
+        self.map = unsafe { GuestMap::new(mem) };
         self.view = RingView::new(&self.queue, &self.map);
         self.avail_seen = self.queue.next_avail();
         self.map_of = Some(mem.clone());
@@ -353,6 +355,7 @@ impl Vring {
     /// Raises the guest interrupt (writes the call eventfd, when the frontend gave one).
     fn signal(&self) {
         if let Some(call) = &self.call {
+            // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
             let _ = call.write(1);
         }
     }
@@ -371,6 +374,8 @@ impl Vring {
     /// Stops the driver's kicks while the poller runs, and drains the kick eventfd.
     pub fn disarm(&mut self) {
         let mem = self.mem.memory();
+        // Both best effort: a failed disable (a bad ring address, which the next pop meets
+        // too) costs only extra kicks, and an empty kick eventfd reads EAGAIN.
         let _ = self.queue.disable_notification(&*mem);
         let _ = self.kick.read();
     }
@@ -393,6 +398,7 @@ impl Drop for Vring {
         if self.irq.deferred {
             self.signal();
         }
+        // Nobody waits for the stop position when the receiver is gone.
         let _ = self.stopped.send(self.queue.next_avail());
     }
 }

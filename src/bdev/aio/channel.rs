@@ -182,7 +182,8 @@ impl AioChannel {
     /// # Safety
     /// `iovs` must be valid (see [`IoChannel::submit`]).
     unsafe fn prepare_rw(&mut self, idx: usize, iovs: IoVecs) -> bool {
-        let user = iovs.as_slice();
+        // SAFETY: the caller keeps the iovecs valid until this op is reaped (`# Safety`).
+        let user = unsafe { iovs.as_slice() };
         let bounce = (self.file.direct && !self.aligned(user)) || user.len() > IOV_MAX;
         let align = self.file.mem_align.max(self.file.len_align);
         let op = &mut self.ops[idx];
@@ -197,7 +198,15 @@ impl AioChannel {
         if op.kind == Kind::Write {
             let mut pos = 0;
             for v in user {
-                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, b.ptr.add(pos), v.iov_len);
+                // SAFETY: `v` is a valid guest buffer (caller's promise); the bounce buffer
+                // holds `total` = the sum of all `iov_len` bytes, so `pos + iov_len <= total`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        v.iov_base as *const u8,
+                        b.ptr.add(pos),
+                        v.iov_len,
+                    )
+                };
                 pos += v.iov_len;
             }
         }
@@ -397,7 +406,8 @@ impl IoChannel for AioChannel {
                     Kind::Write
                 };
                 let idx = self.alloc(tag, kind, offset);
-                if !self.prepare_rw(idx, iovs) {
+                // SAFETY: `submit`'s caller keeps the buffers valid until `tag` is reaped.
+                if !unsafe { self.prepare_rw(idx, iovs) } {
                     self.ops[idx].active = false;
                     self.free.push(idx);
                     self.failed.push_back((tag, Err(Errno(libc::ENOMEM))));
@@ -445,6 +455,7 @@ impl IoChannel for AioChannel {
             // Completions of file I/O are posted by task work that runs when this thread
             // enters the kernel; a reactor busy-polling in user space would otherwise see
             // them only at its next interrupt or sleep. One cheap io_uring_enter runs it.
+            // Best effort: on failure the task work runs at the reactor's next sleep.
             let _ = self.ring.submitter().submit();
             has = !self.ring.completion().is_empty();
         }

@@ -139,7 +139,7 @@ pub struct AioFiles {
 
 impl AioFiles {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Weak<AioFile>>> {
-        self.files.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.files)
     }
 
     /// Records `file` as bdev `name`'s, forgetting the files of deleted bdevs.

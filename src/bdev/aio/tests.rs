@@ -60,11 +60,11 @@ fn io(ch: &mut BdevChannel, op: IoOp) -> IoResult {
 
 fn write(ch: &mut BdevChannel, offset: u64, data: &mut [u8]) -> IoResult {
     let v = [iov(data)];
-    // SAFETY: `v` outlives the reap inside `io`.
     io(
         ch,
         IoOp::Write {
             offset,
+            // SAFETY: `v` outlives the reap inside `io`.
             iovs: unsafe { IoVecs::from_slice(&v) },
         },
     )
@@ -72,11 +72,11 @@ fn write(ch: &mut BdevChannel, offset: u64, data: &mut [u8]) -> IoResult {
 
 fn read(ch: &mut BdevChannel, offset: u64, data: &mut [u8]) -> IoResult {
     let v = [iov(data)];
-    // SAFETY: as in `write`.
     io(
         ch,
         IoOp::Read {
             offset,
+            // SAFETY: as in `write`.
             iovs: unsafe { IoVecs::from_slice(&v) },
         },
     )
@@ -115,11 +115,11 @@ fn aio_direct_and_bounce_paths() {
     let mut back = Buf::new(4096, 5, 0);
     let (p1, p2) = back.bytes().split_at_mut(100);
     let v = [iov(p1), iov(p2)];
-    // SAFETY: `v` and `back` outlive the reap.
     io(
         &mut ch,
         IoOp::Read {
             offset: 131072,
+            // SAFETY: `v` and `back` outlive the reap.
             iovs: unsafe { IoVecs::from_slice(&v) },
         },
     )

@@ -1,7 +1,7 @@
 //! The `local` backend: a bdev over an image of the embedded local pool
 //! ([`crate::localpool`]), blockd's own `bdev_local_create`.
 //!
-//! A thin layer over the [`aio`](super::aio) backend: the pool library resolves
+//! A thin layer over the [`aio`] backend: the pool library resolves
 //! `{pool, image}` to the image's data file and takes the image's use lock (exclusive for
 //! a read-write bdev, shared for a read-only one) so `blockctl image rm`/`snap rollback`/
 //! shrinking refuse a served image and no second writer opens it; the data path is an aio
@@ -105,7 +105,9 @@ pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> crate::error::Result<
     };
     let bdev = Bdev::new(params, Box::new(backend));
     if let Err(e) = registry.add(bdev.clone()) {
-        let _ = bdev.backend().close();
+        if let Err(c) = bdev.backend().close() {
+            tracing::warn!(bdev = bdev.name(), "closing a duplicate local bdev: {c}");
+        }
         return Err(e.into());
     }
     tracing::info!(
@@ -161,7 +163,7 @@ impl BdevBackend for LocalBackend {
 
     fn close(&self) -> std::io::Result<()> {
         let r = self.inner.backend().close();
-        self.served.lock().unwrap_or_else(|e| e.into_inner()).take();
+        crate::sync::lock(&self.served).take();
         r
     }
 }

@@ -37,9 +37,11 @@ struct Mapping {
     len: usize,
 }
 
-// SAFETY: the mapping is plain memory owned by this value; concurrent access goes through
-// raw pointers only (see the module doc).
+// SAFETY: the mapping is plain memory owned by this value and unmapped only by its drop;
+// it is not tied to the creating thread.
 unsafe impl Send for Mapping {}
+// SAFETY: `&Mapping` gives no safe access to the bytes; concurrent access goes through raw
+// pointers in `MallocChannel::copy` and `zero` only (see the module doc).
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -128,13 +130,19 @@ impl MallocChannel {
             return Err(Errno(libc::EINVAL));
         }
         let mut pos = offset as usize;
-        for v in iovs.as_slice() {
-            let disk = self.mem.ptr.add(pos);
+        // SAFETY: the caller keeps the iovecs valid (`# Safety`).
+        for v in unsafe { iovs.as_slice() } {
             let buf: *mut u8 = v.iov_base.cast();
-            if write {
-                std::ptr::copy_nonoverlapping(buf, disk, v.iov_len);
-            } else {
-                std::ptr::copy_nonoverlapping(disk, buf, v.iov_len);
+            // SAFETY: `contains` checked `offset + total_len <= mem.len`, and `pos` advances by
+            // the `iov_len`s that sum to `total_len`, so `[pos, pos + iov_len)` is inside the
+            // mapping, which `self.mem` keeps alive; `buf` is valid for `iov_len` bytes.
+            unsafe {
+                let disk = self.mem.ptr.add(pos);
+                if write {
+                    std::ptr::copy_nonoverlapping(buf, disk, v.iov_len);
+                } else {
+                    std::ptr::copy_nonoverlapping(disk, buf, v.iov_len);
+                }
             }
             pos += v.iov_len;
         }
@@ -145,8 +153,10 @@ impl MallocChannel {
 impl IoChannel for MallocChannel {
     unsafe fn submit(&mut self, tag: u64, op: IoOp) {
         let r = match op {
-            IoOp::Read { offset, iovs } => self.copy(offset, iovs, false),
-            IoOp::Write { offset, iovs } => self.copy(offset, iovs, true),
+            // SAFETY: `submit`'s caller keeps the buffers valid until `tag` is reaped.
+            IoOp::Read { offset, iovs } => unsafe { self.copy(offset, iovs, false) },
+            // SAFETY: as above.
+            IoOp::Write { offset, iovs } => unsafe { self.copy(offset, iovs, true) },
             IoOp::Flush => Ok(()),
             IoOp::Unmap { offset, len } | IoOp::WriteZeroes { offset, len, .. } => {
                 if self.mem.contains(offset, len) {

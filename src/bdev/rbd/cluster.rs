@@ -136,7 +136,7 @@ fn not_registered(name: &str) -> RbdError {
 
 impl Clusters {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.map)
     }
 
     /// `bdev_rbd_register_cluster`: connects now, so that a wrong configuration fails here

@@ -49,6 +49,7 @@ use crate::rbd::aio::AioOp;
 use crate::rbd::ffi::{rbd_completion_t, Api};
 use crate::rbd::{ConnectOptions, Image, Rados, RbdError, RbdResult};
 use crate::reactor::sched::adaptive;
+use crate::sync::lock;
 
 /// `product_name` of rbd bdevs (SPDK's).
 pub const PRODUCT_NAME: &str = "Ceph Rbd Disk";
@@ -100,11 +101,8 @@ struct WatchCtx {
 unsafe extern "C" fn watch_cb(arg: *mut c_void) {
     // SAFETY: `arg` is the WatchCtx registered with the watch, alive until unwatch returns.
     let ctx = unsafe { &*(arg as *const WatchCtx) };
+    // The watch thread is gone only when the bdev is; a lost resize event is moot then.
     let _ = lock(&ctx.tx).send(());
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
@@ -160,7 +158,9 @@ impl Shared {
             Err(e) => {
                 // SAFETY: not registered: we still own ctx. Dropping it ends the thread.
                 drop(unsafe { Box::from_raw(ctx) });
-                let _ = thread.join();
+                if thread.join().is_err() {
+                    tracing::error!("{}: the resize watch thread panicked", self.cfg.name);
+                }
                 Err(e)
             }
         }
@@ -179,7 +179,9 @@ impl Shared {
         // SAFETY: unwatched, so librbd no longer uses ctx; dropping the sender stops the
         // thread.
         drop(unsafe { Box::from_raw(w.ctx) });
-        let _ = w.thread.join();
+        if w.thread.join().is_err() {
+            tracing::error!("{}: the resize watch thread panicked", self.cfg.name);
+        }
     }
 
     /// Quiesces the image for a delete: stops the watch, flushes, and hands the exclusive
@@ -344,7 +346,7 @@ impl BdevBackend for RbdBackend {
         true
     }
 
-    /// Flushes and hands the exclusive lock back (bounded by [`CLOSE_TIMEOUT`]). The
+    /// Flushes and hands the exclusive lock back (bounded by `CLOSE_TIMEOUT`). The
     /// handle stays open for channels still draining; the image is closed when the last
     /// of them goes (delete) or by [`RbdState::shutdown`] (daemon exit).
     fn close(&self) -> std::io::Result<()> {
@@ -382,6 +384,7 @@ impl CompletionQueue {
             self.pending.fetch_add(1, Ordering::Release) == 0
         };
         if first {
+            // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
             let _ = self.efd.write(1);
         }
     }
@@ -397,6 +400,7 @@ impl CompletionQueue {
     /// already waiting. A push after the check finds the queue empty and signals again,
     /// so no wake-up is lost; a stale signal costs one spurious wake-up, never a spin.
     fn arm(&self) -> bool {
+        // Clears the eventfd; EAGAIN just means it was not signalled.
         let _ = self.efd.read();
         self.pending.load(Ordering::Acquire) > 0
     }
@@ -416,6 +420,8 @@ unsafe extern "C" fn aio_done(c: rbd_completion_t, arg: *mut c_void) {
     let ctx = unsafe { Box::from_raw(arg as *mut AioCtx) };
     // SAFETY: `c` is this callback's live completion; we release it exactly once.
     let rv = unsafe { (ctx.api.rbd_aio_get_return_value)(c) };
+    // SAFETY: as above; `c` is not used after this release (the contract of
+    // `Image::aio_completion`).
     unsafe { (ctx.api.rbd_aio_release)(c) };
     let r = if rv < 0 {
         Err(Errno(i32::try_from(-rv).unwrap_or(libc::EIO)))
@@ -453,7 +459,9 @@ impl IoChannel for RbdChannel {
             }
         }
         let iov_op = |iovs: super::IoVecs| match i32::try_from(iovs.count()) {
-            Ok(n) => Ok((iovs.as_slice().as_ptr(), n)),
+            // SAFETY: `submit`'s caller keeps the iovecs valid until `tag` is reaped, which is
+            // after librbd's completion (the pointer is only handed to librbd).
+            Ok(n) => Ok((unsafe { iovs.as_slice() }.as_ptr(), n)),
             Err(_) => Err(libc::EINVAL),
         };
         let (aio, expect) = match op {
@@ -491,17 +499,26 @@ impl IoChannel for RbdChannel {
             api: self.api,
             queue: self.queue.clone(),
         }));
-        let c = match self.image.aio_completion(ctx as *mut c_void, aio_done) {
+        // SAFETY: `ctx` is leaked above and stays valid until `aio_done` reclaims it;
+        // `aio_done` releases the completion.
+        let c = match unsafe { self.image.aio_completion(ctx as *mut c_void, aio_done) } {
             Ok(c) => c,
             Err(e) => {
-                drop(Box::from_raw(ctx));
+                // SAFETY: no completion was created, so no callback owns `ctx`: reclaim it.
+                drop(unsafe { Box::from_raw(ctx) });
                 return self.queue.push(tag, Err(Errno(e)));
             }
         };
-        if let Err(e) = self.image.aio_start(aio, c) {
+        // SAFETY: `submit`'s caller keeps the buffers of `op` valid until `tag` is reaped,
+        // which `aio_done` makes possible only after the completion fired.
+        if let Err(e) = unsafe { self.image.aio_start(aio, c) } {
             // Not started: the callback will never run; undo both allocations.
-            (self.api.rbd_aio_release)(c);
-            drop(Box::from_raw(ctx));
+            // SAFETY: librbd did not consume `c` and will never call `aio_done` for it, so
+            // this is its only release and `ctx` has no other owner.
+            unsafe {
+                (self.api.rbd_aio_release)(c);
+                drop(Box::from_raw(ctx));
+            }
             self.queue.push(tag, Err(Errno(e)));
         }
     }

@@ -85,7 +85,9 @@ fn create<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     })?;
     if let Err(e) = app.bdevs().add(bdev.clone()) {
         // Lost a race for the name: undo.
-        let _ = app.rbd().delete(bdev.name());
+        if let Err(d) = app.rbd().delete(bdev.name()) {
+            tracing::warn!(bdev = bdev.name(), "undoing a duplicate rbd bdev: {d}");
+        }
         return Err(e.into());
     }
     Ok(json!(bdev.name()))

@@ -29,6 +29,7 @@ pub(super) fn bounded<T: Send + 'static>(
     let spawned = std::thread::Builder::new()
         .name("rbd-close".into())
         .spawn(move || {
+            // After the timeout nobody waits for the result: dropping it is the point.
             let _ = tx.send(f());
         });
     if let Err(e) = spawned {

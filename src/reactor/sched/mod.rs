@@ -58,6 +58,7 @@ impl SchedMode {
         if mode == SchedMode::Adaptive {
             adaptive::enable();
         }
+        // Already set by an earlier call in this process (tests): the first mode stays.
         let _ = IN_FORCE.set(mode);
         Ok(Some(mode))
     }

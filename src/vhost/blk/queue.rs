@@ -109,10 +109,11 @@ impl QueueDevice for BlkIo {
         let req = &slot.req;
         let offset = req.sector.saturating_mul(512);
         let tag64 = u64::from(tag);
-        // SAFETY (all submits below): the iovecs live in `slot.req`, which is not touched
-        // until the request completes, and point into guest memory the engine keeps
+        // The submits below are sound because the iovecs live in `slot.req`, which is not
+        // touched until the request completes, and point into guest memory the engine keeps
         // mapped for as long.
         match req.kind {
+            // SAFETY: `req.data` and the guest buffers outlive the I/O (see above).
             RequestKind::In => unsafe {
                 self.chan.submit(
                     tag64,
@@ -124,6 +125,7 @@ impl QueueDevice for BlkIo {
                 1
             },
             // Write-through (CONFIG_WCE writeback=0, §5.2.6.2): durable before completion.
+            // SAFETY: `req.data` and the guest buffers outlive the I/O (see above).
             RequestKind::Out => unsafe {
                 let op = IoOp::Write {
                     offset,
@@ -136,6 +138,7 @@ impl QueueDevice for BlkIo {
                 }
                 1
             },
+            // SAFETY: a flush carries no buffers.
             RequestKind::Flush => unsafe {
                 self.chan.submit(tag64, IoOp::Flush);
                 1

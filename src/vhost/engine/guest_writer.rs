@@ -66,7 +66,8 @@ mod tests {
             (GuestAddress(0x1000), 0x1000),
         ])
         .unwrap();
-        let map = GuestMap::new(&mem);
+        // SAFETY: `mem` lives until the end of the test, past every use of `map`.
+        let map = unsafe { GuestMap::new(&mem) };
         let w = GuestWriter::new(&map);
         let descs = [
             Desc {

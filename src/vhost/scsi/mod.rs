@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bdev::Bdev;
 use crate::reactor::{Poller, ReactorCtx};
+use crate::sync::lock;
 use crate::vhost::device::{QueueSetup, VirtioDevice};
 use request::{Event, LunAddr};
 
@@ -74,10 +75,6 @@ pub struct ScsiShared {
     closed: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl ScsiShared {
     /// The current table generation.
     pub fn generation(&self) -> u64 {
@@ -110,6 +107,7 @@ impl ScsiShared {
             });
         }
         drop(ev);
+        // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
         let _ = self.event_wake.write(1);
     }
 }

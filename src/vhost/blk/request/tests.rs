@@ -6,7 +6,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
 
-use crate::vhost::test_chains::{mem, raw, ring_view, Mem, Rng, HOLE, IND, NEXT, R, W};
+use crate::vhost::test_chains::{mem, raw, with_ring_view, Mem, Rng, HOLE, IND, NEXT, R, W};
 
 const HDR: u64 = 0x1000;
 const STATUS: u64 = 0x1800;
@@ -57,9 +57,10 @@ fn parse_fast(
     q: &MockSplitQueue<Mem>,
     lim: &RequestLimits,
 ) -> Result<BlkRequest, RequestError> {
-    let (map, view, head) = ring_view(mem, q);
-    let mut req = BlkRequest::new();
-    req.parse_view(&view, &map, head, lim).map(|()| req)
+    with_ring_view(mem, q, |map, view, head| {
+        let mut req = BlkRequest::new();
+        req.parse_view(view, map, head, lim).map(|()| req)
+    })
 }
 
 /// Both parsers reach the same verdict on the same chain.

@@ -58,6 +58,9 @@ struct LunChan {
     users: usize,
     /// Something was submitted since the last kick.
     dirty: bool,
+    /// The channel's completion fd could not be added to `ScsiIo::epoll`: nothing wakes a
+    /// sleeping reactor for its completions, so `next_deadline` polls it while it has I/O.
+    unwatched: bool,
 }
 
 /// One command in a slot.
@@ -191,18 +194,31 @@ impl ScsiIo {
                             self.chans.len() - 1
                         }
                     };
-                    if let (Some(ep), Some(fd)) = (&self.epoll, chan.completion_fd()) {
-                        let _ = ep.ctl(
-                            ControlOperation::Add,
-                            fd,
-                            EpollEvent::new(EventSet::IN, idx as u64),
-                        );
-                    }
+                    let unwatched = match (&self.epoll, chan.completion_fd()) {
+                        (_, None) => false,
+                        (None, Some(_)) => true,
+                        (Some(ep), Some(fd)) => ep
+                            .ctl(
+                                ControlOperation::Add,
+                                fd,
+                                EpollEvent::new(EventSet::IN, idx as u64),
+                            )
+                            .map_err(|e| {
+                                tracing::error!(
+                                    queue = self.queue,
+                                    target = i,
+                                    bdev = t.bdev.name(),
+                                    "cannot watch the channel's completions, polling them: {e}"
+                                )
+                            })
+                            .is_err(),
+                    };
                     self.chans[idx] = Some(LunChan {
                         target: t.clone(),
                         chan,
                         users: 0,
                         dirty: false,
+                        unwatched,
                     });
                     self.luns[i] = Some(idx);
                 }
@@ -225,7 +241,11 @@ impl ScsiIo {
             }
             let Some(lc) = &self.chans[idx] else { continue };
             if lc.users == 0 && lc.chan.in_flight() == 0 {
-                if let (Some(ep), Some(fd)) = (&self.epoll, lc.chan.completion_fd()) {
+                if let (Some(ep), Some(fd), false) =
+                    (&self.epoll, lc.chan.completion_fd(), lc.unwatched)
+                {
+                    // Best effort: dropping the channel below closes the fd, which takes it
+                    // out of the epoll set anyway.
                     let _ = ep.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                 }
                 self.chans[idx] = None;
@@ -318,8 +338,8 @@ impl QueueDevice for ScsiIo {
             cdb::decode(&slot.req.cdb, &bdev)
         };
         let req = &mut slot.req;
-        // SAFETY (submits below): the iovecs live in `slot.req`, untouched until the
-        // command completes, and point into guest memory the engine keeps mapped as long.
+        // The submits below are sound because the iovecs live in `slot.req`, untouched until
+        // the command completes, and point into guest memory the engine keeps mapped as long.
         match action {
             Action::Good => {}
             Action::Data(d) => {
@@ -334,6 +354,7 @@ impl QueueDevice for ScsiIo {
                     slot.check(sense::INVALID_FIELD_IN_CDB);
                 } else {
                     trim_iovecs(&mut req.data_in, len);
+                    // SAFETY: `req.data_in` and its guest buffers outlive the I/O (see above).
                     unsafe {
                         lc.chan.submit(
                             tag as u64,
@@ -354,6 +375,7 @@ impl QueueDevice for ScsiIo {
                 } else {
                     trim_iovecs(&mut req.data_out, len);
                     // FUA (SBC-3 §5.31): durable before GOOD.
+                    // SAFETY: `req.data_out` and its guest buffers outlive the I/O (see above).
                     unsafe {
                         let op = IoOp::Write {
                             offset,
@@ -369,6 +391,7 @@ impl QueueDevice for ScsiIo {
                 }
             }
             Action::Flush => {
+                // SAFETY: a flush carries no buffers.
                 unsafe { lc.chan.submit(tag as u64, IoOp::Flush) };
                 slot.pending = 1;
             }
@@ -382,6 +405,7 @@ impl QueueDevice for ScsiIo {
                     match cdb::parse_unmap(&slot.scratch, &bdev, &mut slot.ranges) {
                         Ok(()) => {
                             for &(offset, len) in &slot.ranges {
+                                // SAFETY: an unmap carries no buffers.
                                 unsafe { lc.chan.submit(tag as u64, IoOp::Unmap { offset, len }) };
                                 slot.pending += 1;
                             }
@@ -418,6 +442,7 @@ impl QueueDevice for ScsiIo {
                                 may_unmap: false,
                             }
                         };
+                        // SAFETY: unmap and write-zeroes carry no buffers.
                         unsafe { lc.chan.submit(tag as u64, op) };
                         slot.pending = 1;
                     }
@@ -503,6 +528,15 @@ impl QueueDevice for ScsiIo {
             .flatten()
             .filter_map(|lc| lc.chan.next_deadline())
             .min();
+        // A channel whose completions cannot wake the reactor: poll it while it has I/O.
+        let polled = self.chans.iter().flatten();
+        if polled
+            .filter(|lc| lc.unwatched)
+            .any(|lc| lc.chan.in_flight() > 0)
+        {
+            let soon = Instant::now() + Duration::from_millis(1);
+            return Some(d.map_or(soon, |d| d.min(soon)));
+        }
         // A target added while the reactor sleeps: look at it soon.
         if self.shared.generation() != self.generation || self.has_retired {
             return Some(Instant::now() + Duration::from_millis(1));

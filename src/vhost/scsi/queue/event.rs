@@ -101,6 +101,7 @@ impl Poller for EventQueue {
 
     fn disarm(&mut self) {
         self.vring.disarm();
+        // Drains the wake eventfd; EAGAIN just means it was not signalled.
         let _ = self.wake.read();
     }
 

@@ -22,9 +22,9 @@ use crate::bdev::malloc::{self, MallocOpts};
 use crate::bdev::BdevRegistry;
 use crate::bdev::{IoOp, IoVecs};
 use crate::reactor::Poller;
+use crate::sync::lock;
 use crate::vhost::device::GuestMem;
 use crate::vhost::device::QueueSetup;
-use crate::vhost::scsi::lock;
 use crate::vhost::scsi::request::REQ_HEADER_LEN;
 use crate::vhost::scsi::request::{LunAddr, RESP_LEN};
 use crate::vhost::scsi::ScsiDevice;
@@ -312,6 +312,7 @@ fn write_read_verify_on_bdev() {
     let mut ch = b.open_channel().unwrap();
     let mut buf = vec![0u8; 8 * 512];
     let iov = crate::bdev::channel::test_support::iov(&mut buf);
+    // SAFETY: `buf` and `iov` outlive the `reap_all` below.
     unsafe {
         crate::bdev::channel::test_support::submit(
             &mut ch,

@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::*;
-use crate::vhost::test_chains::{mem, raw, ring_view, Mem, Rng, HOLE, IND, NEXT, R, W};
+use crate::vhost::test_chains::{mem, raw, with_ring_view, Mem, Rng, HOLE, IND, NEXT, R, W};
 
 const HDR: u64 = 0x1000;
 const RESP: u64 = 0x1800;
@@ -28,9 +28,10 @@ fn hdr(mem: &Mem, addr: u64) {
 
 /// Parses the chain at the head of `q`'s available ring through the ring view.
 fn parse_fast(mem: &Mem, q: &MockSplitQueue<Mem>) -> Result<CmdRequest, RequestError> {
-    let (map, view, head) = ring_view(mem, q);
-    let mut req = CmdRequest::default();
-    req.parse_view(&view, &map, head).map(|()| req)
+    with_ring_view(mem, q, |map, view, head| {
+        let mut req = CmdRequest::default();
+        req.parse_view(view, map, head).map(|()| req)
+    })
 }
 
 fn same_request(a: &CmdRequest, b: &CmdRequest) {
