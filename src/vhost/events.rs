@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -15,6 +16,10 @@ use super::{lock, Controller};
 use crate::reactor::Reactors;
 
 type Handler = BackendReqHandler<Mutex<Session>>;
+
+/// How long the rest of a vhost-user message may take once its first bytes arrived (and
+/// how long a reply may wait for the frontend to read it) before the connection is dropped.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
 
 enum Entry {
     Listener(Arc<Controller>, UnixListener),
@@ -152,7 +157,20 @@ impl Events {
             tracing::warn!(ctrlr = %ctrl.name, "refusing a second frontend: one is connected");
             return;
         }
-        let _ = stream.set_nonblocking(false);
+        // One thread serves every controller's control plane, and the vhost-user handler
+        // reads a message's body with a blocking recv: a frontend that sends a header and
+        // never its body (or stops reading our replies) must not hold that thread. A
+        // message is handled only when epoll reports the socket readable and frontends
+        // send each message whole, so a body that is not there within the timeout never
+        // comes: the read fails and the connection is closed as broken.
+        let timeouts = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(MESSAGE_TIMEOUT)))
+            .and_then(|()| stream.set_write_timeout(Some(MESSAGE_TIMEOUT)));
+        if let Err(e) = timeouts {
+            tracing::error!(ctrlr = %ctrl.name, "cannot set up the frontend connection: {e}");
+            return;
+        }
         let session = Arc::new(Mutex::new(Session::new(
             &ctrl.name,
             ctrl.device.clone(),

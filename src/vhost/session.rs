@@ -264,6 +264,31 @@ impl Session {
     }
 }
 
+/// Refuses a memory region that its fd cannot back.
+///
+/// Touching a shared mapping past the end of its file raises SIGBUS in whichever thread
+/// touches it (mmap(2)), so a frontend that declares a region larger than its fd could kill
+/// the whole daemon. vhost-user.rst passes guest memory as memfds, hugetlbfs or shm files:
+/// all regular files, whose size fstat reports, and `mmap_offset + memory_size` must lie
+/// within it. Other fd types (devices, pipes, sockets) report no usable size and are refused.
+fn check_region_fd(file: &File, mmap_offset: u64, memory_size: u64) -> VuResult<()> {
+    let md = file.metadata().map_err(VuError::ReqHandlerError)?;
+    if !md.file_type().is_file() {
+        return Err(req_err(
+            "memory region fd is not a regular file, memfd or hugetlbfs file",
+        ));
+    }
+    let end = mmap_offset.checked_add(memory_size);
+    if memory_size == 0 || end.is_none_or(|end| end > md.len()) {
+        return Err(req_err(format!(
+            "memory region of {memory_size:#x} bytes at file offset {mmap_offset:#x} does not \
+             fit in its fd of {:#x} bytes",
+            md.len()
+        )));
+    }
+    Ok(())
+}
+
 #[allow(non_snake_case)]
 fn GuestMemoryAtomic_new() -> GuestMem {
     vm_memory::GuestMemoryAtomic::new(GuestMemoryMmap::new())
@@ -340,7 +365,11 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         let mut regions = Vec::new();
         let mut mappings = Vec::new();
+        if ctx.len() != files.len() {
+            return Err(VuError::InvalidParam);
+        }
         for (region, file) in ctx.iter().zip(files) {
+            check_region_fd(&file, region.mmap_offset, region.memory_size)?;
             let r = GuestRegionMmap::new(
                 region.mmap_region(file)?,
                 GuestAddress(region.guest_phys_addr),
@@ -526,6 +555,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VuError::InvalidParam);
         }
+        check_region_fd(&file, region.mmap_offset, region.memory_size)?;
         let r = Arc::new(
             GuestRegionMmap::new(
                 region.mmap_region(file)?,
