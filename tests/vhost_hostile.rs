@@ -446,3 +446,61 @@ fn assert_alive(d: &Daemon) {
         d.log()
     );
 }
+
+/// A frontend that shrinks its memfd after the daemon mapped it (ftruncate), then has the
+/// device touch the lost part (a request's buffer on a reactor, or the rings on the
+/// control thread): the SIGBUS is contained. The daemon stays up, closes that frontend's
+/// connection, the bystander keeps serving and the victim serves the next frontend.
+#[test]
+fn a_frontend_that_shrinks_its_memory_is_disconnected() {
+    let d = Daemon::start_with(&["-m", "0x1"]);
+    let victim = setup(&d, "vhost.0");
+    let bystander = setup(&d, "vhost.1");
+    const KIB64: u64 = 64 << 10;
+    const MIB: u64 = 1 << 20;
+    for (what, desc, avail, used, data) in [
+        ("buffer lost", 0x4000, 0x5000, 0x6000, 0x80000),
+        ("rings lost", 0x80000, 0x90000, 0xa0000, 0x1000),
+    ] {
+        let mem = memfd(MIB);
+        write_blk_read(&mem, desc, avail, data);
+        let mut f = RawFrontend::connect(&victim);
+        let region = u64s(&[0, MIB, FRONTEND_VA, 0]);
+        assert_eq!(
+            f.call(
+                SET_MEM_TABLE,
+                &[u32s(&[1, 0]), region].concat(),
+                &[mem.as_raw_fd()]
+            ),
+            0,
+            "{what}: a region that fits its fd"
+        );
+        mem.set_len(KIB64).unwrap();
+        // The ring runs on what the device can still read; its acknowledgements do not
+        // matter (the connection may already be closing).
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            start_ring(&mut f, desc, avail, used)
+        }));
+        f.s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 256];
+        loop {
+            match f.s.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!(
+                    "{what}: the frontend was not disconnected: {e}\n{}",
+                    d.log()
+                ),
+            }
+        }
+        assert_alive(&d);
+        assert!(
+            d.log().contains("shrank guest memory"),
+            "{what}:\n{}",
+            d.log()
+        );
+        serves(&bystander, 9);
+        serves(&victim, 10);
+    }
+}

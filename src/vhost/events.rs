@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::guest_fault;
 use super::session::Session;
 use super::{lock, Controller};
 use crate::reactor::Reactors;
@@ -26,8 +28,13 @@ enum Entry {
     Conn(Arc<Controller>, Arc<Mutex<Handler>>, i32),
 }
 
+/// The epoll token of the guest-fault eventfd (connection tokens start at 1).
+const FAULT_TOKEN: u64 = 0;
+
 pub(super) struct Events {
     epoll: Epoll,
+    /// Written by the SIGBUS handler when it repaired a guest mapping ([`guest_fault`]).
+    fault: EventFd,
     entries: Mutex<HashMap<u64, Entry>>,
     next: AtomicU64,
     reactors: Arc<Reactors>,
@@ -35,8 +42,21 @@ pub(super) struct Events {
 
 impl Events {
     pub(super) fn start(reactors: Arc<Reactors>) -> std::io::Result<Arc<Self>> {
+        let fault = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            fault.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, FAULT_TOKEN),
+        )?;
+        // The handler keeps writing to this fd: the events object lives as long as the
+        // process (its thread never ends), so the fd is never reused for something else.
+        if !guest_fault::add_wake_fd(fault.as_raw_fd()) {
+            tracing::warn!("too many vhost event loops: guest memory faults go unnoticed here");
+        }
         let ev = Arc::new(Events {
-            epoll: Epoll::new()?,
+            epoll,
+            fault,
             entries: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             reactors,
@@ -113,6 +133,11 @@ impl Events {
     }
 
     fn handle(&self, token: u64) {
+        if token == FAULT_TOKEN {
+            let _ = self.fault.read();
+            self.close_broken_sessions();
+            return;
+        }
         enum Work {
             Accept(Arc<Controller>, Option<std::os::unix::net::UnixStream>),
             Message(Arc<Controller>, Arc<Mutex<Handler>>, i32),
@@ -137,18 +162,46 @@ impl Events {
                         if !matches!(e, VuError::Disconnected | VuError::PartialMessage) {
                             tracing::warn!(ctrlr = %ctrl.name, "closing the frontend connection: {e}");
                         }
-                        let _ = self
-                            .epoll
-                            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                        // Drop the connection (socket, handler's session reference) first.
-                        lock(&self.entries).remove(&token);
                         drop(h);
-                        ctrl.detach();
+                        self.close(token, &ctrl, fd);
                     } else {
                         tracing::warn!(ctrlr = %ctrl.name, "vhost-user request failed: {e}");
                     }
                 }
             }
+        }
+    }
+
+    /// Stops watching connection `token` and detaches its session.
+    fn close(&self, token: u64, ctrl: &Arc<Controller>, fd: i32) {
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        // Drop the connection (socket, handler's session reference) first.
+        lock(&self.entries).remove(&token);
+        ctrl.detach();
+    }
+
+    /// Closes the connections whose guest memory the frontend shrank under us: the SIGBUS
+    /// handler replaced it with zeros, so their devices must serve nothing more.
+    fn close_broken_sessions(&self) {
+        let broken: Vec<(u64, Arc<Controller>, i32)> = lock(&self.entries)
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Entry::Conn(c, _, fd) => Some((*t, c.clone(), *fd)),
+                Entry::Listener(..) => None,
+            })
+            .filter(|(_, c, _)| {
+                let s = lock(&c.session).clone();
+                s.is_some_and(|s| lock(&s).memory_broken())
+            })
+            .collect();
+        for (token, ctrl, fd) in broken {
+            tracing::error!(
+                ctrlr = %ctrl.name,
+                "the frontend shrank guest memory it shared (SIGBUS): closing its connection"
+            );
+            self.close(token, &ctrl, fd);
         }
     }
 

@@ -25,11 +25,13 @@ use vhost::vhost_user::{
 use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::coalescing::Coalescing;
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
+use super::guest_fault::GuestMapping;
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
 use crate::reactor::{PollerId, Reactors};
@@ -79,6 +81,9 @@ pub struct Session {
     acked_protocol_features: u64,
     mem: GuestMem,
     mappings: Vec<AddrMapping>,
+    /// Every guest memory region this session mapped, current or still used by a ring
+    /// after the frontend replaced it; unmapped once nobody else holds the region.
+    guest_mappings: Vec<(Arc<GuestRegionMmap>, GuestMapping)>,
     vrings: Vec<Vring>,
     notifier: ConfigNotifier,
     coalescing: Arc<Coalescing>,
@@ -113,6 +118,7 @@ impl Session {
             acked_protocol_features: 0,
             mem: GuestMemoryAtomic_new(),
             mappings: Vec::new(),
+            guest_mappings: Vec::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             notifier,
             coalescing,
@@ -256,6 +262,20 @@ impl Session {
         }
     }
 
+    /// Whether the frontend shrank a region's file under a mapping (see [`guest_fault`]):
+    /// the session then serves zeros instead of guest memory and must be closed.
+    ///
+    /// [`guest_fault`]: super::guest_fault
+    pub fn memory_broken(&self) -> bool {
+        self.guest_mappings.iter().any(|(_, m)| m.is_broken())
+    }
+
+    /// Unmaps the regions neither the memory table nor a ring holds any more.
+    fn unmap_unused(&mut self) {
+        self.guest_mappings
+            .retain(|(r, _)| Arc::strong_count(r) > 1);
+    }
+
     /// Stops every ring (frontend gone, controller deleted, daemon stopping).
     pub fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
@@ -289,6 +309,28 @@ fn check_region_fd(file: &File, mmap_offset: u64, memory_size: u64) -> VuResult<
     Ok(())
 }
 
+/// Maps one region the frontend declared (checked against its fd) as a registered
+/// [`GuestMapping`], and the vm-memory region over it (which does not own the mapping).
+fn map_region(
+    file: &File,
+    gpa: u64,
+    size: u64,
+    offset: u64,
+) -> VuResult<(Arc<GuestRegionMmap>, GuestMapping)> {
+    check_region_fd(file, offset, size)?;
+    let m = GuestMapping::map(file, offset, size).map_err(VuError::ReqHandlerError)?;
+    let len = usize::try_from(size).map_err(|_| VuError::InvalidParam)?;
+    // SAFETY: `m` maps `len` bytes at this page-aligned address; the session keeps `m`
+    // until no table or ring holds the region (see `unmap_unused`).
+    let region = unsafe { MmapRegionBuilder::<()>::new(len).with_raw_mmap_pointer(m.addr()) }
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(req_err)?;
+    let r = GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or(VuError::InvalidParam)?;
+    Ok((Arc::new(r), m))
+}
+
 #[allow(non_snake_case)]
 fn GuestMemoryAtomic_new() -> GuestMem {
     vm_memory::GuestMemoryAtomic::new(GuestMemoryMmap::new())
@@ -312,6 +354,16 @@ fn dup_eventfd(f: Option<&File>) -> VuResult<Option<EventFd>> {
 impl Drop for Session {
     fn drop(&mut self) {
         self.stop_all();
+        // Release the memory table, then every mapping nobody else holds; one a ring that
+        // was abandoned (see `stop_ring`) may still use stays mapped for good.
+        if let Ok(m) = self.mem.lock() {
+            m.replace(GuestMemoryMmap::new());
+        }
+        self.unmap_unused();
+        for (r, m) in self.guest_mappings.drain(..) {
+            std::mem::forget(r);
+            std::mem::forget(m);
+        }
     }
 }
 
@@ -365,16 +417,18 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         let mut regions = Vec::new();
         let mut mappings = Vec::new();
+        let mut owned = Vec::new();
         if ctx.len() != files.len() {
             return Err(VuError::InvalidParam);
         }
         for (region, file) in ctx.iter().zip(files) {
-            check_region_fd(&file, region.mmap_offset, region.memory_size)?;
-            let r = GuestRegionMmap::new(
-                region.mmap_region(file)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VuError::InvalidParam)?;
+            let (r, m) = map_region(
+                &file,
+                region.guest_phys_addr,
+                region.memory_size,
+                region.mmap_offset,
+            )?;
+            owned.push((r.clone(), m));
             mappings.push(AddrMapping {
                 vmm_addr: region.user_addr,
                 size: region.memory_size,
@@ -382,9 +436,11 @@ impl VhostUserBackendReqHandlerMut for Session {
             });
             regions.push(r);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(req_err)?;
+        let mem = GuestMemoryMmap::from_arc_regions(regions).map_err(req_err)?;
         self.mem.lock().map_err(req_err)?.replace(mem);
         self.mappings = mappings;
+        self.guest_mappings.extend(owned);
+        self.unmap_unused();
         Ok(None)
     }
 
@@ -555,16 +611,19 @@ impl VhostUserBackendReqHandlerMut for Session {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VuError::InvalidParam);
         }
-        check_region_fd(&file, region.mmap_offset, region.memory_size)?;
-        let r = Arc::new(
-            GuestRegionMmap::new(
-                region.mmap_region(file)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VuError::InvalidParam)?,
-        );
-        let mem = self.mem.memory().insert_region(r).map_err(req_err)?;
+        let (r, m) = map_region(
+            &file,
+            region.guest_phys_addr,
+            region.memory_size,
+            region.mmap_offset,
+        )?;
+        let mem = self
+            .mem
+            .memory()
+            .insert_region(r.clone())
+            .map_err(req_err)?;
         self.mem.lock().map_err(req_err)?.replace(mem);
+        self.guest_mappings.push((r, m));
         self.mappings.push(AddrMapping {
             vmm_addr: region.user_addr,
             size: region.memory_size,
@@ -582,6 +641,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.mem.lock().map_err(req_err)?.replace(mem);
         self.mappings
             .retain(|m| m.gpa_base != region.guest_phys_addr);
+        self.unmap_unused();
         Ok(())
     }
 
