@@ -30,7 +30,7 @@ use super::{code, RpcContext, RpcError};
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 /// Connections served at once (SPDK's `SPDK_JSONRPC_MAX_CONNS`). A new connection beyond
-/// it takes the slot of the connection idle the longest (see [`accept_loop`]); only when
+/// it takes the slot of the connection idle the longest (see `evict_idlest`); only when
 /// every connection is running a request is it closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
 
