@@ -294,6 +294,7 @@ fn memory_region_larger_than_its_fd_is_refused() {
     let d = Daemon::start_with(&["-m", "0x1"]);
     let victim = setup(&d, "vhost.0");
     let bystander = setup(&d, "vhost.1");
+    let base_fds = fds(&d);
     const KIB64: u64 = 64 << 10;
     const MIB: u64 = 1 << 20;
     for (what, desc, avail, used, data) in [
@@ -379,6 +380,28 @@ fn memory_region_larger_than_its_fd_is_refused() {
     drop(f);
     serves(&bystander, 5);
     assert!(d.log().contains("does not fit in its fd"), "{}", d.log());
+    fds_return_to(&d, base_fds);
+}
+
+/// The daemon's open fds.
+fn fds(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count()
+}
+
+/// Waits (bounded) until the daemon holds no more fds than `base`: closed frontends
+/// leave nothing behind (their teardown is asynchronous).
+fn fds_return_to(d: &Daemon, base: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fds(d) > base {
+        assert!(
+            Instant::now() < deadline,
+            "fds: {base} before, {} after",
+            fds(d)
+        );
+        std::thread::yield_now();
+    }
 }
 
 /// Runs `f` on a thread; panics if it does not finish within `bound` (a blocked control
@@ -456,6 +479,7 @@ fn a_frontend_that_shrinks_its_memory_is_disconnected() {
     let d = Daemon::start_with(&["-m", "0x1"]);
     let victim = setup(&d, "vhost.0");
     let bystander = setup(&d, "vhost.1");
+    let base_fds = fds(&d);
     const KIB64: u64 = 64 << 10;
     const MIB: u64 = 1 << 20;
     for (what, desc, avail, used, data) in [
@@ -503,4 +527,5 @@ fn a_frontend_that_shrinks_its_memory_is_disconnected() {
         serves(&bystander, 9);
         serves(&victim, 10);
     }
+    fds_return_to(&d, base_fds);
 }
