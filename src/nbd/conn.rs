@@ -30,6 +30,12 @@ pub use super::conns::{ConnCtx, ConnEntry, Conns};
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Reply bytes queued before the connection stops reading (client not reading replies).
 const MAX_OUT_BYTES: usize = 64 * 1024 * 1024;
+/// Data bytes one connection may hold before it stops reading requests: buffers of
+/// requests in flight plus replies not sent yet. Each request may carry up to
+/// `export::MAX_REQUEST_BYTES`, so without this a client could make the daemon allocate
+/// `MAX_IN_FLIGHT` times that. Beyond it the connection applies backpressure (proto.md
+/// lets a server delay reading requests); it never refuses a valid request.
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 /// How long a closing connection keeps trying to send queued replies.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
@@ -139,9 +145,15 @@ impl Conn {
     }
 
     fn want_read(&self) -> bool {
+        let t = self.transmitting();
+        // A write payload being received already has its buffer: finishing it costs
+        // nothing more, and the request cannot complete (and free bytes) before.
+        let held = t.map_or(0, Transmission::buffered_bytes) + self.sock.output.bytes();
+        let bytes_ok = held < MAX_IN_FLIGHT_BYTES || t.is_some_and(Transmission::in_payload);
         self.closing_until.is_none()
-            && self.transmitting().map_or(0, Transmission::outstanding) < MAX_IN_FLIGHT
+            && t.map_or(0, Transmission::outstanding) < MAX_IN_FLIGHT
             && self.sock.output.bytes() < MAX_OUT_BYTES
+            && bytes_ok
     }
 
     /// Sends what the socket accepts; returns bytes sent.

@@ -16,6 +16,12 @@ use super::conn::{Conn, ConnCtx};
 use super::export::Attachment;
 use crate::reactor::Reactors;
 
+/// Client connections the server serves at once. Each costs a poller, a socket and up to
+/// `conn::MAX_IN_FLIGHT_BYTES` of buffers; a connection beyond it is closed before the
+/// greeting (proto.md has no error a server can send before the client's first option),
+/// and the refusal is logged.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// Where the server listens.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServerOpts {
@@ -201,6 +207,13 @@ fn accept_loop(epoll: Epoll, listeners: Vec<Listener>, reactors: Arc<Reactors>, 
                     }),
                 };
                 match accepted {
+                    Ok((fd, peer)) if ctx.conns.len() >= MAX_CONNECTIONS => {
+                        tracing::warn!(
+                            peer,
+                            "refusing an nbd client: {MAX_CONNECTIONS} connections are open"
+                        );
+                        drop(fd);
+                    }
                     Ok((fd, peer)) => {
                         if spawn_conn(&reactors, &ctx, fd, peer.clone(), Start::Negotiate).is_none()
                         {

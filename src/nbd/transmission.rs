@@ -42,12 +42,15 @@ struct RequestTable {
     slots: Vec<Option<Box<Accepted>>>,
     free: Vec<usize>,
     in_flight: usize,
+    /// Bytes of data buffers the accepted requests hold (reads and writes).
+    buf_bytes: usize,
 }
 
 impl RequestTable {
     fn insert(&mut self, a: Accepted) -> usize {
         let a = Box::new(a);
         self.in_flight += 1;
+        self.buf_bytes += a.buf.as_ref().map_or(0, AlignedBuf::capacity);
         match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some(a);
@@ -68,6 +71,7 @@ impl RequestTable {
         let r = self.slots.get_mut(slot).and_then(Option::take)?;
         self.free.push(slot);
         self.in_flight -= 1;
+        self.buf_bytes -= r.buf.as_ref().map_or(0, AlignedBuf::capacity);
         Some(r)
     }
 }
@@ -161,6 +165,12 @@ impl Transmission {
     /// Requests in the backend or on helper threads (bounded by the caller's read pause).
     pub fn outstanding(&self) -> usize {
         self.requests.in_flight + self.status.pending
+    }
+
+    /// Bytes of data buffers held by requests not completed yet (read buffers being filled,
+    /// write payloads being received or written).
+    pub fn buffered_bytes(&self) -> usize {
+        self.requests.buf_bytes
     }
 
     /// Block-status queries not answered yet.

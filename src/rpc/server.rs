@@ -16,10 +16,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -30,8 +30,15 @@ use crate::sync::lock;
 /// (SPDK caps a request at a similar size).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
-/// Connections served at once (SPDK's `SPDK_JSONRPC_MAX_CONNS`); more are closed at once.
+/// Connections served at once (SPDK's `SPDK_JSONRPC_MAX_CONNS`). A new connection beyond
+/// it takes the slot of the connection idle the longest (see `evict_idlest`); only when
+/// every connection is running a request is it closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long a request may take to arrive once its first byte did; a client that stops
+/// in the middle of one is disconnected (SPDK has no such timeout: its fixed connection
+/// limit then locks every other client out).
+pub const PARTIAL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client that stops reading its answers blocks its connection thread at most this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -124,8 +131,30 @@ impl Drop for RpcListener {
 struct Shared {
     stopping: AtomicBool,
     next_conn: AtomicU64,
-    /// Open connections (clones used to shut them down on stop).
-    conns: Mutex<HashMap<u64, UnixStream>>,
+    /// Open connections (clones used to shut them down on stop or eviction).
+    conns: Mutex<HashMap<u64, OpenConn>>,
+}
+
+/// [`ConnState::state`] values: waiting for (or reading) a request, running one, closed to
+/// make room for a new connection.
+const IDLE: u8 = 0;
+const BUSY: u8 = 1;
+const EVICTED: u8 = 2;
+
+/// What the accept thread knows of one connection, to pick one to evict.
+struct ConnState {
+    /// `IDLE`, `BUSY` or `EVICTED`. The connection thread moves IDLE -> BUSY before it runs
+    /// a request and back after answering; the accept thread moves IDLE -> EVICTED. Both by
+    /// compare-and-swap, so a request that started is never cut off, and an evicted
+    /// connection runs nothing more.
+    state: AtomicU8,
+    /// When the connection last finished a request (or was accepted).
+    last_active: Mutex<Instant>,
+}
+
+struct OpenConn {
+    stream: UnixStream,
+    state: Arc<ConnState>,
 }
 
 /// A running JSON-RPC server: one accept thread, one thread per connection.
@@ -189,7 +218,7 @@ impl RpcServer {
         }
         for (_, c) in lock(&self.shared.conns).drain() {
             // Fails only when the peer is already gone (ENOTCONN): nothing left to wake.
-            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
         // Last reference: dropping it closes the fd and removes the file.
         lock(&self.listener).take();
@@ -220,15 +249,27 @@ fn accept_loop<C: RpcContext>(app: Arc<C>, listener: &RpcListener, shared: Arc<S
             }
         };
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnState {
+            state: AtomicU8::new(IDLE),
+            last_active: Mutex::new(Instant::now()),
+        });
         {
             let mut conns = lock(&shared.conns);
-            if conns.len() >= MAX_CONNECTIONS {
-                tracing::warn!("refusing RPC connection: {MAX_CONNECTIONS} already open");
+            if conns.len() >= MAX_CONNECTIONS && !evict_idlest(&mut conns) {
+                tracing::warn!(
+                    "refusing RPC connection: {MAX_CONNECTIONS} open, all running requests"
+                );
                 continue;
             }
             match stream.try_clone() {
                 Ok(c) => {
-                    conns.insert(id, c);
+                    conns.insert(
+                        id,
+                        OpenConn {
+                            stream: c,
+                            state: state.clone(),
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::warn!("RPC connection dropped: {e}");
@@ -241,8 +282,12 @@ fn accept_loop<C: RpcContext>(app: Arc<C>, listener: &RpcListener, shared: Arc<S
         let spawned = std::thread::Builder::new()
             .name(format!("rpc_conn{id}"))
             .spawn(move || {
-                if let Err(e) = serve_connection(&app, stream) {
-                    tracing::debug!(conn = id, "RPC connection ended: {e}");
+                match serve_connection(&app, stream, &state) {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        tracing::warn!(conn = id, "RPC connection closed: {e}");
+                    }
+                    Err(e) => tracing::debug!(conn = id, "RPC connection ended: {e}"),
+                    Ok(()) => {}
                 }
                 lock(&shared2.conns).remove(&id);
             });
@@ -253,25 +298,87 @@ fn accept_loop<C: RpcContext>(app: Arc<C>, listener: &RpcListener, shared: Arc<S
     }
 }
 
-fn serve_connection<C: RpcContext>(app: &Arc<C>, mut stream: UnixStream) -> io::Result<()> {
+/// Makes room for a new connection: closes the connection idle the longest (not running a
+/// request). A client that holds connections open without completing requests thus cannot
+/// lock others out; a busy server keeps its running requests. False when every
+/// connection runs a request.
+fn evict_idlest(conns: &mut HashMap<u64, OpenConn>) -> bool {
+    let mut idle: Vec<(Instant, u64)> = conns
+        .iter()
+        .filter(|(_, c)| c.state.state.load(Ordering::Acquire) == IDLE)
+        .map(|(id, c)| (*lock(&c.state.last_active), *id))
+        .collect();
+    idle.sort_unstable();
+    for (_, id) in idle {
+        let Some(c) = conns.get(&id) else { continue };
+        if c.state
+            .state
+            .compare_exchange(IDLE, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            tracing::warn!(
+                conn = id,
+                "{MAX_CONNECTIONS} RPC connections open: closing the one idle the longest"
+            );
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            conns.remove(&id);
+            return true;
+        }
+    }
+    false
+}
+
+fn serve_connection<C: RpcContext>(
+    app: &Arc<C>,
+    mut stream: UnixStream,
+    conn: &ConnState,
+) -> io::Result<()> {
     ON_CONNECTION.set(true);
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut framer = Framer::default();
     let mut chunk = vec![0u8; 64 * 1024];
+    // When the first byte of the request being received arrived.
+    let mut partial_since: Option<Instant> = None;
     loop {
+        let timeout = match partial_since {
+            None => None,
+            Some(t) => match PARTIAL_REQUEST_TIMEOUT.checked_sub(t.elapsed()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Err(partial_timeout()),
+            },
+        };
+        stream.set_read_timeout(timeout)?;
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(partial_timeout())
+            }
             Err(e) => return Err(e),
         };
         framer.push(&chunk[..n]);
         loop {
             match framer.next_value() {
                 Frame::Value(v) => {
-                    if let Some(reply) = handle_request(app, v) {
-                        write_reply(&mut stream, &reply)?;
+                    if conn
+                        .state
+                        .compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        // Evicted: the connection is closed, run nothing more.
+                        return Ok(());
                     }
+                    let reply = handle_request(app, v);
+                    let written = reply.map_or(Ok(()), |r| write_reply(&mut stream, &r));
+                    *lock(&conn.last_active) = Instant::now();
+                    conn.state.store(IDLE, Ordering::Release);
+                    written?;
                     if let Some(sig) = SIGNAL_AFTER_REPLY.take() {
                         raise(sig);
                     }
@@ -287,6 +394,11 @@ fn serve_connection<C: RpcContext>(app: &Arc<C>, mut stream: UnixStream) -> io::
                 }
             }
         }
+        partial_since = match (framer.pending(), partial_since) {
+            (0, _) => None,
+            (_, None) => Some(Instant::now()),
+            (_, since) => since,
+        };
         if framer.pending() > MAX_REQUEST_BYTES {
             tracing::warn!("RPC request larger than {MAX_REQUEST_BYTES} bytes, closing");
             write_reply(
@@ -296,6 +408,13 @@ fn serve_connection<C: RpcContext>(app: &Arc<C>, mut stream: UnixStream) -> io::
             return Ok(());
         }
     }
+}
+
+fn partial_timeout() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("request incomplete after {PARTIAL_REQUEST_TIMEOUT:?}, closing"),
+    )
 }
 
 thread_local! {

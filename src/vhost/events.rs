@@ -6,23 +6,35 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::guest_fault;
 use super::session::Session;
 use super::{lock, Controller};
 use crate::reactor::Reactors;
 
 type Handler = BackendReqHandler<Mutex<Session>>;
 
+/// How long the rest of a vhost-user message may take once its first bytes arrived (and
+/// how long a reply may wait for the frontend to read it) before the connection is dropped.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(2);
+
 enum Entry {
     Listener(Arc<Controller>, UnixListener),
     Conn(Arc<Controller>, Arc<Mutex<Handler>>, i32),
 }
 
+/// The epoll token of the guest-fault eventfd (connection tokens start at 1).
+const FAULT_TOKEN: u64 = 0;
+
 pub(super) struct Events {
     epoll: Epoll,
+    /// Written by the SIGBUS handler when it repaired a guest mapping ([`guest_fault`]).
+    fault: EventFd,
     entries: Mutex<HashMap<u64, Entry>>,
     next: AtomicU64,
     reactors: Arc<Reactors>,
@@ -30,8 +42,21 @@ pub(super) struct Events {
 
 impl Events {
     pub(super) fn start(reactors: Arc<Reactors>) -> std::io::Result<Arc<Self>> {
+        let fault = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            fault.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, FAULT_TOKEN),
+        )?;
+        // The handler keeps writing to this fd: the events object lives as long as the
+        // process (its thread never ends), so the fd is never reused for something else.
+        if !guest_fault::add_wake_fd(fault.as_raw_fd()) {
+            tracing::warn!("too many vhost event loops: guest memory faults go unnoticed here");
+        }
         let ev = Arc::new(Events {
-            epoll: Epoll::new()?,
+            epoll,
+            fault,
             entries: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             reactors,
@@ -109,6 +134,11 @@ impl Events {
     }
 
     fn handle(&self, token: u64) {
+        if token == FAULT_TOKEN {
+            let _ = self.fault.read();
+            self.close_broken_sessions();
+            return;
+        }
         enum Work {
             Accept(Arc<Controller>, Option<std::os::unix::net::UnixStream>),
             Message(Arc<Controller>, Arc<Mutex<Handler>>, i32),
@@ -133,14 +163,8 @@ impl Events {
                         if !matches!(e, VuError::Disconnected | VuError::PartialMessage) {
                             tracing::warn!(ctrlr = %ctrl.name, "closing the frontend connection: {e}");
                         }
-                        // Best effort: removing the entry closes the fd, which leaves the set.
-                        let _ = self
-                            .epoll
-                            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                        // Drop the connection (socket, handler's session reference) first.
-                        lock(&self.entries).remove(&token);
                         drop(h);
-                        ctrl.detach();
+                        self.close(token, &ctrl, fd);
                     } else {
                         tracing::warn!(ctrlr = %ctrl.name, "vhost-user request failed: {e}");
                     }
@@ -149,14 +173,57 @@ impl Events {
         }
     }
 
+    /// Stops watching connection `token` and detaches its session.
+    fn close(&self, token: u64, ctrl: &Arc<Controller>, fd: i32) {
+        // Best effort: removing the entry closes the fd, which leaves the set.
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        // Drop the connection (socket, handler's session reference) first.
+        lock(&self.entries).remove(&token);
+        ctrl.detach();
+    }
+
+    /// Closes the connections whose guest memory the frontend shrank under us: the SIGBUS
+    /// handler replaced it with zeros, so their devices must serve nothing more.
+    fn close_broken_sessions(&self) {
+        let broken: Vec<(u64, Arc<Controller>, i32)> = lock(&self.entries)
+            .iter()
+            .filter_map(|(t, e)| match e {
+                Entry::Conn(c, _, fd) => Some((*t, c.clone(), *fd)),
+                Entry::Listener(..) => None,
+            })
+            .filter(|(_, c, _)| {
+                let s = lock(&c.session).clone();
+                s.is_some_and(|s| lock(&s).memory_broken())
+            })
+            .collect();
+        for (token, ctrl, fd) in broken {
+            tracing::error!(
+                ctrlr = %ctrl.name,
+                "the frontend shrank guest memory it shared (SIGBUS): closing its connection"
+            );
+            self.close(token, &ctrl, fd);
+        }
+    }
+
     fn accept(&self, ctrl: Arc<Controller>, stream: std::os::unix::net::UnixStream) {
         if ctrl.connected() {
             tracing::warn!(ctrlr = %ctrl.name, "refusing a second frontend: one is connected");
             return;
         }
-        // The vhost-user handler reads whole messages with blocking reads.
-        if let Err(e) = stream.set_nonblocking(false) {
-            tracing::warn!(ctrlr = %ctrl.name, "refusing a frontend: {e}");
+        // One thread serves every controller's control plane, and the vhost-user handler
+        // reads a message's body with a blocking recv: a frontend that sends a header and
+        // never its body (or stops reading our replies) must not hold that thread. A
+        // message is handled only when epoll reports the socket readable and frontends
+        // send each message whole, so a body that is not there within the timeout never
+        // comes: the read fails and the connection is closed as broken.
+        let timeouts = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(MESSAGE_TIMEOUT)))
+            .and_then(|()| stream.set_write_timeout(Some(MESSAGE_TIMEOUT)));
+        if let Err(e) = timeouts {
+            tracing::error!(ctrlr = %ctrl.name, "cannot set up the frontend connection: {e}");
             return;
         }
         let session = Arc::new(Mutex::new(Session::new(

@@ -10,6 +10,7 @@ pub mod coalescing;
 pub mod device;
 pub mod engine;
 mod events;
+pub mod guest_fault;
 pub mod guest_map;
 pub mod guest_stream;
 pub mod rpc;

@@ -25,11 +25,13 @@ use vhost::vhost_user::{
 use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::coalescing::Coalescing;
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
+use super::guest_fault::GuestMapping;
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
 use crate::reactor::{PollerId, Reactors};
@@ -79,6 +81,9 @@ pub struct Session {
     acked_protocol_features: u64,
     mem: GuestMem,
     mappings: Vec<AddrMapping>,
+    /// Every guest memory region this session mapped, current or still used by a ring
+    /// after the frontend replaced it; unmapped once nobody else holds the region.
+    guest_mappings: Vec<(Arc<GuestRegionMmap>, GuestMapping)>,
     vrings: Vec<Vring>,
     notifier: ConfigNotifier,
     coalescing: Arc<Coalescing>,
@@ -113,6 +118,7 @@ impl Session {
             acked_protocol_features: 0,
             mem: GuestMemoryAtomic_new(),
             mappings: Vec::new(),
+            guest_mappings: Vec::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             notifier,
             coalescing,
@@ -256,12 +262,73 @@ impl Session {
         }
     }
 
+    /// Whether the frontend shrank a region's file under a mapping (see [`guest_fault`]):
+    /// the session then serves zeros instead of guest memory and must be closed.
+    ///
+    /// [`guest_fault`]: super::guest_fault
+    pub fn memory_broken(&self) -> bool {
+        self.guest_mappings.iter().any(|(_, m)| m.is_broken())
+    }
+
+    /// Unmaps the regions neither the memory table nor a ring holds any more.
+    fn unmap_unused(&mut self) {
+        self.guest_mappings
+            .retain(|(r, _)| Arc::strong_count(r) > 1);
+    }
+
     /// Stops every ring (frontend gone, controller deleted, daemon stopping).
     pub fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
             self.stop_ring(i);
         }
     }
+}
+
+/// Refuses a memory region that its fd cannot back.
+///
+/// Touching a shared mapping past the end of its file raises SIGBUS in whichever thread
+/// touches it (mmap(2)), so a frontend that declares a region larger than its fd could kill
+/// the whole daemon. vhost-user.rst passes guest memory as memfds, hugetlbfs or shm files:
+/// all regular files, whose size fstat reports, and `mmap_offset + memory_size` must lie
+/// within it. Other fd types (devices, pipes, sockets) report no usable size and are refused.
+fn check_region_fd(file: &File, mmap_offset: u64, memory_size: u64) -> VuResult<()> {
+    let md = file.metadata().map_err(VuError::ReqHandlerError)?;
+    if !md.file_type().is_file() {
+        return Err(req_err(
+            "memory region fd is not a regular file, memfd or hugetlbfs file",
+        ));
+    }
+    let end = mmap_offset.checked_add(memory_size);
+    if memory_size == 0 || end.is_none_or(|end| end > md.len()) {
+        return Err(req_err(format!(
+            "memory region of {memory_size:#x} bytes at file offset {mmap_offset:#x} does not \
+             fit in its fd of {:#x} bytes",
+            md.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Maps one region the frontend declared (checked against its fd) as a registered
+/// [`GuestMapping`], and the vm-memory region over it (which does not own the mapping).
+fn map_region(
+    file: &File,
+    gpa: u64,
+    size: u64,
+    offset: u64,
+) -> VuResult<(Arc<GuestRegionMmap>, GuestMapping)> {
+    check_region_fd(file, offset, size)?;
+    let m = GuestMapping::map(file, offset, size).map_err(VuError::ReqHandlerError)?;
+    let len = usize::try_from(size).map_err(|_| VuError::InvalidParam)?;
+    // SAFETY: `m` maps `len` bytes at this page-aligned address; the session keeps `m`
+    // until no table or ring holds the region (see `unmap_unused`).
+    let region = unsafe { MmapRegionBuilder::<()>::new(len).with_raw_mmap_pointer(m.addr()) }
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(req_err)?;
+    let r = GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or(VuError::InvalidParam)?;
+    Ok((Arc::new(r), m))
 }
 
 #[allow(non_snake_case)]
@@ -287,6 +354,16 @@ fn dup_eventfd(f: Option<&File>) -> VuResult<Option<EventFd>> {
 impl Drop for Session {
     fn drop(&mut self) {
         self.stop_all();
+        // Release the memory table, then every mapping nobody else holds; one a ring that
+        // was abandoned (see `stop_ring`) may still use stays mapped for good.
+        if let Ok(m) = self.mem.lock() {
+            m.replace(GuestMemoryMmap::new());
+        }
+        self.unmap_unused();
+        for (r, m) in self.guest_mappings.drain(..) {
+            std::mem::forget(r);
+            std::mem::forget(m);
+        }
     }
 }
 
@@ -340,12 +417,18 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         let mut regions = Vec::new();
         let mut mappings = Vec::new();
+        let mut owned = Vec::new();
+        if ctx.len() != files.len() {
+            return Err(VuError::InvalidParam);
+        }
         for (region, file) in ctx.iter().zip(files) {
-            let r = GuestRegionMmap::new(
-                region.mmap_region(file)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VuError::InvalidParam)?;
+            let (r, m) = map_region(
+                &file,
+                region.guest_phys_addr,
+                region.memory_size,
+                region.mmap_offset,
+            )?;
+            owned.push((r.clone(), m));
             mappings.push(AddrMapping {
                 vmm_addr: region.user_addr,
                 size: region.memory_size,
@@ -353,9 +436,11 @@ impl VhostUserBackendReqHandlerMut for Session {
             });
             regions.push(r);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(req_err)?;
+        let mem = GuestMemoryMmap::from_arc_regions(regions).map_err(req_err)?;
         self.mem.lock().map_err(req_err)?.replace(mem);
         self.mappings = mappings;
+        self.guest_mappings.extend(owned);
+        self.unmap_unused();
         Ok(None)
     }
 
@@ -526,15 +611,19 @@ impl VhostUserBackendReqHandlerMut for Session {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VuError::InvalidParam);
         }
-        let r = Arc::new(
-            GuestRegionMmap::new(
-                region.mmap_region(file)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VuError::InvalidParam)?,
-        );
-        let mem = self.mem.memory().insert_region(r).map_err(req_err)?;
+        let (r, m) = map_region(
+            &file,
+            region.guest_phys_addr,
+            region.memory_size,
+            region.mmap_offset,
+        )?;
+        let mem = self
+            .mem
+            .memory()
+            .insert_region(r.clone())
+            .map_err(req_err)?;
         self.mem.lock().map_err(req_err)?.replace(mem);
+        self.guest_mappings.push((r, m));
         self.mappings.push(AddrMapping {
             vmm_addr: region.user_addr,
             size: region.memory_size,
@@ -552,6 +641,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         self.mem.lock().map_err(req_err)?.replace(mem);
         self.mappings
             .retain(|m| m.gpa_base != region.guest_phys_addr);
+        self.unmap_unused();
         Ok(())
     }
 
