@@ -1,7 +1,7 @@
 //! `blockd`: the daemon. Flags follow SPDK's vhost app (`-m`, `-S`, `-r`, `--json`).
 //!
 //! Start-up order: bind the RPC socket (so a second daemon on the same socket fails before it
-//! touches anything), start the reactors, replay `--json`, then serve RPCs. SIGTERM/SIGINT
+//! touches anything), start the reactors, replay `--json` or `--config`, then serve RPCs. SIGTERM/SIGINT
 //! stop the RPC server, then `App::shutdown` drains and flushes everything, closes the rbd
 //! images and cluster connections (bounded wait), and blockd exits 0.
 
@@ -38,8 +38,13 @@ struct Args {
     )]
     rpc_socket: PathBuf,
     /// Configuration to replay at start (as written by `blockctl save_config`).
-    #[arg(long = "json")]
+    #[arg(long = "json", conflicts_with = "config")]
     json: Option<PathBuf>,
+    /// Persistent configuration: replayed at start when it exists, and rewritten
+    /// atomically after every RPC call that changes the configuration, so that a restarted
+    /// daemon (systemd `Restart=`) brings back every bdev, controller and export.
+    #[arg(long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax: info, debug, blockd::vhost=trace, ...).
     #[arg(short = 'L', long = "log-level", default_value = "info")]
     log_level: String,
@@ -141,6 +146,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Err(e);
         }
         tracing::info!(config = %path.display(), "configuration replayed");
+    }
+    if let Some(path) = &args.config {
+        if let Err(e) = app.persist_to(path) {
+            app.shutdown();
+            return Err(e);
+        }
     }
     let server = RpcServer::serve(app.clone(), listener)?;
     tracing::info!(
