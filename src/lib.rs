@@ -17,6 +17,7 @@
 //! checks it.
 
 pub mod app;
+pub mod atomic_file;
 pub mod bdev;
 pub mod bench;
 pub mod cli;

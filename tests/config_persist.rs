@@ -201,13 +201,16 @@ fn every_object_comes_back_after_kill_9_and_deletions_stay_deleted() {
     assert_eq!(names(&gone["bdevs"], "name"), ["Aio0", "Malloc0"]);
     assert_eq!(names(&gone["controllers"], "ctrlr"), ["vhost.0"]);
     assert_eq!(gone["exports"], json!([]));
-    assert_eq!(gone["controllers"], before["controllers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["ctrlr"] == "vhost.0")
-        .cloned()
-        .collect::<Value>());
+    assert_eq!(
+        gone["controllers"],
+        before["controllers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["ctrlr"] == "vhost.0")
+            .cloned()
+            .collect::<Value>()
+    );
     assert_eq!(uuids(&gone).len(), 2);
     for u in uuids(&gone) {
         assert!(uuids(&before).contains(&u), "{u} changed");
@@ -237,7 +240,10 @@ fn a_torn_file_fails_the_start_clearly_and_is_left_alone() {
     let site = Site::new();
     let torn = b"{\"subsystems\": [{\"subsystem\": \"bdev\", \"config\": [{\"method\": \"bdev_mal";
     std::fs::write(site.config(), torn).unwrap();
-    let f = site.try_start().err().expect("a torn file must fail the start");
+    let f = site
+        .try_start()
+        .err()
+        .expect("a torn file must fail the start");
     assert_eq!(f.status.code(), Some(1), "{}", f.log);
     assert!(
         f.log.contains("is not a valid JSON configuration"),
@@ -251,12 +257,20 @@ fn a_torn_file_fails_the_start_clearly_and_is_left_alone() {
     let bad = json!({"subsystems": [{"subsystem": "bdev",
         "config": [{"method": "bdev_nvme_attach_controller", "params": {}}]}]});
     std::fs::write(site.config(), bad.to_string()).unwrap();
-    let f = site.try_start().err().expect("an unknown method must fail the start");
+    let f = site
+        .try_start()
+        .err()
+        .expect("an unknown method must fail the start");
     assert!(f.log.contains("bdev_nvme_attach_controller"), "{}", f.log);
     assert_eq!(site.file(), bad);
 
     // --json and --config together are refused.
-    let a = ["--config", "/nonexistent/x.json", "--json", "/nonexistent/y.json"];
+    let a = [
+        "--config",
+        "/nonexistent/x.json",
+        "--json",
+        "/nonexistent/y.json",
+    ];
     let f = Daemon::try_start(&a).err().expect("conflicting flags");
     assert!(f.log.contains("cannot be used with"), "{}", f.log);
 }
@@ -272,7 +286,10 @@ fn saves_replace_the_file_by_rename_and_a_failed_save_fails_the_call() {
         json!({"name": "A", "num_blocks": 256, "block_size": 512}),
     );
     let second = ino();
-    assert_ne!(first, second, "a save is a new file renamed over the old one");
+    assert_ne!(
+        first, second,
+        "a save is a new file renamed over the old one"
+    );
     // A call that changes nothing does not write.
     d.rpc_ok("bdev_get_bdevs", Value::Null);
     assert_eq!(ino(), second);

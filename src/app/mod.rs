@@ -72,18 +72,21 @@ impl App {
         })
     }
 
-    /// `blockd --config FILE`: replays `FILE` when it exists (a restart) and writes the
-    /// resulting configuration back, then persists every later change made over RPC
+    /// `blockd --config FILE`: replays `FILE` when it exists (a restart), taking the rbd
+    /// images over from the dead predecessor, and writes the resulting configuration back, then persists every later change made over RPC
     /// ([`persist`]). Called before the RPC socket is served. An error (unreadable or
     /// torn file, a failed replay, a directory blockd cannot write) fails the start.
     pub fn persist_to(self: &Arc<Self>, path: &std::path::Path) -> anyhow::Result<()> {
         let file = ConfigFile::new(path);
-        if let Some(cfg) = file.read()? {
+        let cfg = file.read()?;
+        self.rbd.takeover.enable(&rbd_client_record(path));
+        if let Some(cfg) = cfg {
             load(self, &cfg).map_err(|e| e.context(format!("replaying {}", path.display())))?;
             tracing::info!(config = %path.display(), "configuration replayed");
         } else {
             tracing::info!(config = %path.display(), "no configuration yet: starting empty");
         }
+        self.rbd.takeover.settle();
         file.save(|| save(self))
             .map_err(|e| anyhow::anyhow!("cannot save the configuration: {e}"))?;
         if self.config_file.set(file).is_err() {
@@ -147,4 +150,13 @@ impl App {
         self.reactors.shutdown();
         self.rbd.shutdown(SHUTDOWN_TIMEOUT);
     }
+}
+
+/// Where `--config FILE` keeps the client addresses of the rbd connections
+/// (`FILE.rbd-clients`), for the next instance to take the images over after a crash
+/// ([`crate::bdev::rbd::takeover`]).
+fn rbd_client_record(config: &std::path::Path) -> PathBuf {
+    let mut name = config.file_name().unwrap_or_default().to_os_string();
+    name.push(".rbd-clients");
+    config.with_file_name(name)
 }

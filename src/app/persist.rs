@@ -21,14 +21,14 @@
 //! handler's `config` must save a reference to a secret (a keyring path, a key's name in a
 //! key store), never the secret itself, as `bdev_rbd_register_cluster` saves `key_file`.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::Context;
 use serde_json::Value;
+
+use crate::atomic_file::write_atomic;
 
 /// The persisted configuration file and what it holds.
 pub struct ConfigFile {
@@ -75,7 +75,9 @@ impl ConfigFile {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", self.path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", self.path.display()))
+            }
         };
         let cfg: Value = serde_json::from_slice(&bytes).with_context(|| {
             format!(
@@ -141,44 +143,10 @@ impl ConfigFile {
     }
 }
 
-/// The temporary file [`write_atomic`] writes before renaming it over `path`.
-pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-/// Replaces `path` with `data` atomically and durably: write `path.tmp` (mode 0600),
-/// fsync it, rename it over `path`, fsync the directory (rename(2); fsync(2) on a
-/// directory makes the new entry durable).
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = temp_path(path);
-    let err = |what: &str, p: &Path, e: io::Error| {
-        io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
-    };
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| err("cannot create", &tmp, e))?;
-    f.write_all(data).map_err(|e| err("cannot write", &tmp, e))?;
-    f.sync_all().map_err(|e| err("cannot fsync", &tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| err("cannot rename over", path, e))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| err("cannot fsync directory", dir, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::atomic_file::temp_path;
     use serde_json::json;
 
     #[test]
@@ -215,7 +183,10 @@ mod tests {
         let path = dir.path().join("c.json");
         std::fs::write(&path, b"{\"subsystems\": [{\"subsys").unwrap();
         let e = ConfigFile::new(&path).read().unwrap_err();
-        assert!(format!("{e:#}").contains("not a valid JSON configuration"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("not a valid JSON configuration"),
+            "{e:#}"
+        );
         std::fs::write(&path, b"[1]").unwrap();
         let e = ConfigFile::new(&path).read().unwrap_err();
         assert!(e.to_string().contains("no \"subsystems\""), "{e}");
