@@ -30,6 +30,9 @@ use crate::rbd::{Image, Rados, RbdError};
 /// of the dead client could linger, short enough not to accumulate.
 pub const BLOCKLIST_EXPIRE: Duration = Duration::from_secs(3600);
 
+/// `RBD_FEATURE_EXCLUSIVE_LOCK` (librbd.h).
+const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+
 /// One RADOS connection of an instance.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Client {
@@ -161,6 +164,10 @@ impl Takeover {
         }
         drop(st);
         let mut broken = Vec::new();
+        if image.features()? & RBD_FEATURE_EXCLUSIVE_LOCK == 0 {
+            // No lock to break (librbd answers EINVAL for its owners).
+            return Ok(broken);
+        }
         for owner in image.lock_owners()? {
             if mine.iter().any(|c| same_client(&c.addr, &owner)) {
                 image.lock_break(&owner)?;
