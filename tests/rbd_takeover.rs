@@ -67,10 +67,17 @@ fn a_restart_after_kill_9_takes_the_image_over_within_seconds() {
         return;
     };
     let image = unique("takeover");
-    ceph::rbd_cli(
-        &conf,
-        &["create", &format!("{POOL}/{image}"), "--size", "16M"],
-    );
+    let image2 = unique("takeover");
+    for i in [&image, &image2] {
+        ceph::rbd_cli(&conf, &["create", &format!("{POOL}/{i}"), "--size", "16M"]);
+    }
+    let lock_ls = |i: &str| {
+        let o = ceph::rbd_cli(
+            &conf,
+            &["lock", "ls", "--format", "json", &format!("{POOL}/{i}")],
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let sockets = dir.path().join("sockets");
@@ -91,9 +98,19 @@ fn a_restart_after_kill_9_takes_the_image_over_within_seconds() {
             .unwrap_or_else(|f| panic!("blockd failed to start ({}):\n{}", f.status, f.log))
     };
     let mut d = start();
+    // Two connections: the bdev's own, and a registered cluster's.
     d.rpc_ok(
         "bdev_rbd_create",
         json!({"name": "Rbd0", "pool_name": POOL, "rbd_name": image, "block_size": 512}),
+    );
+    d.rpc_ok(
+        "bdev_rbd_register_cluster",
+        json!({"name": "c1", "config_file": conf}),
+    );
+    d.rpc_ok(
+        "bdev_rbd_create",
+        json!({"name": "Rbd1", "pool_name": POOL, "rbd_name": image2, "block_size": 512,
+               "cluster_name": "c1"}),
     );
     d.rpc_ok(
         "vhost_create_blk_controller",
@@ -106,15 +123,11 @@ fn a_restart_after_kill_9_takes_the_image_over_within_seconds() {
     let mut c = BlkClient::connect(vsock, 1, 1 << 16).unwrap();
     let last_before = write_for(&mut c, Duration::from_millis(500), &mut seq);
     let predecessor = record_addrs(&record);
-    assert_eq!(predecessor.len(), 1, "one connection: {predecessor:?}");
-    let owners = ceph::rbd_cli(
-        &conf,
-        &["lock", "ls", "--format", "json", &format!("{POOL}/{image}")],
-    );
-    let owners = String::from_utf8_lossy(&owners.stdout).into_owned();
+    assert_eq!(predecessor.len(), 2, "two connections: {predecessor:?}");
+    let owners = lock_ls(&image);
     assert!(
-        owners.contains(&predecessor[0]),
-        "the lock is owned by {owners}, not {predecessor:?}"
+        predecessor.iter().any(|a| owners.contains(a.as_str())),
+        "the lock is owned by {owners}, not by {predecessor:?}"
     );
 
     d.signal(libc::SIGKILL);
@@ -145,27 +158,35 @@ fn a_restart_after_kill_9_takes_the_image_over_within_seconds() {
         "{log}"
     );
 
-    // The predecessor is blocklisted; the new instance, on a new address, is not, and
+    // The predecessor is blocklisted; the new instance, on new addresses, is not, and
     // owns the lock now.
     let blocklist = ceph_cmd(&conf, &["osd", "blocklist", "ls"]);
-    assert!(blocklist.contains(&predecessor[0]), "{blocklist}");
+    for a in &predecessor {
+        assert!(blocklist.contains(a.as_str()), "{a} not in {blocklist}");
+    }
     let now = record_addrs(&record);
     assert_eq!(
         now.len(),
-        1,
+        2,
         "the record lists only the new instance after the start: {now:?}"
     );
-    assert_ne!(now, predecessor);
-    assert!(!blocklist.contains(&now[0]), "{blocklist}");
+    for a in &now {
+        assert!(!predecessor.contains(a), "{a} is reused");
+        assert!(!blocklist.contains(a.as_str()), "{a} in {blocklist}");
+    }
     write_for(&mut c, Duration::from_millis(200), &mut seq);
-    let owners = ceph::rbd_cli(
-        &conf,
-        &["lock", "ls", "--format", "json", &format!("{POOL}/{image}")],
+    let owners = lock_ls(&image);
+    assert!(
+        now.iter().any(|a| owners.contains(a.as_str())),
+        "{owners} vs {now:?}"
     );
-    assert!(String::from_utf8_lossy(&owners.stdout).contains(&now[0]));
 
     drop(c);
     assert!(d.stop().success());
-    let _ = ceph_cmd(&conf, &["osd", "blocklist", "rm", &predecessor[0]]);
-    ceph::rbd_cli(&conf, &["rm", "--no-progress", &format!("{POOL}/{image}")]);
+    for a in &predecessor {
+        let _ = ceph_cmd(&conf, &["osd", "blocklist", "rm", a]);
+    }
+    for i in [&image, &image2] {
+        ceph::rbd_cli(&conf, &["rm", "--no-progress", &format!("{POOL}/{i}")]);
+    }
 }

@@ -57,6 +57,8 @@ struct State {
     blocklisted: BTreeSet<Client>,
     /// This instance's connections.
     own: BTreeSet<Client>,
+    /// The start-up replay is done: the record lists only `own`.
+    settled: bool,
 }
 
 /// The record of this instance's RADOS clients and the predecessor's (part of
@@ -106,11 +108,6 @@ impl Takeover {
         st.predecessors = predecessors;
     }
 
-    /// The predecessor's clients (as read at start, until [`Takeover::settle`]).
-    pub fn predecessors(&self) -> Vec<Client> {
-        self.lock().predecessors.iter().cloned().collect()
-    }
-
     /// Records `conn`'s address before it opens an image (so that the next instance can
     /// take over what it locks). Fails when the record cannot be written: an image opened
     /// anyway would hold off the next instance for the watch timeout after a crash.
@@ -150,11 +147,28 @@ impl Takeover {
             .filter(|c| c.fsid == fsid && !st.own.contains(c))
             .cloned()
             .collect();
-        for c in &mine {
-            if st.blocklisted.contains(c) {
-                continue;
-            }
-            conn.blocklist_add(&c.addr, BLOCKLIST_EXPIRE)?;
+        // Each command waits for the monitors to commit a new OSD map: sent together,
+        // they share one commit instead of one each.
+        let todo: Vec<&Client> = mine
+            .iter()
+            .filter(|c| !st.blocklisted.contains(*c))
+            .collect();
+        let results: Vec<Result<(), RbdError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = todo
+                .iter()
+                .map(|c| s.spawn(|| conn.blocklist_add(&c.addr, BLOCKLIST_EXPIRE)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(RbdError::new(libc::EIO, "blocklisting thread panicked"))
+                    })
+                })
+                .collect()
+        });
+        for (c, r) in todo.into_iter().zip(results) {
+            r?;
             tracing::info!(
                 addr = c.addr,
                 fsid = c.fsid,
@@ -182,14 +196,16 @@ impl Takeover {
         Ok(broken)
     }
 
-    /// The start-up replay is done: every image the predecessor could have locked is taken
-    /// over, so the record now lists only this instance's clients.
+    /// The start-up replay is done: every image of the configuration is taken over, so the
+    /// record now lists only this instance's clients. The predecessor's stay known in
+    /// memory: an image created later over RPC (an agent recreating the configuration
+    /// itself) is taken over too.
     pub fn settle(&self) {
         let mut st = self.lock();
         if st.path.is_none() {
             return;
         }
-        st.predecessors.clear();
+        st.settled = true;
         if let Err(e) = write_record(&st) {
             tracing::warn!("{e}");
         }
@@ -202,9 +218,14 @@ fn write_record(st: &State) -> Result<(), RbdError> {
     };
     // Until `settle`, the predecessor's clients stay listed: an instance that dies while
     // starting must not make its successor forget them.
+    let clients = if st.settled {
+        st.own.iter().cloned().collect()
+    } else {
+        st.own.union(&st.predecessors).cloned().collect()
+    };
     let rec = Record {
         pid: std::process::id(),
-        clients: st.own.union(&st.predecessors).cloned().collect(),
+        clients,
     };
     let text =
         serde_json::to_vec_pretty(&rec).map_err(|e| RbdError::new(libc::EIO, e.to_string()))?;
