@@ -73,9 +73,10 @@ impl App {
     }
 
     /// `blockd --config FILE`: replays `FILE` when it exists (a restart), taking the rbd
-    /// images over from the dead predecessor, and writes the resulting configuration back, then persists every later change made over RPC
-    /// ([`persist`]). Called before the RPC socket is served. An error (unreadable or
-    /// torn file, a failed replay, a directory blockd cannot write) fails the start.
+    /// images over from the dead predecessor, writes the resulting configuration back, and
+    /// from then on persists every change made over RPC ([`persist`]). Called before the
+    /// RPC socket is served. An error (unreadable or torn file, a failed replay, a
+    /// directory blockd cannot write) fails the start.
     pub fn persist_to(self: &Arc<Self>, path: &std::path::Path) -> anyhow::Result<()> {
         let file = ConfigFile::new(path);
         let cfg = file.read()?;

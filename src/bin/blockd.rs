@@ -1,9 +1,9 @@
 //! `blockd`: the daemon. Flags follow SPDK's vhost app (`-m`, `-S`, `-r`, `--json`).
 //!
 //! Start-up order: bind the RPC socket (so a second daemon on the same socket fails before it
-//! touches anything), start the reactors, replay `--json` or `--config`, then serve RPCs. SIGTERM/SIGINT
-//! stop the RPC server, then `App::shutdown` drains and flushes everything, closes the rbd
-//! images and cluster connections (bounded wait), and blockd exits 0.
+//! touches anything), start the reactors, replay `--json` or `--config`, then serve RPCs.
+//! SIGTERM/SIGINT stop the RPC server, then `App::shutdown` drains and flushes everything,
+//! closes the rbd images and cluster connections (bounded wait), and blockd exits 0.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

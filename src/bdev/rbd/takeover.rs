@@ -30,6 +30,10 @@ use crate::rbd::{Image, Rados, RbdError};
 /// of the dead client could linger, short enough not to accumulate.
 pub const BLOCKLIST_EXPIRE: Duration = Duration::from_secs(3600);
 
+/// Blocklist commands sent at once (the record lists one client per connection the
+/// predecessor ever opened, closed ones included).
+const BLOCKLIST_BATCH: usize = 16;
+
 /// `RBD_FEATURE_EXCLUSIVE_LOCK` (librbd.h).
 const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
 
@@ -153,20 +157,20 @@ impl Takeover {
             .iter()
             .filter(|c| !st.blocklisted.contains(*c))
             .collect();
-        let results: Vec<Result<(), RbdError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = todo
-                .iter()
-                .map(|c| s.spawn(|| conn.blocklist_add(&c.addr, BLOCKLIST_EXPIRE)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
+        let mut results: Vec<Result<(), RbdError>> = Vec::with_capacity(todo.len());
+        for batch in todo.chunks(BLOCKLIST_BATCH) {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = batch
+                    .iter()
+                    .map(|c| s.spawn(|| conn.blocklist_add(&c.addr, BLOCKLIST_EXPIRE)))
+                    .collect();
+                results.extend(handles.into_iter().map(|h| {
                     h.join().unwrap_or_else(|_| {
                         Err(RbdError::new(libc::EIO, "blocklisting thread panicked"))
                     })
-                })
-                .collect()
-        });
+                }));
+            });
+        }
         for (c, r) in todo.into_iter().zip(results) {
             r?;
             tracing::info!(
