@@ -20,6 +20,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod app;
+pub mod atomic_file;
 pub mod bdev;
 pub mod bench;
 pub mod cli;

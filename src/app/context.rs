@@ -16,13 +16,17 @@ use crate::nbd::rpc::NbdContext;
 use crate::nbd::NbdState;
 use crate::reactor::Reactors;
 use crate::rpc::framework::FrameworkContext;
-use crate::rpc::{RpcContext, RpcMethods};
+use crate::rpc::{RpcContext, RpcError, RpcMethods};
 use crate::vhost::rpc::VhostContext;
 use crate::vhost::VhostRegistry;
 
 impl RpcContext for App {
     fn methods(&self) -> &RpcMethods<App> {
         &self.rpc
+    }
+
+    fn after_call(&self, method: &str, succeeded: bool) -> Result<(), RpcError> {
+        self.persist_after_call(method, succeeded)
     }
 }
 

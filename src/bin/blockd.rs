@@ -1,9 +1,9 @@
 //! `blockd`: the daemon. Flags follow SPDK's vhost app (`-m`, `-S`, `-r`, `--json`).
 //!
 //! Start-up order: bind the RPC socket (so a second daemon on the same socket fails before it
-//! touches anything), start the reactors, replay `--json`, then serve RPCs. SIGTERM/SIGINT
-//! stop the RPC server, then `App::shutdown` drains and flushes everything, closes the rbd
-//! images and cluster connections (bounded wait), and blockd exits 0.
+//! touches anything), start the reactors, replay `--json` or `--config`, then serve RPCs.
+//! SIGTERM/SIGINT stop the RPC server, then `App::shutdown` drains and flushes everything,
+//! closes the rbd images and cluster connections (bounded wait), and blockd exits 0.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -41,8 +41,13 @@ struct Args {
     )]
     rpc_socket: PathBuf,
     /// Configuration to replay at start (as written by `blockctl save_config`).
-    #[arg(long = "json")]
+    #[arg(long = "json", conflicts_with = "config")]
     json: Option<PathBuf>,
+    /// Persistent configuration: replayed at start when it exists, and rewritten
+    /// atomically after every RPC call that changes the configuration, so that a restarted
+    /// daemon (systemd `Restart=`) brings back every bdev, controller and export.
+    #[arg(long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax: info, debug, blockd::vhost=trace, ...).
     #[arg(short = 'L', long = "log-level", default_value = "info")]
     log_level: String,
@@ -144,6 +149,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Err(e);
         }
         tracing::info!(config = %path.display(), "configuration replayed");
+    }
+    if let Some(path) = &args.config {
+        if let Err(e) = app.persist_to(path) {
+            app.shutdown();
+            return Err(e);
+        }
     }
     let server = RpcServer::serve(app.clone(), listener)?;
     tracing::info!(

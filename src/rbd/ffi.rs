@@ -150,6 +150,7 @@ api! {
     rados fn rados_pool_delete(rados_t, *const c_char) -> c_int;
     rados fn rados_mon_command(rados_t, *mut *const c_char, usize, *const c_char, usize, *mut *mut c_char, *mut usize, *mut *mut c_char, *mut usize) -> c_int;
     rados fn rados_buffer_free(*mut c_char) -> ();
+    rados fn rados_getaddrs(rados_t, *mut *mut c_char) -> c_int;
     rbd fn rbd_version(*mut c_int, *mut c_int, *mut c_int) -> ();
     rbd fn rbd_pool_init(rados_ioctx_t, bool) -> c_int;
     rbd fn rbd_image_options_create(*mut rbd_image_options_t) -> ();
@@ -171,6 +172,9 @@ api! {
     rbd fn rbd_snap_get_timestamp(rbd_image_t, u64, *mut libc::timespec) -> c_int;
     rbd fn rbd_flatten(rbd_image_t) -> c_int;
     rbd fn rbd_lock_release(rbd_image_t) -> c_int;
+    rbd fn rbd_lock_get_owners(rbd_image_t, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
+    rbd fn rbd_lock_get_owners_cleanup(*mut *mut c_char, usize) -> ();
+    rbd fn rbd_lock_break(rbd_image_t, c_int, *const c_char) -> c_int;
     rbd fn rbd_diff_iterate2(rbd_image_t, *const c_char, u64, u64, u8, u8, rbd_diff_cb, *mut c_void) -> c_int;
     rbd fn rbd_watchers_list(rbd_image_t, *mut rbd_image_watcher_t, *mut usize) -> c_int;
     rbd fn rbd_watchers_list_cleanup(*mut rbd_image_watcher_t, usize) -> ();

@@ -368,6 +368,48 @@ impl Image {
         unsafe { (self.api.rbd_lock_release)(self.h) == 0 }
     }
 
+    /// The client addresses owning the image's exclusive lock (`rbd_lock_get_owners`);
+    /// empty when nobody holds it.
+    pub fn lock_owners(&self) -> RbdResult<Vec<String>> {
+        let mut mode: c_int = 0;
+        let mut owners: [*mut c_char; 8] = [ptr::null_mut(); 8];
+        let mut n = owners.len();
+        // SAFETY: live image; an array of `n` pointers librbd fills and we release with
+        // rbd_lock_get_owners_cleanup.
+        let rc = unsafe {
+            (self.api.rbd_lock_get_owners)(self.h, &mut mode, owners.as_mut_ptr(), &mut n)
+        };
+        if rc == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        check(rc as i64, "getting the lock owners of", &self.what)?;
+        let n = n.min(owners.len());
+        let list = owners[..n]
+            .iter()
+            .filter(|p| !p.is_null())
+            // SAFETY: NUL-terminated strings librbd allocated, alive until the cleanup.
+            .map(|p| unsafe { CStr::from_ptr(*p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: the `n` entries librbd filled, released once.
+        unsafe { (self.api.rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), n) };
+        Ok(list)
+    }
+
+    /// Breaks the exclusive lock held by `owner` (`rbd_lock_break`; librbd blocklists the
+    /// owner first unless `rbd_blocklist_on_break_lock` is off). Only for an owner known to
+    /// be dead: a live one loses its writes.
+    pub fn lock_break(&self, owner: &str) -> RbdResult<()> {
+        let o = cstr(owner, "lock owner")?;
+        // SAFETY: live image, C string; 0 is RBD_LOCK_MODE_EXCLUSIVE.
+        let rc = unsafe { (self.api.rbd_lock_break)(self.h, 0, o.as_ptr()) };
+        check(
+            rc as i64,
+            &format!("breaking the lock of {owner} on"),
+            &self.what,
+        )?;
+        Ok(())
+    }
+
     /// Copies the parent's data into this clone and detaches it.
     pub fn flatten(&self) -> RbdResult<()> {
         // SAFETY: live image.

@@ -6,6 +6,7 @@ use std::ffi::{c_char, CString};
 use std::path::PathBuf;
 use std::ptr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::error::{check, RbdError, RbdResult};
 use super::ffi::{self, rados_ioctx_t, rados_t, Api};
@@ -220,6 +221,46 @@ impl Rados {
             &format!("cluster {}", self.label),
         )?;
         Ok(c_buf_to_string(&buf))
+    }
+
+    /// This connection's client address as the OSDs see it (`rados_getaddrs`), e.g.
+    /// `127.0.0.1:0/3521787523`: unique per connection (the nonce), the address lock
+    /// owners are reported under and blocklists take.
+    pub fn addrs(&self) -> RbdResult<String> {
+        let mut p: *mut c_char = ptr::null_mut();
+        // SAFETY: live, connected handle; out-pointer librados fills with a strdup'ed string.
+        let rc = unsafe { (self.api.rados_getaddrs)(self.h, &mut p) };
+        check(
+            rc as i64,
+            "getting the client address of",
+            &format!("cluster {}", self.label),
+        )?;
+        if p.is_null() {
+            return Err(RbdError::new(
+                libc::EIO,
+                "rados_getaddrs returned no address",
+            ));
+        }
+        // SAFETY: a NUL-terminated string librados allocated with strdup; freed once, here.
+        let s = unsafe {
+            let s = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+            libc::free(p.cast());
+            s
+        };
+        Ok(s)
+    }
+
+    /// Blocklists client address `addr` (`ceph osd blocklist add ADDR EXPIRE`): the OSDs
+    /// refuse its requests and drop its watches, so its exclusive locks can be broken at
+    /// once. Needs the monitor capability `osd blocklist` (`profile rbd` has it).
+    pub fn blocklist_add(&self, addr: &str, expire: Duration) -> RbdResult<()> {
+        self.mon_command(&serde_json::json!({
+            "prefix": "osd blocklist",
+            "blocklistop": "add",
+            "addr": addr,
+            "expire": expire.as_secs_f64(),
+        }))
+        .map(|_| ())
     }
 
     /// Creates a replicated pool with the cluster's defaults.

@@ -102,6 +102,13 @@ pub type RpcHandler<C> = fn(&Arc<C>, Option<Value>) -> RpcResult;
 /// A context RPC requests are served on: it holds its method table.
 pub trait RpcContext: Send + Sync + Sized + 'static {
     fn methods(&self) -> &RpcMethods<Self>;
+
+    /// Runs after every call a client made (not after a configuration replay), with whether
+    /// it succeeded: the application persists a changed configuration here. An error fails
+    /// the call with it (the change is made but not saved).
+    fn after_call(&self, _method: &str, _succeeded: bool) -> Result<(), RpcError> {
+        Ok(())
+    }
 }
 
 /// Decodes `params` into `T`, answering -32602 with serde's description of what is wrong

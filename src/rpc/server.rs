@@ -481,7 +481,9 @@ pub(crate) fn handle_request<C: RpcContext>(app: &Arc<C>, v: Value) -> Option<Va
     };
     tracing::debug!(%method, id = %reply_id, "RPC request");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        app.methods().call(app, &method, params)
+        let r = app.methods().call(app, &method, params);
+        let after = app.after_call(&method, r.is_ok());
+        r.and_then(|v| after.map(|()| v))
     }))
     .unwrap_or_else(|_| {
         tracing::error!(%method, "RPC handler panicked");

@@ -24,6 +24,7 @@
 pub mod cluster;
 pub mod rpc;
 mod shutdown;
+pub mod takeover;
 
 pub use shutdown::SHUTDOWN_TIMEOUT;
 
@@ -584,6 +585,8 @@ fn no_such_bdev(name: &str) -> RbdError {
 #[derive(Default)]
 pub struct RbdState {
     pub clusters: cluster::Clusters,
+    /// The record of this instance's RADOS clients, and the predecessor's to take over.
+    pub takeover: takeover::Takeover,
     bdevs: Mutex<BTreeMap<String, Entry>>,
 }
 
@@ -641,6 +644,8 @@ impl RbdState {
             }
             e.into()
         };
+        // Recorded before the image can be locked through it (see [`takeover`]).
+        self.takeover.adopt(&conn).map_err(release)?;
         let opened = conn
             .ioctx(&cfg.pool_name)
             .and_then(|io| {
@@ -652,6 +657,16 @@ impl RbdState {
             })
             .and_then(|img| img.size().map(|s| (img, s)));
         let (image, size) = opened.map_err(release)?;
+        if !cfg.read_only {
+            // A failure costs only the wait for the dead owner's watch to expire.
+            if let Err(e) = self.takeover.take_over(&conn, &image) {
+                tracing::warn!(
+                    "{}: cannot take the image over from the previous instance: {e}; its \
+                     first write waits until the old lock owner's watch expires",
+                    image.what()
+                );
+            }
+        }
         let blocks = size / cfg.block_size as u64;
         if blocks == 0 {
             return Err(release(RbdError::invalid(format!(
