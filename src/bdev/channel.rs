@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::stats::LocalStats;
+use super::stats::ChannelStats;
 use super::{Bdev, Errno, IoChannel, IoKind, IoOp, IoResult};
 
 /// An operation handed to the backend, indexed by the tag the backend sees.
@@ -55,7 +55,7 @@ pub struct BdevChannel {
     /// Since when this channel has had something in the backend (for `io_time`).
     busy_since: Option<Instant>,
     /// Statistics gathered since the last poll or kick, merged into the bdev's then.
-    stats: LocalStats,
+    stats: ChannelStats,
     /// The time of this batch of submissions (one clock read per batch, reset by `kick`
     /// and `poll`): start time of the operations and QoS clock.
     batch_now: Option<Now>,
@@ -75,7 +75,7 @@ impl BdevChannel {
             to_flush: Vec::new(),
             retry_at: None,
             busy_since: None,
-            stats: LocalStats::default(),
+            stats: ChannelStats::default(),
             batch_now: None,
             epoch: Instant::now(),
         }

@@ -9,7 +9,7 @@
 
 pub mod aio;
 pub mod channel;
-pub mod local;
+pub mod localpool;
 pub mod malloc;
 pub mod null;
 pub mod qos;

@@ -116,9 +116,9 @@ impl ResetMode {
 /// Statistics one channel gathers between two [`BdevStats::merge`]s, so that the hot path
 /// does plain arithmetic instead of a handful of atomic read-modify-writes per operation.
 #[derive(Default, Debug)]
-pub struct LocalStats {
+pub struct ChannelStats {
     /// ops, bytes, latency sum, min, max; indexed by [`kind_index`].
-    kinds: [LocalKind; 5],
+    kinds: [ChannelKindStats; 5],
     errors: u64,
     /// Change of the bdev's queue depth since the last merge.
     pub queue_depth: i64,
@@ -126,7 +126,8 @@ pub struct LocalStats {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct LocalKind {
+/// One operation kind's share of [`ChannelStats`].
+struct ChannelKindStats {
     ops: u64,
     bytes: u64,
     lat_sum: u64,
@@ -134,9 +135,9 @@ struct LocalKind {
     lat_max: u64,
 }
 
-impl Default for LocalKind {
+impl Default for ChannelKindStats {
     fn default() -> Self {
-        LocalKind {
+        ChannelKindStats {
             ops: 0,
             bytes: 0,
             lat_sum: 0,
@@ -156,7 +157,7 @@ fn kind_index(kind: IoKind) -> usize {
     }
 }
 
-impl LocalStats {
+impl ChannelStats {
     /// As [`BdevStats::record`], into this batch.
     #[inline]
     pub fn record(&mut self, kind: IoKind, bytes: u64, latency_ns: u64, ok: bool) {
@@ -188,7 +189,7 @@ impl LocalStats {
 
 impl BdevStats {
     /// Adds a channel's batch to the totals and clears the batch.
-    pub fn merge(&self, local: &mut LocalStats) {
+    pub fn merge(&self, local: &mut ChannelStats) {
         if !local.dirty {
             return;
         }
@@ -220,7 +221,7 @@ impl BdevStats {
             self.num_flush_ops.fetch_add(f.ops, Relaxed);
             self.flush_lat.add_batch(f.lat_sum, f.lat_min, f.lat_max);
         }
-        *local = LocalStats::default();
+        *local = ChannelStats::default();
     }
 
     /// Accounts one completed operation of `kind` moving `bytes` that took `latency_ns`.
@@ -422,7 +423,7 @@ mod tests {
     fn batches_merge_like_single_records() {
         let one = BdevStats::default();
         let batched = BdevStats::default();
-        let mut local = LocalStats::default();
+        let mut local = ChannelStats::default();
         let ops = [
             (IoKind::Read, 4096, 100, true),
             (IoKind::Read, 512, 300, true),

@@ -11,9 +11,9 @@
 //! `#[command(subcommand)]` for a `blockctl image create ...`-style group).
 
 pub mod bdev;
+pub mod bdev_local;
 pub mod client;
 pub mod framework;
-pub mod local;
 pub mod log;
 pub mod map;
 pub mod nbd;
@@ -85,7 +85,7 @@ commands! {
     #[command(flatten)]
     Rbd(rbd::RbdCmd),
     #[command(flatten)]
-    Local(local::LocalCmd),
+    Local(bdev_local::BdevLocalCmd),
     #[command(flatten)]
     Vhost(vhost::VhostCmd),
     #[command(flatten)]
@@ -102,9 +102,9 @@ commands! {
     Bench(crate::bench::BenchArgs),
     /// RBD images, straight to the cluster (like `rbd`), or in a local pool (`local:POOL/IMAGE`):
     /// create, ls, info, snap, import ...
-    Image(crate::rbdcli::local::ImageArgs),
+    Image(crate::rbdcli::localpool::ImageArgs),
     /// RBD pools, straight to the cluster, or local pools (`local:POOL`, `pool ls --local`).
-    Pool(crate::rbdcli::local::PoolArgs),
+    Pool(crate::rbdcli::localpool::PoolArgs),
 }
 
 // The commands that never reach the daemon are implemented beside it (bench, rbdcli): their
@@ -115,15 +115,15 @@ impl Run for crate::bench::BenchArgs {
     }
 }
 
-impl Run for crate::rbdcli::local::ImageArgs {
+impl Run for crate::rbdcli::localpool::ImageArgs {
     fn run(self, _ctx: &Ctx) -> anyhow::Result<()> {
-        crate::rbdcli::local::run_image(&self.opts, self.cmd)
+        crate::rbdcli::localpool::run_image(&self.opts, self.cmd)
     }
 }
 
-impl Run for crate::rbdcli::local::PoolArgs {
+impl Run for crate::rbdcli::localpool::PoolArgs {
     fn run(self, _ctx: &Ctx) -> anyhow::Result<()> {
-        crate::rbdcli::local::run_pool(&self.opts, self.cmd)
+        crate::rbdcli::localpool::run_pool(&self.opts, self.cmd)
     }
 }
 

@@ -4,7 +4,7 @@
 //! `--format json` with `rbd`'s JSON shapes.
 
 pub mod image;
-pub mod local;
+pub mod localpool;
 pub mod pool;
 pub mod present;
 pub mod progress;

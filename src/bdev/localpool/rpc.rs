@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::LocalOpts;
+use super::LocalPoolBdevOpts;
 use crate::bdev::rpc::delete_product;
 use crate::bdev::rpc::BdevContext;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
@@ -39,7 +39,7 @@ fn create<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     };
     let bdev = super::create(
         app.bdevs(),
-        LocalOpts {
+        LocalPoolBdevOpts {
             name,
             pool: p.pool,
             image: p.image,

@@ -1,4 +1,4 @@
-//! The `local` backend: a bdev over an image of the embedded local pool
+//! The local-pool backend: a bdev over an image of the embedded local pool
 //! ([`crate::localpool`]), blockd's own `bdev_local_create`.
 //!
 //! A thin layer over the [`aio`] backend: the pool library resolves
@@ -35,7 +35,7 @@ pub const PRODUCT_NAME: &str = "Local pool image";
 
 /// What `bdev_local_create` needs.
 #[derive(Clone, Debug)]
-pub struct LocalOpts {
+pub struct LocalPoolBdevOpts {
     pub name: String,
     pub pool: String,
     pub image: String,
@@ -48,9 +48,9 @@ pub struct LocalOpts {
 }
 
 /// The local backend: an aio bdev (never registered) on the image's data file.
-struct LocalBackend {
+struct LocalPoolBackend {
     inner: Arc<Bdev>,
-    opts: LocalOpts,
+    opts: LocalPoolBdevOpts,
     root: PoolRoot,
     /// The image's use lock, released when the bdev is deleted.
     served: Mutex<Option<ServedImage>>,
@@ -61,7 +61,7 @@ fn pool_err(e: localpool::Error) -> Error {
 }
 
 /// Creates a bdev on `{pool, image}` and registers it (`bdev_local_create`).
-pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> crate::error::Result<Arc<Bdev>> {
+pub fn create(registry: &BdevRegistry, opts: LocalPoolBdevOpts) -> crate::error::Result<Arc<Bdev>> {
     if opts.name.is_empty() {
         return Err(Error::invalid("name must not be empty"));
     }
@@ -97,7 +97,7 @@ pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> crate::error::Result<
         block_size: inner.block_size(),
         num_blocks: inner.num_blocks(),
     };
-    let backend = LocalBackend {
+    let backend = LocalPoolBackend {
         inner,
         opts,
         root,
@@ -118,7 +118,7 @@ pub fn create(registry: &BdevRegistry, opts: LocalOpts) -> crate::error::Result<
     Ok(bdev)
 }
 
-impl BdevBackend for LocalBackend {
+impl BdevBackend for LocalPoolBackend {
     fn product_name(&self) -> &'static str {
         PRODUCT_NAME
     }

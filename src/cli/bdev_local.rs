@@ -7,7 +7,7 @@ use super::{params_of, Ctx, Run};
 /// local bdev methods.
 #[derive(clap::Subcommand, Debug)]
 #[command(rename_all = "snake_case")]
-pub enum LocalCmd {
+pub enum BdevLocalCmd {
     /// Create a bdev on an image of a local pool (blockctl image create local:POOL/IMAGE).
     BdevLocalCreate {
         /// Pool of the image (with or without `local:`).
@@ -40,10 +40,10 @@ pub enum LocalCmd {
     },
 }
 
-impl Run for LocalCmd {
+impl Run for BdevLocalCmd {
     fn run(self, ctx: &Ctx) -> anyhow::Result<()> {
         match self {
-            LocalCmd::BdevLocalCreate {
+            BdevLocalCmd::BdevLocalCreate {
                 pool,
                 image,
                 name,
@@ -66,7 +66,7 @@ impl Run for LocalCmd {
                     ]),
                 )
             }
-            LocalCmd::BdevLocalDelete { name } => {
+            BdevLocalCmd::BdevLocalDelete { name } => {
                 ctx.call_print("bdev_local_delete", Some(json!({ "name": name })))
             }
         }

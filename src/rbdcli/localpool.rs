@@ -31,7 +31,7 @@ pub const PREFIX: &str = "local:";
 
 /// Options of every `image`/`pool` subcommand, given anywhere after `image`/`pool`.
 #[derive(clap::Args, Clone, Debug, Default)]
-pub struct LocalOpts {
+pub struct LocalPoolArgs {
     /// Every spec names a local pool (as if prefixed with `local:`); `pool ls` lists local
     /// pools.
     #[arg(long = "local", short = 'L', global = true)]
@@ -45,7 +45,7 @@ pub struct LocalOpts {
     pub format: Format,
 }
 
-impl LocalOpts {
+impl LocalPoolArgs {
     /// The spec without its `local:` prefix when it names a local pool.
     fn local<'a>(&self, spec: &'a str) -> Option<&'a str> {
         spec.strip_prefix(PREFIX)
@@ -65,7 +65,7 @@ impl LocalOpts {
 #[derive(clap::Args, Debug)]
 pub struct ImageArgs {
     #[command(flatten)]
-    pub opts: LocalOpts,
+    pub opts: LocalPoolArgs,
     #[command(subcommand)]
     pub cmd: ImageCommand,
 }
@@ -74,7 +74,7 @@ pub struct ImageArgs {
 #[derive(clap::Args, Debug)]
 pub struct PoolArgs {
     #[command(flatten)]
-    pub opts: LocalOpts,
+    pub opts: LocalPoolArgs,
     #[command(subcommand)]
     pub cmd: PoolCommand,
 }
@@ -121,7 +121,7 @@ fn ceph_of(cmd: &ImageCommand) -> &CephArgs {
 }
 
 /// Runs an `image` subcommand on the local pool or Ceph, as its spec says.
-pub fn run_image(opts: &LocalOpts, cmd: ImageCommand) -> anyhow::Result<()> {
+pub fn run_image(opts: &LocalPoolArgs, cmd: ImageCommand) -> anyhow::Result<()> {
     let mut opts = opts.clone();
     opts.format = if ceph_of(&cmd).json() {
         Format::Json
@@ -137,7 +137,7 @@ pub fn run_image(opts: &LocalOpts, cmd: ImageCommand) -> anyhow::Result<()> {
 
 /// Runs `cmd` when it names a local pool (`Ok(None)`); hands it back otherwise.
 fn local_image(
-    opts: &LocalOpts,
+    opts: &LocalPoolArgs,
     root: &PoolRoot,
     cmd: ImageCommand,
 ) -> anyhow::Result<Option<ImageCommand>> {
@@ -323,7 +323,12 @@ fn local_image(
     Ok(None)
 }
 
-fn snap(opts: &LocalOpts, root: &PoolRoot, cmd: &SnapCommand, spec: &str) -> anyhow::Result<()> {
+fn snap(
+    opts: &LocalPoolArgs,
+    root: &PoolRoot,
+    cmd: &SnapCommand,
+    spec: &str,
+) -> anyhow::Result<()> {
     if let SnapCommand::Ls { .. } = cmd {
         let (pool, s) = parse(root, spec)?;
         let snaps = pool.snap_list(&s.image)?;
@@ -367,7 +372,7 @@ fn snap(opts: &LocalOpts, root: &PoolRoot, cmd: &SnapCommand, spec: &str) -> any
     Ok(())
 }
 
-fn du(opts: &LocalOpts, pool: &Pool, images: &[String]) -> anyhow::Result<()> {
+fn du(opts: &LocalPoolArgs, pool: &Pool, images: &[String]) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut prov = 0;
     for image in images {
@@ -493,7 +498,7 @@ fn export(root: &PoolRoot, spec: &str, file: &Path, no_progress: bool) -> anyhow
 }
 
 /// Runs a `pool` subcommand on the local pools or Ceph.
-pub fn run_pool(opts: &LocalOpts, cmd: PoolCommand) -> anyhow::Result<()> {
+pub fn run_pool(opts: &LocalPoolArgs, cmd: PoolCommand) -> anyhow::Result<()> {
     let root = opts.root();
     match &cmd {
         PoolCommand::Create { name, .. } | PoolCommand::Init { name, .. } => {
