@@ -89,9 +89,11 @@ impl App {
     /// [`SHUTDOWN_TIMEOUT`]): an image left open keeps its watch registered with the OSDs
     /// for ~30 s after the exit, holding off `rbd rm` and the next opener.
     pub fn shutdown(&self) {
-        self.vhost.shutdown_all();
+        // Frontends see every completion (and the flush) before their disconnection.
+        self.vhost.quiesce_all();
         self.nbd.shutdown(&self.reactors);
         self.bdevs.close_all();
+        self.vhost.close_all();
         self.reactors.shutdown();
         self.rbd.shutdown(SHUTDOWN_TIMEOUT);
     }

@@ -12,6 +12,7 @@ pub mod engine;
 mod events;
 pub mod guest_map;
 pub mod guest_stream;
+pub mod inflight;
 pub mod rpc;
 pub mod scsi;
 pub mod session;
@@ -142,7 +143,8 @@ impl Controller {
             .map(|s| {
                 let s = lock(s);
                 json!({"name": format!("{}s0", self.name), "started": s.running_rings() > 0,
-                       "running_queues": s.running_rings(), "reactors": s.cores()})
+                       "running_queues": s.running_rings(), "reactors": s.cores(),
+                       "in_flight": s.in_flight()})
             })
             .collect();
         let (delay_base_us, iops_threshold) = self.coalescing.get();
@@ -165,6 +167,16 @@ impl Controller {
         }
         *cur = Some(s);
         true
+    }
+
+    /// The daemon is stopping: the session's rings stop after finishing, publishing and
+    /// signalling every request they took, and stay stopped; the frontend stays connected
+    /// until [`Controller::detach`].
+    fn quiesce(&self) {
+        let s = lock(&self.session).clone();
+        if let Some(s) = s {
+            lock(&s).quiesce();
+        }
     }
 
     /// Stops the session's rings and forgets it (frontend gone). The session stays visible
@@ -336,9 +348,26 @@ impl VhostRegistry {
         Ok(())
     }
 
-    /// Stops every controller: disconnects frontends after draining their queues, removes
-    /// the sockets, releases the bdevs.
-    pub fn shutdown_all(&self) {
+    /// First half of a clean stop: no new frontend is accepted, and every ring of every
+    /// session stops taking chains, finishes what it took, publishes and signals it
+    /// (each ring has stopped when this returns). The frontends stay connected with their
+    /// rings stopped: a frontend must see every completion before it sees the
+    /// disconnection, since QEMU then restarts each ring at its used index (vhost-user.rst
+    /// "Ring states": GET_VRING_BASE is not answered by a backend that went away), which is
+    /// right only once nothing taken is left unreturned. The caller flushes the backends,
+    /// then calls [`VhostRegistry::close_all`].
+    pub fn quiesce_all(&self) {
+        for ctrl in self.list() {
+            if let Some(ev) = self.events.get() {
+                ev.stop_accepting(&ctrl);
+            }
+            ctrl.quiesce();
+        }
+    }
+
+    /// Second half of a clean stop: disconnects the frontends, removes the sockets,
+    /// releases the bdevs.
+    pub fn close_all(&self) {
         let ctrls: Vec<Arc<Controller>> = std::mem::take(&mut *lock(&self.ctrlrs))
             .into_values()
             .collect();
@@ -350,6 +379,13 @@ impl VhostRegistry {
             let _ = std::fs::remove_file(&ctrl.socket);
             ctrl.device.close();
         }
+    }
+
+    /// Stops every controller, both halves ([`VhostRegistry::quiesce_all`], then
+    /// [`VhostRegistry::close_all`]) with nothing in between.
+    pub fn shutdown_all(&self) {
+        self.quiesce_all();
+        self.close_all();
     }
 
     /// Sets a controller's interrupt coalescing (SPDK's `vhost_controller_set_coalescing`):

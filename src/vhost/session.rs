@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::coalescing::Coalescing;
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
+use super::inflight::InflightRegion;
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
 use crate::reactor::{PollerId, Reactors};
@@ -66,6 +68,8 @@ struct RunningRing {
     core: usize,
     poller: PollerId,
     stopped: mpsc::Receiver<u16>,
+    /// Requests the ring's poller has in flight.
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// The state of one frontend connection.
@@ -82,6 +86,11 @@ pub struct Session {
     vrings: Vec<Vring>,
     notifier: ConfigNotifier,
     coalescing: Arc<Coalescing>,
+    /// The in-flight region (GET_INFLIGHT_FD / SET_INFLIGHT_FD), whose parts the request
+    /// queues record their chains in.
+    inflight: Option<Arc<InflightRegion>>,
+    /// The daemon is stopping: rings stay stopped whatever the frontend sends.
+    closing: bool,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -116,7 +125,18 @@ impl Session {
             vrings: (0..n).map(|_| Vring::default()).collect(),
             notifier,
             coalescing,
+            inflight: None,
+            closing: false,
         }
+    }
+
+    /// Requests the session's rings have in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.vrings
+            .iter()
+            .filter_map(|v| v.running.as_ref())
+            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Number of rings running on reactors.
@@ -161,7 +181,7 @@ impl Session {
         let enabled_by_default = !self.protocol_features_acked();
         let features = self.acked_features;
         let v = &self.vrings[index];
-        if v.running.is_some() || !v.addr_set || v.kick.is_none() {
+        if self.closing || v.running.is_some() || !v.addr_set || v.kick.is_none() {
             return Ok(());
         }
         if !(v.enabled || enabled_by_default) {
@@ -197,6 +217,13 @@ impl Session {
         let kick = dup_eventfd(v.kick.as_ref())?.ok_or(VuError::InvalidParam)?;
         let call = dup_eventfd(v.call.as_ref())?;
         let (tx, rx) = mpsc::channel();
+        let tracked =
+            self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0;
+        let inflight = match &self.inflight {
+            Some(r) if tracked => r.queue(index as u16),
+            _ => None,
+        };
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let setup = QueueSetup {
             index: index as u16,
             queue,
@@ -205,6 +232,8 @@ impl Session {
             call,
             stopped: tx,
             coalescing: self.coalescing.clone(),
+            inflight,
+            in_flight: in_flight.clone(),
         };
         let core = self.reactors.pick(&self.cpumask).ok_or_else(|| {
             req_err(format!(
@@ -227,6 +256,7 @@ impl Session {
             core,
             poller: started,
             stopped: rx,
+            in_flight,
         });
         Ok(())
     }
@@ -261,6 +291,14 @@ impl Session {
         for i in 0..self.vrings.len() {
             self.stop_ring(i);
         }
+    }
+
+    /// The daemon is stopping: stops every ring (each finishes, publishes and signals
+    /// what it took) and keeps them stopped while the connection stays open, so that the
+    /// frontend sees every completion before it sees the disconnection.
+    pub fn quiesce(&mut self) {
+        self.closing = true;
+        self.stop_all();
     }
 }
 
@@ -313,6 +351,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             *v = Vring::default();
         }
         self.acked_features = 0;
+        self.inflight = None;
         Ok(())
     }
 
@@ -499,15 +538,34 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(invalid("shared objects are not supported"))
     }
 
+    /// A new zeroed region for the frontend to keep (and hand back on every start); the
+    /// rings use the one of SET_INFLIGHT_FD, which the frontend sends next.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(invalid("inflight tracking is not offered"))
+        let (region, file, msg) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
+            .map_err(|e| {
+                tracing::warn!(ctrlr = %self.ctrlr, "GET_INFLIGHT_FD: {e}");
+                VuError::ReqHandlerError(e)
+            })?;
+        tracing::debug!(ctrlr = %self.ctrlr, queues = msg.num_queues, queue_size = msg.queue_size,
+                        bytes = msg.mmap_size, "in-flight region created");
+        self.inflight = Some(region);
+        Ok((msg, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(invalid("inflight tracking is not offered"))
+    /// The region the frontend keeps (from this instance or a previous one): request
+    /// queues started from now on track their chains in it and resume from it.
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let region = InflightRegion::open(&file, inflight).map_err(|e| {
+            tracing::warn!(ctrlr = %self.ctrlr, "SET_INFLIGHT_FD refused: {e}");
+            VuError::ReqHandlerError(e)
+        })?;
+        tracing::debug!(ctrlr = %self.ctrlr, queues = inflight.num_queues,
+                        queue_size = inflight.queue_size, "in-flight region set");
+        self.inflight = Some(region);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
