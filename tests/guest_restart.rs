@@ -36,8 +36,11 @@ const BLOCKS: u64 = 8;
 /// Writes limited to 1 MiB/s: 8 writes of 128 KiB per second, fewer than the writers
 /// issue, so that they wait in blockd.
 const QOS_W_MBYTES: u64 = 1;
-/// blockd must report at least this many requests in flight before each signal.
-const MIN_IN_FLIGHT: u64 = 3;
+/// blockd must report at least this many requests in flight before a SIGKILL, and before
+/// a SIGTERM (which takes a moment to stop the rings, and reads queued behind a write that
+/// QoS admits complete with it: one more).
+const MIN_IN_FLIGHT_KILL: u64 = 3;
+const MIN_IN_FLIGHT_TERM: u64 = 4;
 const WAIT: Duration = Duration::from_secs(120);
 
 fn env_count(name: &str, default: usize) -> usize {
@@ -211,14 +214,18 @@ fn restart_cycles(
     for (n, &stop) in plan.iter().enumerate() {
         // Requests must be waiting in blockd at the signal.
         let deadline = Instant::now() + WAIT;
+        let min = match stop {
+            Stop::Kill => MIN_IN_FLIGHT_KILL,
+            Stop::Term => MIN_IN_FLIGHT_TERM,
+        };
         let in_flight = loop {
-            if let Some(f) = b.in_flight(ctrlr).filter(|&f| f >= MIN_IN_FLIGHT) {
+            if let Some(f) = b.in_flight(ctrlr).filter(|&f| f >= min) {
                 break f;
             }
             guest_log(&g, &format!("before cycle {n}"));
             assert!(
                 Instant::now() < deadline,
-                "cycle {n}: never {MIN_IN_FLIGHT} requests in flight\n{}",
+                "cycle {n}: never {min} requests in flight\n{}",
                 g.console()
             );
             std::thread::sleep(Duration::from_millis(5));

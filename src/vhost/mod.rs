@@ -169,13 +169,21 @@ impl Controller {
         true
     }
 
-    /// The daemon is stopping: the session's rings stop after finishing, publishing and
-    /// signalling every request they took, and stay stopped; the frontend stays connected
-    /// until [`Controller::detach`].
-    fn quiesce(&self) {
+    /// The daemon is stopping: the session's rings stop taking chains, and stay stopped;
+    /// the frontend stays connected until [`Controller::detach`].
+    fn begin_quiesce(&self) {
         let s = lock(&self.session).clone();
         if let Some(s) = s {
-            lock(&s).quiesce();
+            lock(&s).begin_quiesce();
+        }
+    }
+
+    /// Waits until the session's rings have finished, published and signalled every
+    /// request they took.
+    fn finish_quiesce(&self) {
+        let s = lock(&self.session).clone();
+        if let Some(s) = s {
+            lock(&s).stop_all();
         }
     }
 
@@ -357,11 +365,15 @@ impl VhostRegistry {
     /// right only once nothing taken is left unreturned. The caller flushes the backends,
     /// then calls [`VhostRegistry::close_all`].
     pub fn quiesce_all(&self) {
-        for ctrl in self.list() {
+        let ctrls = self.list();
+        for ctrl in &ctrls {
             if let Some(ev) = self.events.get() {
-                ev.stop_accepting(&ctrl);
+                ev.stop_accepting(ctrl);
             }
-            ctrl.quiesce();
+            ctrl.begin_quiesce();
+        }
+        for ctrl in &ctrls {
+            ctrl.finish_quiesce();
         }
     }
 

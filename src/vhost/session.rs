@@ -70,6 +70,8 @@ struct RunningRing {
     stopped: mpsc::Receiver<u16>,
     /// Requests the ring's poller has in flight.
     in_flight: Arc<AtomicUsize>,
+    /// The poller was asked to stop taking chains.
+    stop_requested: bool,
 }
 
 /// The state of one frontend connection.
@@ -257,19 +259,29 @@ impl Session {
             poller: started,
             stopped: rx,
             in_flight,
+            stop_requested: false,
         });
         Ok(())
+    }
+
+    /// Asks ring `index`, if it runs, to stop taking chains; it finishes what it took.
+    fn request_stop(&mut self, index: usize) {
+        if let Some(r) = &mut self.vrings[index].running {
+            if !std::mem::replace(&mut r.stop_requested, true) {
+                let poller = r.poller;
+                self.reactors
+                    .run(r.core, move |ctx| ctx.stop_poller(poller));
+            }
+        }
     }
 
     /// Stops ring `index` if it runs, waiting until its in-flight requests are done;
     /// returns the next available index to resume from.
     fn stop_ring(&mut self, index: usize) -> u16 {
+        self.request_stop(index);
         let Some(r) = self.vrings[index].running.take() else {
             return self.vrings[index].base;
         };
-        let poller = r.poller;
-        self.reactors
-            .run(r.core, move |ctx| ctx.stop_poller(poller));
         match r.stopped.recv_timeout(STOP_TIMEOUT) {
             Ok(next_avail) => {
                 self.vrings[index].base = next_avail;
@@ -286,19 +298,26 @@ impl Session {
         }
     }
 
-    /// Stops every ring (frontend gone, controller deleted, daemon stopping).
+    /// Stops every ring (frontend gone, controller deleted, daemon stopping): all stop
+    /// taking chains at once, then each is waited for.
     pub fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.request_stop(i);
+        }
         for i in 0..self.vrings.len() {
             self.stop_ring(i);
         }
     }
 
-    /// The daemon is stopping: stops every ring (each finishes, publishes and signals
-    /// what it took) and keeps them stopped while the connection stays open, so that the
-    /// frontend sees every completion before it sees the disconnection.
-    pub fn quiesce(&mut self) {
+    /// The daemon is stopping: every ring stops taking chains, and they stay stopped
+    /// whatever the frontend sends (the connection stays open until the session goes).
+    /// [`Session::stop_all`] then waits until each has finished, published and signalled
+    /// what it took, so that the frontend sees every completion before the disconnection.
+    pub fn begin_quiesce(&mut self) {
         self.closing = true;
-        self.stop_all();
+        for i in 0..self.vrings.len() {
+            self.request_stop(i);
+        }
     }
 }
 
