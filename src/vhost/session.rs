@@ -319,6 +319,20 @@ impl Session {
             self.request_stop(i);
         }
     }
+
+    /// Refuses a region geometry beyond what the device offers (queues, ring size): the
+    /// region's size follows from it.
+    fn check_inflight_geometry(&self, inflight: &VhostUserInflight) -> VuResult<()> {
+        if usize::from(inflight.num_queues) > self.device.num_queues()
+            || inflight.queue_size > self.device.max_queue_size()
+        {
+            tracing::warn!(ctrlr = %self.ctrlr, queues = inflight.num_queues,
+                           queue_size = inflight.queue_size,
+                           "in-flight region larger than the device's queues: refused");
+            return Err(VuError::InvalidParam);
+        }
+        Ok(())
+    }
 }
 
 #[allow(non_snake_case)]
@@ -563,6 +577,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
+        self.check_inflight_geometry(inflight)?;
         let (region, file, msg) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
             .map_err(|e| {
                 tracing::warn!(ctrlr = %self.ctrlr, "GET_INFLIGHT_FD: {e}");
@@ -577,6 +592,7 @@ impl VhostUserBackendReqHandlerMut for Session {
     /// The region the frontend keeps (from this instance or a previous one): request
     /// queues started from now on track their chains in it and resume from it.
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        self.check_inflight_geometry(inflight)?;
         let region = InflightRegion::open(&file, inflight).map_err(|e| {
             tracing::warn!(ctrlr = %self.ctrlr, "SET_INFLIGHT_FD refused: {e}");
             VuError::ReqHandlerError(e)
