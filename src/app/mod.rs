@@ -145,9 +145,11 @@ impl App {
         if let Some(f) = self.config_file.get() {
             f.freeze();
         }
-        self.vhost.shutdown_all();
+        // Frontends see every completion (and the flush) before their disconnection.
+        self.vhost.quiesce_all();
         self.nbd.shutdown(&self.reactors);
         self.bdevs.close_all();
+        self.vhost.close_all();
         self.reactors.shutdown();
         self.rbd.shutdown(SHUTDOWN_TIMEOUT);
     }

@@ -1,6 +1,7 @@
 //! What a vhost-user controller serves: a virtio device model (blk, later scsi) whose
 //! queues run as pollers on the reactors.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::reactor::{Poller, ReactorCtx};
 use crate::vhost::coalescing::Coalescing;
+use crate::vhost::inflight::QueueInflight;
 
 /// Guest memory as the frontend shared it (memfd, hugetlbfs or plain file regions), swapped
 /// atomically when the frontend adds or removes regions.
@@ -34,6 +36,14 @@ pub struct QueueSetup {
     pub stopped: Sender<u16>,
     /// The controller's interrupt coalescing (`vhost_controller_set_coalescing`).
     pub coalescing: Arc<Coalescing>,
+    /// The queue's part of the in-flight region (INFLIGHT_SHMFD negotiated and the region
+    /// set): request queues record the chains they take there and resubmit what a previous
+    /// instance left in flight ([`crate::vhost::engine::Engine`]); queues that complete in
+    /// order (scsi control and event queues) ignore it and start at the base.
+    pub inflight: Option<QueueInflight>,
+    /// Requests taken from the ring and not yet returned, as of the poller's last pass
+    /// (`vhost_get_controllers`).
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 /// A virtio device model served over vhost-user.

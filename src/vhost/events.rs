@@ -91,6 +91,24 @@ impl Events {
         self.register(fd, Entry::Listener(ctrl, l))
     }
 
+    /// Stops accepting frontends on the controller's socket (the daemon is stopping); the
+    /// socket and a connected frontend's connection stay open until
+    /// [`Events::remove_controller`].
+    pub(super) fn stop_accepting(&self, ctrl: &Arc<Controller>) {
+        let entries = lock(&self.entries);
+        for e in entries.values() {
+            if let Entry::Listener(c, l) = e {
+                if Arc::ptr_eq(c, ctrl) {
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        l.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                }
+            }
+        }
+    }
+
     /// Stops watching the controller's listener and connection (the caller detaches the
     /// session).
     pub(super) fn remove_controller(&self, ctrl: &Arc<Controller>) {

@@ -13,6 +13,7 @@ mod events;
 pub mod guest_fault;
 pub mod guest_map;
 pub mod guest_stream;
+pub mod inflight;
 pub mod rpc;
 pub mod scsi;
 pub mod session;
@@ -142,7 +143,8 @@ impl Controller {
             .map(|s| {
                 let s = lock(s);
                 json!({"name": format!("{}s0", self.name), "started": s.running_rings() > 0,
-                       "running_queues": s.running_rings(), "reactors": s.cores()})
+                       "running_queues": s.running_rings(), "reactors": s.cores(),
+                       "in_flight": s.in_flight()})
             })
             .collect();
         let (delay_base_us, iops_threshold) = self.coalescing.get();
@@ -165,6 +167,24 @@ impl Controller {
         }
         *cur = Some(s);
         true
+    }
+
+    /// The daemon is stopping: the session's rings stop taking chains, and stay stopped;
+    /// the frontend stays connected until [`Controller::detach`].
+    fn begin_quiesce(&self) {
+        let s = lock(&self.session).clone();
+        if let Some(s) = s {
+            lock(&s).begin_quiesce();
+        }
+    }
+
+    /// Waits until the session's rings have finished, published and signalled every
+    /// request they took.
+    fn finish_quiesce(&self) {
+        let s = lock(&self.session).clone();
+        if let Some(s) = s {
+            lock(&s).stop_all();
+        }
     }
 
     /// Stops the session's rings and forgets it (frontend gone). The session stays visible
@@ -339,9 +359,30 @@ impl VhostRegistry {
         Ok(())
     }
 
-    /// Stops every controller: disconnects frontends after draining their queues, removes
-    /// the sockets, releases the bdevs.
-    pub fn shutdown_all(&self) {
+    /// First half of a clean stop: no new frontend is accepted, and every ring of every
+    /// session stops taking chains, finishes what it took, publishes and signals it
+    /// (each ring has stopped when this returns). The frontends stay connected with their
+    /// rings stopped: a frontend must see every completion before it sees the
+    /// disconnection, since QEMU then restarts each ring at its used index (vhost-user.rst
+    /// "Ring states": GET_VRING_BASE is not answered by a backend that went away), which is
+    /// right only once nothing taken is left unreturned. The caller flushes the backends,
+    /// then calls [`VhostRegistry::close_all`].
+    pub fn quiesce_all(&self) {
+        let ctrls = self.list();
+        for ctrl in &ctrls {
+            if let Some(ev) = self.events.get() {
+                ev.stop_accepting(ctrl);
+            }
+            ctrl.begin_quiesce();
+        }
+        for ctrl in &ctrls {
+            ctrl.finish_quiesce();
+        }
+    }
+
+    /// Second half of a clean stop: disconnects the frontends, removes the sockets,
+    /// releases the bdevs.
+    pub fn close_all(&self) {
         let ctrls: Vec<Arc<Controller>> = std::mem::take(&mut *lock(&self.ctrlrs))
             .into_values()
             .collect();
@@ -355,6 +396,13 @@ impl VhostRegistry {
             }
             ctrl.device.close();
         }
+    }
+
+    /// Stops every controller, both halves ([`VhostRegistry::quiesce_all`], then
+    /// [`VhostRegistry::close_all`]) with nothing in between.
+    pub fn shutdown_all(&self) {
+        self.quiesce_all();
+        self.close_all();
     }
 
     /// Sets a controller's interrupt coalescing (SPDK's `vhost_controller_set_coalescing`):

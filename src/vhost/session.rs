@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::coalescing::Coalescing;
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
 use super::guest_fault::GuestMapping;
+use super::inflight::InflightRegion;
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
 use crate::reactor::{PollerId, Reactors};
@@ -68,6 +70,10 @@ struct RunningRing {
     core: usize,
     poller: PollerId,
     stopped: mpsc::Receiver<u16>,
+    /// Requests the ring's poller has in flight.
+    in_flight: Arc<AtomicUsize>,
+    /// The poller was asked to stop taking chains.
+    stop_requested: bool,
 }
 
 /// The state of one frontend connection.
@@ -87,6 +93,11 @@ pub struct Session {
     vrings: Vec<Vring>,
     notifier: ConfigNotifier,
     coalescing: Arc<Coalescing>,
+    /// The in-flight region (GET_INFLIGHT_FD / SET_INFLIGHT_FD), whose parts the request
+    /// queues record their chains in.
+    inflight: Option<Arc<InflightRegion>>,
+    /// The daemon is stopping: rings stay stopped whatever the frontend sends.
+    closing: bool,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -122,7 +133,18 @@ impl Session {
             vrings: (0..n).map(|_| Vring::default()).collect(),
             notifier,
             coalescing,
+            inflight: None,
+            closing: false,
         }
+    }
+
+    /// Requests the session's rings have in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.vrings
+            .iter()
+            .filter_map(|v| v.running.as_ref())
+            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Number of rings running on reactors.
@@ -167,7 +189,7 @@ impl Session {
         let enabled_by_default = !self.protocol_features_acked();
         let features = self.acked_features;
         let v = &self.vrings[index];
-        if v.running.is_some() || !v.addr_set || v.kick.is_none() {
+        if self.closing || v.running.is_some() || !v.addr_set || v.kick.is_none() {
             return Ok(());
         }
         if !(v.enabled || enabled_by_default) {
@@ -203,6 +225,13 @@ impl Session {
         let kick = dup_eventfd(v.kick.as_ref())?.ok_or(VuError::InvalidParam)?;
         let call = dup_eventfd(v.call.as_ref())?;
         let (tx, rx) = mpsc::channel();
+        let tracked =
+            self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0;
+        let inflight = match &self.inflight {
+            Some(r) if tracked => r.queue(index as u16),
+            _ => None,
+        };
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let setup = QueueSetup {
             index: index as u16,
             queue,
@@ -211,6 +240,8 @@ impl Session {
             call,
             stopped: tx,
             coalescing: self.coalescing.clone(),
+            inflight,
+            in_flight: in_flight.clone(),
         };
         let core = self.reactors.pick(&self.cpumask).ok_or_else(|| {
             req_err(format!(
@@ -233,19 +264,30 @@ impl Session {
             core,
             poller: started,
             stopped: rx,
+            in_flight,
+            stop_requested: false,
         });
         Ok(())
+    }
+
+    /// Asks ring `index`, if it runs, to stop taking chains; it finishes what it took.
+    fn request_stop(&mut self, index: usize) {
+        if let Some(r) = &mut self.vrings[index].running {
+            if !std::mem::replace(&mut r.stop_requested, true) {
+                let poller = r.poller;
+                self.reactors
+                    .run(r.core, move |ctx| ctx.stop_poller(poller));
+            }
+        }
     }
 
     /// Stops ring `index` if it runs, waiting until its in-flight requests are done;
     /// returns the next available index to resume from.
     fn stop_ring(&mut self, index: usize) -> u16 {
+        self.request_stop(index);
         let Some(r) = self.vrings[index].running.take() else {
             return self.vrings[index].base;
         };
-        let poller = r.poller;
-        self.reactors
-            .run(r.core, move |ctx| ctx.stop_poller(poller));
         match r.stopped.recv_timeout(STOP_TIMEOUT) {
             Ok(next_avail) => {
                 self.vrings[index].base = next_avail;
@@ -276,11 +318,40 @@ impl Session {
             .retain(|(r, _)| Arc::strong_count(r) > 1);
     }
 
-    /// Stops every ring (frontend gone, controller deleted, daemon stopping).
+    /// Stops every ring (frontend gone, controller deleted, daemon stopping): all stop
+    /// taking chains at once, then each is waited for.
     pub fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.request_stop(i);
+        }
         for i in 0..self.vrings.len() {
             self.stop_ring(i);
         }
+    }
+
+    /// The daemon is stopping: every ring stops taking chains, and they stay stopped
+    /// whatever the frontend sends (the connection stays open until the session goes).
+    /// [`Session::stop_all`] then waits until each has finished, published and signalled
+    /// what it took, so that the frontend sees every completion before the disconnection.
+    pub fn begin_quiesce(&mut self) {
+        self.closing = true;
+        for i in 0..self.vrings.len() {
+            self.request_stop(i);
+        }
+    }
+
+    /// Refuses a region geometry beyond what the device offers (queues, ring size): the
+    /// region's size follows from it.
+    fn check_inflight_geometry(&self, inflight: &VhostUserInflight) -> VuResult<()> {
+        if usize::from(inflight.num_queues) > self.device.num_queues()
+            || inflight.queue_size > self.device.max_queue_size()
+        {
+            tracing::warn!(ctrlr = %self.ctrlr, queues = inflight.num_queues,
+                           queue_size = inflight.queue_size,
+                           "in-flight region larger than the device's queues: refused");
+            return Err(VuError::InvalidParam);
+        }
+        Ok(())
     }
 }
 
@@ -390,6 +461,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             *v = Vring::default();
         }
         self.acked_features = 0;
+        self.inflight = None;
         Ok(())
     }
 
@@ -584,15 +656,36 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(invalid("shared objects are not supported"))
     }
 
+    /// A new zeroed region for the frontend to keep (and hand back on every start); the
+    /// rings use the one of SET_INFLIGHT_FD, which the frontend sends next.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(invalid("inflight tracking is not offered"))
+        self.check_inflight_geometry(inflight)?;
+        let (region, file, msg) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
+            .map_err(|e| {
+                tracing::warn!(ctrlr = %self.ctrlr, "GET_INFLIGHT_FD: {e}");
+                VuError::ReqHandlerError(e)
+            })?;
+        tracing::debug!(ctrlr = %self.ctrlr, queues = msg.num_queues, queue_size = msg.queue_size,
+                        bytes = msg.mmap_size, "in-flight region created");
+        self.inflight = Some(region);
+        Ok((msg, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(invalid("inflight tracking is not offered"))
+    /// The region the frontend keeps (from this instance or a previous one): request
+    /// queues started from now on track their chains in it and resume from it.
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        self.check_inflight_geometry(inflight)?;
+        let region = InflightRegion::open(&file, inflight).map_err(|e| {
+            tracing::warn!(ctrlr = %self.ctrlr, "SET_INFLIGHT_FD refused: {e}");
+            VuError::ReqHandlerError(e)
+        })?;
+        tracing::debug!(ctrlr = %self.ctrlr, queues = inflight.num_queues,
+                        queue_size = inflight.queue_size, "in-flight region set");
+        self.inflight = Some(region);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

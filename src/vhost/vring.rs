@@ -10,6 +10,11 @@
 //! When the rings lie inside single memory regions (always, with QEMU and libblkio), the
 //! hot-path accessors go through a [`RingView`] of pre-translated pointers; otherwise
 //! through virtio-queue's `Queue`, which owns the ring state either way.
+//!
+//! A request queue with in-flight tracking ([`Vring::track_inflight`]) records every chain
+//! it takes and returns in the shared region (vhost-user.rst "Inflight I/O tracking"):
+//! here, where chains are taken and the used index is published, so that the order the
+//! spec requires holds on every path.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, Ordering};
@@ -25,6 +30,7 @@ use crate::vhost::coalescing::{Coalescing, STATS_INTERVAL};
 use crate::vhost::device::{GuestMem, QueueSetup};
 use crate::vhost::guest_map::GuestMap;
 use crate::vhost::guest_stream::Desc;
+use crate::vhost::inflight::QueueInflight;
 use crate::vhost::split_ring::{need_event, ChainError, RingView};
 
 /// At most this many chains are popped per poll, so that one busy queue does not starve
@@ -61,6 +67,19 @@ pub struct Vring {
     /// The controller's interrupt coalescing, and this queue's state of it.
     coalescing: Arc<Coalescing>,
     irq: IrqPacing,
+    /// In-flight tracking, for request queues whose frontend shares the region.
+    tracking: Option<Tracking>,
+}
+
+/// A request queue's in-flight tracking ([`crate::vhost::inflight`]).
+struct Tracking {
+    part: QueueInflight,
+    /// The counter the next chain taken gets: the order of the chains in flight.
+    counter: u64,
+    /// Heads whose used elements are written and not yet committed to the region.
+    batch: Vec<u16>,
+    /// Heads a previous instance left in flight, taken again before the ring (last first).
+    resubmit: Vec<u16>,
 }
 
 /// A queue's interrupt pacing under [`Coalescing`].
@@ -103,7 +122,63 @@ impl Vring {
                 interval_start: Instant::now(),
                 interval_count: 0,
             },
+            tracking: None,
         }
+    }
+
+    /// Records the chains this ring takes and returns in `part` (a request queue of a
+    /// frontend with INFLIGHT_SHMFD). Before anything new is taken: completes the commit
+    /// of a batch the previous instance had published, queues the heads it left in flight
+    /// for resubmission (counter order, [`Vring::pop_head`] hands them out first), and
+    /// resumes the ring after them: at the used index plus the chains in flight (every
+    /// chain taken is either returned or in flight), which is where the previous instance
+    /// was, whatever base the frontend restored (QEMU restores the used index after a
+    /// disconnection).
+    pub fn track_inflight(&mut self, part: QueueInflight) {
+        let size = self.queue.size();
+        if size > part.capacity() {
+            tracing::warn!(
+                queue = self.index,
+                size,
+                capacity = part.capacity(),
+                "ring larger than its in-flight region: not tracked"
+            );
+            return;
+        }
+        let used = self.queue.next_used();
+        let r = part.resume(size, used);
+        if !r.fresh {
+            let next = used.wrapping_add(r.resubmit.len() as u16);
+            tracing::info!(
+                queue = self.index,
+                resubmit = r.resubmit.len(),
+                fixed_up = r.fixed_up,
+                used,
+                base = self.queue.next_avail(),
+                next_avail = next,
+                "resuming the ring from its in-flight region"
+            );
+            self.queue.set_next_avail(next);
+            self.avail_seen = next;
+            // Completions the previous instance published may never have been signalled.
+            self.signal();
+        }
+        let mut resubmit = r.resubmit;
+        resubmit.reverse();
+        self.tracking = Some(Tracking {
+            part,
+            counter: r.next_counter,
+            batch: Vec::with_capacity(usize::from(size)),
+            resubmit,
+        });
+    }
+
+    /// Whether heads left in flight by a previous instance still wait to be taken again
+    /// (a stopping ring takes them all the same: they are already off the ring).
+    pub fn has_resubmits(&self) -> bool {
+        self.tracking
+            .as_ref()
+            .is_some_and(|t| !t.resubmit.is_empty())
     }
 
     /// The same ring, never held back by the controller's interrupt coalescing (control
@@ -140,11 +215,21 @@ impl Vring {
         self.view.is_some()
     }
 
-    /// The head of the next available chain (§2.7.6), through the ring view; None when
-    /// the ring is empty, there is no view, or `avail->idx` is more than a ring ahead
-    /// (a broken driver: nothing is taken until it fixes the index).
+    /// The head of the next chain to process: first the heads a previous instance left
+    /// in flight ([`Vring::track_inflight`]), then the next available chain (§2.7.6),
+    /// through the ring view, recorded in flight. None when the ring is empty or stopping,
+    /// there is no view, or `avail->idx` is more than a ring ahead (a broken driver:
+    /// nothing is taken until it fixes the index).
     #[inline]
     pub fn pop_head(&mut self) -> Option<u16> {
+        if let Some(t) = &mut self.tracking {
+            if let Some(h) = t.resubmit.pop() {
+                return Some(h);
+            }
+        }
+        if self.stopping {
+            return None;
+        }
         let size = self.view.as_ref()?.size();
         let next = self.queue.next_avail();
         let cached = self.avail_seen.wrapping_sub(next);
@@ -153,7 +238,17 @@ impl Vring {
         }
         let head = self.view.as_ref()?.avail_entry(next);
         self.queue.set_next_avail(next.wrapping_add(1));
+        self.mark_inflight(head);
         Some(head)
+    }
+
+    /// Chain `head` was taken from the ring (vhost-user.rst: its counter, then inflight).
+    #[inline]
+    fn mark_inflight(&mut self, head: u16) {
+        if let Some(t) = &mut self.tracking {
+            t.part.mark(head, t.counter);
+            t.counter = t.counter.wrapping_add(1);
+        }
     }
 
     /// `avail->idx` when it is ahead of `next` by at most a ring; None when the ring is
@@ -215,18 +310,40 @@ impl Vring {
     }
 
     /// The next available chain, read from `mem` (the memory the caller keeps mapped for
-    /// as long as it uses the chain's buffers).
+    /// as long as it uses the chain's buffers); None when the ring is stopping. Heads left
+    /// in flight by a previous instance cannot be read this way (virtio-queue builds chains
+    /// only from the available ring): they are logged and stay unanswered, so a frontend
+    /// that places a request ring across memory regions loses them after a crash.
     pub fn pop<'m>(
         &mut self,
         mem: &'m GuestMemoryMmap,
     ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
-        self.queue.pop_descriptor_chain(mem)
+        if let Some(t) = &mut self.tracking {
+            if !t.resubmit.is_empty() {
+                tracing::error!(
+                    queue = self.index,
+                    heads = ?t.resubmit,
+                    "cannot resubmit requests left in flight: the ring is not inside one memory region"
+                );
+                t.resubmit.clear();
+            }
+        }
+        if self.stopping {
+            return None;
+        }
+        let chain = self.queue.pop_descriptor_chain(mem)?;
+        self.mark_inflight(chain.head_index());
+        Some(chain)
     }
 
     /// Returns chain `head` to the driver with `len` bytes written (§2.7.8); a failure
     /// (the frontend broke the ring) is logged as "cannot return `what`". The driver sees
     /// it after the next [`Vring::notify_guest`], which every poll pass that adds used
     /// chains ends with (or when the poller is dropped).
+    ///
+    /// With in-flight tracking, the spec's order: the used element, then the head joins
+    /// the region's last batch; the used index is published; then the batch's heads are
+    /// cleared and the region records the index ([`Vring::publish_used`]).
     pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32, what: &str) {
         match &self.view {
             Some(view) if head < view.size() => {
@@ -234,23 +351,48 @@ impl Vring {
                 view.write_used(next, head, len);
                 self.queue.set_next_used(next.wrapping_add(1));
                 self.unpublished = true;
+                if let Some(t) = &mut self.tracking {
+                    t.part.batch_add(head);
+                    t.batch.push(head);
+                }
             }
             _ => {
+                // virtio-queue publishes the index with the element: the head joins the
+                // batch first, and the batch (with any element written before through the
+                // view, which this index covers too) is committed at once.
+                if let Some(t) = &mut self.tracking {
+                    t.part.batch_add(head);
+                    t.batch.push(head);
+                }
                 if let Err(e) = self.queue.add_used(mem, head, len) {
+                    if let Some(t) = &mut self.tracking {
+                        t.batch.pop();
+                    }
                     tracing::warn!(queue = self.index, "cannot return {what}: {e}");
                     return;
                 }
+                self.commit_inflight();
             }
         }
         self.added = self.added.wrapping_add(1);
     }
 
-    /// Makes the used elements written since the last call visible to the driver.
+    /// Makes the used elements written since the last call visible to the driver, then
+    /// commits them to the in-flight region.
     fn publish_used(&mut self) {
         if std::mem::take(&mut self.unpublished) {
             if let Some(view) = &self.view {
                 view.publish_used(self.queue.next_used());
             }
+            self.commit_inflight();
+        }
+    }
+
+    /// The used index covers the batch: its heads are no longer in flight.
+    fn commit_inflight(&mut self) {
+        if let Some(t) = &mut self.tracking {
+            t.part.commit(&t.batch, self.queue.next_used());
+            t.batch.clear();
         }
     }
 
@@ -418,8 +560,19 @@ mod tests {
     /// A ring of `SIZE` entries at 0 in 64 KiB of guest memory, with its `Vring`.
     fn ring() -> (Arc<GuestMemoryMmap>, Vring, mpsc::Receiver<u16>) {
         let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mem = GuestMemoryAtomic::new(m);
+        ring_on(GuestMemoryAtomic::new(m), 0, 0)
+    }
+
+    /// A `Vring` over the ring in `mem`, started at `base` with used index `used` (as the
+    /// session starts one: the used index read from the ring).
+    fn ring_on(
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        base: u16,
+        used: u16,
+    ) -> (Arc<GuestMemoryMmap>, Vring, mpsc::Receiver<u16>) {
         let mut q = Queue::new(SIZE).unwrap();
+        q.set_next_avail(base);
+        q.set_next_used(used);
         q.set_size(SIZE);
         q.try_set_desc_table_address(GuestAddress(0)).unwrap();
         q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
@@ -434,6 +587,8 @@ mod tests {
             call: None,
             stopped: tx,
             coalescing: Arc::default(),
+            inflight: None,
+            in_flight: Default::default(),
         });
         let m = mem.memory().into_inner();
         vring.sync_mem(&m);
@@ -584,5 +739,62 @@ mod tests {
             0,
             "GET_VRING_BASE answer: next available index"
         );
+    }
+
+    /// A ring with in-flight tracking killed (no Drop: nothing published at exit) with
+    /// requests in flight that completed out of order, and a new instance on the same
+    /// memory and region: it resubmits the unfinished heads first, in the order they were
+    /// taken, and resumes the ring after them, whatever base the frontend restored.
+    #[test]
+    fn a_new_instance_resubmits_what_a_killed_one_left_in_flight() {
+        use crate::vhost::inflight::InflightRegion;
+        let (region, _fd, _msg) = InflightRegion::create(1, SIZE).unwrap();
+        let (m, mut vring, _rx) = ring();
+        vring.track_inflight(region.queue(0).unwrap());
+        for (pos, head) in [3u16, 9, 4, 12].into_iter().enumerate() {
+            put_avail(&m, pos as u16, head);
+        }
+        set_avail_idx(&m, 4);
+        let taken: Vec<u16> = std::iter::from_fn(|| vring.pop_head()).collect();
+        assert_eq!(taken, [3, 9, 4, 12]);
+        // 4 completes and is published; 12 completes but the process dies before the
+        // batch is published.
+        vring.add_used(&m, 4, 0, "a test chain");
+        vring.notify_guest(&m);
+        assert_eq!(used_idx(&m), 1);
+        vring.add_used(&m, 12, 0, "a test chain");
+        std::mem::forget(vring);
+
+        // QEMU restores the ring at the used index (1) after the disconnection.
+        let mem = GuestMemoryAtomic::new(Arc::unwrap_or_clone(m.clone()));
+        let (m2, mut again, rx) = ring_on(mem, used_idx(&m), used_idx(&m));
+        again.track_inflight(region.queue(0).unwrap());
+        put_avail(&m2, 4, 7);
+        set_avail_idx(&m2, 5);
+        again.stop();
+        assert!(again.has_resubmits());
+        let resumed: Vec<u16> = std::iter::from_fn(|| again.pop_head()).collect();
+        assert_eq!(
+            resumed,
+            [3, 9, 12],
+            "in flight, in the order taken; a stopping ring takes nothing new"
+        );
+        for h in [9, 3, 12] {
+            again.add_used(&m2, h, 0, "a test chain");
+        }
+        drop(again);
+        assert_eq!(used_idx(&m2), 4);
+        assert_eq!(
+            rx.recv().unwrap(),
+            4,
+            "resumes after the chains in flight, not at the base"
+        );
+
+        // A third instance finds nothing in flight and takes the new chain.
+        let mem = GuestMemoryAtomic::new(Arc::unwrap_or_clone(m2.clone()));
+        let (_m3, mut third, _rx) = ring_on(mem, 4, 4);
+        third.track_inflight(region.queue(0).unwrap());
+        assert!(!third.has_resubmits());
+        assert_eq!(third.pop_head(), Some(7));
     }
 }

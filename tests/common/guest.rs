@@ -85,6 +85,9 @@ pub struct Disk {
     pub socket: PathBuf,
     /// Virtqueues requested by QEMU; QEMU refuses to start if the backend offers fewer.
     pub num_queues: u16,
+    /// QEMU reconnects to the socket this long after the backend went away (`-chardev
+    /// socket,reconnect-ms=N`); the backend must then be listening when QEMU starts.
+    pub reconnect_ms: Option<u32>,
 }
 
 impl Disk {
@@ -94,6 +97,7 @@ impl Disk {
             kind: DiskKind::VhostUserBlk,
             socket: socket.into(),
             num_queues,
+            reconnect_ms: None,
         }
     }
 
@@ -103,7 +107,14 @@ impl Disk {
             kind: DiskKind::VhostUserScsi,
             socket: socket.into(),
             num_queues,
+            reconnect_ms: None,
         }
+    }
+
+    /// QEMU reconnects `ms` after the backend went away (a backend restart).
+    pub fn reconnect_ms(mut self, ms: u32) -> Self {
+        self.reconnect_ms = Some(ms);
+        self
     }
 }
 
@@ -125,6 +136,8 @@ pub struct GuestOpts {
     pub workdir: PathBuf,
     /// QEMU binary (env `BLOCKD_QEMU` overrides the default `qemu-system-x86_64`).
     pub qemu: PathBuf,
+    /// More QEMU arguments, after the disks (e.g. a QEMU-internal control disk).
+    pub qemu_args: Vec<String>,
 }
 
 impl GuestOpts {
@@ -142,7 +155,14 @@ impl GuestOpts {
             qemu: std::env::var_os("BLOCKD_QEMU")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+            qemu_args: Vec::new(),
         }
+    }
+
+    /// Appends `args` to QEMU's command line.
+    pub fn qemu_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.qemu_args.extend(args.into_iter().map(Into::into));
+        self
     }
 
     /// Guest RAM from a file at `path` (shared, so the backend can map it).
@@ -293,7 +313,14 @@ impl Guest {
                 DiskKind::VhostUserScsi => ("vhost-user-scsi-pci", "num_queues"),
             };
             a.push("-chardev".into());
-            a.push(format!("socket,id=char{i},path={}", d.socket.display()));
+            let reconnect = d
+                .reconnect_ms
+                .map(|ms| format!(",reconnect-ms={ms}"))
+                .unwrap_or_default();
+            a.push(format!(
+                "socket,id=char{i},path={}{reconnect}",
+                d.socket.display()
+            ));
             a.push("-device".into());
             a.push(format!(
                 "{dev},id=disk{i},chardev=char{i},{queues}={}",
@@ -307,6 +334,7 @@ impl Guest {
         for (k, v) in &opts.args {
             append.push_str(&format!(" blockd.arg={k}={v}"));
         }
+        a.extend(opts.qemu_args.iter().cloned());
         a.extend([
             "-kernel".into(),
             image.kernel.display().to_string(),
@@ -435,6 +463,18 @@ impl RunningGuest {
             }
             std::thread::sleep(CONSOLE_POLL);
         }
+    }
+
+    /// The serial log so far.
+    pub fn console(&self) -> String {
+        read_lossy(&self.console_path)
+    }
+
+    /// Whether QEMU is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     fn log_tail(&self) -> String {

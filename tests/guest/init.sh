@@ -284,8 +284,96 @@ sc_rbd() {
   sc_resize
 }
 
+# writer W BS BLOCKS: verified O_DIRECT writes until /tmp/stop exists. Block K of writer
+# W is BS bytes at W*BLOCKS*BS (+1 MiB) on $data; each write fills it with 32-byte lines
+# `wWW sSSSSSSSS bKKKKKKKK` + 8 spaces + newline (hex; tests/common/writers.rs), printed
+# `BLOCKD-W I w seq blk` when issued and `BLOCKD-W A w seq blk` once acknowledged, then
+# read back with O_DIRECT and compared (`BLOCKD-W M ...` on a mismatch, `E` on an error).
+writer() {
+  w_id=$1 w_bs=$2 w_nb=$3 w_seq=0
+  w_rep=$(seq $((w_bs / 32)) | tr '\n' ' ')
+  while [ ! -e /tmp/stop ]; do
+    w_seq=$((w_seq + 1)); w_blk=$((w_seq % w_nb))
+    w_off=$((MiB + (w_id * w_nb + w_blk) * w_bs))
+    w_line=$(printf 'w%02x s%08x b%08x        ' $w_id $w_seq $w_blk)
+    printf "$w_line\n%.0s" $w_rep >/tmp/b$w_id
+    echo "BLOCKD-W I $w_id $w_seq $w_blk"
+    if ! dd if=/tmp/b$w_id of=$data bs=$w_bs seek=$w_off oflag=seek_bytes,direct conv=notrunc 2>/tmp/e$w_id; then
+      echo "BLOCKD-W E $w_id $w_seq $w_blk $(tail -1 /tmp/e$w_id | tr ' ' _)"
+      sleep 1
+      continue
+    fi
+    echo "BLOCKD-W A $w_id $w_seq $w_blk"
+    if ! dd if=$data of=/tmp/r$w_id bs=$w_bs skip=$w_off count=1 iflag=skip_bytes,direct 2>/tmp/e$w_id ||
+      ! cmp -s /tmp/b$w_id /tmp/r$w_id; then
+      echo "BLOCKD-W M $w_id $w_seq $w_blk"
+    fi
+  done
+  echo "BLOCKD-W D $w_id $w_seq"
+  touch /tmp/done.$w_id
+}
+
+# poker P: commands blockd answers without the bdev (virtio-blk GET_ID, sent each time
+# the serial is read; SCSI READ CAPACITY, MODE SENSE, INQUIRY on a rescan), so they
+# complete at once, ahead of the writes queued before them on the same virtqueue (out of
+# order), until /tmp/stop exists. `BLOCKD-W E p<P>` on an error.
+poker() {
+  p_id=${data#/dev/}
+  while [ ! -e /tmp/stop ]; do
+    case $p_id in
+      vd*) cat /sys/block/$p_id/serial >/dev/null 2>&1 ;;
+      *) echo 1 2>/dev/null >/sys/block/$p_id/device/rescan ;;
+    esac || echo "BLOCKD-W E p$1"
+    usleep 20000
+  done
+}
+
+# Writers for restart tests: `writers` (4) writers of verified O_DIRECT writes and
+# `pokers` (2) pokers on the data disk (the first ${dev}* disk that is not the control disk),
+# spread over the CPUs, until the host writes `stop` at the start of the control disk (a
+# QEMU virtio-blk disk with serial blockdctl). Then reports finished writers and the
+# kernel's I/O errors.
+sc_writers() {
+  nw=${arg_writers:-4}
+  ctl=""
+  for b in /sys/block/vd*; do
+    [ "$(cat $b/serial 2>/dev/null)" = blockdctl ] && ctl=/dev/${b##*/}
+  done
+  [ -n "$ctl" ] || fail "no control disk"
+  data=""
+  for b in /sys/block/$dev*; do
+    [ "/dev/${b##*/}" = "$ctl" ] || { data=/dev/${b##*/}; break; }
+  done
+  [ -n "$data" ] || fail "no data disk"
+  R data "$data"
+  R queues "$(ls -d /sys/block/${data#/dev/}/mq/* | wc -l)"
+  i=0
+  while [ $i -lt "$nw" ]; do
+    writer $i "${arg_bs:-131072}" "${arg_blocks:-8}" &
+    taskset -p -c $((i % $(nproc))) $! >/dev/null
+    i=$((i + 1))
+  done
+  i=0
+  while [ $i -lt "${arg_pokers:-2}" ]; do
+    poker $i &
+    taskset -p -c $((i % $(nproc))) $! >/dev/null
+    i=$((i + 1))
+  done
+  host_wait writers
+  until [ "$(dd if=$ctl bs=512 count=1 iflag=direct 2>/dev/null | head -c 4)" = stop ]; do sleep 1; done
+  touch /tmp/stop
+  i=0
+  while [ "$(ls /tmp/done.* 2>/dev/null | wc -l)" -lt "$nw" ] && [ $i -lt 600 ]; do
+    usleep 100000; i=$((i + 1))
+  done
+  R writers.done "$(ls /tmp/done.* 2>/dev/null | wc -l)"
+  R dmesg.io_errors "$(dmesg | grep -c 'I/O error')"
+  R dmesg.not_a_head "$(dmesg | grep -c 'not a head')"
+  dmesg | grep -E 'I/O error|not a head|virtio' | head -20 | sed 's/^/BLOCKD-DMESG /'
+}
+
 case $scenario in
-  seed | multiqueue | discard | readonly | flush | writethrough | many | hostile | resize | scsi | rbd) "sc_$scenario" ;;
+  seed | multiqueue | discard | readonly | flush | writethrough | many | hostile | resize | scsi | rbd | writers) "sc_$scenario" ;;
   *) fail "unknown scenario $scenario" ;;
 esac
 finish ok

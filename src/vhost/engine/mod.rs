@@ -6,6 +6,12 @@
 //! (through [`Vring`]: batching, EVENT_IDX, coalescing), draining on GET_VRING_BASE, and
 //! the reactor's [`Poller`] interface.
 //!
+//! In-flight tracking (vhost-user.rst "Inflight I/O tracking") is done once, here, for
+//! every device: when the frontend shares the region, the ring records each chain taken
+//! and returned ([`Vring::track_inflight`]), and the heads a previous instance left in
+//! flight come out of [`Vring::pop_head`] first, before anything new, into free slots like
+//! any other chain.
+//!
 //! A device supplies only what is its own, through [`QueueDevice`]: parsing a chain into
 //! its request type, starting the request on its bdev channel(s), applying a bdev
 //! completion, and writing the answer (split as firecracker's virtio devices: request
@@ -15,6 +21,7 @@ pub mod guest_writer;
 pub mod memory;
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -115,12 +122,19 @@ pub struct Engine<D: QueueDevice> {
     mem: MemGenerations,
     /// Scratch list of the requests completed in a poll pass (no allocation on the hot path).
     done: Vec<u32>,
+    /// `in_flight` as others see it (`vhost_get_controllers`), updated once per pass.
+    in_flight_gauge: Arc<AtomicUsize>,
 }
 
 impl<D: QueueDevice> Engine<D> {
     /// The engine of the ring the frontend has set up, with one slot per ring entry.
-    pub fn with_device(setup: QueueSetup, dev: D) -> Self {
-        let vring = Vring::new(setup);
+    pub fn with_device(mut setup: QueueSetup, dev: D) -> Self {
+        let inflight = setup.inflight.take();
+        let in_flight_gauge = setup.in_flight.clone();
+        let mut vring = Vring::new(setup);
+        if let Some(part) = inflight {
+            vring.track_inflight(part);
+        }
         let n = vring.size().max(1) as usize;
         let mem = MemGenerations::new(vring.mem());
         Engine {
@@ -136,6 +150,7 @@ impl<D: QueueDevice> Engine<D> {
             in_flight: 0,
             mem,
             done: Vec::with_capacity(n),
+            in_flight_gauge,
             vring,
             dev,
         }
@@ -180,8 +195,7 @@ impl<D: QueueDevice> Engine<D> {
                 slot.head = chain.head_index();
                 self.dev.parse_chain(&mut slot.req, chain)
             };
-            // The slot is taken from the ring here: vhost-user in-flight tracking
-            // (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) would mark `slot.head` in flight.
+            // The chain is off the ring (and, tracked, marked in flight by the ring).
             self.free.pop();
             self.in_flight += 1;
             popped += 1;
@@ -221,8 +235,8 @@ impl<D: QueueDevice> Engine<D> {
         self.release_slot(tag);
     }
 
-    /// Slot `tag` is free again: its chain was returned. Vhost-user in-flight tracking
-    /// would clear the chain's in-flight mark here.
+    /// Slot `tag` is free again: its chain was returned (and, tracked, leaves the
+    /// in-flight region once the ring publishes the used index).
     #[inline]
     fn release_slot(&mut self, tag: u32) {
         self.slots[tag as usize].pending = 0;
@@ -263,7 +277,7 @@ impl<D: QueueDevice> Poller for Engine<D> {
         done.clear();
         self.done = done;
 
-        if !self.vring.is_stopping() {
+        if !self.vring.is_stopping() || self.vring.has_resubmits() {
             let popped = self.pop_requests(&mem);
             if popped > 0 {
                 self.dev.kick();
@@ -273,6 +287,10 @@ impl<D: QueueDevice> Poller for Engine<D> {
 
         if work > 0 || self.vring.irq_due() {
             self.vring.notify_guest(&mem);
+        }
+        if work > 0 {
+            self.in_flight_gauge
+                .store(self.in_flight, Ordering::Relaxed);
         }
         work
     }
@@ -297,6 +315,13 @@ impl<D: QueueDevice> Poller for Engine<D> {
     }
 
     fn request_stop(&mut self) {
+        if self.in_flight > 0 && !self.vring.is_stopping() {
+            tracing::info!(
+                queue = self.vring.index(),
+                in_flight = self.in_flight,
+                "ring stopping: draining the requests in flight"
+            );
+        }
         self.vring.stop();
     }
 
@@ -305,12 +330,13 @@ impl<D: QueueDevice> Poller for Engine<D> {
     }
 
     fn finished(&self) -> bool {
-        self.vring.is_stopping() && self.in_flight == 0
+        self.vring.is_stopping() && self.in_flight == 0 && !self.vring.has_resubmits()
     }
 }
 
 impl<D: QueueDevice> Drop for Engine<D> {
     fn drop(&mut self) {
+        self.in_flight_gauge.store(0, Ordering::Relaxed);
         if self.in_flight > 0 {
             tracing::error!(
                 queue = self.vring.index(),

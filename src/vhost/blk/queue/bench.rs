@@ -73,6 +73,8 @@ impl Driver {
             call: None,
             stopped: tx,
             coalescing: Default::default(),
+            inflight: None,
+            in_flight: Default::default(),
         };
         (setup, rx)
     }

@@ -121,6 +121,8 @@ fn setup(mem: &GuestMem, index: u16, q: Queue) -> (QueueSetup, mpsc::Receiver<u1
             call: None,
             stopped: tx,
             coalescing: Default::default(),
+            inflight: None,
+            in_flight: Default::default(),
         },
         rx,
     )
