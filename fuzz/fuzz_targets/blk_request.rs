@@ -66,12 +66,15 @@ fuzz_target!(|data: &[u8]| {
                 slow.data.iter().map(|v| v.iov_len as u64).sum::<u64>()
             );
             assert!(slow.segments.len() <= 4);
-            assert!(!lim.read_only || !matches!(
-                slow.kind,
-                blockd::vhost::blk::request::RequestKind::Out
-                    | blockd::vhost::blk::request::RequestKind::Discard
-                    | blockd::vhost::blk::request::RequestKind::WriteZeroes
-            ));
+            assert!(
+                !lim.read_only
+                    || !matches!(
+                        slow.kind,
+                        blockd::vhost::blk::request::RequestKind::Out
+                            | blockd::vhost::blk::request::RequestKind::Discard
+                            | blockd::vhost::blk::request::RequestKind::WriteZeroes
+                    )
+            );
         }
         (Err(a), Err(b)) => assert_eq!(a, b),
         (a, b) => panic!("virtio-queue path {a:?} ({slow:?}), ring view path {b:?} ({fast:?})"),

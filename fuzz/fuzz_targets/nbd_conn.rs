@@ -72,7 +72,9 @@ fuzz_target!(|data: &[u8]| {
         Conn::new(id, ctx.clone(), entry, OwnedFd::from(ours))
     }
     .expect("connection");
-    client.write_all(input).expect("client bytes fit the socket buffer");
+    client
+        .write_all(input)
+        .expect("client bytes fit the socket buffer");
     client.shutdown(Shutdown::Write).expect("EOF");
     client.set_nonblocking(true).expect("nonblocking");
 
@@ -81,7 +83,10 @@ fuzz_target!(|data: &[u8]| {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut b = vec![0u8; 1 << 16];
     while !conn.finished() {
-        assert!(Instant::now() < deadline, "the connection never finished after EOF");
+        assert!(
+            Instant::now() < deadline,
+            "the connection never finished after EOF"
+        );
         conn.poll();
         loop {
             match client.read(&mut b) {
@@ -93,5 +98,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     drop(conn);
-    assert!(ctx.conns.wait_gone(&[id], Duration::ZERO), "registry still holds the connection");
+    assert!(
+        ctx.conns.wait_gone(&[id], Duration::ZERO),
+        "registry still holds the connection"
+    );
 });
