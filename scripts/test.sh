@@ -20,3 +20,6 @@ fi
 cargo build --all-targets
 # Tests boot QEMU guests and run daemons: two at a time is what 2 cores carry.
 cargo test --all-targets -- --test-threads=2
+
+# Coverage-guided fuzzing of the guest/peer input parsers, briefly (fuzz/README.md).
+bash scripts/fuzz.sh 20

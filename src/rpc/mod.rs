@@ -10,6 +10,9 @@
 //! implements).
 
 pub mod framework;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod log;
 pub mod server;
 

@@ -39,7 +39,7 @@ use crate::vhost::guest_stream::{
     copy_to_iovecs, push_iovecs, read_stream, walk, Desc, GuestRanges, StreamError,
 };
 use crate::vhost::split_ring::ChainError;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 use crate::vhost::split_ring::RingView;
 use crate::vhost::vring::Vring;
 
@@ -425,8 +425,9 @@ impl BlkRequest {
     }
 
     /// [`BlkRequest::parse_ring`] on a bare ring view.
-    #[cfg(test)]
-    fn parse_view(
+    #[cfg(any(test, feature = "fuzzing"))]
+    #[doc(hidden)]
+    pub fn parse_view(
         &mut self,
         view: &RingView,
         map: &GuestMap,

@@ -23,14 +23,14 @@ use thiserror::Error;
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemory, GuestMemoryBackend};
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 use crate::vhost::guest_map::GuestMap;
 pub use crate::vhost::guest_stream::{
     copy_from_iovecs, copy_to_iovecs, read_stream, Desc, MAX_IOVECS,
 };
 use crate::vhost::guest_stream::{push_iovecs, walk, GuestRanges, StreamError};
 use crate::vhost::split_ring::ChainError;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 use crate::vhost::split_ring::RingView;
 use crate::vhost::vring::Vring;
 
@@ -327,8 +327,9 @@ impl CmdRequest {
     }
 
     /// [`CmdRequest::parse_ring`] on a bare ring view.
-    #[cfg(test)]
-    fn parse_view(
+    #[cfg(any(test, feature = "fuzzing"))]
+    #[doc(hidden)]
+    pub fn parse_view(
         &mut self,
         view: &RingView,
         map: &GuestMap,
