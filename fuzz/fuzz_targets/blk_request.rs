@@ -37,7 +37,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let lim = limits(ring.knobs);
-    let map = GuestMap::new(&ring.mem);
+    // SAFETY: `ring.mem` lives until the end of this closure, longer than `map` and the
+    // view and requests built from it.
+    let map = unsafe { GuestMap::new(&ring.mem) };
     let (view, head) = ring.view(&map);
     let mut fast = BlkRequest::new();
     let fast_r = fast.parse_view(&view, &map, head, &lim);
