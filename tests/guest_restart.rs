@@ -507,8 +507,11 @@ fn gap_stats(cycles: &[Cycle], stop: Stop) -> (f64, f64) {
         .filter(|c| c.stop == stop)
         .map(|c| c.gap.as_secs_f64())
         .collect();
+    if gaps.is_empty() {
+        return (0.0, 0.0);
+    }
     let max = gaps.iter().cloned().fold(0.0, f64::max);
-    let mean = gaps.iter().sum::<f64>() / gaps.len().max(1) as f64;
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
     (mean, max)
 }
 
