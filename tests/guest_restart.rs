@@ -453,10 +453,18 @@ fn backend(storage: Storage, make_controller: impl FnOnce(&Daemon)) -> Backend {
             );
         }
         Storage::Rbd(rbd) => {
+            // Without librbd's cache: blockd runs it write-back (no write-through until the
+            // first flush), so a write acknowledged from the cache of an instance killed
+            // before the writers' next flush is lost, and the guest reads it back stale.
+            first.rpc_ok(
+                "bdev_rbd_register_cluster",
+                json!({"name": "c", "config_file": rbd.conf,
+                       "config_param": {"rbd_cache": "false"}}),
+            );
             first.rpc_ok(
                 "bdev_rbd_create",
                 json!({"name": "disk", "pool_name": ceph::POOL, "rbd_name": rbd.image_name(),
-                       "block_size": 512}),
+                       "block_size": 512, "cluster_name": "c"}),
             );
         }
     }
