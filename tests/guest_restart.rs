@@ -453,9 +453,11 @@ fn backend(storage: Storage, make_controller: impl FnOnce(&Daemon)) -> Backend {
             );
         }
         Storage::Rbd(rbd) => {
-            // Without librbd's cache: blockd runs it write-back (no write-through until the
-            // first flush), so a write acknowledged from the cache of an instance killed
-            // before the writers' next flush is lost, and the guest reads it back stale.
+            // Without librbd's cache: its default policy (`writearound`, blockd turns off
+            // write-through-until-flush) acknowledges a write while it is still on its way
+            // to the OSDs; killed then, and fenced by the blocklist, that write is lost
+            // although the guest had it acknowledged and never lost power (seen once: a
+            // read-back mismatch). With the cache off, a write completes once committed.
             first.rpc_ok(
                 "bdev_rbd_register_cluster",
                 json!({"name": "c", "config_file": rbd.conf,
