@@ -453,15 +453,11 @@ fn backend(storage: Storage, make_controller: impl FnOnce(&Daemon)) -> Backend {
             );
         }
         Storage::Rbd(rbd) => {
-            // Without librbd's cache: its default policy (`writearound`, blockd turns off
-            // write-through-until-flush) acknowledges a write while it is still on its way
-            // to the OSDs; killed then, and fenced by the blocklist, that write is lost
-            // although the guest had it acknowledged and never lost power (seen once: a
-            // read-back mismatch). With the cache off, a write completes once committed.
+            // blockd's default librbd cache policy (`writethrough`, src/rbd/rados.rs): a
+            // write completes once the OSDs have it, so a kill loses nothing acknowledged.
             first.rpc_ok(
                 "bdev_rbd_register_cluster",
-                json!({"name": "c", "config_file": rbd.conf,
-                       "config_param": {"rbd_cache": "false"}}),
+                json!({"name": "c", "config_file": rbd.conf}),
             );
             first.rpc_ok(
                 "bdev_rbd_create",

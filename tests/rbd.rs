@@ -47,6 +47,23 @@ fn connections_drop_the_writethrough_until_flush_guard() {
     );
 }
 
+/// blockd's connections make librbd complete a write only once the OSDs have it (no
+/// librbd cache), so that a crash of blockd loses no acknowledged write; `config` may turn
+/// the cache back on.
+#[test]
+fn connections_acknowledge_writes_only_once_the_osds_have_them() {
+    let conf = need_ceph!();
+    assert_eq!(connect(&conf).conf_get("rbd_cache").unwrap(), "false");
+    let chosen = Rados::connect(&ConnectOptions {
+        config_file: Some(conf.to_path_buf()),
+        config: BTreeMap::from([("rbd_cache_policy".to_string(), "writeback".to_string())]),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(chosen.conf_get("rbd_cache").unwrap(), "true");
+    assert_eq!(chosen.conf_get("rbd_cache_policy").unwrap(), "writeback");
+}
+
 #[test]
 fn bindings_create_stat_resize_remove() {
     let conf = need_ceph!();
@@ -263,8 +280,8 @@ fn channel_write_read_discard_zeroes_flush() {
         may_unmap: false,
     };
     assert_eq!(io(&mut ch, 4, wz), Ok(()));
-    // librbd's default cache (writearound after the first flush) acknowledges writes
-    // before the OSDs have them: another client sees them after a flush.
+    // Another client sees the zeroes (after a flush, which a cache turned on in `config`
+    // would need).
     assert_eq!(io(&mut ch, 41, IoOp::Flush), Ok(()));
     other.read_at(1 << 20, &mut got).unwrap();
     assert!(got[..4096].iter().all(|x| *x == 0));

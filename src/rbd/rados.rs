@@ -142,13 +142,23 @@ impl Rados {
         for (k, v) in &opts.config {
             r.conf_set(k, v)?;
         }
+        // A write blockd acknowledges must survive blockd's own crash: the guest lives on
+        // and reconnects to the next instance, whose predecessor's RADOS client is then
+        // blocklisted (a restart's takeover). librbd's default cache policy, `writearound`
+        // (and `writeback`), acknowledges a write while it is still only in this process on
+        // its way to the OSDs, so a kill then loses a write the guest saw complete. Without
+        // the cache librbd completes a write once the OSDs have it; reads were not cached
+        // under `writearound` either, and the guest keeps its own page cache. `config` may
+        // turn the cache back on (`rbd_cache`, `rbd_cache_policy`).
+        if !opts.config.contains_key("rbd_cache_policy") && !opts.config.contains_key("rbd_cache") {
+            r.conf_set("rbd_cache", "false")?;
+        }
         // librbd's cache starts write-through until an image sees its first flush, to
-        // protect guests too old to send flushes. blockd's frontends already protect
-        // those: a virtio-blk driver without VIRTIO_BLK_F_FLUSH gets a write-through
-        // device, SCSI initiators are told WCE=1 and send SYNCHRONIZE CACHE, NBD clients
-        // get NBD_FLAG_SEND_FLUSH. The guard would only hold every image at write-through
-        // speed, a round trip to the OSDs per write, until its guest's first flush. The
-        // rbd tool turns it off for the same reason; `config` may turn it back on.
+        // protect guests too old to send flushes; without the cache it is moot, and with a
+        // cache turned on in `config` blockd's frontends already protect those guests (a
+        // virtio-blk driver without VIRTIO_BLK_F_FLUSH gets a write-through device, SCSI
+        // initiators are told WCE=1 and send SYNCHRONIZE CACHE, NBD clients get
+        // NBD_FLAG_SEND_FLUSH). The rbd tool turns it off too; `config` may turn it back on.
         if !opts
             .config
             .contains_key("rbd_cache_writethrough_until_flush")
