@@ -47,11 +47,11 @@ fn connections_drop_the_writethrough_until_flush_guard() {
     );
 }
 
-/// blockd's connections make librbd complete a write only once the OSDs have it (no
-/// librbd cache), so that a crash of blockd loses no acknowledged write; `config` may turn
-/// the cache back on.
+/// blockd's connections turn librbd's cache off (its default `writearound` policy completes
+/// writes still in blockd's process, which a crash of blockd would lose), unless `config`
+/// chooses a cache. What the setting buys is shown by tests/guest_restart.rs on RBD.
 #[test]
-fn connections_acknowledge_writes_only_once_the_osds_have_them() {
+fn connections_turn_the_librbd_cache_off_unless_configured() {
     let conf = need_ceph!();
     assert_eq!(connect(&conf).conf_get("rbd_cache").unwrap(), "false");
     let chosen = Rados::connect(&ConnectOptions {
