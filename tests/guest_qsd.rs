@@ -8,98 +8,26 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #[path = "common/guest.rs"]
 mod guest;
+#[path = "common/qsd.rs"]
+mod qsd;
 
 use guest::{
     assert_region_in_file, read_at, sha256_hex, sparse_image, write_host_pattern, Disk, Guest,
     GuestOpts, GuestRun,
 };
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use qsd::{Export, Qsd};
+use std::os::fd::AsRawFd;
+use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
-/// One QSD export: an image file served as vhost-user-blk.
-struct Export {
-    image: PathBuf,
-    socket: PathBuf,
-    writable: bool,
-    num_queues: u16,
-}
-
-/// A running qemu-storage-daemon. Each export's socket is bound and listening *before*
-/// QSD starts (QSD gets the fd: `addr.type=fd`), so QEMU can connect at once: no wait
-/// for readiness. Killed on drop.
-struct Qsd {
-    child: Child,
-}
-
-impl Qsd {
-    fn start(exports: &[Export]) -> Qsd {
-        let mut args: Vec<String> = Vec::new();
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        for (i, e) in exports.iter().enumerate() {
-            let listener = UnixListener::bind(&e.socket).expect("binding vhost-user socket");
-            // Park the fd high so the dup2 to 3+i in the child cannot clobber another one.
-            // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd or -1.
-            let high = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1000) };
-            assert!(high >= 0, "dup of listener failed");
-            // SAFETY: `high` is a fresh fd we own.
-            fds.push(unsafe { OwnedFd::from_raw_fd(high) });
-            args.push("--blockdev".into());
-            args.push(format!(
-                "driver=file,filename={},node-name=n{i},discard=unmap",
-                e.image.display()
-            ));
-            args.push("--export".into());
-            args.push(format!(
-                "type=vhost-user-blk,id=e{i},node-name=n{i},addr.type=fd,addr.str={},writable={},num-queues={}",
-                3 + i,
-                if e.writable { "on" } else { "off" },
-                e.num_queues
-            ));
-        }
-        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let mut cmd = Command::new("qemu-storage-daemon");
-        cmd.args(&args).stdin(Stdio::null());
-        // SAFETY: only dup2 (async-signal-safe) between fork and exec; dup2 clears
-        // FD_CLOEXEC on the target, so QSD inherits exactly fds 3..3+n.
-        unsafe {
-            cmd.pre_exec(move || {
-                for (i, fd) in raw.iter().enumerate() {
-                    if libc::dup2(*fd, 3 + i as i32) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("starting qemu-storage-daemon");
-        Qsd { child }
-    }
-
-    /// True while QSD has not exited.
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn export(dir: &Path, name: &str, num_queues: u16) -> Export {
-    Export {
-        image: sparse_image(dir, &format!("{name}.img"), 64 * MIB),
-        socket: dir.join(format!("{name}.sock")),
-        writable: true,
+    Export::new(
+        sparse_image(dir, &format!("{name}.img"), 64 * MIB),
+        dir.join(format!("{name}.sock")),
         num_queues,
-    }
+        "discard=unmap",
+    )
 }
 
 fn boot(opts: &GuestOpts) -> GuestRun {

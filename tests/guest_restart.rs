@@ -31,10 +31,11 @@ mod guest;
 #[path = "common/writers.rs"]
 mod writers;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::Daemon;
+use ceph::RbdImage;
+use common::{logged_sum, Daemon};
 use guest::{Disk, DiskKind, Guest, GuestOpts, RunningGuest};
 use serde_json::{json, Value};
 use writers::WriterLog;
@@ -95,49 +96,6 @@ enum Storage {
     /// An image `POOL/image` on the test cluster (`conf`); blockd runs with `--config`, which
     /// persists the configuration and the RADOS client record of each instance.
     Rbd(RbdImage),
-}
-
-/// A test image on the cluster, removed when dropped (best effort: after a failure a killed
-/// client's watch may keep it until it expires).
-struct RbdImage {
-    conf: PathBuf,
-    spec: String,
-}
-
-impl RbdImage {
-    fn create(conf: PathBuf) -> Self {
-        let spec = format!("{}/{}", ceph::POOL, ceph::unique("guest-restart"));
-        ceph::rbd_cli(
-            &conf,
-            &["create", &spec, "--size", &format!("{}M", IMAGE / MIB)],
-        );
-        RbdImage { conf, spec }
-    }
-
-    fn image_name(&self) -> &str {
-        self.spec.split_once('/').unwrap().1
-    }
-
-    /// The image's content through librbd (`rbd export`), in a file in `dir`.
-    fn export(&self, dir: &Path) -> PathBuf {
-        let out = dir.join("export.img");
-        let _ = std::fs::remove_file(&out);
-        ceph::rbd_cli(
-            &self.conf,
-            &["export", "--no-progress", &self.spec, out.to_str().unwrap()],
-        );
-        out
-    }
-}
-
-impl Drop for RbdImage {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rbd")
-            .arg("-c")
-            .arg(&self.conf)
-            .args(["rm", "--no-progress", &self.spec])
-            .output();
-    }
 }
 
 /// The blockd under test and what restarts need: the first instance holds the temporary
@@ -201,48 +159,14 @@ impl Backend {
     }
 }
 
-/// Sum of `key=N` over the log lines containing `what`.
-fn logged_sum(log: &str, what: &str, key: &str) -> u64 {
-    let pat = format!("{key}=");
-    log.lines()
-        .filter(|l| l.contains(what))
-        .filter_map(|l| {
-            let i = l.find(&pat)? + pat.len();
-            let n: String = l[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
-            n.parse::<u64>().ok()
-        })
-        .sum()
-}
-
 /// The writers' log so far; panics at once when they reported an error or a mismatch.
 fn guest_log(g: &RunningGuest, what: &str) -> WriterLog {
-    let console = g.console();
-    let log = WriterLog::parse(&console);
-    if !log.errors.is_empty() || !log.mismatches.is_empty() {
-        panic!(
-            "{what}: the guest saw I/O errors {:?} and read-back mismatches {:?}\n{console}",
-            log.errors, log.mismatches
-        );
-    }
-    log
+    writers::checked(&g.console(), what)
 }
 
 /// Waits until the guest has acknowledged more than `after` writes in all.
 fn wait_acked(g: &RunningGuest, after: u64, what: &str) -> WriterLog {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = guest_log(g, what);
-        if log.acked_total > after {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: no write acknowledged within {WAIT:?} (acked {after}, outstanding {})\n{}",
-            log.outstanding(),
-            g.console()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    writers::wait_acked(|| g.console(), after, WAIT, what)
 }
 
 /// Boots the guest on `ctrlr` (socket `sock`, `kind`), runs `kills` SIGKILL and `terms`
@@ -394,16 +318,8 @@ fn restart_cycles(
     if std::env::var_os("BLOCKD_RESTART_DIAG").is_some() {
         eprintln!("{}", run.diagnostics());
     }
-    run.assert_ok();
     let log = WriterLog::parse(&run.console);
-    let diag = || run.diagnostics();
-    assert_eq!(run.require("dmesg.io_errors"), "0", "{}", diag());
-    assert_eq!(run.require("dmesg.not_a_head"), "0", "{}", diag());
-    assert_eq!(log.errors, Vec::<String>::new(), "write errors\n{}", diag());
-    assert_eq!(log.mismatches, Vec::<String>::new(), "read-back mismatches");
-    assert_eq!(run.require("writers.done"), "4", "hung writers\n{}", diag());
-    assert_eq!(log.outstanding(), 0, "writes never acknowledged");
-    assert_eq!(log.done.len(), 4);
+    writers::assert_finished(&run, &log, 4);
 
     // The image, after a clean stop of the last instance.
     let st = b.daemon_mut().stop();
@@ -412,14 +328,7 @@ fn restart_cycles(
         Storage::Aio => b.first.tmp_dir().join("disk.img"),
         Storage::Rbd(rbd) => rbd.export(&dir),
     };
-    let bad = writers::verify_image(&log, &image, BS, BLOCKS);
-    assert!(
-        bad.is_empty(),
-        "{} of {} blocks lost their last acknowledged write:\n{}",
-        bad.len(),
-        log.last_acked.len(),
-        bad.join("\n")
-    );
+    writers::assert_image(&log, &image, BS, BLOCKS);
     eprintln!(
         "{} writes acknowledged, {} blocks verified in the image",
         log.acked_total,
@@ -591,7 +500,7 @@ fn blk_guest_on_rbd_survives_kill_and_term_with_requests_in_flight() {
         eprintln!("SKIP: Ceph (ceph-mon, ceph-osd, rbd, librbd1) is not installed");
         return;
     };
-    let image = RbdImage::create(conf.clone());
+    let image = RbdImage::create(conf.clone(), "guest-restart", IMAGE / MIB);
     let mut b = backend(Storage::Rbd(image), |d| {
         d.rpc_ok(
             "vhost_create_blk_controller",

@@ -97,3 +97,44 @@ pub fn rbd_cli(conf: &Path, args: &[&str]) -> Output {
     );
     out
 }
+
+/// A test image `POOL/<unique>` on the cluster, removed when dropped (best effort: after a
+/// failure a killed client's watch may keep it until it expires).
+pub struct RbdImage {
+    pub conf: PathBuf,
+    pub spec: String,
+}
+
+impl RbdImage {
+    /// A new image of `mib` MiB named after `prefix`.
+    pub fn create(conf: PathBuf, prefix: &str, mib: u64) -> Self {
+        let spec = format!("{POOL}/{}", unique(prefix));
+        rbd_cli(&conf, &["create", &spec, "--size", &format!("{mib}M")]);
+        RbdImage { conf, spec }
+    }
+
+    pub fn image_name(&self) -> &str {
+        self.spec.split_once('/').unwrap().1
+    }
+
+    /// The image's content through librbd (`rbd export`), in a file in `dir`.
+    pub fn export(&self, dir: &Path) -> PathBuf {
+        let out = dir.join("export.img");
+        let _ = std::fs::remove_file(&out);
+        rbd_cli(
+            &self.conf,
+            &["export", "--no-progress", &self.spec, out.to_str().unwrap()],
+        );
+        out
+    }
+}
+
+impl Drop for RbdImage {
+    fn drop(&mut self) {
+        let _ = Command::new("rbd")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["rm", "--no-progress", &self.spec])
+            .output();
+    }
+}

@@ -317,3 +317,17 @@ pub fn thread_policies(pid: i32) -> Vec<(String, i32)> {
     }
     out
 }
+
+/// Sum of `key=N` over the lines of `log` containing `what` (e.g. requests drained, from
+/// blockd's log lines).
+pub fn logged_sum(log: &str, what: &str, key: &str) -> u64 {
+    let pat = format!("{key}=");
+    log.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            let i = l.find(&pat)? + pat.len();
+            let n: String = l[i..].chars().take_while(|c| c.is_ascii_digit()).collect();
+            n.parse::<u64>().ok()
+        })
+        .sum()
+}

@@ -1,11 +1,14 @@
 //! The guest's verified writers (tests/guest/init.sh `writers`): what their console lines
 //! say (issued, acknowledged, failed, mismatched, finished) and whether the image holds
 //! the last acknowledged write of every block. Include with
-//! `#[path = "common/writers.rs"] mod writers;`.
+//! `#[path = "common/writers.rs"] mod writers;` after `#[path = "common/guest.rs"] mod guest;`.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::guest::GuestRun;
 
 /// Where writer areas start on the data disk (init.sh: 1 MiB).
 pub const AREA_START: u64 = 1 << 20;
@@ -97,4 +100,73 @@ pub fn verify_image(log: &WriterLog, image: &Path, bs: u64, blocks: u64) -> Vec<
         }
     }
     bad
+}
+
+/// The writers' log in `console`; panics at once when they reported an error or a mismatch
+/// (`what` says when).
+pub fn checked(console: &str, what: &str) -> WriterLog {
+    let log = WriterLog::parse(console);
+    if !log.errors.is_empty() || !log.mismatches.is_empty() {
+        panic!(
+            "{what}: the guest saw I/O errors {:?} and read-back mismatches {:?}\n{console}",
+            log.errors, log.mismatches
+        );
+    }
+    log
+}
+
+/// Waits (at most `timeout`) until the guest has acknowledged more than `after` writes in
+/// all; `console` reads the serial log(s) so far.
+pub fn wait_acked(
+    console: impl Fn() -> String,
+    after: u64,
+    timeout: Duration,
+    what: &str,
+) -> WriterLog {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = console();
+        let log = checked(&text, what);
+        if log.acked_total > after {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no write acknowledged within {timeout:?} (acked {after}, outstanding {})\n{text}",
+            log.outstanding(),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The checks after the host stopped the writers (`run`: the guest's last QEMU; `log`: the
+/// writers' whole log): the guest finished, saw no I/O error, no `not a head`, no
+/// mismatch, and all `writers` writers finished with nothing left unacknowledged.
+pub fn assert_finished(run: &GuestRun, log: &WriterLog, writers: usize) {
+    run.assert_ok();
+    let diag = || run.diagnostics();
+    assert_eq!(run.require("dmesg.io_errors"), "0", "{}", diag());
+    assert_eq!(run.require("dmesg.not_a_head"), "0", "{}", diag());
+    assert_eq!(log.errors, Vec::<String>::new(), "write errors\n{}", diag());
+    assert_eq!(log.mismatches, Vec::<String>::new(), "read-back mismatches");
+    assert_eq!(
+        run.require("writers.done"),
+        writers.to_string(),
+        "hung writers\n{}",
+        diag()
+    );
+    assert_eq!(log.outstanding(), 0, "writes never acknowledged");
+    assert_eq!(log.done.len(), writers);
+}
+
+/// Panics unless `image` holds the last acknowledged write of every block in `log`.
+pub fn assert_image(log: &WriterLog, image: &Path, bs: u64, blocks: u64) {
+    let bad = verify_image(log, image, bs, blocks);
+    assert!(
+        bad.is_empty(),
+        "{} of {} blocks lost their last acknowledged write:\n{}",
+        bad.len(),
+        log.last_acked.len(),
+        bad.join("\n")
+    );
 }
