@@ -115,6 +115,12 @@ impl Backend {
         self.session()?["in_flight"].as_u64()
     }
 
+    /// Whether blockd logs its writes into guest memory for QEMU now (`dirty_logging` of
+    /// the session); None for QSD or without a frontend.
+    fn dirty_logging(&self) -> Option<bool> {
+        self.session()?["dirty_logging"].as_bool()
+    }
+
     /// blockd refuses a second frontend while one is connected: before a new QEMU connects,
     /// wait until the previous one is gone. (QSD does not accept the next client before the
     /// current one left: the new one waits in the listen backlog.)
@@ -376,7 +382,17 @@ impl Vm {
     /// after every writer acknowledged a write on the destination.
     fn migrate(&mut self, from: &Backend, to: &Backend, slowed: bool) -> Leg {
         let dest = self.incoming(to);
-        self.switch_over(dest, from, slowed)
+        let leg = self.switch_over(dest, from, slowed);
+        // QEMU asks only a migration's source to log.
+        if to.daemon().is_some() {
+            assert_eq!(
+                to.dirty_logging(),
+                Some(false),
+                "the destination's blockd logs: {:?}",
+                to.session()
+            );
+        }
+        leg
     }
 
     /// The migration to `dest`, from `migrate` to the guest running there (the source QEMU
@@ -636,7 +652,12 @@ fn cancelled_migration_leaves_the_guest_on_the_source() {
         std::thread::sleep(Duration::from_millis(20));
     };
     eprintln!("cancelling after {} bytes of RAM", q["ram"]["transferred"]);
-    // TODO(issue 19): assert blockd A's dirty logging is on here, once blockd reports it.
+    assert_eq!(
+        a.dirty_logging(),
+        Some(true),
+        "blockd A does not log while QEMU migrates: {:?}",
+        a.session()
+    );
     let before = writers::checked(&vm.console(), "before cancel");
     vm.qmp.execute("migrate_cancel", Value::Null).unwrap();
     vm.qmp.wait_migration(&["cancelled"], WAIT).unwrap();
@@ -653,7 +674,12 @@ fn cancelled_migration_leaves_the_guest_on_the_source() {
     eprintln!("destination QEMU after the cancel: {:?}", run.exit);
     // The guest goes on on the source, each writer acknowledging.
     vm.wait_each_writer(&before, "after the cancel");
-    // TODO(issue 19): assert blockd A's dirty logging is off again.
+    assert_eq!(
+        a.dirty_logging(),
+        Some(false),
+        "blockd A still logs after the cancel: {:?}",
+        a.session()
+    );
 
     // A second migration succeeds.
     vm.qmp
