@@ -19,6 +19,9 @@ pub struct Export {
     /// or `cache.direct=on,locking=off` for two daemons sharing an image in a migration:
     /// QSD locks the files it opens by default).
     pub file_opts: String,
+    /// Writes limited to this many bytes/s (a `throttle` node over the file): requests wait
+    /// in QSD.
+    pub write_bps: Option<u64>,
 }
 
 impl Export {
@@ -35,6 +38,7 @@ impl Export {
             writable: true,
             num_queues,
             file_opts: file_opts.to_string(),
+            write_bps: None,
         }
     }
 }
@@ -68,9 +72,19 @@ impl Qsd {
                 "driver=file,filename={},node-name=n{i}{opts}",
                 e.image.display()
             ));
+            let mut node = format!("n{i}");
+            if let Some(bps) = e.write_bps {
+                args.push("--object".into());
+                args.push(format!("throttle-group,id=tg{i},x-bps-write={bps}"));
+                args.push("--blockdev".into());
+                args.push(format!(
+                    "driver=throttle,node-name=t{i},throttle-group=tg{i},file=n{i}"
+                ));
+                node = format!("t{i}");
+            }
             args.push("--export".into());
             args.push(format!(
-                "type=vhost-user-blk,id=e{i},node-name=n{i},addr.type=fd,addr.str={},writable={},num-queues={}",
+                "type=vhost-user-blk,id=e{i},node-name={node},addr.type=fd,addr.str={},writable={},num-queues={}",
                 3 + i,
                 if e.writable { "on" } else { "off" },
                 e.num_queues
