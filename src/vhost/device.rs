@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::reactor::{Poller, ReactorCtx};
 use crate::vhost::coalescing::Coalescing;
+use crate::vhost::dirty_log::RingLog;
 use crate::vhost::inflight::QueueInflight;
 
 /// Guest memory as the frontend shared it (memfd, hugetlbfs or plain file regions), swapped
@@ -44,6 +45,8 @@ pub struct QueueSetup {
     /// Requests taken from the ring and not yet returned, as of the poller's last pass
     /// (`vhost_get_controllers`).
     pub in_flight: Arc<AtomicUsize>,
+    /// The session's dirty-page logging, as this ring follows it (live migration).
+    pub log: RingLog,
 }
 
 /// A virtio device model served over vhost-user.

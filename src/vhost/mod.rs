@@ -8,6 +8,7 @@
 pub mod blk;
 pub mod coalescing;
 pub mod device;
+pub mod dirty_log;
 pub mod engine;
 mod events;
 pub mod guest_fault;
@@ -144,7 +145,7 @@ impl Controller {
                 let s = lock(s);
                 json!({"name": format!("{}s0", self.name), "started": s.running_rings() > 0,
                        "running_queues": s.running_rings(), "reactors": s.cores(),
-                       "in_flight": s.in_flight()})
+                       "in_flight": s.in_flight(), "dirty_logging": s.dirty_logging()})
             })
             .collect();
         let (delay_base_us, iops_threshold) = self.coalescing.get();

@@ -123,6 +123,7 @@ fn setup(mem: &GuestMem, index: u16, q: Queue) -> (QueueSetup, mpsc::Receiver<u1
             coalescing: Default::default(),
             inflight: None,
             in_flight: Default::default(),
+            log: Default::default(),
         },
         rx,
     )
