@@ -21,8 +21,8 @@
 //! compares them with qemu-storage-daemon on the same file, the last test here).
 //!
 //! Storage and devices: an aio file (plain, and slowed by a QoS limit so that requests are
-//! in flight at the switchover, shown by blockd's `in_flight` just before `migrate` and the
-//! requests it drained when QEMU stopped the rings), a local-pool image (the destination's
+//! in flight at the switchover, shown by blockd's `in_flight` just before QEMU may switch
+//! over and the requests it drained when QEMU stopped the rings), a local-pool image (the destination's
 //! bdev created with `"incoming": true`), an RBD image on the test cluster (`CEPH_CONF`;
 //! SKIP without Ceph), vhost-user-scsi once; a migration cancelled mid-way
 //! (`migrate_cancel`) leaves the guest running on the source, and a second one succeeds.
@@ -58,22 +58,32 @@ const MIB: u64 = 1 << 20;
 const IMAGE: u64 = 64 * MIB;
 /// Block size of the guest's writes and blocks per writer (init.sh `writers` defaults).
 const BS: u64 = 128 * 1024;
+/// The slowed variant's block size: each write takes half a second of the storage's
+/// bandwidth, so the requests in flight when QEMU decides to switch over are still there
+/// when it stops the rings.
+const QOS_BS: u64 = 512 * 1024;
 const BLOCKS: u64 = 8;
 const WRITERS: usize = 4;
 /// Request queues of the guest's disk (virtio-blk queues, virtio-scsi request queues).
 const QUEUES: u16 = 2;
 /// Guest RAM: small, so that QEMU has little to copy.
 const GUEST_MIB: u32 = 256;
-/// The slowed variant: writes limited to 1 MiB/s (8 writes of 128 KiB per second, fewer
-/// than the writers issue), so that requests wait in blockd at the switchover.
+/// The slowed variant: writes limited to 1 MiB/s (2 writes of [`QOS_BS`] per second,
+/// fewer than the writers issue), so that requests wait in blockd.
 const QOS_W_MBYTES: u64 = 1;
-/// blockd must report at least this many requests in flight just before `migrate`.
+/// blockd must report at least this many requests in flight just before the switchover.
 const MIN_IN_FLIGHT: u64 = 4;
 /// The migration that gets cancelled is held to this bandwidth (bytes/s): copying the
 /// guest's RAM takes many seconds.
 const SLOW_BANDWIDTH: u64 = MIB;
 /// QEMU's default `max-bandwidth` (128 MiB/s), restored after the cancelled migration.
 const DEFAULT_BANDWIDTH: u64 = 128 * MIB;
+/// The slowed migrations: the first pass over RAM (~80 MiB) at this bandwidth takes
+/// about 20 s, time for blockd to have requests in flight...
+const HELD_BANDWIDTH: u64 = 4 * MIB;
+/// ... then this downtime limit (ms) covers all of RAM at that bandwidth: QEMU switches
+/// over at once.
+const FORCED_DOWNTIME_MS: u64 = 120_000;
 const WAIT: Duration = Duration::from_secs(120);
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// What blockd logs for each ring stopped with requests in flight (the count it drains
@@ -234,7 +244,7 @@ fn blockd_side(storage: &Storage, kind: DiskKind, incoming: bool, qos: bool) -> 
 #[derive(Debug)]
 struct Leg {
     figures: MigrationFigures,
-    /// blockd's `in_flight` on the source just before `migrate` (slowed runs).
+    /// blockd's `in_flight` on the source just before QEMU may switch over (slowed runs).
     in_flight_before: Option<u64>,
     /// Requests the source's blockd drained when QEMU stopped the rings.
     drained: u64,
@@ -257,6 +267,8 @@ struct Vm {
     dir: PathBuf,
     ctl: PathBuf,
     kind: DiskKind,
+    /// The writers' block size.
+    bs: u64,
     /// How many QEMUs the guest ran in so far, minus one.
     gen: usize,
     guest: RunningGuest,
@@ -270,13 +282,16 @@ impl Vm {
     /// (a migration needs that), its own serial log and QMP socket, and the destinations
     /// wait for the guest (`-incoming defer`).
     fn opts(&self, gen: usize, socket: &Path, incoming: bool) -> GuestOpts {
-        Self::opts_for(&self.dir, &self.ctl, self.kind, gen, socket, incoming)
+        Self::opts_for(
+            &self.dir, &self.ctl, self.kind, self.bs, gen, socket, incoming,
+        )
     }
 
     fn opts_for(
         dir: &Path,
         ctl: &Path,
         kind: DiskKind,
+        bs: u64,
         gen: usize,
         socket: &Path,
         incoming: bool,
@@ -288,6 +303,7 @@ impl Vm {
         };
         let mut opts = GuestOpts::new("writers", &workdir)
             .smp(2)
+            .arg("bs", &bs.to_string())
             .disk(disk)
             .qemu_args([
                 "-drive".to_string(),
@@ -311,11 +327,12 @@ impl Vm {
         }
     }
 
-    /// Boots the guest on `on` and waits until its writers have acknowledged writes.
-    fn boot(dir: &Path, kind: DiskKind, on: &Backend) -> Vm {
+    /// Boots the guest on `on`, its writers writing blocks of `bs` bytes, and waits until
+    /// they have acknowledged writes.
+    fn boot(dir: &Path, kind: DiskKind, bs: u64, on: &Backend) -> Vm {
         let ctl = dir.join("ctl.img");
         std::fs::write(&ctl, vec![0u8; MIB as usize]).unwrap();
-        let opts = Self::opts_for(dir, &ctl, kind, 0, &on.socket(), false);
+        let opts = Self::opts_for(dir, &ctl, kind, bs, 0, &on.socket(), false);
         let mut guest = Guest::spawn(&opts).expect("starting the guest");
         eprintln!("{}", guest.command_line());
         let qmp = Qmp::connect(&opts.workdir.join("qmp.sock"), WAIT).expect("QMP of QEMU 0");
@@ -324,6 +341,7 @@ impl Vm {
             dir: dir.to_path_buf(),
             ctl,
             kind,
+            bs,
             gen: 0,
             guest,
             qmp,
@@ -394,7 +412,7 @@ impl Vm {
     }
 
     /// Migrates the guest from `from` to `to`; `slowed`: requests must be in flight in
-    /// blockd at the `migrate` command. Returns QEMU's figures and the in-flight evidence,
+    /// blockd when QEMU switches over. Returns QEMU's figures and the in-flight evidence,
     /// after every writer acknowledged a write on the destination.
     fn migrate(&mut self, from: &Backend, to: &Backend, slowed: bool) -> Leg {
         let dest = self.incoming(to);
@@ -420,23 +438,42 @@ impl Vm {
             qmp: mut dest_qmp,
             uri_sock,
         } = dest;
+        let drained_before = from.drained();
+        // Slowed: the first pass over RAM is held to a low bandwidth, and as soon as blockd
+        // has requests in flight, a downtime limit long enough for all of RAM lets QEMU
+        // switch over at its next check (every 100 ms), long before the storage could
+        // finish them (the rest of RAM goes during the downtime, which is longer for it).
+        // Left to itself the switchover tends to find none in flight: dirty tracking slows
+        // the TCG guest so much during the migration that it hardly issues any.
+        if slowed {
+            self.qmp
+                .set_parameters(json!({ "max-bandwidth": HELD_BANDWIDTH }))
+                .unwrap();
+        }
+        self.qmp.migrate(&uri_sock).unwrap();
         let in_flight_before = slowed.then(|| {
             let deadline = Instant::now() + WAIT;
             loop {
+                let q = self.qmp.query_migrate().unwrap();
+                assert!(
+                    ["setup", "active"].contains(&q["status"].as_str().unwrap_or("")),
+                    "the migration ended before blockd had {MIN_IN_FLIGHT} requests in \
+                     flight: {q}\n{}",
+                    self.console()
+                );
                 if let Some(f) = from.in_flight().filter(|&f| f >= MIN_IN_FLIGHT) {
                     break f;
                 }
-                writers::checked(&self.console(), "before migrate");
-                assert!(
-                    Instant::now() < deadline,
-                    "never {MIN_IN_FLIGHT} requests in flight in blockd\n{}",
-                    self.console()
-                );
+                writers::checked(&self.console(), "before the switchover");
+                assert!(Instant::now() < deadline, "{q}\n{}", self.console());
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        let drained_before = from.drained();
-        self.qmp.migrate(&uri_sock).unwrap();
+        if slowed {
+            self.qmp
+                .set_parameters(json!({ "downtime-limit": FORCED_DOWNTIME_MS }))
+                .unwrap();
+        }
         let q = self
             .qmp
             .wait_migration(&["completed"], MIGRATE_TIMEOUT)
@@ -469,7 +506,7 @@ impl Vm {
     }
 
     /// Stops the writers (control disk) and checks the guest's whole log; returns it.
-    fn finish(self) -> (GuestRun, WriterLog) {
+    fn finish(self) -> (GuestRun, WriterLog, u64) {
         std::fs::write(&self.ctl, b"stop").unwrap();
         let run = self.guest.finish(WAIT).unwrap();
         let all = format!("{}{}", self.past, run.console);
@@ -489,7 +526,7 @@ impl Vm {
             self.gen + 1,
             log.last_acked.len()
         );
-        (run, log)
+        (run, log, self.bs)
     }
 }
 
@@ -516,7 +553,8 @@ fn report(backend: &str, dir: &str, leg: &Leg) {
 fn round_trip(label: &str, storage: &Storage, kind: DiskKind, qos: bool, dir: &Path) {
     let a = blockd_side(storage, kind, false, qos);
     let b = blockd_side(storage, kind, true, qos);
-    let mut vm = Vm::boot(dir, kind, &a);
+    let bs = if qos { QOS_BS } else { BS };
+    let mut vm = Vm::boot(dir, kind, bs, &a);
     let there = vm.migrate(&a, &b, qos);
     report(label, "A->B", &there);
     let back = vm.migrate(&b, &a, qos);
@@ -531,12 +569,12 @@ fn round_trip(label: &str, storage: &Storage, kind: DiskKind, qos: bool, dir: &P
             );
         }
     }
-    let (_run, log) = vm.finish();
-    check_image(storage, log, dir, [a, b]);
+    let (_run, log, bs) = vm.finish();
+    check_image(storage, &log, bs, dir, [a, b]);
 }
 
 /// Stops both blockd instances cleanly, then checks the image.
-fn check_image(storage: &Storage, log: WriterLog, dir: &Path, sides: [Backend; 2]) {
+fn check_image(storage: &Storage, log: &WriterLog, bs: u64, dir: &Path, sides: [Backend; 2]) {
     for s in sides {
         if let Backend::Blockd { mut d, .. } = s {
             let st = d.stop();
@@ -544,7 +582,7 @@ fn check_image(storage: &Storage, log: WriterLog, dir: &Path, sides: [Backend; 2
         }
     }
     let image = storage.image_file(dir);
-    writers::assert_image(&log, &image, BS, BLOCKS);
+    writers::assert_image(log, &image, bs, BLOCKS);
 }
 
 fn aio(dir: &Path) -> Storage {
@@ -643,7 +681,7 @@ fn cancelled_migration_leaves_the_guest_on_the_source() {
     let s = aio(dir.path());
     let a = blockd_side(&s, DiskKind::VhostUserBlk, false, false);
     let b = blockd_side(&s, DiskKind::VhostUserBlk, true, false);
-    let mut vm = Vm::boot(dir.path(), DiskKind::VhostUserBlk, &a);
+    let mut vm = Vm::boot(dir.path(), DiskKind::VhostUserBlk, BS, &a);
 
     // A migration held to a low bandwidth, cancelled while it copies RAM.
     vm.qmp
@@ -703,8 +741,8 @@ fn cancelled_migration_leaves_the_guest_on_the_source() {
         .unwrap();
     let leg = vm.migrate(&a, &b, false);
     report("blockd-aio-after-cancel", "A->B", &leg);
-    let (_run, log) = vm.finish();
-    check_image(&s, log, dir.path(), [a, b]);
+    let (_run, log, bs) = vm.finish();
+    check_image(&s, &log, bs, dir.path(), [a, b]);
 }
 
 /// The peer: qemu-storage-daemon serving the same file on both sides (no QoS: it loses
@@ -722,14 +760,14 @@ fn blk_on_qsd_migrates_there_and_back() {
         }
     };
     let (a, b) = (side("a"), side("b"));
-    let mut vm = Vm::boot(dir.path(), DiskKind::VhostUserBlk, &a);
+    let mut vm = Vm::boot(dir.path(), DiskKind::VhostUserBlk, BS, &a);
     let there = vm.migrate(&a, &b, false);
     report("qsd-file", "A->B", &there);
     let back = vm.migrate(&b, &a, false);
     report("qsd-file", "B->A", &back);
-    let (_run, log) = vm.finish();
+    let (_run, log, bs) = vm.finish();
     drop((a, b));
-    writers::assert_image(&log, &image, BS, BLOCKS);
+    writers::assert_image(&log, &image, bs, BLOCKS);
 }
 
 /// Not pass/fail (run it with `--ignored --nocapture`): what qemu-storage-daemon does with
@@ -752,7 +790,7 @@ fn qsd_on_slowed_file_with_requests_in_flight_report() {
         }
     };
     let (a, b) = (side("a"), side("b"));
-    let mut vm = Vm::boot(dir.path(), DiskKind::VhostUserBlk, &a);
+    let mut vm = Vm::boot(dir.path(), DiskKind::VhostUserBlk, QOS_BS, &a);
     let dest = vm.incoming(&b);
     let leg = vm.switch_over(dest, &a, false);
     report("qsd-file-qos", "A->B", &leg);
