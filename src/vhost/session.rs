@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,7 @@ use super::device::{GuestMem, QueueSetup, VirtioDevice};
 use super::dirty_log::{DirtyLog, LogRegion};
 use super::guest_fault::GuestMapping;
 use super::inflight::InflightRegion;
+use super::queue_stats::{QueueCounts, QueueStats};
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
 use crate::reactor::{PollerId, Reactors};
@@ -66,6 +67,8 @@ struct Vring {
     enabled: bool,
     /// Where to log the used ring's writes (`VHOST_VRING_F_LOG` with `log_guest_addr`).
     log_addr: Option<u64>,
+    /// The ring's counters, across restarts within the session.
+    stats: Arc<QueueStats>,
     running: Option<RunningRing>,
 }
 
@@ -73,8 +76,6 @@ struct RunningRing {
     core: usize,
     poller: PollerId,
     stopped: mpsc::Receiver<u16>,
-    /// Requests the ring's poller has in flight.
-    in_flight: Arc<AtomicUsize>,
     /// The poller was asked to stop taking chains.
     stop_requested: bool,
 }
@@ -164,9 +165,19 @@ impl Session {
     pub fn in_flight(&self) -> usize {
         self.vrings
             .iter()
-            .filter_map(|v| v.running.as_ref())
-            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .filter(|v| v.running.is_some())
+            .map(|v| v.stats.in_flight.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// The counters of every ring the frontend has used (set a size for), by index.
+    pub fn queue_counts(&self) -> Vec<(usize, QueueCounts)> {
+        self.vrings
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.size > 0)
+            .map(|(i, v)| (i, v.stats.snapshot()))
+            .collect()
     }
 
     /// Number of rings running on reactors.
@@ -253,7 +264,6 @@ impl Session {
             Some(r) if tracked => r.queue(index as u16),
             _ => None,
         };
-        let in_flight = Arc::new(AtomicUsize::new(0));
         let setup = QueueSetup {
             index: index as u16,
             queue,
@@ -263,7 +273,7 @@ impl Session {
             stopped: tx,
             coalescing: self.coalescing.clone(),
             inflight,
-            in_flight: in_flight.clone(),
+            stats: v.stats.clone(),
             log: self.dirty_log.ring(index as u16),
         };
         let core = self.reactors.pick(&self.cpumask).ok_or_else(|| {
@@ -287,7 +297,6 @@ impl Session {
             core,
             poller: started,
             stopped: rx,
-            in_flight,
             stop_requested: false,
         });
         Ok(())
