@@ -125,6 +125,9 @@ pub enum TargetError {
     NoTarget(u8),
     #[error("bdev {bdev} is already claimed by {holder}")]
     Claimed { bdev: String, holder: String },
+    /// The controller runs and the bdev refused to start I/O ([`Bdev::activate`]).
+    #[error("{0}")]
+    NotActivated(crate::error::Error),
 }
 
 impl TargetError {
@@ -136,6 +139,7 @@ impl TargetError {
             TargetError::Full => libc::ENOSPC,
             TargetError::NoTarget(_) => libc::ENODEV,
             TargetError::Claimed { .. } => libc::EBUSY,
+            TargetError::NotActivated(e) => e.errno,
         }
     }
 }
@@ -143,6 +147,10 @@ impl TargetError {
 /// A virtio-scsi device.
 pub struct ScsiDevice {
     shared: Arc<ScsiShared>,
+    /// Whether a frontend runs the device ([`VirtioDevice::activate`]); held while targets
+    /// are added or removed, so that a target added to a running device is activated and
+    /// one removed from it deactivated, each exactly once.
+    active: Mutex<bool>,
 }
 
 /// How a scsi controller names itself when it claims a target's bdev.
@@ -162,6 +170,7 @@ impl ScsiDevice {
                 event_wake: EventFd::new(EFD_NONBLOCK)?,
                 closed: AtomicBool::new(false),
             }),
+            active: Mutex::new(false),
         })
     }
 
@@ -173,6 +182,7 @@ impl ScsiDevice {
     /// Adds `bdev` as target `num` (-1: the first free one), claiming it; a connected
     /// driver gets a RESCAN event. Returns the target number.
     pub fn add_target(&self, num: i64, bdev: Arc<Bdev>) -> Result<u8, TargetError> {
+        let active = lock(&self.active);
         let mut t = lock(&self.shared.targets);
         let id = if num < 0 {
             t.iter()
@@ -191,6 +201,14 @@ impl ScsiDevice {
             bdev: bdev.name().to_string(),
             holder,
         })?;
+        // Under the table lock (the queues wait for it only to resync): activation is a
+        // local call (a flock, a cache drop), and a target appears activated or not at all.
+        if *active {
+            if let Err(e) = bdev.activate() {
+                bdev.release(&claim);
+                return Err(TargetError::NotActivated(e));
+            }
+        }
         t[id as usize] = Some(Arc::new(ScsiTarget {
             id,
             bdev,
@@ -212,12 +230,20 @@ impl ScsiDevice {
             return Err(TargetError::OutOfRange(num));
         }
         let id = num as u8;
+        let active = lock(&self.active);
         let mut t = lock(&self.shared.targets);
         let Some(target) = t[id as usize].take() else {
             return Err(TargetError::NoTarget(id));
         };
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
         drop(t);
+        if *active {
+            // Commands in flight on it still finish; what completed is made durable.
+            if let Err(e) = target.bdev.deactivate() {
+                tracing::error!(ctrlr = %self.shared.ctrlr, target = id, "{e}");
+            }
+        }
+        drop(active);
         target.bdev.release(&target.claim);
         self.shared.notify(id, VIRTIO_SCSI_EVT_RESET_REMOVED);
         tracing::info!(ctrlr = %self.shared.ctrlr, target = id, "scsi target removed");
@@ -279,6 +305,36 @@ impl VirtioDevice for ScsiDevice {
                 data.len()
             ),
         ))
+    }
+
+    /// Activates every target's bdev; on a failure, those already activated are
+    /// deactivated again and the start is refused.
+    fn activate(&self) -> std::io::Result<()> {
+        let mut active = lock(&self.active);
+        let targets = self.shared.targets();
+        let targets: Vec<&Arc<ScsiTarget>> = targets.iter().flatten().collect();
+        for (i, t) in targets.iter().enumerate() {
+            if let Err(e) = t.bdev.activate() {
+                for done in &targets[..i] {
+                    if let Err(e) = done.bdev.deactivate() {
+                        tracing::error!(ctrlr = %self.shared.ctrlr, target = done.id, "{e}");
+                    }
+                }
+                return Err(std::io::Error::other(e));
+            }
+        }
+        *active = true;
+        Ok(())
+    }
+
+    fn deactivate(&self) {
+        let mut active = lock(&self.active);
+        *active = false;
+        for t in self.shared.targets().iter().flatten() {
+            if let Err(e) = t.bdev.deactivate() {
+                tracing::error!(ctrlr = %self.shared.ctrlr, target = t.id, "{e}");
+            }
+        }
     }
 
     fn start_queue(
