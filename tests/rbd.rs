@@ -609,9 +609,9 @@ fn two_instances_hand_the_image_over() {
     let mut write = |ch: &mut blockd::bdev::BdevChannel, block: u64, byte: u8| {
         let mut buf = vec![byte; 4096];
         let iovs = [iov(&mut buf)];
-        // SAFETY: `buf`/`iovs` outlive the I/O (`io` waits for it).
         let op = IoOp::Write {
             offset: block * 4096,
+            // SAFETY: `buf`/`iovs` outlive the I/O (`io` waits for it).
             iovs: unsafe { IoVecs::from_slice(&iovs) },
         };
         tag += 2;
@@ -621,9 +621,9 @@ fn two_instances_hand_the_image_over() {
     let read = |ch: &mut blockd::bdev::BdevChannel, block: u64| -> u8 {
         let mut buf = vec![0xEEu8; 4096];
         let iovs = [iov(&mut buf)];
-        // SAFETY: as above.
         let op = IoOp::Read {
             offset: block * 4096,
+            // SAFETY: as above.
             iovs: unsafe { IoVecs::from_slice(&iovs) },
         };
         assert_eq!(io(ch, 1 << 40, op), Ok(()));
