@@ -521,4 +521,34 @@ fn incoming_bdev_takes_the_write_role_over() {
     assert_eq!(local(&src)["write_role"], false);
     // The image stays in use while either serves it.
     fails(&root, &["image", "rm", "local:p/vm"], "served");
+    // The source's device cannot start again while the destination writes.
+    let sock = src.socket_dir().join("vhost.0");
+    assert!(BlkClient::connect(sock.to_str().unwrap(), 1, MIB as usize).is_err());
+    assert!(
+        src.log()
+            .contains("activating bdev Local0: image p/vm is being written by another instance"),
+        "{}",
+        src.log()
+    );
+    // And back: the destination's device stops, the source (waiting since it gave the
+    // role up) starts and reads the destination's write.
+    drop(c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while local(&dst)["write_role"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination kept the role"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut c = BlkClient::connect(sock.to_str().unwrap(), 1, MIB as usize).unwrap();
+    let mut expected = vec![0u8; 65536];
+    pattern(&mut expected, 0, 8);
+    assert_eq!(c.read(0, 2 * MIB, 65536), 0);
+    assert!(
+        c.buf()[..65536] == expected[..],
+        "the destination's write is missing"
+    );
+    assert_eq!(c.write(0, 3 * MIB, 65536), 0);
+    assert_eq!(local(&src)["write_role"], true);
 }
