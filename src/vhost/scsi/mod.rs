@@ -408,3 +408,107 @@ impl VirtioDevice for ScsiDevice {
         Some(self)
     }
 }
+
+#[cfg(test)]
+mod activation_tests {
+    use std::sync::atomic::AtomicI32;
+
+    use super::*;
+    use crate::bdev::{BdevBackend, BdevParams, IoChannel, IoTypes};
+
+    /// Counts activations; refuses them when told.
+    #[derive(Default)]
+    struct Hooked {
+        active: Arc<AtomicI32>,
+        refuse: Arc<AtomicBool>,
+    }
+
+    impl BdevBackend for Hooked {
+        fn product_name(&self) -> &'static str {
+            "hooked"
+        }
+        fn io_types(&self) -> IoTypes {
+            IoTypes {
+                flush: true,
+                unmap: false,
+                write_zeroes: false,
+            }
+        }
+        fn open_channel(&self) -> std::io::Result<Box<dyn IoChannel>> {
+            Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+        }
+        fn config(&self, _: &Bdev) -> Option<(&'static str, Value)> {
+            None
+        }
+        fn activate(&self) -> std::io::Result<()> {
+            if self.refuse.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other(crate::error::Error::new(
+                    libc::EBUSY,
+                    "written elsewhere",
+                )));
+            }
+            self.active.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn deactivate(&self) -> std::io::Result<()> {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    fn bdev(name: &str) -> (Arc<Bdev>, Arc<AtomicI32>, Arc<AtomicBool>) {
+        let h = Hooked::default();
+        let (a, r) = (h.active.clone(), h.refuse.clone());
+        let params = BdevParams {
+            name: name.into(),
+            uuid: None,
+            block_size: 512,
+            num_blocks: 8,
+        };
+        (Bdev::new(params, Box::new(h)), a, r)
+    }
+
+    /// Every target of a running device is active exactly once: those present at start,
+    /// those hot-added (refused, claim released, when the bdev refuses), and a removed one
+    /// is deactivated; a refusal at start undoes the targets already activated.
+    #[test]
+    fn targets_are_activated_with_the_device() {
+        let dev = ScsiDevice::new("c").unwrap();
+        let (b0, a0, _) = bdev("b0");
+        let (b1, a1, r1) = bdev("b1");
+        dev.add_target(0, b0.clone()).unwrap();
+        assert_eq!(
+            a0.load(Ordering::Relaxed),
+            0,
+            "not active before the device"
+        );
+        dev.add_target(1, b1.clone()).unwrap();
+        r1.store(true, Ordering::Relaxed);
+        let e = dev.activate().unwrap_err();
+        assert!(e.to_string().contains("written elsewhere"), "{e}");
+        assert_eq!(a0.load(Ordering::Relaxed), 0, "undone");
+        r1.store(false, Ordering::Relaxed);
+        dev.activate().unwrap();
+        assert_eq!(
+            (a0.load(Ordering::Relaxed), a1.load(Ordering::Relaxed)),
+            (1, 1)
+        );
+        // Hot-plug while running.
+        dev.remove_target(1).unwrap();
+        assert_eq!(a1.load(Ordering::Relaxed), 0);
+        let (b2, a2, r2) = bdev("b2");
+        r2.store(true, Ordering::Relaxed);
+        let e = dev.add_target(2, b2.clone()).unwrap_err();
+        assert_eq!(e.errno(), libc::EBUSY);
+        assert!(b2.claimed_by().is_none(), "claim released");
+        r2.store(false, Ordering::Relaxed);
+        dev.add_target(2, b2.clone()).unwrap();
+        assert_eq!(a2.load(Ordering::Relaxed), 1);
+        dev.deactivate();
+        assert_eq!(
+            (a0.load(Ordering::Relaxed), a2.load(Ordering::Relaxed)),
+            (0, 0)
+        );
+        dev.close();
+    }
+}
