@@ -25,7 +25,7 @@
 
 pub mod copy;
 pub mod error;
-mod handover;
+pub mod handover;
 mod image;
 pub mod lock;
 pub mod meta;
