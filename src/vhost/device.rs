@@ -1,7 +1,6 @@
 //! What a vhost-user controller serves: a virtio device model (blk, later scsi) whose
 //! queues run as pollers on the reactors.
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use crate::reactor::{Poller, ReactorCtx};
 use crate::vhost::coalescing::Coalescing;
 use crate::vhost::dirty_log::RingLog;
 use crate::vhost::inflight::QueueInflight;
+use crate::vhost::queue_stats::QueueStats;
 
 /// Guest memory as the frontend shared it (memfd, hugetlbfs or plain file regions), swapped
 /// atomically when the frontend adds or removes regions.
@@ -42,9 +42,9 @@ pub struct QueueSetup {
     /// instance left in flight ([`crate::vhost::engine::Engine`]); queues that complete in
     /// order (scsi control and event queues) ignore it and start at the base.
     pub inflight: Option<QueueInflight>,
-    /// Requests taken from the ring and not yet returned, as of the poller's last pass
-    /// (`vhost_get_controllers`).
-    pub in_flight: Arc<AtomicUsize>,
+    /// The queue's counters (`vhost_get_controllers`, metrics), kept by the session
+    /// across restarts of the ring.
+    pub stats: Arc<QueueStats>,
     /// The session's dirty-page logging, as this ring follows it (live migration).
     pub log: RingLog,
 }
@@ -72,6 +72,18 @@ pub trait VirtioDevice: Send + Sync {
     /// The driver acknowledged `features` (VHOST_USER_SET_FEATURES, sent as it initializes
     /// the device): settings that follow from the negotiation start over here.
     fn features_acked(&self, _features: u64) {}
+
+    /// The frontend starts the device: its first ring is about to run (boot, reconnect,
+    /// the end of an incoming migration). The device activates its bdevs
+    /// ([`crate::bdev::Bdev::activate`]); an error refuses the ring's start.
+    fn activate(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// The frontend stopped every ring and each finished its requests: the device
+    /// deactivates its bdevs (durable writes, write role handed over), before the session
+    /// answers GET_VRING_BASE. Failures are logged: the rings are stopped regardless.
+    fn deactivate(&self) {}
 
     /// Builds the poller of one queue; runs on the reactor that will poll it.
     fn start_queue(

@@ -15,6 +15,7 @@ pub mod guest_fault;
 pub mod guest_map;
 pub mod guest_stream;
 pub mod inflight;
+pub mod queue_stats;
 pub mod rpc;
 pub mod scsi;
 pub mod session;
@@ -143,9 +144,18 @@ impl Controller {
             .iter()
             .map(|s| {
                 let s = lock(s);
+                let queues: Vec<Value> = s
+                    .queue_counts()
+                    .into_iter()
+                    .map(|(i, c)| {
+                        json!({"index": i, "requests": c.requests, "kicks": c.kicks,
+                               "interrupts": c.interrupts, "in_flight": c.in_flight})
+                    })
+                    .collect();
                 json!({"name": format!("{}s0", self.name), "started": s.running_rings() > 0,
                        "running_queues": s.running_rings(), "reactors": s.cores(),
-                       "in_flight": s.in_flight(), "dirty_logging": s.dirty_logging()})
+                       "in_flight": s.in_flight(), "dirty_logging": s.dirty_logging(),
+                       "queues": queues})
             })
             .collect();
         let (delay_base_us, iops_threshold) = self.coalescing.get();

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,7 @@ use super::device::{GuestMem, QueueSetup, VirtioDevice};
 use super::dirty_log::{DirtyLog, LogRegion};
 use super::guest_fault::GuestMapping;
 use super::inflight::InflightRegion;
+use super::queue_stats::{QueueCounts, QueueStats};
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
 use crate::reactor::{PollerId, Reactors};
@@ -66,6 +67,8 @@ struct Vring {
     enabled: bool,
     /// Where to log the used ring's writes (`VHOST_VRING_F_LOG` with `log_guest_addr`).
     log_addr: Option<u64>,
+    /// The ring's counters, across restarts within the session.
+    stats: Arc<QueueStats>,
     running: Option<RunningRing>,
 }
 
@@ -73,8 +76,6 @@ struct RunningRing {
     core: usize,
     poller: PollerId,
     stopped: mpsc::Receiver<u16>,
-    /// Requests the ring's poller has in flight.
-    in_flight: Arc<AtomicUsize>,
     /// The poller was asked to stop taking chains.
     stop_requested: bool,
 }
@@ -164,9 +165,19 @@ impl Session {
     pub fn in_flight(&self) -> usize {
         self.vrings
             .iter()
-            .filter_map(|v| v.running.as_ref())
-            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .filter(|v| v.running.is_some())
+            .map(|v| v.stats.in_flight.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// The counters of every ring the frontend has used (set a size for), by index.
+    pub fn queue_counts(&self) -> Vec<(usize, QueueCounts)> {
+        self.vrings
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.size > 0)
+            .map(|(i, v)| (i, v.stats.snapshot()))
+            .collect()
     }
 
     /// Number of rings running on reactors.
@@ -253,7 +264,6 @@ impl Session {
             Some(r) if tracked => r.queue(index as u16),
             _ => None,
         };
-        let in_flight = Arc::new(AtomicUsize::new(0));
         let setup = QueueSetup {
             index: index as u16,
             queue,
@@ -263,7 +273,7 @@ impl Session {
             stopped: tx,
             coalescing: self.coalescing.clone(),
             inflight,
-            in_flight: in_flight.clone(),
+            stats: v.stats.clone(),
             log: self.dirty_log.ring(index as u16),
         };
         let core = self.reactors.pick(&self.cpumask).ok_or_else(|| {
@@ -272,6 +282,15 @@ impl Session {
                 self.ctrlr, self.cpumask
             ))
         })?;
+        // The device's first ring: its bdevs start I/O (a migration's destination takes the
+        // write role and drops stale caches here); a refusal refuses the ring.
+        let first = self.running_rings() == 0;
+        if first {
+            if let Err(e) = self.device.activate() {
+                tracing::error!(ctrlr = %self.ctrlr, ring = index, "device not started: {e}");
+                return Err(VuError::ReqHandlerError(e));
+            }
+        }
         let device = self.device.clone();
         let name = format!("{}.q{index}", self.ctrlr);
         let started = self
@@ -280,14 +299,22 @@ impl Session {
                 let poller = device.start_queue(ctx, setup, features)?;
                 Ok::<_, io::Error>(ctx.add_poller(&name, poller))
             })
-            .ok_or_else(|| req_err("reactor is gone"))?
-            .map_err(VuError::ReqHandlerError)?;
+            .ok_or_else(|| req_err("reactor is gone"))
+            .and_then(|r| r.map_err(VuError::ReqHandlerError));
+        let started = match started {
+            Ok(p) => p,
+            Err(e) => {
+                if first {
+                    self.device.deactivate();
+                }
+                return Err(e);
+            }
+        };
         tracing::debug!(ctrlr = %self.ctrlr, ring = index, core, "ring started");
         self.vrings[index].running = Some(RunningRing {
             core,
             poller: started,
             stopped: rx,
-            in_flight,
             stop_requested: false,
         });
         Ok(())
@@ -305,16 +332,19 @@ impl Session {
     }
 
     /// Stops ring `index` if it runs, waiting until its in-flight requests are done;
-    /// returns the next available index to resume from.
+    /// returns the next available index to resume from. When it was the device's last
+    /// running ring, the device is deactivated before this returns, i.e. before
+    /// GET_VRING_BASE is answered: a migration's source has every completed write durable
+    /// (and the write role handed over) before the destination runs.
     fn stop_ring(&mut self, index: usize) -> u16 {
         self.request_stop(index);
         let Some(r) = self.vrings[index].running.take() else {
             return self.vrings[index].base;
         };
-        match r.stopped.recv_timeout(STOP_TIMEOUT) {
+        let (next, finished) = match r.stopped.recv_timeout(STOP_TIMEOUT) {
             Ok(next_avail) => {
                 self.vrings[index].base = next_avail;
-                next_avail
+                (next_avail, true)
             }
             Err(_) => {
                 tracing::error!(
@@ -322,9 +352,18 @@ impl Session {
                     ring = index,
                     "ring did not finish its requests in {STOP_TIMEOUT:?}; abandoning them"
                 );
-                self.vrings[index].base
+                (self.vrings[index].base, false)
+            }
+        };
+        if self.running_rings() == 0 {
+            if finished {
+                self.device.deactivate();
+            } else {
+                // Writes may still land: never hand the storage over under them.
+                tracing::error!(ctrlr = %self.ctrlr, "device not deactivated: requests abandoned");
             }
         }
+        next
     }
 
     /// Whether the frontend shrank a region's file under a mapping (see [`guest_fault`]):

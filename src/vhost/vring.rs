@@ -39,6 +39,7 @@ use crate::vhost::dirty_log::RingLog;
 use crate::vhost::guest_map::GuestMap;
 use crate::vhost::guest_stream::Desc;
 use crate::vhost::inflight::QueueInflight;
+use crate::vhost::queue_stats::QueueStats;
 use crate::vhost::split_ring::{need_event, read_chain_in, ChainError, RingView};
 
 /// Offsets in the used ring (virtio 1.2 §2.7.8): `flags`, `idx`, then the elements.
@@ -85,6 +86,12 @@ pub struct Vring {
     /// Dirty-page logging during a live migration, and the chain read back to log it.
     log: RingLog,
     log_chain: Vec<Desc>,
+    /// The queue's counters, and this poller's running totals of them (published once
+    /// per pass, see [`QueueStats`]).
+    stats: Arc<QueueStats>,
+    returned: u64,
+    kicks: u64,
+    interrupts: u64,
 }
 
 /// A request queue's in-flight tracking ([`crate::vhost::inflight`]).
@@ -115,6 +122,7 @@ impl Vring {
     /// Takes over the ring the frontend has set up.
     pub fn new(setup: QueueSetup) -> Self {
         let setup_next_avail = setup.queue.next_avail();
+        let counts = setup.stats.snapshot();
         Vring {
             index: setup.index,
             queue: setup.queue,
@@ -141,6 +149,10 @@ impl Vring {
             tracking: None,
             log: setup.log,
             log_chain: Vec::new(),
+            stats: setup.stats,
+            returned: counts.requests,
+            kicks: counts.kicks,
+            interrupts: counts.interrupts,
         }
     }
 
@@ -403,6 +415,7 @@ impl Vring {
             }
         }
         self.added = self.added.wrapping_add(1);
+        self.returned += 1;
     }
 
     /// Logs what returning chain `head` as used element `pos` wrote into guest memory
@@ -506,6 +519,14 @@ impl Vring {
         if wanted {
             self.signal();
         }
+        self.publish_stats();
+    }
+
+    /// Makes this poller's totals visible to [`QueueStats`] readers.
+    #[inline]
+    fn publish_stats(&self) {
+        self.stats
+            .publish(self.returned, self.kicks, self.interrupts);
     }
 
     /// Whether the interrupt must wait (coalescing on: [`Coalescing`]); re-evaluates the
@@ -552,8 +573,9 @@ impl Vring {
     }
 
     /// Raises the guest interrupt (writes the call eventfd, when the frontend gave one).
-    fn signal(&self) {
+    fn signal(&mut self) {
         if let Some(call) = &self.call {
+            self.interrupts += 1;
             // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
             let _ = call.write(1);
         }
@@ -590,7 +612,10 @@ impl Vring {
         // too) costs only extra kicks, and an empty kick eventfd reads EAGAIN.
         let _ = self.queue.disable_notification(&*mem);
         self.log_notification_fields();
-        let _ = self.kick.read();
+        if let Ok(n) = self.kick.read() {
+            self.kicks += n;
+            self.publish_stats();
+        }
     }
 
     /// The kick eventfd, which wakes the reactor when the driver makes chains available.
@@ -611,6 +636,10 @@ impl Drop for Vring {
         if self.irq.deferred {
             self.signal();
         }
+        if let Ok(n) = self.kick.read() {
+            self.kicks += n;
+        }
+        self.publish_stats();
         // Nobody waits for the stop position when the receiver is gone.
         let _ = self.stopped.send(self.queue.next_avail());
     }
@@ -659,7 +688,7 @@ mod tests {
             stopped: tx,
             coalescing: Arc::default(),
             inflight: None,
-            in_flight: Default::default(),
+            stats: Default::default(),
             log: Default::default(),
         });
         let m = mem.memory().into_inner();

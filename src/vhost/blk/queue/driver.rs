@@ -61,7 +61,7 @@ impl Driver {
             stopped: tx,
             coalescing: Default::default(),
             inflight: None,
-            in_flight: Default::default(),
+            stats: Default::default(),
             log: Default::default(),
         };
         (setup, rx)
