@@ -197,6 +197,24 @@ impl Storage {
         }
     }
 
+    /// Local pool: `writer`'s bdev holds the image's write role and `waiter`'s does not
+    /// (src/localpool/handover.rs: it moves with the running device).
+    fn assert_writer(&self, writer: &Backend, waiter: &Backend) {
+        let Storage::Local { .. } = self else {
+            return;
+        };
+        let role = |b: &Backend| {
+            let d = b.daemon().expect("blockd");
+            let v = d.rpc_ok("bdev_get_bdevs", json!({"name": "disk"}));
+            v[0]["driver_specific"]["local"]["write_role"].as_bool()
+        };
+        assert_eq!(
+            (role(writer), role(waiter)),
+            (Some(true), Some(false)),
+            "(the running side's write role, the other's)"
+        );
+    }
+
     /// The image's bytes as a file (after both sides stopped).
     fn image_file(&self, dir: &Path) -> PathBuf {
         match self {
@@ -555,10 +573,13 @@ fn round_trip(label: &str, storage: &Storage, kind: DiskKind, qos: bool, dir: &P
     let b = blockd_side(storage, kind, true, qos);
     let bs = if qos { QOS_BS } else { BS };
     let mut vm = Vm::boot(dir, kind, bs, &a);
+    storage.assert_writer(&a, &b);
     let there = vm.migrate(&a, &b, qos);
     report(label, "A->B", &there);
+    storage.assert_writer(&b, &a);
     let back = vm.migrate(&b, &a, qos);
     report(label, "B->A", &back);
+    storage.assert_writer(&a, &b);
     if qos {
         for (leg, what) in [(&there, "A->B"), (&back, "B->A")] {
             assert!(
