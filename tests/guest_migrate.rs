@@ -20,14 +20,23 @@
 //! `MIGRATION backend=blockd-aio dir=A->B total_ms=.. downtime_ms=..` (the README's table
 //! compares them with qemu-storage-daemon on the same file, the last test here).
 //!
-//! Storage and devices: an aio file (plain, and slowed by a QoS limit so that requests are
-//! in flight at the switchover, shown by blockd's `in_flight` just before QEMU may switch
-//! over and the requests it drained when QEMU stopped the rings), a local-pool image (the destination's
-//! bdev created with `"incoming": true`), an RBD image on the test cluster (`CEPH_CONF`;
-//! SKIP without Ceph), vhost-user-scsi once; a migration cancelled mid-way
-//! (`migrate_cancel`) leaves the guest running on the source, and a second one succeeds.
-//! qemu-storage-daemon is not run slowed here: it loses requests in flight at the
-//! switchover (../shared/lifecycle-testing.md).
+//! Storage and devices: an aio file, plain and slowed (a QoS write limit, 512 KiB writes,
+//! and a switchover forced while blockd has >= 4 requests in flight: its `in_flight`
+//! before, and the requests it drained when QEMU stopped the rings, >= 2, after), a
+//! local-pool image (the destination's bdev created `"incoming": true`; the write role
+//! must follow the running guest), an RBD image on the test cluster (`CEPH_CONF`; SKIP
+//! without Ceph), vhost-user-scsi once. A migration cancelled mid-way (`migrate_cancel`)
+//! leaves the guest running on the source with blockd's dirty logging off again, and a
+//! second migration succeeds. blockd's `dirty_logging` (`vhost_get_controllers`) is on
+//! while QEMU migrates and off on every destination.
+//!
+//! The peer, qemu-storage-daemon on the same file, runs the plain round trip for the
+//! figures. It does not run slowed as a test: it loses requests in flight at the
+//! switchover (../shared/lifecycle-testing.md); the ignored
+//! `qsd_on_slowed_file_with_requests_in_flight_report` shows it (`--ignored --nocapture`).
+//!
+//! Run time: ~80 s for the whole file with `--test-threads=2` (256 MiB guests, ~80 MiB of
+//! RAM copied per migration).
 
 #[path = "common/ceph.rs"]
 mod ceph;
