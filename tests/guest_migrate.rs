@@ -20,15 +20,18 @@
 //! `MIGRATION backend=blockd-aio dir=A->B total_ms=.. downtime_ms=..` (the README's table
 //! compares them with qemu-storage-daemon on the same file, the last test here).
 //!
-//! Storage and devices: an aio file, plain and slowed (a QoS write limit, 512 KiB writes,
-//! and a switchover forced while blockd has >= 4 requests in flight: its `in_flight`
-//! before, and the requests it drained when QEMU stopped the rings, >= 2, after), a
-//! local-pool image (the destination's bdev created `"incoming": true`; the write role
-//! must follow the running guest), an RBD image on the test cluster (`CEPH_CONF`; SKIP
-//! without Ceph), vhost-user-scsi once. A migration cancelled mid-way (`migrate_cancel`)
-//! leaves the guest running on the source with blockd's dirty logging off again, and a
-//! second migration succeeds. blockd's `dirty_logging` (`vhost_get_controllers`) is on
-//! while QEMU migrates and off on every destination.
+//! Storage and devices: an aio file, plain and slowed (reads and writes limited to 1 MiB/s,
+//! 512 KiB requests, `migrate` once blockd has >= 4 requests in flight, at a bandwidth that
+//! lets QEMU switch over before the storage finished them; blockd must drain >= 2 when
+//! QEMU stops the rings, in at least two migrations). The drained read-backs are what a
+//! missing dirty log corrupts: with blockd's marking disabled this test fails (`M` lines,
+//! data read back stale on the destination). Then a local-pool image (the destination's
+//! bdev created `"incoming": true`; the write role must follow the running guest), an RBD
+//! image on the test cluster (`CEPH_CONF`; SKIP without Ceph), vhost-user-scsi once. A
+//! migration cancelled mid-way (`migrate_cancel`) leaves the guest running on the source
+//! with blockd's dirty logging off again, and a second migration succeeds. blockd's
+//! `dirty_logging` (`vhost_get_controllers`) is on while QEMU migrates and off on every
+//! destination.
 //!
 //! The peer, qemu-storage-daemon on the same file, runs the plain round trip for the
 //! figures. It does not run slowed as a test: it loses requests in flight at the
@@ -67,9 +70,9 @@ const MIB: u64 = 1 << 20;
 const IMAGE: u64 = 64 * MIB;
 /// Block size of the guest's writes and blocks per writer (init.sh `writers` defaults).
 const BS: u64 = 128 * 1024;
-/// The slowed variant's block size: each write takes half a second of the storage's
-/// bandwidth, so the requests in flight when QEMU decides to switch over are still there
-/// when it stops the rings.
+/// The slowed variant's block size: each request takes half a second of the storage's
+/// bandwidth, so that requests waiting in blockd when `migrate` starts are still there
+/// when QEMU stops the rings.
 const QOS_BS: u64 = 512 * 1024;
 const BLOCKS: u64 = 8;
 const WRITERS: usize = 4;
@@ -77,22 +80,31 @@ const WRITERS: usize = 4;
 const QUEUES: u16 = 2;
 /// Guest RAM: small, so that QEMU has little to copy.
 const GUEST_MIB: u32 = 256;
-/// The slowed variant: writes limited to 1 MiB/s (2 writes of [`QOS_BS`] per second,
-/// fewer than the writers issue), so that requests wait in blockd.
-const QOS_W_MBYTES: u64 = 1;
-/// blockd must report at least this many requests in flight just before the switchover.
+/// blockd must report at least this many requests in flight just before `migrate`.
 const MIN_IN_FLIGHT: u64 = 4;
+/// ... and drain at least this many when QEMU stops its rings.
+const MIN_DRAINED: u64 = 2;
+/// Migrations of the slowed guest that drain at least [`MIN_DRAINED`] (a migration that
+/// drains fewer, when the storage finished more than usual before the switchover, is
+/// checked all the same but not counted; at most [`MAX_SLOWED_LEGS`] in all).
+const SLOWED_LEGS: usize = 2;
+const MAX_SLOWED_LEGS: usize = 6;
+/// The slowed variant: reads and writes together limited to 1 MiB/s (2 requests of
+/// [`QOS_BS`] per second, fewer than the writers issue), so that requests wait in blockd,
+/// the writers' read-backs too. Those catch a missing dirty log: a read completed while
+/// QEMU stops the rings writes guest pages QEMU sent already, and only blockd's log makes
+/// QEMU send them again (with the marking disabled, the guest reads back stale data on the
+/// destination: `M` lines).
+const QOS_RW_MBYTES: u64 = 1;
+/// The slowed migrations run at this bandwidth (bytes/s), so that the switchover comes
+/// before the storage finished the requests in flight at `migrate` (QEMU's default,
+/// 128 MiB/s, takes longer than they last).
+const FAST_BANDWIDTH: u64 = 2048 * MIB;
 /// The migration that gets cancelled is held to this bandwidth (bytes/s): copying the
 /// guest's RAM takes many seconds.
 const SLOW_BANDWIDTH: u64 = MIB;
 /// QEMU's default `max-bandwidth` (128 MiB/s), restored after the cancelled migration.
 const DEFAULT_BANDWIDTH: u64 = 128 * MIB;
-/// The slowed migrations: the first pass over RAM (~80 MiB) at this bandwidth takes
-/// about 20 s, time for blockd to have requests in flight...
-const HELD_BANDWIDTH: u64 = 4 * MIB;
-/// ... then this downtime limit (ms) covers all of RAM at that bandwidth: QEMU switches
-/// over at once.
-const FORCED_DOWNTIME_MS: u64 = 120_000;
 const WAIT: Duration = Duration::from_secs(120);
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// What blockd logs for each ring stopped with requests in flight (the count it drains
@@ -242,7 +254,7 @@ fn blockd_side(storage: &Storage, kind: DiskKind, incoming: bool, qos: bool) -> 
     if qos {
         d.rpc_ok(
             "bdev_set_qos_limit",
-            json!({"name": "disk", "w_mbytes_per_sec": QOS_W_MBYTES}),
+            json!({"name": "disk", "rw_mbytes_per_sec": QOS_RW_MBYTES}),
         );
     }
     let ctrlr = "vm0";
@@ -271,7 +283,7 @@ fn blockd_side(storage: &Storage, kind: DiskKind, incoming: bool, qos: bool) -> 
 #[derive(Debug)]
 struct Leg {
     figures: MigrationFigures,
-    /// blockd's `in_flight` on the source just before QEMU may switch over (slowed runs).
+    /// blockd's `in_flight` on the source just before `migrate` (slowed runs).
     in_flight_before: Option<u64>,
     /// Requests the source's blockd drained when QEMU stopped the rings.
     drained: u64,
@@ -438,8 +450,8 @@ impl Vm {
         }
     }
 
-    /// Migrates the guest from `from` to `to`; `slowed`: requests must be in flight in
-    /// blockd when QEMU switches over. Returns QEMU's figures and the in-flight evidence,
+    /// Migrates the guest from `from` to `to`; `slowed`: `migrate` when requests are in
+    /// flight in blockd. Returns QEMU's figures and the in-flight evidence,
     /// after every writer acknowledged a write on the destination.
     fn migrate(&mut self, from: &Backend, to: &Backend, slowed: bool) -> Leg {
         let dest = self.incoming(to);
@@ -465,42 +477,28 @@ impl Vm {
             qmp: mut dest_qmp,
             uri_sock,
         } = dest;
-        let drained_before = from.drained();
-        // Slowed: the first pass over RAM is held to a low bandwidth, and as soon as blockd
-        // has requests in flight, a downtime limit long enough for all of RAM lets QEMU
-        // switch over at its next check (every 100 ms), long before the storage could
-        // finish them (the rest of RAM goes during the downtime, which is longer for it).
-        // Left to itself the switchover tends to find none in flight: dirty tracking slows
-        // the TCG guest so much during the migration that it hardly issues any.
-        if slowed {
-            self.qmp
-                .set_parameters(json!({ "max-bandwidth": HELD_BANDWIDTH }))
-                .unwrap();
-        }
-        self.qmp.migrate(&uri_sock).unwrap();
+        // Slowed: `migrate` once blockd has requests waiting for the storage, at a bandwidth
+        // that lets QEMU switch over before the storage finished them.
         let in_flight_before = slowed.then(|| {
+            self.qmp
+                .set_parameters(json!({ "max-bandwidth": FAST_BANDWIDTH }))
+                .unwrap();
             let deadline = Instant::now() + WAIT;
             loop {
-                let q = self.qmp.query_migrate().unwrap();
-                assert!(
-                    ["setup", "active"].contains(&q["status"].as_str().unwrap_or("")),
-                    "the migration ended before blockd had {MIN_IN_FLIGHT} requests in \
-                     flight: {q}\n{}",
-                    self.console()
-                );
                 if let Some(f) = from.in_flight().filter(|&f| f >= MIN_IN_FLIGHT) {
                     break f;
                 }
-                writers::checked(&self.console(), "before the switchover");
-                assert!(Instant::now() < deadline, "{q}\n{}", self.console());
+                writers::checked(&self.console(), "before migrate");
+                assert!(
+                    Instant::now() < deadline,
+                    "never {MIN_IN_FLIGHT} requests in flight in blockd\n{}",
+                    self.console()
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        if slowed {
-            self.qmp
-                .set_parameters(json!({ "downtime-limit": FORCED_DOWNTIME_MS }))
-                .unwrap();
-        }
+        let drained_before = from.drained();
+        self.qmp.migrate(&uri_sock).unwrap();
         let q = self
             .qmp
             .wait_migration(&["completed"], MIGRATE_TIMEOUT)
@@ -575,29 +573,41 @@ fn report(backend: &str, dir: &str, leg: &Leg) {
 }
 
 /// A → B → A with blockd on `storage`; the destination bdev is created `incoming` (the
-/// local pool's hand-over); `qos` slows the storage so that requests are in flight at each
-/// switchover.
+/// local pool's hand-over). `qos` slows the storage so that requests are in flight at the
+/// switchovers, and migrates on (back and forth, bounded) until [`SLOWED_LEGS`]
+/// migrations had at least [`MIN_DRAINED`] of them.
 fn round_trip(label: &str, storage: &Storage, kind: DiskKind, qos: bool, dir: &Path) {
     let a = blockd_side(storage, kind, false, qos);
     let b = blockd_side(storage, kind, true, qos);
     let bs = if qos { QOS_BS } else { BS };
     let mut vm = Vm::boot(dir, kind, bs, &a);
     storage.assert_writer(&a, &b);
-    let there = vm.migrate(&a, &b, qos);
-    report(label, "A->B", &there);
-    storage.assert_writer(&b, &a);
-    let back = vm.migrate(&b, &a, qos);
-    report(label, "B->A", &back);
-    storage.assert_writer(&a, &b);
-    if qos {
-        for (leg, what) in [(&there, "A->B"), (&back, "B->A")] {
-            assert!(
-                leg.drained >= 2,
-                "{what}: blockd drained {} requests at the switchover, expected >= 2 in flight: \
-                 {leg:?}",
+    // A -> B -> A; slowed, on until SLOWED_LEGS migrations drained requests in flight.
+    let mut legs: Vec<Leg> = Vec::new();
+    let mut counted = 0;
+    while legs.len() < 2 || (qos && counted < SLOWED_LEGS) {
+        assert!(
+            legs.len() < MAX_SLOWED_LEGS,
+            "{MAX_SLOWED_LEGS} migrations, {counted} of them with >= {MIN_DRAINED} requests \
+             in flight at the switchover: {legs:#?}"
+        );
+        let (from, to, dir_name) = if legs.len().is_multiple_of(2) {
+            (&a, &b, "A->B")
+        } else {
+            (&b, &a, "B->A")
+        };
+        let leg = vm.migrate(from, to, qos);
+        report(label, dir_name, &leg);
+        storage.assert_writer(to, from);
+        if leg.drained >= MIN_DRAINED {
+            counted += 1;
+        } else if qos {
+            eprintln!(
+                "{dir_name}: {} drained at the switchover: not counted",
                 leg.drained
             );
         }
+        legs.push(leg);
     }
     let (_run, log, bs) = vm.finish();
     check_image(storage, &log, bs, dir, [a, b]);
@@ -813,7 +823,7 @@ fn qsd_on_slowed_file_with_requests_in_flight_report() {
     let side = |name: &str| {
         let socket = dir.path().join(format!("qsd-{name}.sock"));
         let mut e = Export::new(&image, &socket, QUEUES, "cache.direct=on,locking=off");
-        e.write_bps = Some(QOS_W_MBYTES * MIB);
+        e.write_bps = Some(QOS_RW_MBYTES * MIB);
         Backend::Qsd {
             _q: Qsd::start(&[e]),
             socket,
