@@ -811,8 +811,7 @@ fn blk_on_qsd_migrates_there_and_back() {
 }
 
 /// Not pass/fail (run it with `--ignored --nocapture`): what qemu-storage-daemon does with
-/// requests in flight at the switchover, its writes slowed to 1 MiB/s as in the blockd
-/// variant. libvhost-user answers GET_VRING_BASE before they complete
+/// requests in flight at the switchover, its storage slowed as in the blockd variant. libvhost-user answers GET_VRING_BASE before they complete
 /// (../shared/lifecycle-testing.md): their completions land in the source's memory after
 /// the destination took over, and the guest's writers hang.
 #[test]
@@ -823,7 +822,7 @@ fn qsd_on_slowed_file_with_requests_in_flight_report() {
     let side = |name: &str| {
         let socket = dir.path().join(format!("qsd-{name}.sock"));
         let mut e = Export::new(&image, &socket, QUEUES, "cache.direct=on,locking=off");
-        e.write_bps = Some(QOS_RW_MBYTES * MIB);
+        e.total_bps = Some(QOS_RW_MBYTES * MIB);
         Backend::Qsd {
             _q: Qsd::start(&[e]),
             socket,
@@ -831,7 +830,17 @@ fn qsd_on_slowed_file_with_requests_in_flight_report() {
     };
     let (a, b) = (side("a"), side("b"));
     let mut vm = Vm::boot(dir.path(), DiskKind::VhostUserBlk, QOS_BS, &a);
+    vm.qmp
+        .set_parameters(json!({ "max-bandwidth": FAST_BANDWIDTH }))
+        .unwrap();
     let dest = vm.incoming(&b);
+    // QSD does not say what it has in flight: the guest's writes issued and not
+    // acknowledged stand in for it.
+    let deadline = Instant::now() + WAIT;
+    while WriterLog::parse(&vm.console()).outstanding() < 3 {
+        assert!(Instant::now() < deadline, "{}", vm.console());
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let leg = vm.switch_over(dest, &a, false);
     report("qsd-file-qos", "A->B", &leg);
     let verdict = match vm.writers_progress(&leg.at_switch, Duration::from_secs(30), "qsd") {

@@ -19,9 +19,9 @@ pub struct Export {
     /// or `cache.direct=on,locking=off` for two daemons sharing an image in a migration:
     /// QSD locks the files it opens by default).
     pub file_opts: String,
-    /// Writes limited to this many bytes/s (a `throttle` node over the file): requests wait
-    /// in QSD.
-    pub write_bps: Option<u64>,
+    /// Reads and writes together limited to this many bytes/s (a `throttle` node over the
+    /// file): requests wait in QSD.
+    pub total_bps: Option<u64>,
 }
 
 impl Export {
@@ -38,7 +38,7 @@ impl Export {
             writable: true,
             num_queues,
             file_opts: file_opts.to_string(),
-            write_bps: None,
+            total_bps: None,
         }
     }
 }
@@ -73,9 +73,9 @@ impl Qsd {
                 e.image.display()
             ));
             let mut node = format!("n{i}");
-            if let Some(bps) = e.write_bps {
+            if let Some(bps) = e.total_bps {
                 args.push("--object".into());
-                args.push(format!("throttle-group,id=tg{i},x-bps-write={bps}"));
+                args.push(format!("throttle-group,id=tg{i},x-bps-total={bps}"));
                 args.push("--blockdev".into());
                 args.push(format!(
                     "driver=throttle,node-name=t{i},throttle-group=tg{i},file=n{i}"
