@@ -152,9 +152,9 @@ impl Backend {
         self.session()?["dirty_logging"].as_bool()
     }
 
-    /// blockd refuses a second frontend while one is connected: before a new QEMU connects,
-    /// wait until the previous one is gone. (QSD does not accept the next client before the
-    /// current one left: the new one waits in the listen backlog.)
+    /// blockd refuses a second frontend while one is connected, and notices a departed one
+    /// asynchronously: before a new QEMU connects, wait until the previous one is gone.
+    /// (QSD is not asked: the previous QEMU on a side has exited before the next starts.)
     fn wait_free(&self) {
         let Backend::Blockd { d, .. } = self else {
             return;
