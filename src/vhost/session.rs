@@ -147,6 +147,18 @@ impl Session {
             .sum()
     }
 
+    /// Each running ring: (queue index, reactor core, requests in flight) (metrics).
+    pub fn queue_stats(&self) -> Vec<(usize, usize, usize)> {
+        self.vrings
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let r = v.running.as_ref()?;
+                Some((i, r.core, r.in_flight.load(Ordering::Relaxed)))
+            })
+            .collect()
+    }
+
     /// Number of rings running on reactors.
     pub fn running_rings(&self) -> usize {
         self.vrings.iter().filter(|v| v.running.is_some()).count()
