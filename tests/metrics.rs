@@ -1,0 +1,404 @@
+//! `blockd --metrics`: the exposition agrees with `bdev_get_iostat` and
+//! `vhost_get_controllers`, passes `promtool check metrics`, and a real Prometheus server
+//! (Debian's `prometheus`) scrapes it under load and answers queries about it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::blk_client::BlkClient;
+use common::Daemon;
+use serde_json::{json, Value};
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `GET path` over HTTP/1.1; (status code, body).
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read answer");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    // Prometheus' API may answer chunked; its JSON is one chunk between size lines.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (code, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The address blockd logged for `--metrics 127.0.0.1:0` (the port it was given).
+fn metrics_addr(d: &Daemon) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = d.log();
+        if let Some(l) = log.lines().find(|l| l.contains("metrics served")) {
+            let a = l.split("addr=").nth(1).expect("addr= in the log line");
+            let a = a.split_whitespace().next().unwrap().trim_matches('"');
+            return a.parse().expect("socket address");
+        }
+        assert!(Instant::now() < deadline, "no metrics line in:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Value of the sample `name{labels}` in the exposition `text` (labels exactly as written).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+fn within_1pct(a: f64, b: f64, what: &str) {
+    let tol = b.abs() * 0.01;
+    assert!((a - b).abs() <= tol, "{what}: metrics {a} vs RPC {b}");
+}
+
+fn malloc_ctrlr(d: &Daemon) -> String {
+    d.rpc_ok(
+        "bdev_malloc_create",
+        json!({"name": "Malloc0", "num_blocks": 32768, "block_size": 512}),
+    );
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Malloc0"}),
+    );
+    d.socket_dir().join("vhost.0").to_str().unwrap().to_string()
+}
+
+#[test]
+fn exposition_agrees_with_the_rpcs_and_promtool() {
+    let d = Daemon::start_with(&["-m", "0x1", "--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&d);
+    let sock = malloc_ctrlr(&d);
+    let mut c = BlkClient::connect(&sock, 2, 1 << 20).unwrap();
+    for i in 0..200u64 {
+        assert_eq!(c.write((i % 2) as usize, i * 4096, 4096), 0);
+        assert_eq!(c.read((i % 2) as usize, i * 8192 % (8 << 20), 8192), 0);
+    }
+    assert_eq!(c.flush(0), 0);
+    assert_eq!(c.discard(0, 1 << 20, 1 << 20), 0);
+    assert_eq!(c.write_zeroes(1, 2 << 20, 65536, false), 0);
+
+    // Quiescent now: the scrape and the RPCs see the same interval.
+    let (code, text) = http_get(addr, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    let io = d.rpc_ok("bdev_get_iostat", json!({"name": "Malloc0"}));
+    let s = &io["bdevs"][0];
+    let tick = io["tick_rate"].as_f64().unwrap();
+    let n = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{k} in {s}"));
+    for (op, ops, bytes, ticks) in [
+        ("read", "num_read_ops", "bytes_read", "read_latency_ticks"),
+        (
+            "write",
+            "num_write_ops",
+            "bytes_written",
+            "write_latency_ticks",
+        ),
+        (
+            "unmap",
+            "num_unmap_ops",
+            "bytes_unmapped",
+            "unmap_latency_ticks",
+        ),
+        (
+            "write_zeroes",
+            "num_write_zeroes_ops",
+            "bytes_write_zeroes",
+            "write_zeroes_latency_ticks",
+        ),
+    ] {
+        let l = format!("{{bdev=\"Malloc0\",operation=\"{op}\"}}");
+        within_1pct(
+            sample(&text, &format!("blockd_bdev_operations_total{l}")),
+            n(ops),
+            ops,
+        );
+        within_1pct(
+            sample(&text, &format!("blockd_bdev_bytes_total{l}")),
+            n(bytes),
+            bytes,
+        );
+        within_1pct(
+            sample(&text, &format!("blockd_bdev_operation_seconds_total{l}")),
+            n(ticks) / tick,
+            ticks,
+        );
+        // The histogram counted the same operations.
+        within_1pct(
+            sample(&text, &format!("blockd_bdev_latency_seconds_count{l}")),
+            n(ops),
+            "histogram count",
+        );
+    }
+    assert_eq!(n("num_read_ops"), 200.0);
+    assert_eq!(n("num_write_ops"), 200.0);
+    within_1pct(
+        sample(
+            &text,
+            "blockd_bdev_operations_total{bdev=\"Malloc0\",operation=\"flush\"}",
+        ),
+        n("num_flush_ops"),
+        "flush",
+    );
+    within_1pct(
+        sample(&text, "blockd_bdev_errors_total{bdev=\"Malloc0\"}"),
+        n("io_error"),
+        "errors",
+    );
+    let ctrl = &d.rpc_ok("vhost_get_controllers", json!({"name": "vhost.0"}))[0];
+    within_1pct(
+        sample(
+            &text,
+            "blockd_vhost_interrupts_held_back_total{controller=\"vhost.0\"}",
+        ),
+        ctrl["interrupts_held_back"].as_f64().unwrap(),
+        "interrupts_held_back",
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "blockd_vhost_frontend_connected{controller=\"vhost.0\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "blockd_vhost_connects_total{controller=\"vhost.0\"}"),
+        1.0
+    );
+    let in_flight: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("blockd_vhost_queue_in_flight{controller=\"vhost.0\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        in_flight,
+        ctrl["sessions"][0]["in_flight"].as_f64().unwrap(),
+        "{text}"
+    );
+    let reactors = d.rpc_ok("framework_get_reactors", json!({}));
+    let busy = reactors["reactors"][0]["busy"].as_f64().unwrap() / 1e9;
+    // Read after the scrape: at least what the scrape saw (to rounding).
+    let scraped = sample(&text, "blockd_reactor_busy_seconds_total{reactor=\"0\"}");
+    assert!(
+        scraped > 0.0 && scraped <= busy * (1.0 + 1e-9),
+        "{scraped} > {busy}"
+    );
+    assert!(sample(&text, "process_resident_memory_bytes") > 1e6);
+    assert!(sample(&text, "process_open_fds") > 3.0);
+
+    drop(c);
+    // The disconnection shows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, t) = http_get(addr, "/metrics");
+        if sample(&t, "blockd_vhost_disconnects_total{controller=\"vhost.0\"}") == 1.0 {
+            assert_eq!(
+                sample(
+                    &t,
+                    "blockd_vhost_frontend_connected{controller=\"vhost.0\"}"
+                ),
+                0.0
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no disconnection in:\n{t}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    assert_eq!(http_get(addr, "/nope").0, 404);
+    if !have("promtool") {
+        eprintln!("SKIP promtool: not installed (scripts/install-deps.sh)");
+        return;
+    }
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(
+        o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (closed again: Prometheus binds it right after).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Prometheus server scraping `target` every second; killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: blockd\n    static_configs:\n      \
+                 - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `/api/v1/query?query=q` once the server answers; `None` while it does not.
+    fn query(&self, q: &str) -> Option<Value> {
+        TcpStream::connect(self.addr).ok()?;
+        let (code, body) = http_get(self.addr, &format!("/api/v1/query?query={q}"));
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        // Already exited is fine.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_rate(r: &Value) -> Option<f64> {
+    r["data"]["result"]
+        .as_array()?
+        .iter()
+        .find(|s| s["metric"]["bdev"] == "Malloc0" && s["metric"]["operation"] == "read")?["value"]
+        [1]
+    .as_str()?
+    .parse()
+    .ok()
+}
+
+#[test]
+fn prometheus_scrapes_blockd_under_load() {
+    if !have("prometheus") {
+        eprintln!("SKIP: prometheus not installed (scripts/install-deps.sh)");
+        return;
+    }
+    let d = Daemon::start_with(&["-m", "0x1", "--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&d);
+    let sock = malloc_ctrlr(&d);
+    let prom = Prometheus::start(addr);
+    // A load in the background for the whole test.
+    let mut load = Command::new(common::blockctl_bin())
+        .args([
+            "bench", "-s", &sock, "-w", "randread", "-q", "4", "-t", "60",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let ok = loop {
+        if let Some(v) = prom.query("blockd_bdev_operations_total") {
+            if let Some(x) = read_rate(&v) {
+                seen.push(x);
+                // Two scrapes of a growing counter: Prometheus sees the load.
+                if seen.len() >= 2 && seen[seen.len() - 1] > seen[0] && seen[0] > 0.0 {
+                    break Some(v);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = load.kill();
+    let _ = load.wait();
+    let v = ok.unwrap_or_else(|| panic!("no growing series; seen {seen:?}\n{}", prom.log()));
+    let series = v["data"]["result"].as_array().unwrap();
+    let ops: Vec<&str> = series
+        .iter()
+        .filter(|s| s["metric"]["bdev"] == "Malloc0")
+        .map(|s| s["metric"]["operation"].as_str().unwrap())
+        .collect();
+    for op in ["read", "write", "unmap", "flush", "write_zeroes"] {
+        assert!(ops.contains(&op), "{op} missing in {v}");
+    }
+    assert!(series.iter().all(|s| s["metric"]["job"] == "blockd"));
+    // The scrape target is healthy, and a histogram quantile is computable.
+    let up = prom.query("up").unwrap();
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "{up}");
+    let q = prom
+        .query("histogram_quantile(0.5,rate(blockd_bdev_latency_seconds_bucket%7Boperation=%22read%22%7D%5B10s%5D))")
+        .unwrap();
+    assert_eq!(q["status"], "success", "{q}");
+}
