@@ -402,3 +402,161 @@ fn prometheus_scrapes_blockd_under_load() {
         .unwrap();
     assert_eq!(q["status"], "success", "{q}");
 }
+
+/// Decodes `bdev_get_histogram`'s result as SPDK's `spdk_histogram_data_iterate` walks it:
+/// (bucket start, bucket end, count) in ticks, for the non-empty buckets.
+fn spdk_buckets(h: &Value) -> Vec<(u64, u64, u64)> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(h["histogram"].as_str().unwrap())
+        .unwrap();
+    let g = h["granularity"].as_u64().unwrap() as u32;
+    let (min, max) = (
+        h["min_range"].as_u64().unwrap() as u32,
+        h["max_range"].as_u64().unwrap() as u32,
+    );
+    assert_eq!(raw.len(), ((max - min + 1) << g) as usize * 8);
+    let start_of = |r: u32, i: u64| -> u64 {
+        // __spdk_histogram_data_get_bucket_start(range, index) with index + 1.
+        if r > 0 {
+            (1u64 << (r + g - 1)).wrapping_add((i + 1) << (r - 1))
+        } else {
+            i + 1
+        }
+    };
+    let mut out = Vec::new();
+    let mut last = 0u64;
+    for (n, c) in raw.chunks(8).enumerate() {
+        let count = u64::from_le_bytes(c.try_into().unwrap());
+        let (r, i) = (min + (n as u32 >> g), (n as u64) & ((1 << g) - 1));
+        let end = start_of(r, i);
+        if count > 0 {
+            out.push((last, end, count));
+        }
+        last = end;
+    }
+    out
+}
+
+#[test]
+fn histogram_rpcs_in_spdk_shape() {
+    let d = Daemon::start_with(&["-m", "0x1"]);
+    let sock = malloc_ctrlr(&d);
+    // SPDK: -EFAULT while not enabled, -ENODEV for an unknown bdev.
+    let e = d
+        .rpc("bdev_get_histogram", json!({"name": "Malloc0"}))
+        .unwrap_err();
+    assert_eq!(e, (-32603, "Bad address".into()));
+    assert_eq!(
+        d.rpc(
+            "bdev_enable_histogram",
+            json!({"name": "nope", "enable": true})
+        )
+        .unwrap_err()
+        .0,
+        -19
+    );
+    assert_eq!(
+        d.rpc(
+            "bdev_enable_histogram",
+            json!({"name": "Malloc0", "enable": true, "opc": "compare_and_write_x"})
+        )
+        .unwrap_err(),
+        (-32603, "Invalid Io type".into())
+    );
+    let mut c = BlkClient::connect(&sock, 1, 1 << 20).unwrap();
+    // Before enabling: not counted by bdev_get_histogram.
+    for i in 0..50u64 {
+        assert_eq!(c.read(0, i * 4096, 4096), 0);
+    }
+    assert_eq!(
+        d.rpc_ok(
+            "bdev_enable_histogram",
+            json!({"name": "Malloc0", "enable": true})
+        ),
+        json!(true)
+    );
+    let before = d.rpc_ok("bdev_get_iostat", json!({"name": "Malloc0"}))["bdevs"][0].clone();
+    for i in 0..300u64 {
+        assert_eq!(c.read(0, i * 4096, 4096), 0);
+        assert_eq!(c.write(0, i * 4096, 4096), 0);
+    }
+    let h = d.rpc_ok("bdev_get_histogram", json!({"name": "Malloc0"}));
+    let after = d.rpc_ok("bdev_get_iostat", json!({"name": "Malloc0"}))["bdevs"][0].clone();
+    assert_eq!(h["tsc_rate"], 1_000_000_000u64);
+    assert_eq!(h["bucket_shift"], h["granularity"]);
+    assert_eq!(
+        (h["min_range"].as_u64(), h["max_range"].as_u64()),
+        (Some(0), Some(61))
+    );
+    let buckets = spdk_buckets(&h);
+    let total: u64 = buckets.iter().map(|b| b.2).sum();
+    assert_eq!(total, 600, "{buckets:?}");
+    // Every latency iostat saw lies within the buckets' span: the bounds mean what SPDK's
+    // iterate says they mean.
+    let lat = |s: &Value, k: &str| s[k].as_u64().unwrap();
+    let sum = lat(&after, "read_latency_ticks") + lat(&after, "write_latency_ticks")
+        - lat(&before, "read_latency_ticks")
+        - lat(&before, "write_latency_ticks");
+    let lo: u64 = buckets.iter().map(|b| b.0 * b.2).sum();
+    let hi: u64 = buckets.iter().map(|b| b.1 * b.2).sum();
+    assert!(lo <= sum && sum <= hi, "{lo} <= {sum} <= {hi}");
+    // SPDK's histogram.py, when one is at hand (scripts/histogram.py of an SPDK tree).
+    if let Ok(py) = std::env::var("SPDK_HISTOGRAM_PY") {
+        let mut p = Command::new("python3")
+            .arg(&py)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        p.stdin
+            .take()
+            .unwrap()
+            .write_all(h.to_string().as_bytes())
+            .unwrap();
+        let o = p.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{out}");
+        let counts: u64 = out
+            .lines()
+            .filter_map(|l| {
+                l.rsplit('(')
+                    .next()?
+                    .trim()
+                    .trim_end_matches(')')
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert_eq!(counts, 600, "{out}");
+    }
+    // One operation type, and a range: values outside count in the end buckets.
+    d.rpc_ok(
+        "bdev_enable_histogram",
+        json!({"name": "Malloc0", "enable": true, "opc": "write", "min_nsec": 1000, "max_nsec": 1_000_000_000u64}),
+    );
+    for i in 0..20u64 {
+        assert_eq!(c.read(0, i * 4096, 4096), 0);
+        assert_eq!(c.write(0, i * 4096, 4096), 0);
+    }
+    let h = d.rpc_ok("bdev_get_histogram", json!({"name": "Malloc0"}));
+    assert_eq!(spdk_buckets(&h).iter().map(|b| b.2).sum::<u64>(), 20);
+    assert!(h["min_range"].as_u64().unwrap() > 0);
+    d.rpc_ok(
+        "bdev_enable_histogram",
+        json!({"name": "Malloc0", "enable": false}),
+    );
+    assert!(d
+        .rpc("bdev_get_histogram", json!({"name": "Malloc0"}))
+        .is_err());
+    // SPDK's own client speaks to it.
+    if let Some(_rpc) = common::spdk_rpc() {
+        let o = d.rpc_py(&["bdev_enable_histogram", "--histogram", "Malloc0"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = d.rpc_py(&["bdev_get_histogram", "Malloc0"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["histogram"].is_string(), "{v}");
+    }
+}

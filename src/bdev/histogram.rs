@@ -34,6 +34,18 @@ pub const KINDS: [IoKind; 5] = [
     IoKind::WriteZeroes,
 ];
 
+/// SPDK's name of an I/O type (`bdev_get_bdevs`' `supported_io_types`, the `opc` of
+/// `bdev_enable_histogram`, the `operation` label of the metrics).
+pub fn io_type_name(kind: IoKind) -> &'static str {
+    match kind {
+        IoKind::Read => "read",
+        IoKind::Write => "write",
+        IoKind::Unmap => "unmap",
+        IoKind::Flush => "flush",
+        IoKind::WriteZeroes => "write_zeroes",
+    }
+}
+
 /// Index of `kind` in [`KINDS`].
 pub fn kind_index(kind: IoKind) -> usize {
     match kind {
@@ -230,8 +242,28 @@ impl std::fmt::Debug for Histograms {
 struct Registry {
     live: Vec<Arc<ChannelHistogram>>,
     retired: Option<Snapshot>,
-    /// `bdev_enable_histogram`'s baseline: `Some` while enabled.
-    baseline: Option<Snapshot>,
+    /// `bdev_enable_histogram`'s baseline and options: `Some` while enabled.
+    baseline: Option<(Snapshot, HistogramOpts)>,
+}
+
+/// `bdev_enable_histogram`'s options (SPDK's `spdk_bdev_enable_histogram_opts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistogramOpts {
+    /// Only this kind ([`KINDS`] index); all without.
+    pub kind: Option<usize>,
+    /// Values tracked: [min_ns, max_ns); others count in the first or last bucket.
+    pub min_ns: u64,
+    pub max_ns: u64,
+}
+
+impl Default for HistogramOpts {
+    fn default() -> Self {
+        HistogramOpts {
+            kind: None,
+            min_ns: 0,
+            max_ns: u64::MAX,
+        }
+    }
 }
 
 impl Histograms {
@@ -262,16 +294,17 @@ impl Histograms {
     }
 
     /// `bdev_enable_histogram`: enabling (again) starts counting from now, disabling
-    /// forgets the baseline.
-    pub fn enable(&self, on: bool) {
-        let base = on.then(|| self.snapshot());
+    /// (`None`) forgets the baseline.
+    pub fn enable(&self, opts: Option<HistogramOpts>) {
+        let base = opts.map(|o| (self.snapshot(), o));
         lock(&self.inner).baseline = base;
     }
 
-    /// The counts since `bdev_enable_histogram`; `None` when it is not enabled.
-    pub fn since_enabled(&self) -> Option<Snapshot> {
-        let base = lock(&self.inner).baseline.clone()?;
-        Some(self.snapshot().since(&base))
+    /// The counts since `bdev_enable_histogram`, with its options; `None` when it is not
+    /// enabled.
+    pub fn since_enabled(&self) -> Option<(Snapshot, HistogramOpts)> {
+        let (base, opts) = lock(&self.inner).baseline.clone()?;
+        Some((self.snapshot().since(&base), opts))
     }
 
     /// Whether `bdev_enable_histogram` is on.
@@ -330,9 +363,9 @@ mod tests {
         assert_eq!(s.kinds[1].count(), 1);
         assert_eq!(s.cumulative_below(0, &[512, 1024, 2048]), vec![0, 2, 2]);
         assert!(h.since_enabled().is_none());
-        h.enable(true);
+        h.enable(Some(HistogramOpts::default()));
         a.tally(IoKind::Read, 3000);
-        let since = h.since_enabled().unwrap();
+        let (since, _) = h.since_enabled().unwrap();
         assert_eq!((since.kinds[0].count(), since.kinds[1].count()), (1, 0));
         let (spdk, min, max) = since.spdk_buckets(&[0, 1], 0, u64::MAX);
         assert_eq!((min, max), (0, 64 - GRANULARITY));

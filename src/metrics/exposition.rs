@@ -37,15 +37,9 @@ pub const LATENCY_BOUNDS_NS: [u64; 13] = [
     1 << 34,
 ];
 
-/// The `operation` label of a kind.
+/// The `operation` label of a kind (SPDK's I/O type name).
 pub fn operation(kind: IoKind) -> &'static str {
-    match kind {
-        IoKind::Read => "read",
-        IoKind::Write => "write",
-        IoKind::Unmap => "unmap",
-        IoKind::Flush => "flush",
-        IoKind::WriteZeroes => "write_zeroes",
-    }
+    crate::bdev::histogram::io_type_name(kind)
 }
 
 const NS: f64 = 1e-9;
