@@ -652,3 +652,97 @@ fn blockctl_iostat_piped_and_in_a_terminal() {
     let _ = load.kill();
     let _ = load.wait();
 }
+
+/// Under `Type=notify`, READY=1 arrives once the configuration is replayed and every
+/// socket listens: at that moment the RPC socket answers, the replayed controller's socket
+/// and the metrics endpoint accept.
+#[test]
+fn ready_notification_after_replay_and_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify");
+    let rx = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    let sockets = dir.path().join("s");
+    std::fs::create_dir(&sockets).unwrap();
+    let rpc = dir.path().join("rpc.sock");
+    let cfg = dir.path().join("cfg.json");
+    std::fs::write(
+        &cfg,
+        json!({"subsystems": [
+            {"subsystem": "bdev", "config": [{"method": "bdev_malloc_create",
+                "params": {"name": "Malloc0", "num_blocks": 2048, "block_size": 512}}]},
+            {"subsystem": "vhost_blk", "config": [{"method": "vhost_create_blk_controller",
+                "params": {"ctrlr": "vhost.0", "dev_name": "Malloc0"}}]}
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut child = Command::new(common::blockd_bin())
+        .args(["-m", "0x1", "-S"])
+        .arg(&sockets)
+        .arg("-r")
+        .arg(&rpc)
+        .arg("--json")
+        .arg(&cfg)
+        .args(["--metrics", &format!("127.0.0.1:{port}")])
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).expect("READY=1 within 30 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    // Checked right at the notification, without waiting for anything.
+    let rpc_up = std::os::unix::net::UnixStream::connect(&rpc).is_ok();
+    let vhost_up = std::os::unix::net::UnixStream::connect(sockets.join("vhost.0")).is_ok();
+    let metrics_up = TcpStream::connect(("127.0.0.1", port)).is_ok();
+    // SIGTERM: STOPPING=1, then a clean exit.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = rx.recv(&mut buf).expect("STOPPING=1");
+    let stopping = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let status = child.wait().unwrap();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    assert!(
+        rpc_up && vhost_up && metrics_up,
+        "{rpc_up} {vhost_up} {metrics_up}"
+    );
+    assert_eq!(stopping, "STOPPING=1");
+    assert!(status.success(), "{status}");
+}
+
+/// contrib/systemd/blockd.service passes `systemd-analyze verify` (with ExecStart pointing
+/// at the binary under test, which verify requires to exist).
+#[test]
+fn systemd_unit_verifies() {
+    if !have("systemd-analyze") {
+        eprintln!("SKIP: systemd-analyze not installed");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/systemd/blockd.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("LimitMEMLOCK=infinity"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blockd.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/blockd", common::blockd_bin()),
+    )
+    .unwrap();
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
