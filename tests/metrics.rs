@@ -213,6 +213,16 @@ fn exposition_agrees_with_the_rpcs_and_promtool() {
         ctrl["sessions"][0]["in_flight"].as_f64().unwrap(),
         "{text}"
     );
+    for q in ctrl["sessions"][0]["queues"].as_array().expect("queues") {
+        let l = format!("{{controller=\"vhost.0\",queue=\"{}\"}}", q["index"]);
+        for k in ["requests", "kicks", "interrupts"] {
+            within_1pct(
+                sample(&text, &format!("blockd_vhost_queue_{k}_total{l}")),
+                q[k].as_f64().unwrap(),
+                k,
+            );
+        }
+    }
     let reactors = d.rpc_ok("framework_get_reactors", json!({}));
     let busy = reactors["reactors"][0]["busy"].as_f64().unwrap() / 1e9;
     // Read after the scrape: at least what the scrape saw (to rounding).

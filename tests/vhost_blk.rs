@@ -179,3 +179,47 @@ fn reconnect_after_disconnect_and_delete_refused_while_connected() {
     d.rpc("bdev_malloc_delete", json!({"name": "Malloc0"}))
         .unwrap();
 }
+
+/// `vhost_get_controllers` counts each queue's requests, kicks and interrupts: a client
+/// that sleeps on its completion eventfd (libblkio's blocking `do_io`) is kicked awake by
+/// interrupts and kicks blockd for each request it submits alone.
+#[test]
+fn queue_counters_follow_requests_kicks_and_interrupts() {
+    let d = InProcess::start("0x1");
+    let sock = malloc_ctrlr(&d, "Malloc0", "vhost.0", 4, 512, json!({}));
+    let mut c = BlkClient::connect(&sock, 2, 1 << 20).unwrap();
+    let n = 50u64;
+    for i in 0..n {
+        assert_eq!(c.read(1, i * 4096, 4096), 0);
+    }
+    let queue = |index: u64| -> Value {
+        let ctrl = d
+            .rpc("vhost_get_controllers", json!({"name": "vhost.0"}))
+            .unwrap();
+        ctrl[0]["sessions"][0]["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["index"] == index)
+            .cloned()
+            .unwrap_or_else(|| panic!("no queue {index} in {ctrl}"))
+    };
+    // The poller publishes its counts right after the completion the client saw.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let q1 = loop {
+        let q = queue(1);
+        if q["requests"] == n || std::time::Instant::now() > deadline {
+            break q;
+        }
+        std::thread::yield_now();
+    };
+    eprintln!("queue 1 after {n} lone reads: {q1}");
+    assert_eq!(q1["requests"], n, "{q1}");
+    assert_eq!(q1["in_flight"], 0, "{q1}");
+    let irqs = q1["interrupts"].as_u64().unwrap();
+    assert!((1..=n).contains(&irqs), "interrupts: {q1}");
+    let kicks = q1["kicks"].as_u64().unwrap();
+    assert!(kicks <= n, "kicks: {q1}");
+    // Queue 0 carried none of these requests.
+    assert!(queue(0)["requests"].as_u64().unwrap() < n);
+}

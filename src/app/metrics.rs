@@ -56,12 +56,14 @@ impl metrics::Source for App {
                     disconnects,
                     interrupts_held_back: c.coalescing.held(),
                     queues: c
-                        .queue_stats()
+                        .queue_counts()
                         .into_iter()
-                        .map(|(queue, core, in_flight)| QueueSample {
+                        .map(|(queue, q)| QueueSample {
                             queue,
-                            core,
-                            in_flight,
+                            requests: q.requests,
+                            kicks: q.kicks,
+                            interrupts: q.interrupts,
+                            in_flight: q.in_flight,
                         })
                         .collect(),
                 }

@@ -267,37 +267,47 @@ fn encode_controllers(enc: &mut DescriptorEncoder, s: &Snapshot) -> Fmt {
         "Guest interrupts held back by coalescing (vhost_get_controllers interrupts_held_back).",
         per(s, &|c| c.interrupts_held_back),
     )?;
-    let queues: Vec<(String, String, String, usize)> = s
+    let queues: Vec<(&str, String, &super::QueueSample)> = s
         .controllers
         .iter()
         .flat_map(|c| {
-            c.queues.iter().map(move |q| {
-                (
-                    c.name.clone(),
-                    q.queue.to_string(),
-                    q.core.to_string(),
-                    q.in_flight,
-                )
-            })
+            c.queues
+                .iter()
+                .map(move |q| (c.name.as_str(), q.queue.to_string(), q))
         })
         .collect();
+    fn per_queue<'a, T>(
+        queues: &'a [(&'a str, String, &'a super::QueueSample)],
+        f: &dyn Fn(&super::QueueSample) -> T,
+    ) -> Vec<(Labels2<'a>, T)> {
+        queues
+            .iter()
+            .map(|(c, q, s)| ([("controller", *c), ("queue", q.as_str())], f(s)))
+            .collect()
+    }
+    counter(
+        enc,
+        "blockd_vhost_queue_requests",
+        "Requests (chains) the queue returned to the driver.",
+        per_queue(&queues, &|q| q.requests),
+    )?;
+    counter(
+        enc,
+        "blockd_vhost_queue_kicks",
+        "Notifications (kicks) the guest sent the queue.",
+        per_queue(&queues, &|q| q.kicks),
+    )?;
+    counter(
+        enc,
+        "blockd_vhost_queue_interrupts",
+        "Interrupts the queue sent the guest.",
+        per_queue(&queues, &|q| q.interrupts),
+    )?;
     gauge(
         enc,
         "blockd_vhost_queue_in_flight",
         "Requests taken from the queue's ring and not yet returned.",
-        queues
-            .iter()
-            .map(|(c, q, r, n)| {
-                (
-                    [
-                        ("controller", c.as_str()),
-                        ("queue", q.as_str()),
-                        ("reactor", r.as_str()),
-                    ],
-                    *n as u64,
-                )
-            })
-            .collect(),
+        per_queue(&queues, &|q| q.in_flight as u64),
     )
 }
 

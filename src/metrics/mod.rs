@@ -40,11 +40,16 @@ pub struct BdevSample {
     pub histogram: histogram::Snapshot,
 }
 
-/// One running queue of a vhost controller.
+/// One queue of a vhost controller (the frontend has set it up).
 #[derive(Clone, Debug, Default)]
 pub struct QueueSample {
     pub queue: usize,
-    pub core: usize,
+    /// Chains returned to the driver.
+    pub requests: u64,
+    /// Guest notifications received.
+    pub kicks: u64,
+    /// Interrupts sent to the guest.
+    pub interrupts: u64,
     pub in_flight: usize,
 }
 

@@ -1,7 +1,6 @@
 //! What a vhost-user controller serves: a virtio device model (blk, later scsi) whose
 //! queues run as pollers on the reactors.
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -13,7 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::reactor::{Poller, ReactorCtx};
 use crate::vhost::coalescing::Coalescing;
+use crate::vhost::dirty_log::RingLog;
 use crate::vhost::inflight::QueueInflight;
+use crate::vhost::queue_stats::QueueStats;
 
 /// Guest memory as the frontend shared it (memfd, hugetlbfs or plain file regions), swapped
 /// atomically when the frontend adds or removes regions.
@@ -41,9 +42,11 @@ pub struct QueueSetup {
     /// instance left in flight ([`crate::vhost::engine::Engine`]); queues that complete in
     /// order (scsi control and event queues) ignore it and start at the base.
     pub inflight: Option<QueueInflight>,
-    /// Requests taken from the ring and not yet returned, as of the poller's last pass
-    /// (`vhost_get_controllers`).
-    pub in_flight: Arc<AtomicUsize>,
+    /// The queue's counters (`vhost_get_controllers`, metrics), kept by the session
+    /// across restarts of the ring.
+    pub stats: Arc<QueueStats>,
+    /// The session's dirty-page logging, as this ring follows it (live migration).
+    pub log: RingLog,
 }
 
 /// A virtio device model served over vhost-user.

@@ -8,12 +8,14 @@
 pub mod blk;
 pub mod coalescing;
 pub mod device;
+pub mod dirty_log;
 pub mod engine;
 mod events;
 pub mod guest_fault;
 pub mod guest_map;
 pub mod guest_stream;
 pub mod inflight;
+pub mod queue_stats;
 pub mod rpc;
 pub mod scsi;
 pub mod session;
@@ -148,10 +150,10 @@ impl Controller {
         )
     }
 
-    /// The connected session's running queues: (queue index, core, requests in flight).
-    pub fn queue_stats(&self) -> Vec<(usize, usize, usize)> {
+    /// The connected session's queues' counters, by queue index (metrics).
+    pub fn queue_counts(&self) -> Vec<(usize, queue_stats::QueueCounts)> {
         let s = lock(&self.session).clone();
-        s.map(|s| lock(&s).queue_stats()).unwrap_or_default()
+        s.map(|s| lock(&s).queue_counts()).unwrap_or_default()
     }
 
     /// The object `vhost_get_controllers` returns (SPDK's shape).
@@ -160,9 +162,18 @@ impl Controller {
             .iter()
             .map(|s| {
                 let s = lock(s);
+                let queues: Vec<Value> = s
+                    .queue_counts()
+                    .into_iter()
+                    .map(|(i, c)| {
+                        json!({"index": i, "requests": c.requests, "kicks": c.kicks,
+                               "interrupts": c.interrupts, "in_flight": c.in_flight})
+                    })
+                    .collect();
                 json!({"name": format!("{}s0", self.name), "started": s.running_rings() > 0,
                        "running_queues": s.running_rings(), "reactors": s.cores(),
-                       "in_flight": s.in_flight()})
+                       "in_flight": s.in_flight(), "dirty_logging": s.dirty_logging(),
+                       "queues": queues})
             })
             .collect();
         let (delay_base_us, iops_threshold) = self.coalescing.get();

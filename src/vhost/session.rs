@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +32,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::coalescing::Coalescing;
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
+use super::dirty_log::{DirtyLog, LogRegion};
 use super::guest_fault::GuestMapping;
 use super::inflight::InflightRegion;
+use super::queue_stats::{QueueCounts, QueueStats};
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
 use crate::reactor::{PollerId, Reactors};
@@ -63,6 +65,10 @@ struct Vring {
     kick: Option<File>,
     call: Option<File>,
     enabled: bool,
+    /// Where to log the used ring's writes (`VHOST_VRING_F_LOG` with `log_guest_addr`).
+    log_addr: Option<u64>,
+    /// The ring's counters, across restarts within the session.
+    stats: Arc<QueueStats>,
     running: Option<RunningRing>,
 }
 
@@ -70,8 +76,6 @@ struct RunningRing {
     core: usize,
     poller: PollerId,
     stopped: mpsc::Receiver<u16>,
-    /// Requests the ring's poller has in flight.
-    in_flight: Arc<AtomicUsize>,
     /// The poller was asked to stop taking chains.
     stop_requested: bool,
 }
@@ -98,6 +102,8 @@ pub struct Session {
     inflight: Option<Arc<InflightRegion>>,
     /// The daemon is stopping: rings stay stopped whatever the frontend sends.
     closing: bool,
+    /// Dirty-page logging for a live migration (SET_LOG_BASE, `VHOST_F_LOG_ALL`).
+    dirty_log: Arc<DirtyLog>,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -135,6 +141,23 @@ impl Session {
             coalescing,
             inflight: None,
             closing: false,
+            dirty_log: Arc::default(),
+        }
+    }
+
+    /// Whether the frontend has dirty-page logging on (a live migration is copying the
+    /// guest's memory).
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_log.active()
+    }
+
+    /// Applies a change of the dirty-log settings before the frontend hears back: every
+    /// reactor running one of this session's rings finishes its current poll pass, so
+    /// each later pass follows the new settings, and none can write a page the frontend
+    /// then believes logged without logging it (nor mark a bitmap it has taken back).
+    fn log_barrier(&self) {
+        for core in self.cores() {
+            self.reactors.call(core, |_| ());
         }
     }
 
@@ -142,20 +165,18 @@ impl Session {
     pub fn in_flight(&self) -> usize {
         self.vrings
             .iter()
-            .filter_map(|v| v.running.as_ref())
-            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .filter(|v| v.running.is_some())
+            .map(|v| v.stats.in_flight.load(Ordering::Relaxed))
             .sum()
     }
 
-    /// Each running ring: (queue index, reactor core, requests in flight) (metrics).
-    pub fn queue_stats(&self) -> Vec<(usize, usize, usize)> {
+    /// The counters of every ring the frontend has used (set a size for), by index.
+    pub fn queue_counts(&self) -> Vec<(usize, QueueCounts)> {
         self.vrings
             .iter()
             .enumerate()
-            .filter_map(|(i, v)| {
-                let r = v.running.as_ref()?;
-                Some((i, r.core, r.in_flight.load(Ordering::Relaxed)))
-            })
+            .filter(|(_, v)| v.size > 0)
+            .map(|(i, v)| (i, v.stats.snapshot()))
             .collect()
     }
 
@@ -243,7 +264,6 @@ impl Session {
             Some(r) if tracked => r.queue(index as u16),
             _ => None,
         };
-        let in_flight = Arc::new(AtomicUsize::new(0));
         let setup = QueueSetup {
             index: index as u16,
             queue,
@@ -253,7 +273,8 @@ impl Session {
             stopped: tx,
             coalescing: self.coalescing.clone(),
             inflight,
-            in_flight: in_flight.clone(),
+            stats: v.stats.clone(),
+            log: self.dirty_log.ring(index as u16),
         };
         let core = self.reactors.pick(&self.cpumask).ok_or_else(|| {
             req_err(format!(
@@ -276,7 +297,6 @@ impl Session {
             core,
             poller: started,
             stopped: rx,
-            in_flight,
             stop_requested: false,
         });
         Ok(())
@@ -461,6 +481,7 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn reset_owner(&mut self) -> VuResult<()> {
         self.stop_all();
+        self.dirty_log.clear();
         self.owned = false;
         self.acked_features = 0;
         self.acked_protocol_features = 0;
@@ -474,6 +495,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         self.acked_features = 0;
         self.inflight = None;
+        self.dirty_log.clear();
         Ok(())
     }
 
@@ -485,8 +507,18 @@ impl VhostUserBackendReqHandlerMut for Session {
         if features & !self.device.features() != 0 {
             return Err(VuError::InvalidParam);
         }
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        let logging_changed = (features ^ self.acked_features) & log_all != 0;
         self.acked_features = features;
         self.device.features_acked(features);
+        if logging_changed {
+            // vhost-user.rst "Migration": LOG_ALL on while the rings run starts the log
+            // of every write into guest memory; off ends it (done, or migrate_cancel).
+            let on = features & log_all != 0;
+            tracing::info!(ctrlr = %self.ctrlr, on, "dirty-page logging");
+            self.dirty_log.set_log_all(on);
+            self.log_barrier();
+        }
         Ok(())
     }
 
@@ -541,20 +573,35 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
         let desc = self.vmm_va_to_gpa(descriptor)?;
         let used = self.vmm_va_to_gpa(used)?;
         let avail = self.vmm_va_to_gpa(available)?;
+        // vhost-user.rst "Migration": with VHOST_VRING_F_LOG the used ring's writes are
+        // logged at `log` (a guest physical address). QEMU sends this again to running
+        // rings when logging starts and stops: the running ring follows it, the addresses
+        // it runs on stay (the frontend cannot move a running ring).
+        let log_addr = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
         let v = self.vring(index)?;
         v.desc = desc;
         v.used = used;
         v.avail = avail;
         v.addr_set = true;
+        let changed = std::mem::replace(&mut v.log_addr, log_addr) != log_addr;
+        let running = v.running.is_some();
+        if changed {
+            self.dirty_log.set_used(index as u16, log_addr);
+            if running {
+                self.log_barrier();
+            }
+        }
         Ok(())
     }
 
@@ -767,7 +814,22 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(invalid("shared memory regions are not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(invalid("dirty logging is not supported"))
+    /// vhost-user.rst "VHOST_USER_SET_LOG_BASE" with LOG_SHMFD: the bitmap is `mmap_size`
+    /// bytes of the fd from `mmap_offset`, checked against the fd's size like a memory
+    /// region; it replaces an earlier one (QEMU sends a larger log when guest memory
+    /// grows). The reply (the same body) is sent by the vhost crate once this returns,
+    /// after the barrier: from then on no ring marks the old bitmap.
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        check_region_fd(&file, log.mmap_offset, log.mmap_size)?;
+        let region = LogRegion::map(&file, log.mmap_size, log.mmap_offset).map_err(|e| {
+            req_err(format!(
+                "controller {}: cannot map the dirty log: {e}",
+                self.ctrlr
+            ))
+        })?;
+        tracing::info!(ctrlr = %self.ctrlr, bytes = log.mmap_size, "dirty log set");
+        self.dirty_log.set_region(Some(region));
+        self.log_barrier();
+        Ok(())
     }
 }

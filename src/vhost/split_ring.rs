@@ -176,68 +176,95 @@ impl RingView {
         max: usize,
         out: &mut Vec<Desc>,
     ) -> Result<(), ChainError> {
-        // The table being walked: mapped in one piece, or (an indirect table across
-        // regions) read descriptor by descriptor.
-        let mut table = Some(self.desc);
-        let mut table_gpa = 0u64;
-        let mut table_len = self.size;
-        let mut indirect = false;
-        let mut next = head;
-        let mut ttl = self.size;
-        let mut bytes = 0u32;
-        let mut count = 0usize;
-        let cut = |count: usize| {
-            if count == 0 {
-                ChainError::Empty
-            } else {
-                ChainError::Truncated
+        walk_chain(map, Some(self.desc), 0, self.size, head, max, out)
+    }
+}
+
+/// [`RingView::read_chain`] without a view: the descriptor table at guest address `desc`,
+/// of a ring of `size` entries, is read through `map` (a ring outside one memory region).
+pub fn read_chain_in(
+    map: &GuestMap,
+    desc: u64,
+    size: u16,
+    head: u16,
+    max: usize,
+    out: &mut Vec<Desc>,
+) -> Result<(), ChainError> {
+    walk_chain(map, None, desc, size, head, max, out)
+}
+
+/// The walk of [`RingView::read_chain`]: through `table`, the view's mapped table of
+/// `size` entries, when given; else through `map` at `table_gpa`.
+fn walk_chain(
+    map: &GuestMap,
+    table: Option<*const u8>,
+    table_gpa: u64,
+    size: u16,
+    head: u16,
+    max: usize,
+    out: &mut Vec<Desc>,
+) -> Result<(), ChainError> {
+    // The table being walked: mapped in one piece, or (an indirect table across
+    // regions) read descriptor by descriptor.
+    let mut table = table;
+    let mut table_gpa = table_gpa;
+    let mut table_len = size;
+    let mut indirect = false;
+    let mut next = head;
+    let mut ttl = size;
+    let mut bytes = 0u32;
+    let mut count = 0usize;
+    let cut = |count: usize| {
+        if count == 0 {
+            ChainError::Empty
+        } else {
+            ChainError::Truncated
+        }
+    };
+    loop {
+        if ttl == 0 || next >= table_len {
+            return Err(cut(count));
+        }
+        let raw = match table {
+            Some(t) => RingView::read_desc(t, next),
+            None => {
+                let mut d = [0u8; 16];
+                let at = table_gpa + u64::from(next) * DESC_LEN;
+                map.read(at, &mut d).map_err(|_| cut(count))?;
+                RingView::read_desc(d.as_ptr(), 0)
             }
         };
-        loop {
-            if ttl == 0 || next >= table_len {
+        let (addr, len, flags, nxt) = (raw.addr, raw.len, u32::from(raw.flags), raw.next);
+        if flags & VRING_DESC_F_INDIRECT != 0 {
+            let n = u64::from(len) / DESC_LEN;
+            if indirect || u64::from(len) % DESC_LEN != 0 || n > u64::from(u16::MAX) {
                 return Err(cut(count));
             }
-            let raw = match table {
-                Some(t) => Self::read_desc(t, next),
-                None => {
-                    let mut d = [0u8; 16];
-                    let at = table_gpa + u64::from(next) * DESC_LEN;
-                    map.read(at, &mut d).map_err(|_| cut(count))?;
-                    Self::read_desc(d.as_ptr(), 0)
-                }
-            };
-            let (addr, len, flags, nxt) = (raw.addr, raw.len, u32::from(raw.flags), raw.next);
-            if flags & VRING_DESC_F_INDIRECT != 0 {
-                let n = u64::from(len) / DESC_LEN;
-                if indirect || u64::from(len) % DESC_LEN != 0 || n > u64::from(u16::MAX) {
-                    return Err(cut(count));
-                }
-                table = map.host_range(addr, u64::from(len)).map(|p| p as *const u8);
-                table_gpa = addr;
-                table_len = n as u16;
-                ttl = table_len;
-                indirect = true;
-                next = 0;
-                continue;
-            }
-            bytes = bytes.checked_add(len).ok_or_else(|| cut(count))?;
-            count += 1;
-            if count > max {
-                return Err(ChainError::TooLong);
-            }
-            if len > 0 {
-                out.push(Desc {
-                    addr,
-                    len,
-                    write: flags & VRING_DESC_F_WRITE != 0,
-                });
-            }
-            if flags & VRING_DESC_F_NEXT == 0 {
-                return Ok(());
-            }
-            next = nxt;
-            ttl -= 1;
+            table = map.host_range(addr, u64::from(len)).map(|p| p as *const u8);
+            table_gpa = addr;
+            table_len = n as u16;
+            ttl = table_len;
+            indirect = true;
+            next = 0;
+            continue;
         }
+        bytes = bytes.checked_add(len).ok_or_else(|| cut(count))?;
+        count += 1;
+        if count > max {
+            return Err(ChainError::TooLong);
+        }
+        if len > 0 {
+            out.push(Desc {
+                addr,
+                len,
+                write: flags & VRING_DESC_F_WRITE != 0,
+            });
+        }
+        if flags & VRING_DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        next = nxt;
+        ttl -= 1;
     }
 }
 

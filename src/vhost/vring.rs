@@ -11,6 +11,13 @@
 //! hot-path accessors go through a [`RingView`] of pre-translated pointers; otherwise
 //! through virtio-queue's `Queue`, which owns the ring state either way.
 //!
+//! While the frontend logs dirty pages for a live migration ([`crate::vhost::dirty_log`]),
+//! the ring marks them here, where every chain goes back to the driver: all the
+//! device-writable buffers of a returned chain (whatever wrote them: a bdev into the
+//! guest's pages, the device's status or response, and whatever the used length says),
+//! the used element, the used index and the notification fields. A device cannot forget
+//! a page, and logging costs a branch per chain when it is off.
+//!
 //! A request queue with in-flight tracking ([`Vring::track_inflight`]) records every chain
 //! it takes and returns in the shared region (vhost-user.rst "Inflight I/O tracking"):
 //! here, where chains are taken and the used index is published, so that the order the
@@ -28,10 +35,17 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vhost::coalescing::{Coalescing, STATS_INTERVAL};
 use crate::vhost::device::{GuestMem, QueueSetup};
+use crate::vhost::dirty_log::RingLog;
 use crate::vhost::guest_map::GuestMap;
 use crate::vhost::guest_stream::Desc;
 use crate::vhost::inflight::QueueInflight;
-use crate::vhost::split_ring::{need_event, ChainError, RingView};
+use crate::vhost::queue_stats::QueueStats;
+use crate::vhost::split_ring::{need_event, read_chain_in, ChainError, RingView};
+
+/// Offsets in the used ring (virtio 1.2 §2.7.8): `flags`, `idx`, then the elements.
+const USED_FLAGS: u64 = 0;
+const USED_IDX: u64 = 2;
+const USED_RING: u64 = 4;
 
 /// At most this many chains are popped per poll, so that one busy queue does not starve
 /// the other pollers of its reactor.
@@ -69,6 +83,15 @@ pub struct Vring {
     irq: IrqPacing,
     /// In-flight tracking, for request queues whose frontend shares the region.
     tracking: Option<Tracking>,
+    /// Dirty-page logging during a live migration, and the chain read back to log it.
+    log: RingLog,
+    log_chain: Vec<Desc>,
+    /// The queue's counters, and this poller's running totals of them (published once
+    /// per pass, see [`QueueStats`]).
+    stats: Arc<QueueStats>,
+    returned: u64,
+    kicks: u64,
+    interrupts: u64,
 }
 
 /// A request queue's in-flight tracking ([`crate::vhost::inflight`]).
@@ -99,6 +122,7 @@ impl Vring {
     /// Takes over the ring the frontend has set up.
     pub fn new(setup: QueueSetup) -> Self {
         let setup_next_avail = setup.queue.next_avail();
+        let counts = setup.stats.snapshot();
         Vring {
             index: setup.index,
             queue: setup.queue,
@@ -123,6 +147,12 @@ impl Vring {
                 interval_count: 0,
             },
             tracking: None,
+            log: setup.log,
+            log_chain: Vec::new(),
+            stats: setup.stats,
+            returned: counts.requests,
+            kicks: counts.kicks,
+            interrupts: counts.interrupts,
         }
     }
 
@@ -190,7 +220,9 @@ impl Vring {
 
     /// Rebuilds the pre-translated memory table and ring view when `mem` is not the memory
     /// they were built from, and keeps `mem` mapped while they point into it.
+    /// Called at the start of every poll pass; also follows the dirty-log settings.
     pub fn sync_mem(&mut self, mem: &Arc<GuestMemoryMmap>) {
+        self.log.refresh();
         if self.map_of.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem)) {
             return;
         }
@@ -351,6 +383,9 @@ impl Vring {
                 view.write_used(next, head, len);
                 self.queue.set_next_used(next.wrapping_add(1));
                 self.unpublished = true;
+                if self.log.is_on() {
+                    self.log_returned(head, next);
+                }
                 if let Some(t) = &mut self.tracking {
                     t.part.batch_add(head);
                     t.batch.push(head);
@@ -371,10 +406,44 @@ impl Vring {
                     tracing::warn!(queue = self.index, "cannot return {what}: {e}");
                     return;
                 }
+                if self.log.is_on() {
+                    let next = self.queue.next_used().wrapping_sub(1);
+                    self.log_returned(head, next);
+                    self.log.mark_used(USED_IDX, 2);
+                }
                 self.commit_inflight();
             }
         }
         self.added = self.added.wrapping_add(1);
+        self.returned += 1;
+    }
+
+    /// Logs what returning chain `head` as used element `pos` wrote into guest memory
+    /// (logging on): the chain's device-writable buffers, then the element. The chain is
+    /// read again from the descriptor table, which the driver must not change while the
+    /// chain is in flight (virtio 1.2 §2.7.13.1); a driver that does only loses its own
+    /// pages.
+    fn log_returned(&mut self, head: u16, pos: u16) {
+        if let Some(all) = self.log.all() {
+            self.log_chain.clear();
+            // A broken chain is logged as far as it could be read.
+            let _ = match &self.view {
+                Some(v) => v.read_chain(&self.map, head, usize::MAX, &mut self.log_chain),
+                None => read_chain_in(
+                    &self.map,
+                    self.queue.desc_table(),
+                    self.queue.size(),
+                    head,
+                    usize::MAX,
+                    &mut self.log_chain,
+                ),
+            };
+            for d in self.log_chain.iter().filter(|d| d.write) {
+                all.mark(d.addr, u64::from(d.len));
+            }
+        }
+        let slot = u64::from(pos & self.queue.size().wrapping_sub(1));
+        self.log.mark_used(USED_RING + 8 * slot, 8);
     }
 
     /// Makes the used elements written since the last call visible to the driver, then
@@ -383,6 +452,7 @@ impl Vring {
         if std::mem::take(&mut self.unpublished) {
             if let Some(view) = &self.view {
                 view.publish_used(self.queue.next_used());
+                self.log.mark_used(USED_IDX, 2);
             }
             self.commit_inflight();
         }
@@ -449,6 +519,14 @@ impl Vring {
         if wanted {
             self.signal();
         }
+        self.publish_stats();
+    }
+
+    /// Makes this poller's totals visible to [`QueueStats`] readers.
+    #[inline]
+    fn publish_stats(&self) {
+        self.stats
+            .publish(self.returned, self.kicks, self.interrupts);
     }
 
     /// Whether the interrupt must wait (coalescing on: [`Coalescing`]); re-evaluates the
@@ -495,8 +573,9 @@ impl Vring {
     }
 
     /// Raises the guest interrupt (writes the call eventfd, when the frontend gave one).
-    fn signal(&self) {
+    fn signal(&mut self) {
         if let Some(call) = &self.call {
+            self.interrupts += 1;
             // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
             let _ = call.write(1);
         }
@@ -510,7 +589,20 @@ impl Vring {
             return false;
         }
         let mem = self.mem.memory();
-        self.queue.enable_notification(&*mem).unwrap_or(true)
+        let r = self.queue.enable_notification(&*mem).unwrap_or(true);
+        self.log_notification_fields();
+        r
+    }
+
+    /// Logs the used ring's fields the ring writes to ask for kicks or not: `flags`, and
+    /// `avail_event` with EVENT_IDX (§2.7.10).
+    #[inline]
+    fn log_notification_fields(&self) {
+        if self.log.is_on() {
+            self.log.mark_used(USED_FLAGS, 2);
+            let avail_event = USED_RING + 8 * u64::from(self.queue.size());
+            self.log.mark_used(avail_event, 2);
+        }
     }
 
     /// Stops the driver's kicks while the poller runs, and drains the kick eventfd.
@@ -519,7 +611,11 @@ impl Vring {
         // Both best effort: a failed disable (a bad ring address, which the next pop meets
         // too) costs only extra kicks, and an empty kick eventfd reads EAGAIN.
         let _ = self.queue.disable_notification(&*mem);
-        let _ = self.kick.read();
+        self.log_notification_fields();
+        if let Ok(n) = self.kick.read() {
+            self.kicks += n;
+            self.publish_stats();
+        }
     }
 
     /// The kick eventfd, which wakes the reactor when the driver makes chains available.
@@ -540,6 +636,10 @@ impl Drop for Vring {
         if self.irq.deferred {
             self.signal();
         }
+        if let Ok(n) = self.kick.read() {
+            self.kicks += n;
+        }
+        self.publish_stats();
         // Nobody waits for the stop position when the receiver is gone.
         let _ = self.stopped.send(self.queue.next_avail());
     }
@@ -588,7 +688,8 @@ mod tests {
             stopped: tx,
             coalescing: Arc::default(),
             inflight: None,
-            in_flight: Default::default(),
+            stats: Default::default(),
+            log: Default::default(),
         });
         let m = mem.memory().into_inner();
         vring.sync_mem(&m);

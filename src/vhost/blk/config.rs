@@ -48,7 +48,9 @@ pub fn features(g: &BlkGeometry) -> u64 {
         | (1 << VIRTIO_BLK_F_TOPOLOGY)
         | (1 << VIRTIO_BLK_F_CONFIG_WCE)
         | (1 << VIRTIO_BLK_F_MQ)
-        | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Dirty logging for live migration (vhost-user.rst "Migration").
+        | vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits();
     if g.readonly {
         f |= 1 << VIRTIO_BLK_F_RO;
     } else {

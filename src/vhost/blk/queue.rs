@@ -224,3 +224,7 @@ impl QueueDevice for BlkIo {
 
 #[cfg(test)]
 mod bench;
+#[cfg(test)]
+mod driver;
+#[cfg(test)]
+mod log_tests;

@@ -1,13 +1,10 @@
 //! The one way the queues write into guest memory to complete a request: a virtio-blk
 //! status byte, a virtio-scsi response header, a control-queue answer, an event.
 //!
-//! Live migration (vhost-user.rst "Migration", `VHOST_USER_PROTOCOL_F_LOG_SHMFD` with
-//! `VHOST_F_LOG_ALL`) needs every page the back-end writes logged in the frontend's dirty
-//! bitmap: that logging belongs in [`GuestWriter::write`], and nowhere else for these
-//! writes. The other writes into guest memory would need it too: the used ring (through
-//! `Vring::add_used`, logged at the ring's log address) and the data the bdevs and the
-//! devices' `copy_to_iovecs` put into host iovecs (logged at completion from the guest
-//! ranges the requests were parsed from). blockd does not offer dirty logging yet.
+//! Live migration's dirty-page logging does not happen here but when the chain goes back
+//! to the driver ([`crate::vhost::vring::Vring::add_used`]), which marks every
+//! device-writable buffer of the chain: what is written here, and what the bdevs wrote
+//! into the guest's pages, alike.
 
 use crate::vhost::guest_map::{GuestMap, StreamError};
 use crate::vhost::guest_stream::{walk, Desc};
@@ -25,8 +22,7 @@ impl<'a> GuestWriter<'a> {
     }
 
     /// Copies `bytes` to guest range `[gpa, gpa + bytes.len())`; fails when the range is
-    /// not all guest memory (the frontend removed it meanwhile). Every completion write
-    /// passes here: the place for dirty-page logging.
+    /// not all guest memory (the frontend removed it meanwhile).
     #[inline]
     pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), StreamError> {
         self.map.write(gpa, bytes)

@@ -21,7 +21,7 @@ pub mod guest_writer;
 pub mod memory;
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,6 +31,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::bdev::IoResult;
 use crate::reactor::{min_deadline, Poller};
 use crate::vhost::device::QueueSetup;
+use crate::vhost::queue_stats::QueueStats;
 use crate::vhost::vring::{Vring, POP_BUDGET};
 pub use guest_writer::GuestWriter;
 use memory::MemGenerations;
@@ -122,15 +123,15 @@ pub struct Engine<D: QueueDevice> {
     mem: MemGenerations,
     /// Scratch list of the requests completed in a poll pass (no allocation on the hot path).
     done: Vec<u32>,
-    /// `in_flight` as others see it (`vhost_get_controllers`), updated once per pass.
-    in_flight_gauge: Arc<AtomicUsize>,
+    /// The queue's counters; `in_flight` is published there once per pass.
+    stats: Arc<QueueStats>,
 }
 
 impl<D: QueueDevice> Engine<D> {
     /// The engine of the ring the frontend has set up, with one slot per ring entry.
     pub fn with_device(mut setup: QueueSetup, dev: D) -> Self {
         let inflight = setup.inflight.take();
-        let in_flight_gauge = setup.in_flight.clone();
+        let stats = setup.stats.clone();
         let mut vring = Vring::new(setup);
         if let Some(part) = inflight {
             vring.track_inflight(part);
@@ -150,7 +151,7 @@ impl<D: QueueDevice> Engine<D> {
             in_flight: 0,
             mem,
             done: Vec::with_capacity(n),
-            in_flight_gauge,
+            stats,
             vring,
             dev,
         }
@@ -289,7 +290,8 @@ impl<D: QueueDevice> Poller for Engine<D> {
             self.vring.notify_guest(&mem);
         }
         if work > 0 {
-            self.in_flight_gauge
+            self.stats
+                .in_flight
                 .store(self.in_flight, Ordering::Relaxed);
         }
         work
@@ -336,7 +338,7 @@ impl<D: QueueDevice> Poller for Engine<D> {
 
 impl<D: QueueDevice> Drop for Engine<D> {
     fn drop(&mut self) {
-        self.in_flight_gauge.store(0, Ordering::Relaxed);
+        self.stats.in_flight.store(0, Ordering::Relaxed);
         if self.in_flight > 0 {
             tracing::error!(
                 queue = self.vring.index(),

@@ -32,6 +32,8 @@ pub fn features() -> u64 {
         | (1 << VIRTIO_SCSI_F_HOTPLUG)
         | (1 << VIRTIO_SCSI_F_CHANGE)
         | vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Dirty logging for live migration (vhost-user.rst "Migration").
+        | vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits()
 }
 
 /// `struct virtio_scsi_config`, little-endian (§5.6.4). `num_queues` counts request

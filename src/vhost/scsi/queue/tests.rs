@@ -122,7 +122,8 @@ fn setup(mem: &GuestMem, index: u16, q: Queue) -> (QueueSetup, mpsc::Receiver<u1
             stopped: tx,
             coalescing: Default::default(),
             inflight: None,
-            in_flight: Default::default(),
+            stats: Default::default(),
+            log: Default::default(),
         },
         rx,
     )

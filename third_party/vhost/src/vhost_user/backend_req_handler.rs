@@ -581,6 +581,15 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 let res = self.backend.set_vring_kick(index, file);
                 self.send_ack_message(&hdr, res)?;
             }
+            // blockd: accepted (vhost-user.rst "VHOST_USER_SET_LOG_FD"); the eventfd would
+            // signal log writes to a frontend that waits for them, which QEMU does not do
+            // (it reads the shared bitmap), so the back-end does not keep it.
+            Ok(FrontendReq::SET_LOG_FD) => {
+                self.check_proto_feature(VhostUserProtocolFeatures::LOG_SHMFD)?;
+                self.check_request_size(&hdr, size, 0)?;
+                drop(take_single_file(files).ok_or(Error::IncorrectFds)?);
+                self.send_ack_message(&hdr, Ok(()))?;
+            }
             Ok(FrontendReq::SET_VRING_ERR) => {
                 self.check_request_size(&hdr, size, mem::size_of::<VhostUserU64>())?;
                 let (index, file) = self.handle_vring_fd_request(&buf, files)?;
