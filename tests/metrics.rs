@@ -203,25 +203,40 @@ fn exposition_agrees_with_the_rpcs_and_promtool() {
         sample(&text, "blockd_vhost_connects_total{controller=\"vhost.0\"}"),
         1.0
     );
-    let in_flight: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("blockd_vhost_queue_in_flight{controller=\"vhost.0\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert_eq!(
-        in_flight,
-        ctrl["sessions"][0]["in_flight"].as_f64().unwrap(),
-        "{text}"
-    );
-    for q in ctrl["sessions"][0]["queues"].as_array().expect("queues") {
-        let l = format!("{{controller=\"vhost.0\",queue=\"{}\"}}", q["index"]);
-        for k in ["requests", "kicks", "interrupts"] {
-            within_1pct(
-                sample(&text, &format!("blockd_vhost_queue_{k}_total{l}")),
-                q[k].as_f64().unwrap(),
-                k,
-            );
+    // Nothing is in flight any more. The queues publish their counters at the end of a
+    // poll pass, a moment after the last completion went back to the client: once that
+    // pass is done, the scrape and the RPC agree on every queue counter.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, t) = http_get(addr, "/metrics");
+        let c = d.rpc_ok("vhost_get_controllers", json!({"name": "vhost.0"}))[0].clone();
+        let queues = c["sessions"][0]["queues"]
+            .as_array()
+            .expect("queues")
+            .clone();
+        assert!(!queues.is_empty(), "{c}");
+        let mut diffs = Vec::new();
+        for q in &queues {
+            let l = format!("{{controller=\"vhost.0\",queue=\"{}\"}}", q["index"]);
+            for (name, k) in [
+                ("requests_total", "requests"),
+                ("kicks_total", "kicks"),
+                ("interrupts_total", "interrupts"),
+                ("in_flight", "in_flight"),
+            ] {
+                let m = sample(&t, &format!("blockd_vhost_queue_{name}{l}"));
+                let r = q[k].as_f64().unwrap();
+                if (m - r).abs() > r.abs() * 0.01 {
+                    diffs.push(format!("queue {} {k}: metrics {m} vs RPC {r}", q["index"]));
+                }
+            }
         }
+        let requests: f64 = queues.iter().map(|q| q["requests"].as_f64().unwrap()).sum();
+        if diffs.is_empty() && requests >= 400.0 && c["sessions"][0]["in_flight"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{diffs:?}\n{c}");
+        std::thread::sleep(Duration::from_millis(20));
     }
     let reactors = d.rpc_ok("framework_get_reactors", json!({}));
     let busy = reactors["reactors"][0]["busy"].as_f64().unwrap() / 1e9;
