@@ -329,4 +329,25 @@ mod tests {
         srv.stop();
         assert!(TcpStream::connect(a).is_err());
     }
+
+    #[test]
+    fn serves_on_a_unix_socket_and_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.sock");
+        let render: Render = Arc::new(|| ("text/plain; version=0.0.4", "y 2\n".into()));
+        let addr: MetricsAddr = p.to_str().unwrap().parse().unwrap();
+        assert_eq!(addr, MetricsAddr::Unix(p.clone()));
+        let mut srv = MetricsServer::start(&addr, 0o600, render).unwrap();
+        let mut s = UnixStream::connect(&p).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK") && out.ends_with("y 2\n"),
+            "{out}"
+        );
+        srv.stop();
+        assert!(!p.exists());
+        assert!("nonsense:port".parse::<MetricsAddr>().is_err());
+    }
 }
