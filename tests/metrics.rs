@@ -771,3 +771,47 @@ fn systemd_unit_verifies() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Under systemd, stderr goes to the journal (`$JOURNAL_STREAM` = its device:inode): each
+/// line carries its priority (`<6>` info, `<4>` warning, `<3>` error) for journald; with
+/// stderr elsewhere, no prefix.
+#[test]
+fn journal_lines_carry_their_priority() {
+    use std::os::unix::fs::MetadataExt;
+    for journal in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr");
+        let f = std::fs::File::create(&log).unwrap();
+        let m = f.metadata().unwrap();
+        let stream = if journal {
+            format!("{}:{}", m.dev(), m.ino())
+        } else {
+            "1:1".to_string()
+        };
+        std::fs::create_dir(dir.path().join("s")).unwrap();
+        let mut child = Command::new(common::blockd_bin())
+            .args(["-m", "0x1", "-S"])
+            .arg(dir.path().join("s"))
+            .arg("-r")
+            .arg(dir.path().join("rpc.sock"))
+            .env("JOURNAL_STREAM", &stream)
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let text = loop {
+            let t = std::fs::read_to_string(&log).unwrap();
+            if t.contains("blockd ready") {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "{t}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+        let ready = text.lines().find(|l| l.contains("blockd ready")).unwrap();
+        assert_eq!(ready.starts_with("<6>"), journal, "{text}");
+        assert!(ready.contains("INFO"), "{ready}");
+    }
+}
