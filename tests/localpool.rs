@@ -417,3 +417,138 @@ fn daemon_serves_local_image() {
         true
     );
 }
+
+/// The hand-over of a live migration between two daemons on one image: the destination's
+/// bdev is created `--incoming` while the source writes, waits, and takes the write role
+/// when its vhost device starts, after the source's device stopped (here: its frontend
+/// disconnected) and gave the role up. `incoming` is kept in the saved configuration.
+#[test]
+fn incoming_bdev_takes_the_write_role_over() {
+    let src = Daemon::start();
+    let dst = Daemon::start();
+    let root = src.tmp_dir().join("pools");
+    let root_s = root.to_str().unwrap().to_string();
+    ok(&root, &["pool", "create", "local:p"]);
+    ok(&root, &["image", "create", "local:p/vm", "-s", "16"]);
+    let local = |d: &Daemon| {
+        d.rpc_ok("bdev_get_bdevs", json!({"name": "Local0"}))[0]["driver_specific"]["local"].clone()
+    };
+    src.rpc_ok(
+        "bdev_local_create",
+        json!({"pool": "p", "image": "vm", "pool_dir": root_s}),
+    );
+    src.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "Local0"}),
+    );
+    let sock = src.socket_dir().join("vhost.0");
+    let mut c = BlkClient::connect(sock.to_str().unwrap(), 1, MIB as usize).unwrap();
+    pattern(&mut c.buf()[..65536], 0, 7);
+    let written = c.buf()[..65536].to_vec();
+    assert_eq!(c.write(0, MIB, 65536), 0);
+
+    // Without --incoming the destination is refused, as any second writer.
+    let (code, msg) = dst
+        .rpc(
+            "bdev_local_create",
+            json!({"pool": "p", "image": "vm", "pool_dir": root_s}),
+        )
+        .unwrap_err();
+    assert_eq!(code, -(libc::EBUSY as i64), "{msg}");
+    let out = dst.blockctl(&[
+        "bdev_local_create",
+        "-p",
+        "p",
+        "vm",
+        "--pool-dir",
+        &root_s,
+        "--incoming",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(local(&dst)["incoming"], true);
+    assert_eq!(local(&dst)["write_role"], false);
+    assert_eq!(local(&src)["write_role"], true);
+    let cfg = dst.rpc_ok("framework_get_config", json!({"name": "bdev"}));
+    let entry = cfg
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["method"] == "bdev_local_create")
+        .expect("bdev_local_create in the bdev config")
+        .clone();
+    assert_eq!(entry["params"]["incoming"], true);
+    // Read-only and incoming contradict each other.
+    let (code, _) = dst
+        .rpc(
+            "bdev_local_create",
+            json!({"name": "X", "pool": "p", "image": "vm", "pool_dir": root_s,
+                   "incoming": true, "readonly": true}),
+        )
+        .unwrap_err();
+    assert_eq!(code, -32602);
+
+    // The source's device stops (its frontend goes): it syncs and hands the role over.
+    drop(c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while local(&src)["write_role"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the source kept the role"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The destination's device starts: it takes the role, reads what the source wrote,
+    // and writes.
+    dst.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.1", "dev_name": "Local0"}),
+    );
+    let sock = dst.socket_dir().join("vhost.1");
+    let mut c = BlkClient::connect(sock.to_str().unwrap(), 1, MIB as usize).unwrap();
+    assert_eq!(c.read(0, MIB, 65536), 0);
+    assert!(
+        c.buf()[..65536] == written[..],
+        "the source's write is missing"
+    );
+    assert_eq!(local(&dst)["write_role"], true);
+    pattern(&mut c.buf()[..65536], 0, 8);
+    assert_eq!(c.write(0, 2 * MIB, 65536), 0);
+    assert_eq!(c.flush(0), 0);
+    assert_eq!(local(&src)["write_role"], false);
+    // The image stays in use while either serves it.
+    fails(&root, &["image", "rm", "local:p/vm"], "served");
+    // The source's device cannot start again while the destination writes.
+    let sock = src.socket_dir().join("vhost.0");
+    assert!(BlkClient::connect(sock.to_str().unwrap(), 1, MIB as usize).is_err());
+    assert!(
+        src.log()
+            .contains("activating bdev Local0: image p/vm is being written by another instance"),
+        "{}",
+        src.log()
+    );
+    // And back: the destination's device stops, the source (waiting since it gave the
+    // role up) starts and reads the destination's write.
+    drop(c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while local(&dst)["write_role"] == true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination kept the role"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut c = BlkClient::connect(sock.to_str().unwrap(), 1, MIB as usize).unwrap();
+    let mut expected = vec![0u8; 65536];
+    pattern(&mut expected, 0, 8);
+    assert_eq!(c.read(0, 2 * MIB, 65536), 0);
+    assert!(
+        c.buf()[..65536] == expected[..],
+        "the destination's write is missing"
+    );
+    assert_eq!(c.write(0, 3 * MIB, 65536), 0);
+    assert_eq!(local(&src)["write_role"], true);
+}

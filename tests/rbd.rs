@@ -570,3 +570,108 @@ fn rpc_errors_carry_errno_and_names() {
         .remove_image(&image)
         .unwrap();
 }
+
+/// A live migration's storage hand-over on RBD, in one process: two bdevs (two RADOS
+/// clients) on one image. librbd's exclusive lock moves cooperatively both ways as each
+/// writes in turn (blockd never takes it in a mode that refuses transitions), and
+/// `activate` (`rbd_invalidate_cache`) makes a bdev with librbd's cache read what the
+/// other wrote after it had cached the block.
+#[test]
+fn two_instances_hand_the_image_over() {
+    let rbd = RbdState::default();
+    let conf = need_ceph!();
+    let r = connect(&conf);
+    let image = unique("handover");
+    r.ioctx(POOL)
+        .unwrap()
+        .create_image(&image, 8 << 20, &CreateOptions::default())
+        .unwrap();
+    let open = |cache: bool| {
+        rbd.create(RbdBdevConfig {
+            name: unique("Ceph"),
+            pool_name: POOL.into(),
+            rbd_name: image.clone(),
+            block_size: 4096,
+            config: cache.then(|| {
+                BTreeMap::from([("rbd_cache_policy".to_string(), "writeback".to_string())])
+            }),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    // `a` has librbd's cache (writeback), as an operator may configure; `b` the default.
+    let (a, b) = (open(true), open(false));
+    a.activate().unwrap();
+    b.activate().unwrap();
+    let mut ca = a.open_channel().unwrap();
+    let mut cb = b.open_channel().unwrap();
+    let mut tag = 0;
+    let mut write = |ch: &mut blockd::bdev::BdevChannel, block: u64, byte: u8| {
+        let mut buf = vec![byte; 4096];
+        let iovs = [iov(&mut buf)];
+        let op = IoOp::Write {
+            offset: block * 4096,
+            // SAFETY: `buf`/`iovs` outlive the I/O (`io` waits for it).
+            iovs: unsafe { IoVecs::from_slice(&iovs) },
+        };
+        tag += 2;
+        assert_eq!(io(ch, tag, op), Ok(()), "write of {byte:#x}");
+        assert_eq!(io(ch, tag + 1, IoOp::Flush), Ok(()));
+    };
+    let read = |ch: &mut blockd::bdev::BdevChannel, block: u64| -> u8 {
+        let mut buf = vec![0xEEu8; 4096];
+        let iovs = [iov(&mut buf)];
+        let op = IoOp::Read {
+            offset: block * 4096,
+            // SAFETY: as above.
+            iovs: unsafe { IoVecs::from_slice(&iovs) },
+        };
+        assert_eq!(io(ch, 1 << 40, op), Ok(()));
+        assert!(buf.iter().all(|x| *x == buf[0]), "torn block {block}");
+        buf[0]
+    };
+    let owners = || open_image(&conf, &format!("{POOL}/{image}")).lock_owners();
+    // Writes alternate: each asks the other for the lock, which moves every time.
+    let mut last_owner = None;
+    for (round, byte) in [0x11u8, 0x22, 0x33, 0x44].into_iter().enumerate() {
+        let (w, rd) = if round % 2 == 0 {
+            (&mut ca, &mut cb)
+        } else {
+            (&mut cb, &mut ca)
+        };
+        write(w, 0, byte);
+        assert_eq!(read(rd, 0), byte, "round {round}");
+        let o = owners().unwrap();
+        assert_eq!(o.len(), 1, "{o:?}");
+        assert_ne!(
+            last_owner.as_ref(),
+            Some(&o[0]),
+            "round {round}: the lock did not move"
+        );
+        last_owner = Some(o[0].clone());
+    }
+    // `a` caches block 1 while `b` holds the lock, then `b` writes it: `a`'s cache is stale
+    // (nothing told it) until its device is activated, as on a migration's destination.
+    assert_eq!(read(&mut ca, 1), 0);
+    write(&mut cb, 1, 0x55);
+    let before = read(&mut ca, 1);
+    a.activate().unwrap();
+    assert_eq!(read(&mut ca, 1), 0x55, "activate must drop the stale cache");
+    assert_eq!(
+        before, 0,
+        "librbd's cache served the cached block (the case activate fixes)"
+    );
+    // The source's stop: deactivate flushes; the other side reads everything.
+    write(&mut ca, 2, 0x66);
+    a.deactivate().unwrap();
+    b.activate().unwrap();
+    assert_eq!(read(&mut cb, 2), 0x66);
+    b.deactivate().unwrap();
+
+    drop((ca, cb));
+    for bdev in [&a, &b] {
+        rbd.delete(bdev.name()).unwrap();
+    }
+    drop((a, b));
+    r.ioctx(POOL).unwrap().remove_image(&image).unwrap();
+}

@@ -79,7 +79,7 @@ impl App {
     /// RPC socket is served. An error (unreadable or torn file, a failed replay, a
     /// directory blockd cannot write) fails the start.
     pub fn persist_to(self: &Arc<Self>, path: &std::path::Path) -> anyhow::Result<()> {
-        let file = ConfigFile::new(path);
+        let file = ConfigFile::claim(path)?;
         let cfg = file.read()?;
         self.rbd.takeover.enable(&rbd_client_record(path));
         if let Some(cfg) = cfg {

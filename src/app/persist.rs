@@ -29,11 +29,14 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::atomic_file::write_atomic;
+use crate::localpool::lock::{FileLock, Mode};
 
 /// The persisted configuration file and what it holds.
 pub struct ConfigFile {
     path: PathBuf,
     state: Mutex<State>,
+    /// Held for the daemon's life (see [`ConfigFile::claim`]).
+    _owner: Option<FileLock>,
 }
 
 #[derive(Default)]
@@ -61,7 +64,37 @@ impl ConfigFile {
         ConfigFile {
             path: path.to_path_buf(),
             state: Mutex::new(State::default()),
+            _owner: None,
         }
+    }
+
+    /// The file for a daemon that will own it: refused while another running blockd uses
+    /// the same path (an exclusive flock on `FILE.lock`, released when the process dies).
+    /// The file's companions name *this* daemon's predecessor (the rbd client record a
+    /// restart blocklists): a second live daemon on the same path, a migration's
+    /// destination started with the source's file for instance, would take the live
+    /// source for a dead one and break its image locks.
+    pub fn claim(path: &Path) -> anyhow::Result<Self> {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        let lock_path = path.with_file_name(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&lock_path)
+            .with_context(|| format!("creating {}", lock_path.display()))?;
+        let lock = FileLock::try_acquire(&lock_path, Mode::Exclusive)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is in use by another running blockd (it holds {}): each daemon needs \
+                 its own --config",
+                path.display(),
+                lock_path.display()
+            )
+        })?;
+        Ok(ConfigFile {
+            _owner: Some(lock),
+            ..ConfigFile::new(path)
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -175,6 +208,17 @@ mod tests {
         f.freeze();
         assert_eq!(f.save(|| a.clone()).unwrap(), Saved::Unchanged);
         assert_ne!(f.read().unwrap(), Some(a));
+    }
+
+    #[test]
+    fn a_second_daemon_cannot_claim_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let first = ConfigFile::claim(&path).unwrap();
+        let e = ConfigFile::claim(&path).err().unwrap().to_string();
+        assert!(e.contains("in use by another running blockd"), "{e}");
+        drop(first);
+        ConfigFile::claim(&path).unwrap();
     }
 
     #[test]

@@ -299,9 +299,40 @@ pub trait BdevBackend: Send + Sync + 'static {
         false
     }
 
+    /// A frontend starts I/O on this bdev: a device's first ring starts (boot, reconnect,
+    /// the end of an incoming live migration). A backend shared with another instance
+    /// drops what it may have cached from before (rbd: `rbd_invalidate_cache`, as QEMU's
+    /// rbd driver does on activation) or takes the write role it waited for (a local-pool
+    /// image opened `incoming`). An error refuses the start: the frontend then serves
+    /// nothing rather than stale data or a second writer.
+    fn activate(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// The frontend stopped every ring (GET_VRING_BASE at the source of a migration, a
+    /// disconnect) and finished every request: make every completed write durable and give
+    /// up a write role another instance waits for, so that the destination of a migration
+    /// reads all of it (vhost-user.rst "Migration": the back-end must have stopped and
+    /// flushed before the source answers GET_VRING_BASE).
+    fn deactivate(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
     /// Releases the backend when the bdev is deleted; flushes what is volatile.
     fn close(&self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// The domain error of a failed activation hook: an [`crate::error::Error`] the backend
+/// wrapped in the `io::Error` (errno and message kept), else the io error's errno.
+fn hook_error(bdev: &str, what: &str, e: std::io::Error) -> crate::error::Error {
+    match e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<crate::error::Error>())
+    {
+        Some(inner) => inner.clone().context(format_args!("{what} bdev {bdev}")),
+        None => crate::error::Error::io(format_args!("{what} bdev {bdev}"), &e),
     }
 }
 
@@ -387,6 +418,20 @@ impl Bdev {
     pub fn open_channel(self: &Arc<Self>) -> std::io::Result<BdevChannel> {
         let inner = self.backend.open_channel()?;
         Ok(BdevChannel::new(self.clone(), inner))
+    }
+
+    /// A frontend starts I/O on the bdev ([`BdevBackend::activate`]).
+    pub fn activate(&self) -> crate::error::Result<()> {
+        self.backend
+            .activate()
+            .map_err(|e| hook_error(&self.name, "activating", e))
+    }
+
+    /// The frontend stopped all I/O on the bdev ([`BdevBackend::deactivate`]).
+    pub fn deactivate(&self) -> crate::error::Result<()> {
+        self.backend
+            .deactivate()
+            .map_err(|e| hook_error(&self.name, "deactivating", e))
     }
 
     /// Claims the bdev for `owner` (a controller or export name): a claimed bdev cannot be

@@ -32,6 +32,10 @@ pub enum BdevLocalCmd {
         /// UUID of the bdev (default: random).
         #[arg(short = 'u', long)]
         uuid: Option<String>,
+        /// The destination of a live migration (as QEMU's -incoming): if another instance
+        /// writes the image, wait and take the write role when the device starts.
+        #[arg(long)]
+        incoming: bool,
     },
     /// Delete a local bdev (the image stays).
     BdevLocalDelete {
@@ -51,6 +55,7 @@ impl Run for BdevLocalCmd {
                 readonly,
                 pool_dir,
                 uuid,
+                incoming,
             } => {
                 let pool = pool.strip_prefix("local:").unwrap_or(&pool).to_string();
                 ctx.call_print(
@@ -63,6 +68,7 @@ impl Run for BdevLocalCmd {
                         ("readonly", readonly.then_some(json!(true))),
                         ("pool_dir", pool_dir.map(|v| json!(v))),
                         ("uuid", uuid.map(|v| json!(v))),
+                        ("incoming", incoming.then_some(json!(true))),
                     ]),
                 )
             }

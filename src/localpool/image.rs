@@ -5,18 +5,14 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde::Serialize;
 
 use super::copy::{self, CopyMethod, Progress};
 use super::error::{Error, Result};
-use super::lock::{FileLock, Mode};
+use super::lock::Mode;
 use super::meta::{self, ImageMeta, ImageRef, ParentRef, SnapMeta};
 use super::{check_name, Pool};
-
-/// How long a daemon waits for the root lock before answering busy.
-const SERVE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What `info` shows.
 #[derive(Clone, Debug, Serialize)]
@@ -60,15 +56,6 @@ pub enum ExportDest<'a> {
     File(&'a File),
     /// A stream (stdout to a pipe): every byte, holes as zeros.
     Stream(&'a mut dyn Write),
-}
-
-/// An image opened for a bdev: the data file and the use lock that keeps `rm` and
-/// `rollback` away while it is served (released on drop).
-#[derive(Debug)]
-pub struct ServedImage {
-    pub path: PathBuf,
-    pub size: u64,
-    pub lock: FileLock,
 }
 
 fn not_found_snap(pool: &str, image: &str, snap: &str) -> Error {
@@ -182,10 +169,12 @@ impl Pool {
         let mp = self.meta_path(name);
         std::fs::remove_file(&mp).map_err(|e| Error::io("removing", &mp, e))?;
         let dp = self.data_path(name);
-        match std::fs::remove_file(&dp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("removing", &dp, e)),
+        for f in [super::handover_path(&dp), dp] {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("removing", &f, e)),
+            }
         }
         let sd = self.snap_dir(name);
         if sd.exists() {
@@ -534,30 +523,5 @@ impl Pool {
         };
         r.map_err(|e| Error::io("exporting", &path, e))?;
         Ok(size)
-    }
-
-    /// Opens `image` for a bdev: takes its use lock (exclusive for read-write, shared for
-    /// read-only), so no other read-write bdev serves it and `rm`/`rollback` refuse it.
-    pub fn serve(&self, image: &str, readonly: bool) -> Result<ServedImage> {
-        let _l = self.root.lock_shared_timeout(SERVE_LOCK_TIMEOUT)?;
-        let m = self.load(image)?;
-        let path = self.data_path(image);
-        let mode = if readonly {
-            Mode::Shared
-        } else {
-            Mode::Exclusive
-        };
-        let lock = FileLock::try_acquire(&path, mode)?.ok_or_else(|| {
-            Error::Busy(format!(
-                "image {}/{image} is already served{}",
-                self.name,
-                if readonly { " read-write" } else { "" }
-            ))
-        })?;
-        Ok(ServedImage {
-            path,
-            size: m.size,
-            lock,
-        })
     }
 }

@@ -8,6 +8,9 @@
 //!   exclusively, a read-only bdev shared, for as long as it serves the image; `rm`,
 //!   `rollback` and shrinking test it (non-blocking) and refuse an image in use, as `rbd`
 //!   refuses an image with watchers.
+//! - The hand-over lock on `<image>.img.handover`: a read-write bdev waiting for the write
+//!   role (a live migration's destination) holds it shared; the writer tests it to know
+//!   whether to hand the role over ([`super::handover`]).
 //!
 //! flock locks belong to the open file description: they are dropped with the [`File`]
 //! (or when the process dies), so a crashed holder never leaves a stale lock.

@@ -8,6 +8,7 @@
 //! <root>/<pool>/.pool.json             marks the directory as a pool
 //! <root>/<pool>/<image>.json           ImageMeta: size, created, features, parent, snapshots
 //! <root>/<pool>/<image>.img            the data, sparse raw (what a bdev serves)
+//! <root>/<pool>/<image>.img.handover   flock only: bdevs waiting for the write role
 //! <root>/<pool>/<image>.snaps/<snap>.img  read-only point-in-time copies
 //! ```
 //!
@@ -18,10 +19,13 @@
 //! records is bookkeeping (protect/unprotect, `flatten`), as in rbd.
 //!
 //! Locking ([`lock`]): every metadata change holds the root lock exclusively; a bdev serving
-//! an image holds a lock on its data file, which `rm`, `snap rollback` and shrinking refuse.
+//! an image holds a lock on its data file (or, waiting for the write role of a live
+//! migration, on `<image>.img.handover`: [`handover`]), which `rm`, `snap rollback` and
+//! shrinking refuse.
 
 pub mod copy;
 pub mod error;
+pub mod handover;
 mod image;
 pub mod lock;
 pub mod meta;
@@ -31,7 +35,8 @@ mod tests;
 
 pub use copy::CopyMethod;
 pub use error::{Error, Result};
-pub use image::{DuEntry, ExportDest, ImageInfo, ImportSource, ServedImage};
+pub use handover::{handover_path, ServedImage};
+pub use image::{DuEntry, ExportDest, ImageInfo, ImportSource};
 pub use pool::{Pool, PoolRoot};
 
 /// Root of the local pools when neither `--pool-dir` nor [`ROOT_ENV`] says otherwise.

@@ -271,13 +271,25 @@ impl Pool {
         Ok(out)
     }
 
-    /// Whether a bdev serves `image` (holds the use lock of its data file).
+    /// Whether a bdev serves `image`: holds the use lock of its data file, or waits for its
+    /// write role (a shared lock on the hand-over file, see [`super::handover`]). The
+    /// hand-over file is tested while the data file's exclusive lock is held, so that no
+    /// bdev takes or gives up the role between the two tests.
     pub fn in_use(&self, image: &str) -> Result<bool> {
         let path = self.data_path(image);
         if !path.exists() {
             return Ok(false);
         }
-        Ok(FileLock::try_acquire(&path, Mode::Exclusive)?.is_none())
+        let Some(_data) = FileLock::try_acquire(&path, Mode::Exclusive)? else {
+            return Ok(true);
+        };
+        match FileLock::try_acquire(&super::handover_path(&path), Mode::Exclusive) {
+            Ok(l) => Ok(l.is_none()),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub(crate) fn check_not_in_use(&self, image: &str, what: &str) -> Result<()> {

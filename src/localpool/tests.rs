@@ -348,3 +348,41 @@ fn concurrent_writers_are_serialized() {
     ids.dedup();
     assert_eq!(ids.len(), 40, "snapshot ids must be unique");
 }
+
+#[test]
+fn a_waiting_bdev_keeps_the_image_in_use() {
+    let (_d, pool) = setup();
+    pool.create_image("vm", 4 * MIB).unwrap();
+    pool.snap_create("vm", "s").unwrap();
+    let a = pool.serve("vm", false).unwrap();
+    let b = pool.serve_incoming("vm").unwrap();
+    assert!(a.has_write_role() && !b.has_write_role());
+    let e = b.take_write_role().unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    // The writer goes (its bdev deleted): only the waiter serves the image, and it is still
+    // in use for rm, rollback, shrinking, and for a read-write open that does not wait.
+    drop(a);
+    assert!(pool.in_use("vm").unwrap());
+    assert!(pool.info("vm").unwrap().in_use);
+    for e in [
+        pool.remove_image("vm").unwrap_err(),
+        pool.snap_rollback("vm", "s", &mut noop()).unwrap_err(),
+        pool.resize("vm", MIB, true).unwrap_err(),
+        pool.serve("vm", false).unwrap_err(),
+    ] {
+        assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    }
+    // A reader shares with a waiter; the waiter then cannot take the role until it goes.
+    let r = pool.serve("vm", true).unwrap();
+    assert_eq!(b.take_write_role().unwrap_err().errno(), libc::EBUSY);
+    drop(r);
+    b.take_write_role().unwrap();
+    assert!(b.has_write_role());
+    assert!(
+        !b.yield_write_role().unwrap(),
+        "nobody waits: the role stays"
+    );
+    drop(b);
+    assert!(!pool.in_use("vm").unwrap());
+    pool.snap_rollback("vm", "s", &mut noop()).unwrap();
+}

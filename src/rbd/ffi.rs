@@ -198,6 +198,7 @@ api! {
     rbd fn rbd_read(rbd_image_t, u64, usize, *mut c_char) -> isize;
     rbd fn rbd_write(rbd_image_t, u64, usize, *const c_char) -> isize;
     rbd fn rbd_flush(rbd_image_t) -> c_int;
+    rbd fn rbd_invalidate_cache(rbd_image_t) -> c_int;
     rbd fn rbd_aio_create_completion(*mut c_void, rbd_callback_t, *mut rbd_completion_t) -> c_int;
     rbd fn rbd_aio_get_return_value(rbd_completion_t) -> isize;
     rbd fn rbd_aio_release(rbd_completion_t) -> ();

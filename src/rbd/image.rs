@@ -607,6 +607,17 @@ impl Image {
         Ok(())
     }
 
+    /// Drops what librbd's cache holds of the image (`rbd_invalidate_cache`, flushing
+    /// dirty data first): the next reads come from the OSDs. QEMU's rbd driver does it when
+    /// a migrated guest's disk is activated on the destination, whose cache may hold data
+    /// read before the source's last writes.
+    pub fn invalidate_cache(&self) -> RbdResult<()> {
+        // SAFETY: live image.
+        let rc = unsafe { (self.api.rbd_invalidate_cache)(self.h) };
+        check(rc as i64, "invalidating the cache of", &self.what)?;
+        Ok(())
+    }
+
     /// Registers `cb(arg)` to be called (on a librbd thread) whenever the image header
     /// changes (resize, snapshots, features); returns the watch handle.
     ///

@@ -73,6 +73,18 @@ pub trait VirtioDevice: Send + Sync {
     /// the device): settings that follow from the negotiation start over here.
     fn features_acked(&self, _features: u64) {}
 
+    /// The frontend starts the device: its first ring is about to run (boot, reconnect,
+    /// the end of an incoming migration). The device activates its bdevs
+    /// ([`crate::bdev::Bdev::activate`]); an error refuses the ring's start.
+    fn activate(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    /// The frontend stopped every ring and each finished its requests: the device
+    /// deactivates its bdevs (durable writes, write role handed over), before the session
+    /// answers GET_VRING_BASE. Failures are logged: the rings are stopped regardless.
+    fn deactivate(&self) {}
+
     /// Builds the poller of one queue; runs on the reactor that will poll it.
     fn start_queue(
         &self,

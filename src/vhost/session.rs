@@ -282,6 +282,15 @@ impl Session {
                 self.ctrlr, self.cpumask
             ))
         })?;
+        // The device's first ring: its bdevs start I/O (a migration's destination takes the
+        // write role and drops stale caches here); a refusal refuses the ring.
+        let first = self.running_rings() == 0;
+        if first {
+            if let Err(e) = self.device.activate() {
+                tracing::error!(ctrlr = %self.ctrlr, ring = index, "device not started: {e}");
+                return Err(VuError::ReqHandlerError(e));
+            }
+        }
         let device = self.device.clone();
         let name = format!("{}.q{index}", self.ctrlr);
         let started = self
@@ -290,8 +299,17 @@ impl Session {
                 let poller = device.start_queue(ctx, setup, features)?;
                 Ok::<_, io::Error>(ctx.add_poller(&name, poller))
             })
-            .ok_or_else(|| req_err("reactor is gone"))?
-            .map_err(VuError::ReqHandlerError)?;
+            .ok_or_else(|| req_err("reactor is gone"))
+            .and_then(|r| r.map_err(VuError::ReqHandlerError));
+        let started = match started {
+            Ok(p) => p,
+            Err(e) => {
+                if first {
+                    self.device.deactivate();
+                }
+                return Err(e);
+            }
+        };
         tracing::debug!(ctrlr = %self.ctrlr, ring = index, core, "ring started");
         self.vrings[index].running = Some(RunningRing {
             core,
@@ -314,16 +332,19 @@ impl Session {
     }
 
     /// Stops ring `index` if it runs, waiting until its in-flight requests are done;
-    /// returns the next available index to resume from.
+    /// returns the next available index to resume from. When it was the device's last
+    /// running ring, the device is deactivated before this returns, i.e. before
+    /// GET_VRING_BASE is answered: a migration's source has every completed write durable
+    /// (and the write role handed over) before the destination runs.
     fn stop_ring(&mut self, index: usize) -> u16 {
         self.request_stop(index);
         let Some(r) = self.vrings[index].running.take() else {
             return self.vrings[index].base;
         };
-        match r.stopped.recv_timeout(STOP_TIMEOUT) {
+        let (next, finished) = match r.stopped.recv_timeout(STOP_TIMEOUT) {
             Ok(next_avail) => {
                 self.vrings[index].base = next_avail;
-                next_avail
+                (next_avail, true)
             }
             Err(_) => {
                 tracing::error!(
@@ -331,9 +352,18 @@ impl Session {
                     ring = index,
                     "ring did not finish its requests in {STOP_TIMEOUT:?}; abandoning them"
                 );
-                self.vrings[index].base
+                (self.vrings[index].base, false)
+            }
+        };
+        if self.running_rings() == 0 {
+            if finished {
+                self.device.deactivate();
+            } else {
+                // Writes may still land: never hand the storage over under them.
+                tracing::error!(ctrlr = %self.ctrlr, "device not deactivated: requests abandoned");
             }
         }
+        next
     }
 
     /// Whether the frontend shrank a region's file under a mapping (see [`guest_fault`]):

@@ -28,6 +28,9 @@ pub struct CreateParams {
     /// /var/lib/blockd/pools).
     pub pool_dir: Option<PathBuf>,
     pub uuid: Option<Uuid>,
+    /// The destination of a live migration: wait for the write role while another
+    /// instance holds it, take it when the device starts (blockd extension).
+    pub incoming: Option<bool>,
 }
 
 fn create<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
@@ -47,6 +50,7 @@ fn create<C: BdevContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
             block_size: p.block_size.filter(|&b| b != 0),
             readonly: p.readonly.unwrap_or(false),
             uuid: p.uuid,
+            incoming: p.incoming.unwrap_or(false),
         },
     )?;
     Ok(Value::String(bdev.name().to_string()))

@@ -16,6 +16,15 @@
 //! ([`BdevBackend::read_only`]) and its channels fail writes, unmaps and write-zeroes
 //! with EROFS.
 //!
+//! Two instances on one image (a live migration's source and destination): blockd never
+//! acquires librbd's exclusive lock itself. `rbd_lock_acquire(RBD_LOCK_MODE_EXCLUSIVE)`
+//! would turn lock transitions off, and the other instance's writes would fail with
+//! EROFS; instead librbd takes the lock on the first write and hands it over
+//! cooperatively when another client's write asks for it. The only lock blockd breaks is
+//! one owned by its dead predecessor ([`takeover`]). The activation hooks complete the
+//! hand-over: the source flushes when its device stops ([`BdevBackend::deactivate`]), the
+//! destination drops librbd's cache when its device starts ([`BdevBackend::activate`]).
+//!
 //! The registered clusters and the rbd bdevs are an [`RbdState`] the application owns. At
 //! daemon shutdown (the end of `App::shutdown`) [`RbdState::shutdown`] closes every image (`rbd_close`: header unwatched,
 //! exclusive lock released) and every cluster connection (`rados_shutdown`), so the next
@@ -74,6 +83,9 @@ pub struct RbdBdevConfig {
 /// How long deleting an rbd bdev waits for its image to flush and release its lock
 /// before giving up (an unreachable cluster would block forever).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a device start or stop waits for the cluster (cache drop, flush).
+const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The backend's state shared by the bdev, its channels and its watcher thread.
 struct Shared {
@@ -347,6 +359,24 @@ impl BdevBackend for RbdBackend {
         true
     }
 
+    /// Drops librbd's cache (`rbd_invalidate_cache`) before a frontend starts: after an
+    /// incoming migration the cache may hold what this instance read before the source's
+    /// last writes (QEMU's rbd driver does the same in its `bdrv_activate`). A no-op
+    /// without a cache, blockd's default.
+    fn activate(&self) -> std::io::Result<()> {
+        self.hook("invalidating the cache", |i| i.invalidate_cache())
+    }
+
+    /// `rbd_flush`: every completed write is in the cluster before the frontend's stop is
+    /// answered. The exclusive lock stays: librbd hands it over when the other instance
+    /// (a migration's destination) writes and asks for it.
+    fn deactivate(&self) -> std::io::Result<()> {
+        if self.shared.cfg.read_only {
+            return Ok(());
+        }
+        self.hook("flushing", |i| i.flush())
+    }
+
     /// Flushes and hands the exclusive lock back (bounded by `CLOSE_TIMEOUT`). The
     /// handle stays open for channels still draining; the image is closed when the last
     /// of them goes (delete) or by [`RbdState::shutdown`] (daemon exit).
@@ -359,6 +389,25 @@ impl BdevBackend for RbdBackend {
                 std::io::ErrorKind::TimedOut,
                 format!("{what}: no answer from the cluster within {CLOSE_TIMEOUT:?}"),
             )),
+        }
+    }
+}
+
+impl RbdBackend {
+    /// Runs `f` on the image, bounded by [`HOOK_TIMEOUT`] (an unreachable cluster must not
+    /// hang the vhost session that waits for it).
+    fn hook(&self, what: &str, f: fn(&Image) -> RbdResult<()>) -> std::io::Result<()> {
+        let image = self
+            .shared
+            .image()
+            .map_err(|e| std::io::Error::other(Error::from(e)))?;
+        let what = format!("rbd bdev {}: {what}", self.shared.cfg.name);
+        match shutdown::bounded(&what, HOOK_TIMEOUT, move || f(&image)) {
+            Some(r) => r.map_err(|e| std::io::Error::other(Error::from(e))),
+            None => Err(std::io::Error::other(Error::new(
+                libc::ETIMEDOUT,
+                format!("{what}: no answer from the cluster within {HOOK_TIMEOUT:?}"),
+            ))),
         }
     }
 }

@@ -15,6 +15,13 @@
 //! them is broken. Locks held by any other client are left alone: only the predecessor is
 //! known to be dead. The new connections have new addresses (librados draws a random
 //! nonce per connection), so the blocklist entries never match this instance.
+//!
+//! A live peer on the same image, such as the other side of a live migration, is never
+//! blocklisted and its lock never broken: it is not in this configuration's record (the
+//! file belongs to one `--config`), and lock moves between live instances are librbd's
+//! cooperative hand-over (see [`super`]). This holds as long as each instance has a
+//! `--config` of its own: two live daemons started on the same configuration file would
+//! each take the other for a dead predecessor.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

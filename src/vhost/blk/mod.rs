@@ -186,6 +186,16 @@ impl VirtioDevice for BlkDevice {
         }
     }
 
+    fn activate(&self) -> std::io::Result<()> {
+        self.shared.bdev.activate().map_err(std::io::Error::other)
+    }
+
+    fn deactivate(&self) {
+        if let Err(e) = self.shared.bdev.deactivate() {
+            tracing::error!(ctrlr = %self.ctrlr, "{e}");
+        }
+    }
+
     fn start_queue(
         &self,
         _ctx: &mut ReactorCtx,

@@ -125,6 +125,9 @@ pub enum TargetError {
     NoTarget(u8),
     #[error("bdev {bdev} is already claimed by {holder}")]
     Claimed { bdev: String, holder: String },
+    /// The controller runs and the bdev refused to start I/O ([`Bdev::activate`]).
+    #[error("{0}")]
+    NotActivated(crate::error::Error),
 }
 
 impl TargetError {
@@ -136,6 +139,7 @@ impl TargetError {
             TargetError::Full => libc::ENOSPC,
             TargetError::NoTarget(_) => libc::ENODEV,
             TargetError::Claimed { .. } => libc::EBUSY,
+            TargetError::NotActivated(e) => e.errno,
         }
     }
 }
@@ -143,6 +147,10 @@ impl TargetError {
 /// A virtio-scsi device.
 pub struct ScsiDevice {
     shared: Arc<ScsiShared>,
+    /// Whether a frontend runs the device ([`VirtioDevice::activate`]); held while targets
+    /// are added or removed, so that a target added to a running device is activated and
+    /// one removed from it deactivated, each exactly once.
+    active: Mutex<bool>,
 }
 
 /// How a scsi controller names itself when it claims a target's bdev.
@@ -162,6 +170,7 @@ impl ScsiDevice {
                 event_wake: EventFd::new(EFD_NONBLOCK)?,
                 closed: AtomicBool::new(false),
             }),
+            active: Mutex::new(false),
         })
     }
 
@@ -173,6 +182,7 @@ impl ScsiDevice {
     /// Adds `bdev` as target `num` (-1: the first free one), claiming it; a connected
     /// driver gets a RESCAN event. Returns the target number.
     pub fn add_target(&self, num: i64, bdev: Arc<Bdev>) -> Result<u8, TargetError> {
+        let active = lock(&self.active);
         let mut t = lock(&self.shared.targets);
         let id = if num < 0 {
             t.iter()
@@ -191,6 +201,14 @@ impl ScsiDevice {
             bdev: bdev.name().to_string(),
             holder,
         })?;
+        // Under the table lock (the queues wait for it only to resync): activation is a
+        // local call (a flock, a cache drop), and a target appears activated or not at all.
+        if *active {
+            if let Err(e) = bdev.activate() {
+                bdev.release(&claim);
+                return Err(TargetError::NotActivated(e));
+            }
+        }
         t[id as usize] = Some(Arc::new(ScsiTarget {
             id,
             bdev,
@@ -212,12 +230,20 @@ impl ScsiDevice {
             return Err(TargetError::OutOfRange(num));
         }
         let id = num as u8;
+        let active = lock(&self.active);
         let mut t = lock(&self.shared.targets);
         let Some(target) = t[id as usize].take() else {
             return Err(TargetError::NoTarget(id));
         };
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
         drop(t);
+        if *active {
+            // Commands in flight on it still finish; what completed is made durable.
+            if let Err(e) = target.bdev.deactivate() {
+                tracing::error!(ctrlr = %self.shared.ctrlr, target = id, "{e}");
+            }
+        }
+        drop(active);
         target.bdev.release(&target.claim);
         self.shared.notify(id, VIRTIO_SCSI_EVT_RESET_REMOVED);
         tracing::info!(ctrlr = %self.shared.ctrlr, target = id, "scsi target removed");
@@ -280,6 +306,36 @@ impl VirtioDevice for ScsiDevice {
                 data.len()
             ),
         ))
+    }
+
+    /// Activates every target's bdev; on a failure, those already activated are
+    /// deactivated again and the start is refused.
+    fn activate(&self) -> std::io::Result<()> {
+        let mut active = lock(&self.active);
+        let targets = self.shared.targets();
+        let targets: Vec<&Arc<ScsiTarget>> = targets.iter().flatten().collect();
+        for (i, t) in targets.iter().enumerate() {
+            if let Err(e) = t.bdev.activate() {
+                for done in &targets[..i] {
+                    if let Err(e) = done.bdev.deactivate() {
+                        tracing::error!(ctrlr = %self.shared.ctrlr, target = done.id, "{e}");
+                    }
+                }
+                return Err(std::io::Error::other(e));
+            }
+        }
+        *active = true;
+        Ok(())
+    }
+
+    fn deactivate(&self) {
+        let mut active = lock(&self.active);
+        *active = false;
+        for t in self.shared.targets().iter().flatten() {
+            if let Err(e) = t.bdev.deactivate() {
+                tracing::error!(ctrlr = %self.shared.ctrlr, target = t.id, "{e}");
+            }
+        }
     }
 
     fn start_queue(
@@ -351,5 +407,109 @@ impl VirtioDevice for ScsiDevice {
 
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
+    }
+}
+
+#[cfg(test)]
+mod activation_tests {
+    use std::sync::atomic::AtomicI32;
+
+    use super::*;
+    use crate::bdev::{BdevBackend, BdevParams, IoChannel, IoTypes};
+
+    /// Counts activations; refuses them when told.
+    #[derive(Default)]
+    struct Hooked {
+        active: Arc<AtomicI32>,
+        refuse: Arc<AtomicBool>,
+    }
+
+    impl BdevBackend for Hooked {
+        fn product_name(&self) -> &'static str {
+            "hooked"
+        }
+        fn io_types(&self) -> IoTypes {
+            IoTypes {
+                flush: true,
+                unmap: false,
+                write_zeroes: false,
+            }
+        }
+        fn open_channel(&self) -> std::io::Result<Box<dyn IoChannel>> {
+            Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+        }
+        fn config(&self, _: &Bdev) -> Option<(&'static str, Value)> {
+            None
+        }
+        fn activate(&self) -> std::io::Result<()> {
+            if self.refuse.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other(crate::error::Error::new(
+                    libc::EBUSY,
+                    "written elsewhere",
+                )));
+            }
+            self.active.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn deactivate(&self) -> std::io::Result<()> {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    fn bdev(name: &str) -> (Arc<Bdev>, Arc<AtomicI32>, Arc<AtomicBool>) {
+        let h = Hooked::default();
+        let (a, r) = (h.active.clone(), h.refuse.clone());
+        let params = BdevParams {
+            name: name.into(),
+            uuid: None,
+            block_size: 512,
+            num_blocks: 8,
+        };
+        (Bdev::new(params, Box::new(h)), a, r)
+    }
+
+    /// Every target of a running device is active exactly once: those present at start,
+    /// those hot-added (refused, claim released, when the bdev refuses), and a removed one
+    /// is deactivated; a refusal at start undoes the targets already activated.
+    #[test]
+    fn targets_are_activated_with_the_device() {
+        let dev = ScsiDevice::new("c").unwrap();
+        let (b0, a0, _) = bdev("b0");
+        let (b1, a1, r1) = bdev("b1");
+        dev.add_target(0, b0.clone()).unwrap();
+        assert_eq!(
+            a0.load(Ordering::Relaxed),
+            0,
+            "not active before the device"
+        );
+        dev.add_target(1, b1.clone()).unwrap();
+        r1.store(true, Ordering::Relaxed);
+        let e = dev.activate().unwrap_err();
+        assert!(e.to_string().contains("written elsewhere"), "{e}");
+        assert_eq!(a0.load(Ordering::Relaxed), 0, "undone");
+        r1.store(false, Ordering::Relaxed);
+        dev.activate().unwrap();
+        assert_eq!(
+            (a0.load(Ordering::Relaxed), a1.load(Ordering::Relaxed)),
+            (1, 1)
+        );
+        // Hot-plug while running.
+        dev.remove_target(1).unwrap();
+        assert_eq!(a1.load(Ordering::Relaxed), 0);
+        let (b2, a2, r2) = bdev("b2");
+        r2.store(true, Ordering::Relaxed);
+        let e = dev.add_target(2, b2.clone()).unwrap_err();
+        assert_eq!(e.errno(), libc::EBUSY);
+        assert!(b2.claimed_by().is_none(), "claim released");
+        r2.store(false, Ordering::Relaxed);
+        dev.add_target(2, b2.clone()).unwrap();
+        assert_eq!(a2.load(Ordering::Relaxed), 1);
+        dev.deactivate();
+        assert_eq!(
+            (a0.load(Ordering::Relaxed), a2.load(Ordering::Relaxed)),
+            (0, 0)
+        );
+        dev.close();
     }
 }

@@ -110,6 +110,7 @@ fn add_target<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     match dev.add_target(p.scsi_target_num, bdev) {
         Ok(id) => Ok(json!(id)),
         Err(e @ super::TargetError::Claimed { .. }) => Err(RpcError::invalid_params(e.to_string())),
+        Err(super::TargetError::NotActivated(e)) => Err(e.into()),
         Err(e) => {
             tracing::error!(ctrlr = %p.ctrlr, "cannot add target: {e}");
             Err(RpcError::invalid_params_errno(e.errno()))
