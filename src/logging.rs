@@ -113,12 +113,87 @@ pub fn init(filter: &str, ansi: bool) -> Result<(), LogError> {
         .with(layer)
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(Stderr {
+                    journal: stderr_is_journal(),
+                })
                 .with_ansi(ansi),
         )
         .init();
     LOG.set(Mutex::new(Log { state, reload }))
         .map_err(|_| LogError::Filter("the log was set up twice".into()))
+}
+
+/// Whether stderr is connected to the systemd journal: `$JOURNAL_STREAM` names its
+/// device and inode (systemd.exec(5)).
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    // SAFETY: fstat fills the zeroed struct it is given; fd 2 may be closed (then it fails).
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(2, &mut st) != 0 {
+            return false;
+        }
+        st
+    };
+    v.to_str() == Some(&format!("{}:{}", st.st_dev, st.st_ino))
+}
+
+/// The sd-daemon(3) priority prefix of a level (`<3>` error ... `<7>` debug): journald
+/// reads it (`SyslogLevelPrefix=`, on by default) so that `journalctl -p warning` and the
+/// colours work; it is not shown in the line.
+fn journal_prefix(level: &tracing::Level) -> &'static [u8] {
+    match *level {
+        tracing::Level::ERROR => b"<3>",
+        tracing::Level::WARN => b"<4>",
+        tracing::Level::INFO => b"<6>",
+        _ => b"<7>",
+    }
+}
+
+/// The log's writer: stderr, each event prefixed with its priority under the journal.
+struct Stderr {
+    journal: bool,
+}
+
+/// One event's writer ([`Stderr`]).
+struct EventWriter {
+    prefix: Option<&'static [u8]>,
+}
+
+impl std::io::Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.prefix.take() {
+            // One write with the prefix, so that no other thread's line comes between.
+            Some(p) => {
+                let mut line = Vec::with_capacity(p.len() + buf.len());
+                line.extend_from_slice(p);
+                line.extend_from_slice(buf);
+                std::io::stderr().write_all(&line)?;
+                Ok(buf.len())
+            }
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Stderr {
+    type Writer = EventWriter;
+
+    fn make_writer(&'a self) -> EventWriter {
+        EventWriter { prefix: None }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> EventWriter {
+        EventWriter {
+            prefix: self.journal.then(|| journal_prefix(meta.level())),
+        }
+    }
 }
 
 /// SPDK's name for a `tracing` level (TRACE reads as DEBUG, OFF as ERROR).

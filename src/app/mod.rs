@@ -4,6 +4,7 @@
 
 mod config;
 mod context;
+mod metrics;
 pub mod persist;
 
 pub use config::{load, save, SUBSYSTEMS};

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::histogram::ChannelHistogram;
 use super::stats::ChannelStats;
 use super::{Bdev, Errno, IoChannel, IoKind, IoOp, IoResult};
 
@@ -46,8 +47,9 @@ pub struct BdevChannel {
     free: Vec<usize>,
     /// Completions decided without the backend (validation failures).
     immediate: VecDeque<(u64, IoResult)>,
-    /// Operations waiting for QoS tokens, in submission order, with their FUA flag.
-    throttled: VecDeque<(u64, IoOp, bool)>,
+    /// Operations waiting for QoS tokens, in submission order, with their FUA flag and
+    /// since when they wait.
+    throttled: VecDeque<(u64, IoOp, bool, Instant)>,
     /// FUA writes that completed in the last reap and now wait for their flush (scratch).
     to_flush: Vec<u64>,
     /// When the head of `throttled` may be admitted.
@@ -61,11 +63,15 @@ pub struct BdevChannel {
     batch_now: Option<Now>,
     /// Origin of the `ns` clock readings.
     epoch: Instant,
+    /// This channel's latency histogram (the bdev's [`super::histogram::Histograms`]).
+    hist: Arc<ChannelHistogram>,
 }
 
 impl BdevChannel {
     pub(super) fn new(bdev: Arc<Bdev>, inner: Box<dyn IoChannel>) -> Self {
+        let hist = bdev.stats.histograms.open_channel();
         BdevChannel {
+            hist,
             bdev,
             inner,
             slots: Vec::new(),
@@ -177,7 +183,7 @@ impl BdevChannel {
         }
         let now = self.now();
         if !self.throttled.is_empty() {
-            self.throttled.push_back((tag, op, then_flush));
+            self.throttled.push_back((tag, op, then_flush, now.at));
             return;
         }
         let bytes = op.range().map_or(0, |r| r.1);
@@ -186,7 +192,7 @@ impl BdevChannel {
             Ok(()) => unsafe { self.dispatch(tag, op, then_flush, now) },
             Err(at) => {
                 self.retry_at = Some(at);
-                self.throttled.push_back((tag, op, then_flush));
+                self.throttled.push_back((tag, op, then_flush, now.at));
             }
         }
     }
@@ -246,6 +252,7 @@ impl BdevChannel {
             free,
             stats,
             to_flush,
+            hist,
             ..
         } = self;
         n += inner.reap(&mut |idx, r| {
@@ -264,6 +271,9 @@ impl BdevChannel {
             let lat = t.ns.saturating_sub(slot.start_ns);
             stats.add_queue_depth(-1);
             stats.record(slot.kind, slot.bytes, lat, r.is_ok());
+            if r.is_ok() {
+                hist.tally(slot.kind, lat);
+            }
             if slot.then_flush && r.is_ok() {
                 to_flush.push(slot.user_tag);
             } else {
@@ -313,11 +323,15 @@ impl BdevChannel {
             return;
         }
         let mut sent = false;
-        while let Some(&(tag, op, then_flush)) = self.throttled.front() {
+        while let Some(&(tag, op, then_flush, since)) = self.throttled.front() {
             let bytes = op.range().map_or(0, |r| r.1);
             match self.bdev.qos.try_admit(op.kind(), bytes, now.at) {
                 Ok(()) => {
                     self.throttled.pop_front();
+                    let waited = now.at.saturating_duration_since(since).as_nanos() as u64;
+                    let s = &self.bdev.stats;
+                    s.qos_throttled_ops.fetch_add(1, Relaxed);
+                    s.qos_throttled_ns.fetch_add(waited, Relaxed);
                     // SAFETY: the caller of `submit` promised the buffers stay valid until
                     // the completion is reported, which has not happened yet.
                     unsafe { self.dispatch(tag, op, then_flush, now) };
@@ -382,6 +396,7 @@ impl BdevChannel {
 impl Drop for BdevChannel {
     fn drop(&mut self) {
         self.flush_stats();
+        self.bdev.stats.histograms.close_channel(&self.hist);
     }
 }
 

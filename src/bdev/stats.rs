@@ -81,6 +81,12 @@ pub struct BdevStats {
     unmap_lat: Latency,
     flush_lat: Latency,
     write_zeroes_lat: Latency,
+    /// Latency histograms by kind (Prometheus, `bdev_get_histogram`); not reset by
+    /// `bdev_reset_iostat`.
+    pub histograms: super::histogram::Histograms,
+    /// Operations QoS made wait, and the time they waited in total (ns).
+    pub qos_throttled_ops: AtomicU64,
+    pub qos_throttled_ns: AtomicU64,
 }
 
 /// What `bdev_reset_iostat` (and `bdev_get_iostat`'s `reset_mode`) clears, as SPDK's
@@ -293,6 +299,35 @@ impl BdevStats {
             &self.flush_lat,
             &self.write_zeroes_lat,
         ]
+    }
+
+    /// Completed operations, bytes and latency sum (ns) of `kind`, as `bdev_get_iostat`
+    /// reports them (flush moves no bytes).
+    pub fn kind_totals(&self, kind: IoKind) -> (u64, u64, u64) {
+        let l = |x: &AtomicU64| x.load(Relaxed);
+        match kind {
+            IoKind::Read => (
+                l(&self.num_read_ops),
+                l(&self.bytes_read),
+                l(&self.read_lat.sum),
+            ),
+            IoKind::Write => (
+                l(&self.num_write_ops),
+                l(&self.bytes_written),
+                l(&self.write_lat.sum),
+            ),
+            IoKind::Unmap => (
+                l(&self.num_unmap_ops),
+                l(&self.bytes_unmapped),
+                l(&self.unmap_lat.sum),
+            ),
+            IoKind::Flush => (l(&self.num_flush_ops), 0, l(&self.flush_lat.sum)),
+            IoKind::WriteZeroes => (
+                l(&self.num_write_zeroes_ops),
+                l(&self.bytes_write_zeroes),
+                l(&self.write_zeroes_lat.sum),
+            ),
+        }
     }
 
     /// The per-bdev object of `bdev_get_iostat` (SPDK's field names; ticks are ns).

@@ -11,6 +11,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -18,6 +19,8 @@ use clap::Parser;
 
 use blockd::app::{App, AppOptions};
 use blockd::cpumask::CpuMask;
+use blockd::metrics::exposition::{Exporter, CONTENT_TYPE};
+use blockd::metrics::http::{MetricsAddr, MetricsServer, Render};
 use blockd::reactor::sched::SchedMode;
 use blockd::reactor::{PollMode, PollOptions, Reactors};
 use blockd::rpc::server::{RpcListener, RpcServer};
@@ -65,6 +68,10 @@ struct Args {
     /// policy it was started with (`chrt`, systemd's `CPUSchedulingPolicy=`) stays.
     #[arg(long = "sched", value_enum)]
     sched: Option<SchedMode>,
+    /// Serve Prometheus metrics at http://ADDR/metrics: `host:port` (e.g. 127.0.0.1:9470)
+    /// or a Unix socket path. Off by default.
+    #[arg(long = "metrics", value_name = "ADDR")]
+    metrics: Option<MetricsAddr>,
     /// Mode of the vhost-user sockets (octal).
     #[arg(long = "socket-mode", default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
@@ -112,6 +119,17 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
+/// Starts the metrics endpoint of `--metrics`.
+fn start_metrics(addr: &MetricsAddr, app: &Arc<App>, mode: u32) -> anyhow::Result<MetricsServer> {
+    let start = blockd::metrics::process::now_unix();
+    let exporter = Exporter::new(app.clone(), start);
+    let render: Render = Arc::new(move || (CONTENT_TYPE, exporter.render()));
+    let srv = MetricsServer::start(addr, mode, render)
+        .with_context(|| format!("cannot serve metrics on {addr:?}"))?;
+    tracing::info!(addr = ?srv.local_addr().map_or_else(|| format!("{addr:?}"), |a| a.to_string()), "metrics served at /metrics");
+    Ok(srv)
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let signals = block_signals()?;
     if !args.socket_dir.is_dir() {
@@ -156,6 +174,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Err(e);
         }
     }
+    let mut metrics = match &args.metrics {
+        Some(addr) => match start_metrics(addr, &app, args.socket_mode) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                app.shutdown();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let server = RpcServer::serve(app.clone(), listener)?;
     tracing::info!(
         rpc_socket = %args.rpc_socket.display(),
@@ -164,9 +192,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         pid = std::process::id(),
         "blockd ready"
     );
+    // Type=notify units: the configuration is replayed and every socket listens.
+    if let Err(e) = blockd::sd_notify::notify("READY=1\nSTATUS=serving") {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
     let sig = wait_for_signal(&signals);
     tracing::info!(signal = sig, "shutting down");
+    // Best effort: systemd learns it from the exit anyway.
+    let _ = blockd::sd_notify::notify("STOPPING=1");
     server.stop();
+    if let Some(m) = metrics.as_mut() {
+        m.stop();
+    }
     app.shutdown();
     tracing::info!("blockd stopped");
     Ok(())

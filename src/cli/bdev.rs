@@ -101,6 +101,34 @@ pub enum BdevCmd {
         #[arg(long = "reset-mode")]
         reset_mode: Option<String>,
     },
+    /// Enable or disable the latency histogram of a bdev (bdev_get_histogram reads it).
+    BdevEnableHistogram {
+        /// Name of the bdev.
+        name: String,
+        /// Enable the histogram (counting from now).
+        #[arg(long = "histogram", conflicts_with = "no_histogram")]
+        histogram: bool,
+        /// Disable the histogram.
+        #[arg(long = "no-histogram")]
+        no_histogram: bool,
+        /// Only this I/O type (read, write, unmap, flush, write_zeroes).
+        #[arg(short = 'o', long)]
+        opc: Option<String>,
+        /// Bucket granularity (accepted; blockd records at granularity 3).
+        #[arg(long)]
+        granularity: Option<u8>,
+        /// Smallest value tracked (ns).
+        #[arg(long = "min-nsec")]
+        min_nsec: Option<u64>,
+        /// Largest value tracked (ns, exclusive).
+        #[arg(long = "max-nsec")]
+        max_nsec: Option<u64>,
+    },
+    /// Get the latency histogram of a bdev (SPDK's scripts/histogram.py decodes it).
+    BdevGetHistogram {
+        /// Name of the bdev.
+        name: String,
+    },
     /// Reset the I/O statistics of all bdevs or one.
     BdevResetIostat {
         /// Name of the bdev (default: all).
@@ -219,6 +247,34 @@ impl Run for BdevCmd {
                 ]),
             ),
             BdevCmd::BdevWaitForExamine => ctx.call_print("bdev_wait_for_examine", None),
+            BdevCmd::BdevEnableHistogram {
+                name,
+                histogram,
+                no_histogram,
+                opc,
+                granularity,
+                min_nsec,
+                max_nsec,
+            } => {
+                if histogram == no_histogram {
+                    anyhow::bail!("bdev_enable_histogram: give --histogram or --no-histogram");
+                }
+                ctx.call_print(
+                    "bdev_enable_histogram",
+                    params_of(vec![
+                        ("name", Some(json!(name))),
+                        ("enable", Some(json!(histogram))),
+                        ("opc", opc.map(|v| json!(v))),
+                        ("granularity", granularity.map(|v| json!(v))),
+                        ("min_nsec", min_nsec.map(|v| json!(v))),
+                        ("max_nsec", max_nsec.map(|v| json!(v))),
+                    ]),
+                )
+            }
+            BdevCmd::BdevGetHistogram { name } => ctx.call_print(
+                "bdev_get_histogram",
+                params_of(vec![("name", Some(json!(name)))]),
+            ),
             BdevCmd::BdevResetIostat { name, mode } => ctx.call_print(
                 "bdev_reset_iostat",
                 params_of(vec![

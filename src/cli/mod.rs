@@ -14,6 +14,7 @@ pub mod bdev;
 pub mod bdev_local;
 pub mod client;
 pub mod framework;
+pub mod iostat;
 pub mod log;
 pub mod map;
 pub mod nbd;
@@ -96,6 +97,8 @@ commands! {
     Log(log::LogCmd),
     #[command(flatten)]
     Map(map::MapCommand),
+    /// Live per-bdev I/O statistics: IOPS, MB/s, latency, queue depth per interval.
+    Iostat(iostat::IostatArgs),
     /// Call any method: `blockctl rpc <method> ['{"json":"params"}' | -]`.
     Rpc(raw::RawArgs),
     /// vhost-user-blk load generator (libblkio).

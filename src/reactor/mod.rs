@@ -165,7 +165,24 @@ struct ReactorShared {
     busy_ns: AtomicU64,
     idle_ns: AtomicU64,
     sleeping: AtomicBool,
+    /// Times the reactor went to sleep (metrics).
+    sleeps: AtomicU64,
+    /// Wake-ups other threads sent it (messages; metrics).
+    wakeups: AtomicU64,
     names: Mutex<HashMap<u64, String>>,
+}
+
+/// One reactor's counters at a point in time (the metrics exporter's view).
+#[derive(Clone, Debug, Default)]
+pub struct ReactorStats {
+    pub core: usize,
+    pub busy_ns: u64,
+    pub idle_ns: u64,
+    /// Asleep in epoll_wait now (SPDK's `in_interrupt`).
+    pub sleeping: bool,
+    pub sleeps: u64,
+    pub wakeups: u64,
+    pub pollers: usize,
 }
 
 type Msg = Box<dyn FnOnce(&mut ReactorCtx) + Send>;
@@ -180,6 +197,8 @@ struct ReactorHandle {
 /// The reactor threads of the daemon.
 pub struct Reactors {
     mask: CpuMask,
+    /// `--poll`, for the metrics.
+    mode: PollMode,
     handles: Vec<Arc<ReactorHandle>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -348,6 +367,7 @@ impl Reactors {
         );
         Ok(Reactors {
             mask: mask.clone(),
+            mode: opts.mode,
             handles,
             threads: Mutex::new(threads),
         })
@@ -381,6 +401,7 @@ impl Reactors {
         if lock(&h.tx).send(Box::new(f)).is_err() {
             return false;
         }
+        h.shared.wakeups.fetch_add(1, Ordering::Relaxed);
         // The eventfd write fails only when the counter would overflow, i.e. it is already signalled.
         let _ = h.wake.write(1);
         true
@@ -417,6 +438,30 @@ impl Reactors {
                 tracing::error!("{name} panicked; its pollers were dropped with it");
             }
         }
+    }
+
+    /// The poll mode (`--poll`).
+    pub fn poll_mode(&self) -> PollMode {
+        self.mode
+    }
+
+    /// Every reactor's counters (metrics).
+    pub fn stats(&self) -> Vec<ReactorStats> {
+        self.handles
+            .iter()
+            .map(|h| {
+                let s = &h.shared;
+                ReactorStats {
+                    core: h.core,
+                    busy_ns: s.busy_ns.load(Ordering::Relaxed),
+                    idle_ns: s.idle_ns.load(Ordering::Relaxed),
+                    sleeping: s.sleeping.load(Ordering::Relaxed),
+                    sleeps: s.sleeps.load(Ordering::Relaxed),
+                    wakeups: s.wakeups.load(Ordering::Relaxed),
+                    pollers: s.pollers.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
     }
 
     /// `framework_get_reactors`' result (SPDK's shape; ticks are nanoseconds).
@@ -517,6 +562,7 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
             let deadline = ctx.pollers.values().filter_map(|p| p.next_deadline()).min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             ctx.shared.sleeping.store(true, Ordering::Relaxed);
+            ctx.shared.sleeps.fetch_add(1, Ordering::Relaxed);
             // An error is EINTR (the epoll is ours and valid): the loop polls and sleeps again.
             let _ = sleep_on(&ctx.epoll, timeout, &mut events);
             ctx.shared.sleeping.store(false, Ordering::Relaxed);

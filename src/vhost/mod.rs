@@ -27,6 +27,7 @@ pub mod vring;
 use coalescing::Coalescing;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{json, Value};
@@ -130,12 +131,29 @@ pub struct Controller {
     pub coalescing: Arc<Coalescing>,
     notifier: ConfigNotifier,
     session: Mutex<Option<Arc<Mutex<Session>>>>,
+    /// Frontends that connected and disconnected so far (metrics).
+    connects: AtomicU64,
+    disconnects: AtomicU64,
 }
 
 impl Controller {
     /// Whether a frontend is connected.
     pub fn connected(&self) -> bool {
         lock(&self.session).is_some()
+    }
+
+    /// Frontends connected and disconnected so far.
+    pub fn connections(&self) -> (u64, u64) {
+        (
+            self.connects.load(Ordering::Relaxed),
+            self.disconnects.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The connected session's queues' counters, by queue index (metrics).
+    pub fn queue_counts(&self) -> Vec<(usize, queue_stats::QueueCounts)> {
+        let s = lock(&self.session).clone();
+        s.map(|s| lock(&s).queue_counts()).unwrap_or_default()
     }
 
     /// The object `vhost_get_controllers` returns (SPDK's shape).
@@ -177,6 +195,7 @@ impl Controller {
             return false;
         }
         *cur = Some(s);
+        self.connects.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -209,6 +228,7 @@ impl Controller {
             // this drop releases the mappings and eventfds.
             *lock(&self.session) = None;
             drop(s);
+            self.disconnects.fetch_add(1, Ordering::Relaxed);
             self.notifier.set(None);
             tracing::info!(ctrlr = %self.name, "frontend disconnected");
         }
@@ -319,6 +339,8 @@ impl VhostRegistry {
             coalescing: Arc::default(),
             notifier: c.notifier,
             session: Mutex::new(None),
+            connects: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
         });
         if let Err(e) = self.events().and_then(|ev| {
             ev.add_listener(ctrl.clone(), listener).map_err(|e| {

@@ -139,6 +139,14 @@ impl Clusters {
         crate::sync::lock(&self.map)
     }
 
+    /// Each registered cluster's open connections (metrics).
+    pub fn connection_counts(&self) -> Vec<(String, usize)> {
+        self.lock()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.conns.len()))
+            .collect()
+    }
+
     /// `bdev_rbd_register_cluster`: connects now, so that a wrong configuration fails here
     /// with a message naming the cluster.
     pub fn register(&self, cfg: ClusterConfig) -> crate::error::Result<String> {
