@@ -23,6 +23,10 @@ pub enum VhostCmd {
         /// Offer packed virtqueues.
         #[arg(short = 'p', long = "packed-ring")]
         packed_ring: bool,
+        /// Ask for in-flight recovery of packed rings (rpc.py's `-l`; accepted and saved,
+        /// packed rings are not tracked in flight yet).
+        #[arg(short = 'l', long = "packed-ring-recovery")]
+        packed_ring_recovery: bool,
     },
     /// Create a vhost-user-scsi controller (targets are added with
     /// vhost_scsi_controller_add_target, hot-plugged when a guest is connected).
@@ -90,6 +94,7 @@ impl Run for VhostCmd {
                 cpumask,
                 readonly,
                 packed_ring,
+                packed_ring_recovery,
             } => ctx.call_print(
                 "vhost_create_blk_controller",
                 params_of(vec![
@@ -98,6 +103,10 @@ impl Run for VhostCmd {
                     ("cpumask", cpumask.map(|c| json!(c))),
                     ("readonly", readonly.then_some(json!(true))),
                     ("packed_ring", packed_ring.then_some(json!(true))),
+                    (
+                        "packed_ring_recovery",
+                        packed_ring_recovery.then_some(json!(true)),
+                    ),
                 ]),
             ),
             VhostCmd::VhostCreateScsiController {

@@ -39,6 +39,7 @@ use crate::vhost::dirty_log::RingLog;
 use crate::vhost::guest_map::GuestMap;
 use crate::vhost::guest_stream::Desc;
 use crate::vhost::inflight::QueueInflight;
+use crate::vhost::packed_ring::{PackedRing, EVENT_DISABLE};
 use crate::vhost::queue_stats::QueueStats;
 use crate::vhost::split_ring::{need_event, read_chain_in, ChainError, RingView};
 
@@ -67,6 +68,10 @@ pub struct Vring {
     map_of: Option<Arc<GuestMemoryMmap>>,
     map: GuestMap,
     view: Option<RingView>,
+    /// A packed ring (VIRTIO_F_RING_PACKED acked, [`crate::vhost::packed_ring`]): chosen
+    /// once, when the ring starts; every accessor checks it first, so that the split path
+    /// pays one predictable branch. `queue` then only holds the addresses and size.
+    packed: Option<Box<PackedRing>>,
     /// Used entries added since the last [`Vring::notify_guest`] (for EVENT_IDX).
     added: u16,
     /// Used elements written through `view` whose index is not published yet: a poll pass
@@ -123,6 +128,16 @@ impl Vring {
     pub fn new(setup: QueueSetup) -> Self {
         let setup_next_avail = setup.queue.next_avail();
         let counts = setup.stats.snapshot();
+        let packed = setup.packed.then(|| {
+            let q = &setup.queue;
+            Box::new(PackedRing::new(
+                q.desc_table(),
+                q.avail_ring(),
+                q.used_ring(),
+                q.size(),
+                setup_next_avail,
+            ))
+        });
         Vring {
             index: setup.index,
             queue: setup.queue,
@@ -134,6 +149,7 @@ impl Vring {
             map_of: None,
             map: GuestMap::default(),
             view: None,
+            packed,
             added: 0,
             unpublished: false,
             avail_seen: setup_next_avail,
@@ -165,6 +181,15 @@ impl Vring {
     /// was, whatever base the frontend restored (QEMU restores the used index after a
     /// disconnection).
     pub fn track_inflight(&mut self, part: QueueInflight) {
+        if self.packed.is_some() {
+            // The packed layout of the region (vhost-user.rst `DescStatePacked`) is not
+            // implemented: the ring runs, but a crash loses the requests in flight.
+            tracing::warn!(
+                queue = self.index,
+                "in-flight tracking is not implemented for packed rings: ring not tracked"
+            );
+            return;
+        }
         let size = self.queue.size();
         if size > part.capacity() {
             tracing::warn!(
@@ -231,7 +256,16 @@ impl Vring {
         // SAFETY: `map_of` below keeps `mem` mapped until the next `sync_mem` replaces `map`
         // and `view` with it, and through `drop` (which publishes via `view`).
         self.map = unsafe { GuestMap::new(mem) };
-        self.view = RingView::new(&self.queue, &self.map);
+        if let Some(p) = &mut self.packed {
+            if !p.remap(&self.map) {
+                tracing::error!(
+                    queue = self.index,
+                    "packed ring not inside guest memory regions: it takes no chains"
+                );
+            }
+        } else {
+            self.view = RingView::new(&self.queue, &self.map);
+        }
         self.avail_seen = self.queue.next_avail();
         self.map_of = Some(mem.clone());
     }
@@ -244,7 +278,15 @@ impl Vring {
     /// Whether the pre-translated path ([`Vring::pop_head`], [`Vring::read_chain`]) is
     /// available for the memory of the last [`Vring::sync_mem`].
     pub fn has_view(&self) -> bool {
-        self.view.is_some()
+        match &self.packed {
+            Some(p) => p.has_view(),
+            None => self.view.is_some(),
+        }
+    }
+
+    /// Whether the ring is packed.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     /// The head of the next chain to process: first the heads a previous instance left
@@ -261,6 +303,9 @@ impl Vring {
         }
         if self.stopping {
             return None;
+        }
+        if let Some(p) = &mut self.packed {
+            return p.pop(&self.map);
         }
         let size = self.view.as_ref()?.size();
         let next = self.queue.next_avail();
@@ -309,6 +354,9 @@ impl Vring {
     /// Copies the descriptors of chain `head` into `out` through the ring view (see
     /// [`RingView::read_chain`]).
     pub fn read_chain(&self, head: u16, max: usize, out: &mut Vec<Desc>) -> Result<(), ChainError> {
+        if let Some(p) = &self.packed {
+            return p.read_chain(head, max, out);
+        }
         match &self.view {
             Some(v) => v.read_chain(&self.map, head, max, out),
             None => Err(ChainError::Empty),
@@ -363,6 +411,17 @@ impl Vring {
         if self.stopping {
             return None;
         }
+        if self.packed.is_some() {
+            // virtio-queue reads split rings only: a packed ring is read through its view.
+            if !self.bad_avail_logged {
+                self.bad_avail_logged = true;
+                tracing::error!(
+                    queue = self.index,
+                    "packed ring without a view: no chains taken"
+                );
+            }
+            return None;
+        }
         let chain = self.queue.pop_descriptor_chain(mem)?;
         self.mark_inflight(chain.head_index());
         Some(chain)
@@ -377,6 +436,9 @@ impl Vring {
     /// the region's last batch; the used index is published; then the batch's heads are
     /// cleared and the region records the index ([`Vring::publish_used`]).
     pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32, what: &str) {
+        if self.packed.is_some() {
+            return self.add_used_packed(head, len, what);
+        }
         match &self.view {
             Some(view) if head < view.size() => {
                 let next = self.queue.next_used();
@@ -418,6 +480,31 @@ impl Vring {
         self.returned += 1;
     }
 
+    /// [`Vring::add_used`] on a packed ring: `head` is the token its pop gave. Logged (the
+    /// chain's writable buffers as read when it was taken, and the used descriptor).
+    #[cold]
+    fn add_used_packed(&mut self, head: u16, len: u32, what: &str) {
+        let Some(p) = &mut self.packed else {
+            return;
+        };
+        if self.log.is_on() {
+            if let Some(all) = self.log.all() {
+                for d in p.writable(head) {
+                    all.mark(d.addr, u64::from(d.len));
+                }
+            }
+        }
+        match p.add_used(head, len) {
+            Some(at) => {
+                self.log.mark_ring(at, 16);
+                self.unpublished = true;
+                self.added = self.added.wrapping_add(1);
+                self.returned += 1;
+            }
+            None => tracing::warn!(queue = self.index, "cannot return {what}: not in flight"),
+        }
+    }
+
     /// Logs what returning chain `head` as used element `pos` wrote into guest memory
     /// (logging on): the chain's device-writable buffers, then the element. The chain is
     /// read again from the descriptor table, which the driver must not change while the
@@ -450,7 +537,9 @@ impl Vring {
     /// commits them to the in-flight region.
     fn publish_used(&mut self) {
         if std::mem::take(&mut self.unpublished) {
-            if let Some(view) = &self.view {
+            if let Some(p) = &mut self.packed {
+                p.publish();
+            } else if let Some(view) = &self.view {
                 view.publish_used(self.queue.next_used());
                 self.log.mark_used(USED_IDX, 2);
             }
@@ -489,7 +578,9 @@ impl Vring {
         // The used entries must be visible before used_event is read (§2.7.10).
         fence(Ordering::SeqCst);
         let added = self.added;
-        let wanted = if self.queue.event_idx_enabled() {
+        let wanted = if let Some(p) = &self.packed {
+            p.wants_interrupt(self.queue.event_idx_enabled())
+        } else if self.queue.event_idx_enabled() {
             let new = self.queue.next_used();
             let used_event = match &self.view {
                 Some(v) => Some(v.used_event()),
@@ -514,6 +605,9 @@ impl Vring {
             return;
         }
         self.added = 0;
+        if let Some(p) = &mut self.packed {
+            p.mark_signalled();
+        }
         self.irq.deferred = false;
         self.irq.interval_count = self.irq.interval_count.saturating_add(u32::from(added));
         if wanted {
@@ -588,6 +682,13 @@ impl Vring {
         if self.stopping {
             return false;
         }
+        if let Some(p) = &self.packed {
+            let (ready, at) = p.enable_kicks();
+            if let Some(at) = at {
+                self.log.mark_ring(at, 2);
+            }
+            return ready;
+        }
         let mem = self.mem.memory();
         let r = self.queue.enable_notification(&*mem).unwrap_or(true);
         self.log_notification_fields();
@@ -607,11 +708,17 @@ impl Vring {
 
     /// Stops the driver's kicks while the poller runs, and drains the kick eventfd.
     pub fn disarm(&mut self) {
-        let mem = self.mem.memory();
-        // Both best effort: a failed disable (a bad ring address, which the next pop meets
-        // too) costs only extra kicks, and an empty kick eventfd reads EAGAIN.
-        let _ = self.queue.disable_notification(&*mem);
-        self.log_notification_fields();
+        if let Some(p) = &self.packed {
+            if let Some(at) = p.set_device_event(EVENT_DISABLE) {
+                self.log.mark_ring(at, 2);
+            }
+        } else {
+            let mem = self.mem.memory();
+            // Both best effort: a failed disable (a bad ring address, which the next pop
+            // meets too) costs only extra kicks, and an empty kick eventfd reads EAGAIN.
+            let _ = self.queue.disable_notification(&*mem);
+            self.log_notification_fields();
+        }
         if let Ok(n) = self.kick.read() {
             self.kicks += n;
             self.publish_stats();
@@ -640,8 +747,13 @@ impl Drop for Vring {
             self.kicks += n;
         }
         self.publish_stats();
-        // Nobody waits for the stop position when the receiver is gone.
-        let _ = self.stopped.send(self.queue.next_avail());
+        // Nobody waits for the stop position when the receiver is gone. A packed ring's
+        // carries its wrap counter in bit 15 (vhost-user.rst "VHOST_USER_GET_VRING_BASE").
+        let base = match &self.packed {
+            Some(p) => p.base(),
+            None => self.queue.next_avail(),
+        };
+        let _ = self.stopped.send(base);
     }
 }
 
@@ -690,6 +802,7 @@ mod tests {
             inflight: None,
             stats: Default::default(),
             log: Default::default(),
+            packed: false,
         });
         let m = mem.memory().into_inner();
         vring.sync_mem(&m);

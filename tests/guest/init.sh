@@ -105,6 +105,8 @@ disk_info() {
   R "$1.write_cache" "$(tr ' ' _ <$q/write_cache)"
   R "$1.discard_max_bytes" "$(cat $q/discard_max_bytes)"
   R "$1.write_zeroes_max_bytes" "$(cat $q/write_zeroes_max_bytes)"
+  # The negotiated feature bits, bit 0 first: VIRTIO_F_RING_PACKED is bit 34.
+  R "$1.ring_packed" "$(cut -c35 /sys/block/$1/device/features 2>/dev/null || echo unknown)"
 }
 
 # rejected NAME COMMAND...: runs COMMAND expecting failure; reports NAME=rejected|accepted.

@@ -124,6 +124,7 @@ fn setup(mem: &GuestMem, index: u16, q: Queue) -> (QueueSetup, mpsc::Receiver<u1
             inflight: None,
             stats: Default::default(),
             log: Default::default(),
+            packed: false,
         },
         rx,
     )
