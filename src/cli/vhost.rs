@@ -39,6 +39,9 @@ pub enum VhostCmd {
         /// Accepted for rpc.py compatibility; blockd listens at once.
         #[arg(long)]
         delay: bool,
+        /// Offer packed virtqueues (a blockd extension; rpc.py has no such option).
+        #[arg(short = 'p', long = "packed-ring")]
+        packed_ring: bool,
     },
     /// Add a target (LUN 0 = the bdev) to a scsi controller; prints its number.
     VhostScsiControllerAddTarget {
@@ -113,12 +116,14 @@ impl Run for VhostCmd {
                 ctrlr,
                 cpumask,
                 delay,
+                packed_ring,
             } => ctx.call_print(
                 "vhost_create_scsi_controller",
                 params_of(vec![
                     ("ctrlr", Some(json!(ctrlr))),
                     ("cpumask", cpumask.map(|c| json!(c))),
                     ("delay", delay.then_some(json!(true))),
+                    ("packed_ring", packed_ring.then_some(json!(true))),
                 ]),
             ),
             VhostCmd::VhostScsiControllerAddTarget {

@@ -106,7 +106,10 @@ disk_info() {
   R "$1.discard_max_bytes" "$(cat $q/discard_max_bytes)"
   R "$1.write_zeroes_max_bytes" "$(cat $q/write_zeroes_max_bytes)"
   # The negotiated feature bits, bit 0 first: VIRTIO_F_RING_PACKED is bit 34.
-  R "$1.ring_packed" "$(cut -c35 /sys/block/$1/device/features 2>/dev/null || echo unknown)"
+  # (the virtio device is /sys/block/vdX/device, or an ancestor of a scsi disk's).
+  f=$(readlink -f /sys/block/$1/device)
+  while [ "$f" != / ] && [ ! -f "$f/features" ]; do f=$(dirname "$f"); done
+  R "$1.ring_packed" "$(cut -c35 "$f/features" 2>/dev/null || echo unknown)"
 }
 
 # rejected NAME COMMAND...: runs COMMAND expecting failure; reports NAME=rejected|accepted.

@@ -176,3 +176,52 @@ fn blk_null_qd32_read(logging: bool) {
         per.as_nanos()
     );
 }
+
+/// Not a benchmark: with dirty logging on, a packed ring marks the descriptor ring (where
+/// the used descriptors go) and every returned chain's writable buffers (as read when
+/// the chain was taken), and not the buffers it only read.
+#[test]
+fn a_packed_ring_is_dirty_logged() {
+    use super::packed_driver::{PackedDriver, W};
+    use crate::vhost::dirty_log::LOG_PAGE;
+    use std::os::unix::fs::FileExt;
+    let reg = BdevRegistry::default();
+    let dev = super::super::BlkDevice::new(
+        "log",
+        null_bdev(&reg),
+        false,
+        crate::vhost::ConfigNotifier::default(),
+    );
+    let mut d = PackedDriver::new();
+    for i in 0..4u64 {
+        let mut hdr = [0u8; 16];
+        hdr[8..16].copy_from_slice(&(8 * i).to_le_bytes());
+        d.write(HDRS + 0x100 * i, &hdr);
+        d.chains.push(vec![
+            (HDRS + 0x100 * i, 16, 0),
+            (DATA + 0x1000 * i, 4096, W),
+            (RESPS + 0x100 * i, 1, W),
+        ]);
+    }
+    let (mut setup, _rx) = d.setup();
+    let log_file = tempfile::tempfile().unwrap();
+    log_file.set_len(4096).unwrap();
+    let log = Arc::new(DirtyLog::default());
+    log.set_region(Some(LogRegion::map(&log_file, 4096, 0).unwrap()));
+    log.set_log_all(true);
+    setup.log = log.ring(setup.index);
+    let mut q = super::BlkQueue::new(setup, dev.shared.clone()).unwrap();
+    d.run(&mut q, 4, 4096 + 1);
+    let mut b = [0u8; 64];
+    log_file.read_exact_at(&mut b, 0).unwrap();
+    let marked = |gpa: u64| {
+        let p = gpa / LOG_PAGE;
+        b[(p / 8) as usize] & (1 << (p % 8)) != 0
+    };
+    assert!(marked(0), "the descriptor ring");
+    for i in 0..4 {
+        assert!(marked(DATA + 0x1000 * i), "data buffer {i}");
+        assert!(marked(RESPS + 0x100 * i), "status of request {i}");
+    }
+    assert!(!marked(HDRS), "headers are only read");
+}
