@@ -214,6 +214,24 @@ impl PackedRing {
         (self.next_used, self.used_wrap)
     }
 
+    /// The used position as a base (next used slot | used wrap counter << 15): where the
+    /// ring resumes when every chain taken was returned.
+    pub fn used_base(&self) -> u16 {
+        self.next_used | (u16::from(self.used_wrap) << 15)
+    }
+
+    /// Moves both positions to `base` (a restart: nothing is in flight).
+    pub fn restart_at(&mut self, base: u16) {
+        let (next, wrap) = (base & 0x7fff, base & 0x8000 != 0);
+        if next < self.size {
+            self.next_avail = next;
+            self.avail_wrap = wrap;
+            self.next_used = next;
+            self.used_wrap = wrap;
+            self.signalled = None;
+        }
+    }
+
     #[inline]
     fn slot_ptr(areas: &Areas, slot: u16) -> *mut u8 {
         areas

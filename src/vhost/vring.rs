@@ -72,6 +72,9 @@ pub struct Vring {
     /// once, when the ring starts; every accessor checks it first, so that the split path
     /// pays one predictable branch. `queue` then only holds the addresses and size.
     packed: Option<Box<PackedRing>>,
+    /// Where a packed ring records its position for the next instance
+    /// ([`QueueInflight::packed_resume`]).
+    packed_record: Option<QueueInflight>,
     /// Used entries added since the last [`Vring::notify_guest`] (for EVENT_IDX).
     added: u16,
     /// Used elements written through `view` whose index is not published yet: a poll pass
@@ -150,6 +153,7 @@ impl Vring {
             map: GuestMap::default(),
             view: None,
             packed,
+            packed_record: None,
             added: 0,
             unpublished: false,
             avail_seen: setup_next_avail,
@@ -181,13 +185,27 @@ impl Vring {
     /// was, whatever base the frontend restored (QEMU restores the used index after a
     /// disconnection).
     pub fn track_inflight(&mut self, part: QueueInflight) {
-        if self.packed.is_some() {
+        if let Some(p) = &mut self.packed {
             // The packed layout of the region (vhost-user.rst `DescStatePacked`) is not
-            // implemented: the ring runs, but a crash loses the requests in flight.
+            // implemented: only the ring's position is recorded, so that a restart resumes
+            // where the previous instance was; a crash loses the requests in flight.
+            let base = p.base();
+            if let Some(pos) = part.packed_resume(p.size(), base) {
+                tracing::info!(
+                    queue = self.index,
+                    base,
+                    resumed = pos,
+                    "packed ring resumed at the position its previous instance recorded"
+                );
+                p.restart_at(pos);
+                // Completions the previous instance published may never have been signalled.
+                self.signal();
+            }
             tracing::warn!(
                 queue = self.index,
-                "in-flight tracking is not implemented for packed rings: ring not tracked"
+                "packed ring: its position is recorded, requests in flight are not tracked"
             );
+            self.packed_record = Some(part);
             return;
         }
         let size = self.queue.size();
@@ -539,6 +557,9 @@ impl Vring {
         if std::mem::take(&mut self.unpublished) {
             if let Some(p) = &mut self.packed {
                 p.publish();
+                if let Some(r) = &self.packed_record {
+                    r.packed_commit(p.used_base());
+                }
             } else if let Some(view) = &self.view {
                 view.publish_used(self.queue.next_used());
                 self.log.mark_used(USED_IDX, 2);

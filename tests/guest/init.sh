@@ -351,6 +351,7 @@ sc_writers() {
   done
   [ -n "$data" ] || fail "no data disk"
   R data "$data"
+  disk_info "${data#/dev/}"
   R queues "$(ls -d /sys/block/${data#/dev/}/mq/* | wc -l)"
   i=0
   while [ $i -lt "$nw" ]; do

@@ -225,3 +225,49 @@ fn a_packed_ring_is_dirty_logged() {
     }
     assert!(!marked(HDRS), "headers are only read");
 }
+
+/// Not a benchmark: a packed ring records its position in the in-flight region, and a
+/// new instance started at the stale base QEMU keeps for a packed ring after a
+/// disconnection (here the first one: slot 0, wrap counter 1) resumes there instead.
+#[test]
+fn a_restarted_packed_ring_resumes_at_its_recorded_position() {
+    use super::packed_driver::{PackedDriver, W};
+    use crate::vhost::inflight::InflightRegion;
+    let reg = BdevRegistry::default();
+    let dev = super::super::BlkDevice::new(
+        "restart",
+        null_bdev(&reg),
+        false,
+        crate::vhost::ConfigNotifier::default(),
+    );
+    let (region, _fd, _msg) = InflightRegion::create(1, super::driver::QSIZE).unwrap();
+    let mut d = PackedDriver::new();
+    for i in 0..4u64 {
+        let mut hdr = [0u8; 16];
+        hdr[8..16].copy_from_slice(&(8 * i).to_le_bytes());
+        d.write(HDRS + 0x100 * i, &hdr);
+        d.chains.push(vec![
+            (HDRS + 0x100 * i, 16, 0),
+            (DATA + 0x1000 * i, 4096, W),
+            (RESPS + 0x100 * i, 1, W),
+        ]);
+    }
+    let start = |d: &PackedDriver| {
+        let (mut setup, rx) = d.setup();
+        setup.inflight = region.queue(0);
+        (super::BlkQueue::new(setup, dev.shared.clone()).unwrap(), rx)
+    };
+    let (mut q, rx) = start(&d);
+    d.run(&mut q, 333, 4096 + 1);
+    drop(q);
+    while d.next_used().is_some() {}
+    let pos = rx.recv().unwrap();
+    assert_eq!(pos, d.used_base());
+    assert_ne!(pos, 0x8000, "the ring moved");
+
+    let (q, rx) = start(&d);
+    drop(q);
+    assert_eq!(rx.recv().unwrap(), pos, "resumed at the recorded position");
+    let (mut q, _rx) = start(&d);
+    d.run(&mut q, 100, 4096 + 1);
+}
