@@ -1,5 +1,6 @@
 //! The ring plumbing every virtqueue poller shares, whatever its device: the split
-//! virtqueue (virtio 1.2 §2.7) with the guest memory it lives in, the kick and call
+//! virtqueue (virtio 1.2 §2.7), or the packed one (§2.8, [`crate::vhost::packed_ring`],
+//! chosen once when the ring starts), with the guest memory it lives in, the kick and call
 //! eventfds of vhost-user (vhost-user.rst "Ring states"), notification suppression around
 //! the reactor's sleeps, and the answer to GET_VRING_BASE when the poller goes away.
 //!
@@ -296,10 +297,7 @@ impl Vring {
     /// Whether the pre-translated path ([`Vring::pop_head`], [`Vring::read_chain`]) is
     /// available for the memory of the last [`Vring::sync_mem`].
     pub fn has_view(&self) -> bool {
-        match &self.packed {
-            Some(p) => p.has_view(),
-            None => self.view.is_some(),
-        }
+        self.view.is_some() || self.packed.as_ref().is_some_and(|p| p.has_view())
     }
 
     /// Whether the ring is packed.
@@ -322,10 +320,11 @@ impl Vring {
         if self.stopping {
             return None;
         }
-        if let Some(p) = &mut self.packed {
-            return p.pop(&self.map);
-        }
-        let size = self.view.as_ref()?.size();
+        // A packed ring has no split view: its test stays off the split path.
+        let Some(view) = &self.view else {
+            return self.pop_head_packed();
+        };
+        let size = view.size();
         let next = self.queue.next_avail();
         let cached = self.avail_seen.wrapping_sub(next);
         if cached == 0 || cached > size {
@@ -335,6 +334,12 @@ impl Vring {
         self.queue.set_next_avail(next.wrapping_add(1));
         self.mark_inflight(head);
         Some(head)
+    }
+
+    /// [`Vring::pop_head`] on a packed ring: the token of the chain it took.
+    #[cold]
+    fn pop_head_packed(&mut self) -> Option<u16> {
+        self.packed.as_mut()?.pop(&self.map)
     }
 
     /// Chain `head` was taken from the ring (vhost-user.rst: its counter, then inflight).
@@ -371,12 +376,24 @@ impl Vring {
 
     /// Copies the descriptors of chain `head` into `out` through the ring view (see
     /// [`RingView::read_chain`]).
+    #[inline]
     pub fn read_chain(&self, head: u16, max: usize, out: &mut Vec<Desc>) -> Result<(), ChainError> {
-        if let Some(p) = &self.packed {
-            return p.read_chain(head, max, out);
-        }
         match &self.view {
             Some(v) => v.read_chain(&self.map, head, max, out),
+            None => self.read_chain_packed(head, max, out),
+        }
+    }
+
+    /// [`Vring::read_chain`] without a split view: a packed ring's chain, or nothing.
+    #[cold]
+    fn read_chain_packed(
+        &self,
+        head: u16,
+        max: usize,
+        out: &mut Vec<Desc>,
+    ) -> Result<(), ChainError> {
+        match &self.packed {
+            Some(p) => p.read_chain(head, max, out),
             None => Err(ChainError::Empty),
         }
     }
@@ -454,9 +471,6 @@ impl Vring {
     /// the region's last batch; the used index is published; then the batch's heads are
     /// cleared and the region records the index ([`Vring::publish_used`]).
     pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32, what: &str) {
-        if self.packed.is_some() {
-            return self.add_used_packed(head, len, what);
-        }
         match &self.view {
             Some(view) if head < view.size() => {
                 let next = self.queue.next_used();
@@ -471,6 +485,7 @@ impl Vring {
                     t.batch.push(head);
                 }
             }
+            None if self.packed.is_some() => return self.add_used_packed(head, len, what),
             _ => {
                 // virtio-queue publishes the index with the element: the head joins the
                 // batch first, and the batch (with any element written before through the
@@ -555,14 +570,14 @@ impl Vring {
     /// commits them to the in-flight region.
     fn publish_used(&mut self) {
         if std::mem::take(&mut self.unpublished) {
-            if let Some(p) = &mut self.packed {
+            if let Some(view) = &self.view {
+                view.publish_used(self.queue.next_used());
+                self.log.mark_used(USED_IDX, 2);
+            } else if let Some(p) = &mut self.packed {
                 p.publish();
                 if let Some(r) = &self.packed_record {
                     r.packed_commit(p.used_base());
                 }
-            } else if let Some(view) = &self.view {
-                view.publish_used(self.queue.next_used());
-                self.log.mark_used(USED_IDX, 2);
             }
             self.commit_inflight();
         }
@@ -599,7 +614,12 @@ impl Vring {
         // The used entries must be visible before used_event is read (§2.7.10).
         fence(Ordering::SeqCst);
         let added = self.added;
-        let wanted = if let Some(p) = &self.packed {
+        let packed = self
+            .view
+            .is_none()
+            .then_some(())
+            .and(self.packed.as_deref());
+        let wanted = if let Some(p) = packed {
             p.wants_interrupt(self.queue.event_idx_enabled())
         } else if self.queue.event_idx_enabled() {
             let new = self.queue.next_used();
@@ -626,8 +646,10 @@ impl Vring {
             return;
         }
         self.added = 0;
-        if let Some(p) = &mut self.packed {
-            p.mark_signalled();
+        if self.view.is_none() {
+            if let Some(p) = &mut self.packed {
+                p.mark_signalled();
+            }
         }
         self.irq.deferred = false;
         self.irq.interval_count = self.irq.interval_count.saturating_add(u32::from(added));
