@@ -23,10 +23,6 @@ pub enum VhostCmd {
         /// Offer packed virtqueues.
         #[arg(short = 'p', long = "packed-ring")]
         packed_ring: bool,
-        /// Ask for in-flight recovery of packed rings (rpc.py's `-l`; accepted and saved,
-        /// packed rings are not tracked in flight yet).
-        #[arg(short = 'l', long = "packed-ring-recovery")]
-        packed_ring_recovery: bool,
     },
     /// Create a vhost-user-scsi controller (targets are added with
     /// vhost_scsi_controller_add_target, hot-plugged when a guest is connected).
@@ -39,9 +35,6 @@ pub enum VhostCmd {
         /// Accepted for rpc.py compatibility; blockd listens at once.
         #[arg(long)]
         delay: bool,
-        /// Offer packed virtqueues (a blockd extension; rpc.py has no such option).
-        #[arg(short = 'p', long = "packed-ring")]
-        packed_ring: bool,
     },
     /// Add a target (LUN 0 = the bdev) to a scsi controller; prints its number.
     VhostScsiControllerAddTarget {
@@ -97,7 +90,6 @@ impl Run for VhostCmd {
                 cpumask,
                 readonly,
                 packed_ring,
-                packed_ring_recovery,
             } => ctx.call_print(
                 "vhost_create_blk_controller",
                 params_of(vec![
@@ -106,24 +98,18 @@ impl Run for VhostCmd {
                     ("cpumask", cpumask.map(|c| json!(c))),
                     ("readonly", readonly.then_some(json!(true))),
                     ("packed_ring", packed_ring.then_some(json!(true))),
-                    (
-                        "packed_ring_recovery",
-                        packed_ring_recovery.then_some(json!(true)),
-                    ),
                 ]),
             ),
             VhostCmd::VhostCreateScsiController {
                 ctrlr,
                 cpumask,
                 delay,
-                packed_ring,
             } => ctx.call_print(
                 "vhost_create_scsi_controller",
                 params_of(vec![
                     ("ctrlr", Some(json!(ctrlr))),
                     ("cpumask", cpumask.map(|c| json!(c))),
                     ("delay", delay.then_some(json!(true))),
-                    ("packed_ring", packed_ring.then_some(json!(true))),
                 ]),
             ),
             VhostCmd::VhostScsiControllerAddTarget {
