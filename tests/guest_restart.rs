@@ -176,6 +176,7 @@ fn restart_cycles(
     b: &mut Backend,
     ctrlr: &str,
     kind: DiskKind,
+    packed: bool,
     kills: usize,
     terms: usize,
 ) -> Vec<Cycle> {
@@ -187,6 +188,7 @@ fn restart_cycles(
         DiskKind::VhostUserBlk => Disk::blk(&sock, QUEUES),
         DiskKind::VhostUserScsi => Disk::scsi(&sock, QUEUES),
     };
+    let disk = if packed { disk.packed() } else { disk };
     let mut opts = GuestOpts::new("writers", dir.join("guest"))
         .smp(2)
         .disk(disk.reconnect_ms(500))
@@ -263,7 +265,11 @@ fn restart_cycles(
         b.restart();
         // The request queues resume (QEMU reconnected), then the guest's writes go on:
         // an acknowledgement already on its way to the console does not count.
-        let resumed = "resuming the ring from its in-flight region";
+        let resumed = if packed {
+            "packed ring resumed at the position its previous instance recorded"
+        } else {
+            "resuming the ring from its in-flight region"
+        };
         let deadline = Instant::now() + WAIT;
         while b.daemon().log().matches(resumed).count() < usize::from(QUEUES) {
             assert!(
@@ -320,6 +326,15 @@ fn restart_cycles(
     }
     let log = WriterLog::parse(&run.console);
     writers::assert_finished(&run, &log, 4);
+    let diag = || run.diagnostics();
+    let data_disk = run.require("data").trim_start_matches("/dev/").to_string();
+    let negotiated = if packed { "1" } else { "0" };
+    assert_eq!(
+        run.require(&format!("{data_disk}.ring_packed")),
+        negotiated,
+        "packed rings negotiated as asked\n{}",
+        diag()
+    );
 
     // The image, after a clean stop of the last instance.
     let st = b.daemon_mut().stop();
@@ -472,8 +487,34 @@ fn blk_guest_survives_kill_and_term_with_requests_in_flight() {
     });
     let kills = env_count("BLOCKD_RESTART_KILLS", 20);
     let terms = env_count("BLOCKD_RESTART_TERMS", 10);
-    let cycles = restart_cycles(&mut b, "vhost.r", DiskKind::VhostUserBlk, kills, terms);
+    let cycles = restart_cycles(
+        &mut b,
+        "vhost.r",
+        DiskKind::VhostUserBlk,
+        false,
+        kills,
+        terms,
+    );
     report("vhost-user-blk on aio", &cycles);
+}
+
+/// Packed rings (virtio 1.2 §2.8, QEMU's `packed=on`) across SIGTERM restarts with
+/// requests in flight: blockd drains them and records the ring's position in the
+/// in-flight region, where the new instance resumes (QEMU has no used index to restore a
+/// packed ring from, and sends the base it last sent). SIGKILL with requests in flight
+/// is not covered: packed rings' chains in flight are not tracked.
+#[test]
+fn blk_packed_guest_survives_term_with_requests_in_flight() {
+    let mut b = backend(Storage::Aio, |d| {
+        d.rpc_ok(
+            "vhost_create_blk_controller",
+            json!({"ctrlr": "vhost.p", "dev_name": "disk", "cpumask": "0x3",
+                   "packed_ring": true}),
+        );
+    });
+    let terms = env_count("BLOCKD_RESTART_PACKED_TERMS", 4);
+    let cycles = restart_cycles(&mut b, "vhost.p", DiskKind::VhostUserBlk, true, 0, terms);
+    report("vhost-user-blk on aio, packed rings", &cycles);
 }
 
 #[test]
@@ -490,7 +531,14 @@ fn scsi_guest_survives_kill_and_term_with_requests_in_flight() {
     });
     let kills = env_count("BLOCKD_RESTART_SCSI_KILLS", 2);
     let terms = env_count("BLOCKD_RESTART_SCSI_TERMS", 1);
-    let cycles = restart_cycles(&mut b, "vhost.s", DiskKind::VhostUserScsi, kills, terms);
+    let cycles = restart_cycles(
+        &mut b,
+        "vhost.s",
+        DiskKind::VhostUserScsi,
+        false,
+        kills,
+        terms,
+    );
     report("vhost-user-scsi on aio", &cycles);
 }
 
@@ -509,7 +557,14 @@ fn blk_guest_on_rbd_survives_kill_and_term_with_requests_in_flight() {
     });
     let kills = env_count("BLOCKD_RESTART_RBD_KILLS", 5);
     let terms = env_count("BLOCKD_RESTART_RBD_TERMS", 3);
-    let cycles = restart_cycles(&mut b, "vhost.rbd", DiskKind::VhostUserBlk, kills, terms);
+    let cycles = restart_cycles(
+        &mut b,
+        "vhost.rbd",
+        DiskKind::VhostUserBlk,
+        false,
+        kills,
+        terms,
+    );
     report("vhost-user-blk on rbd", &cycles);
     let (mean, max) = gap_stats(&cycles, Stop::Kill);
     eprintln!("vhost-user-blk on rbd: I/O gap after kill -9: mean {mean:.2} s, max {max:.2} s");

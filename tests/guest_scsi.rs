@@ -41,9 +41,14 @@ fn aio_bdev(d: &Daemon, name: &str, block_size: u32, size: u64) -> PathBuf {
 
 /// A scsi controller with `bdev` as target 0; its socket.
 fn scsi_controller(d: &Daemon, ctrlr: &str, bdev: &str) -> PathBuf {
+    scsi_controller_with(d, ctrlr, bdev, false)
+}
+
+/// [`scsi_controller`], offering packed virtqueues when `packed`.
+fn scsi_controller_with(d: &Daemon, ctrlr: &str, bdev: &str, packed: bool) -> PathBuf {
     d.rpc_ok(
         "vhost_create_scsi_controller",
-        json!({"ctrlr": ctrlr, "cpumask": "0x1"}),
+        json!({"ctrlr": ctrlr, "cpumask": "0x1", "packed_ring": packed}),
     );
     let t = d.rpc_ok(
         "vhost_scsi_controller_add_target",
@@ -102,14 +107,26 @@ fn scsi_disk_512_and_4k() {
 
 #[test]
 fn scsi_target_hot_add_and_remove() {
+    hot_add_and_remove(false);
+}
+
+/// The same on packed virtqueues (virtio 1.2 §2.8, QEMU's `packed=on`): the request,
+/// control and event queues (the hot-plug events) all packed.
+#[test]
+fn scsi_packed_virtqueues_with_hot_plug() {
+    hot_add_and_remove(true);
+}
+
+fn hot_add_and_remove(packed: bool) {
     let d = Daemon::start();
     let image = aio_bdev(&d, "t0", 512, 64 * MIB);
     let hot = aio_bdev(&d, "t1", 4096, 32 * MIB);
-    let sock = scsi_controller(&d, "vhost.hp", "t0");
+    let sock = scsi_controller_with(&d, "vhost.hp", "t0", packed);
+    let disk = Disk::scsi(&sock, 2);
     let opts = GuestOpts::new("scsi", d.tmp_dir().join("g"))
         .arg("dev", "sd")
         .arg("hotplug", "1")
-        .disk(Disk::scsi(&sock, 2));
+        .disk(if packed { disk.packed() } else { disk });
     let mut g = Guest::spawn(&opts).expect("starting the guest");
     g.wait_for("BLOCKD-WAIT hotadd", WAIT).unwrap();
     let t = d.rpc_ok(
@@ -125,6 +142,8 @@ fn scsi_target_hot_add_and_remove() {
     let run = g.finish(WAIT).unwrap();
     eprintln!("scsi hot-plug: {:.1?}\n{}", run.elapsed, run.command_line);
     run.assert_ok();
+    let negotiated = if packed { "1" } else { "0" };
+    assert_eq!(run.require("sda.ring_packed"), negotiated);
     check_sda(&run, &d, "t0", &image, 512);
     assert_eq!(run.require_u64("sdb.size"), 32 * MIB / 512);
     assert_eq!(run.require_u64("sdb.logical_block_size"), 4096);

@@ -289,6 +289,19 @@ fn spdk_rpc_py_drives_the_seed_flow() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v[0]["product_name"], "Malloc disk");
     assert_eq!(v[0]["claimed"], true);
+
+    // rpc.py's `-p/--packed_ring` (packed virtqueues), kept in the saved configuration.
+    let (code, out, err) = run(&["bdev_malloc_create", "-b", "Malloc1", "8", "512"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "Malloc1");
+    let (code, _, err) = run(&["vhost_create_blk_controller", "-p", "vhost.p", "Malloc1"]);
+    assert_eq!(code, Some(0), "{err}");
+    let saved = d.rpc_ok("framework_get_config", json!({"name": "vhost_blk"}));
+    let entry = saved
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["params"]["ctrlr"] == "vhost.p"))
+        .unwrap_or_else(|| panic!("no vhost.p in {saved}"));
+    assert_eq!(entry["params"]["packed_ring"], true, "{saved}");
 }
 
 #[test]

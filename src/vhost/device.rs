@@ -47,6 +47,10 @@ pub struct QueueSetup {
     pub stats: Arc<QueueStats>,
     /// The session's dirty-page logging, as this ring follows it (live migration).
     pub log: RingLog,
+    /// A packed virtqueue (virtio 1.2 §2.8, VIRTIO_F_RING_PACKED acked): `queue` then holds
+    /// the descriptor ring, driver and device areas as its three addresses, and the base
+    /// with the avail wrap counter in bit 15.
+    pub packed: bool,
 }
 
 /// A virtio device model served over vhost-user.

@@ -215,6 +215,20 @@ impl RingLog {
         }
     }
 
+    /// Marks `len` bytes at guest address `gpa` of a ring area the device wrote (a packed
+    /// ring's used descriptors and event suppression, which lie outside the used-ring log
+    /// address's range), when the ring logs anything.
+    #[inline]
+    pub fn mark_ring(&self, gpa: u64, len: u64) {
+        if let Some(r) = self
+            .all
+            .as_deref()
+            .or(self.used.as_ref().map(|(r, _)| &**r))
+        {
+            r.mark(gpa, len);
+        }
+    }
+
     /// Whether this ring logs anything now.
     #[inline]
     pub fn is_on(&self) -> bool {

@@ -65,6 +65,9 @@ const DESC_COUNTER: usize = offset_of!(DescStateSplit, counter);
 
 /// The region version this back-end writes.
 const REGION_VERSION: u16 = 1;
+/// The `version` of a part that records only a packed ring's position
+/// ([`QueueInflight::packed_resume`]): never a split ring's.
+const PACKED_POSITION_VERSION: u16 = 0x8001;
 
 /// Queue regions start at multiples of this (a cache line each, as libvhost-user).
 const QUEUE_ALIGN: u64 = 64;
@@ -430,6 +433,37 @@ impl QueueInflight {
         self.wr16(USED_IDX, ring_used);
         fence(Ordering::Release);
         self.wr16(VERSION, REGION_VERSION);
+    }
+
+    /// Takes the part over for a packed ring of `ring_size` entries that the front-end
+    /// started at `base`: the position the previous instance recorded
+    /// ([`QueueInflight::packed_commit`]) when the part holds one for such a ring; else
+    /// records `base` and returns None. Only the position: the packed layout of the spec
+    /// (`QueueRegionPacked`, `DescStatePacked`) is not implemented, so chains in flight
+    /// are not recorded. The position is what QEMU cannot give back after a disconnection
+    /// (it has no used index to restore a packed ring from, and keeps the base it last
+    /// sent), while a back-end restarted cleanly (SIGTERM drains) left nothing in flight.
+    pub fn packed_resume(&self, ring_size: u16, base: u16) -> Option<u16> {
+        if self.rd16(VERSION) == PACKED_POSITION_VERSION && self.rd16(DESC_NUM) == ring_size {
+            let pos = self.rd16(USED_IDX);
+            if pos & 0x7fff < ring_size {
+                return Some(pos);
+            }
+        }
+        self.wr16(VERSION, 0);
+        fence(Ordering::Release);
+        self.wr16(DESC_NUM, ring_size);
+        self.wr16(USED_IDX, base);
+        fence(Ordering::Release);
+        self.wr16(VERSION, PACKED_POSITION_VERSION);
+        None
+    }
+
+    /// Records a packed ring's position (next used slot, wrap counter in bit 15) once its
+    /// used descriptors up to there are published.
+    #[inline]
+    pub fn packed_commit(&self, position: u16) {
+        self.wr16(USED_IDX, position);
     }
 
     /// Entries the part has room for (the region's queue size).

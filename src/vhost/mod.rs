@@ -15,6 +15,7 @@ pub mod guest_fault;
 pub mod guest_map;
 pub mod guest_stream;
 pub mod inflight;
+pub mod packed_ring;
 pub mod queue_stats;
 pub mod rpc;
 pub mod scsi;

@@ -35,6 +35,7 @@ use super::device::{GuestMem, QueueSetup, VirtioDevice};
 use super::dirty_log::{DirtyLog, LogRegion};
 use super::guest_fault::GuestMapping;
 use super::inflight::InflightRegion;
+use super::packed_ring::VIRTIO_F_RING_PACKED;
 use super::queue_stats::{QueueCounts, QueueStats};
 use super::ConfigNotifier;
 use crate::cpumask::CpuMask;
@@ -242,14 +243,19 @@ impl Session {
         queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
         queue.set_next_avail(v.base);
         let mem = self.mem.memory();
+        // A packed ring (virtio 1.2 §2.8) is checked by the ring itself: virtio-queue
+        // knows only the split layout.
+        let packed = features & (1 << VIRTIO_F_RING_PACKED) != 0;
         // The used index continues from where the frontend's ring is (e.g. after a
         // reconnect), virtio 1.2 §2.7.8.
-        let used = queue
-            .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
-            .map_err(req_err)?;
-        queue.set_next_used(used.0);
+        if !packed {
+            let used = queue
+                .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                .map_err(req_err)?;
+            queue.set_next_used(used.0);
+        }
         queue.set_ready(true);
-        if !queue.is_valid(&*mem) {
+        if !packed && !queue.is_valid(&*mem) {
             return Err(req_err(format!(
                 "controller {}: ring {index} does not fit in guest memory",
                 self.ctrlr
@@ -275,6 +281,7 @@ impl Session {
             inflight,
             stats: v.stats.clone(),
             log: self.dirty_log.ring(index as u16),
+            packed,
         };
         let core = self.reactors.pick(&self.cpumask).ok_or_else(|| {
             req_err(format!(

@@ -1,5 +1,6 @@
 //! The ring plumbing every virtqueue poller shares, whatever its device: the split
-//! virtqueue (virtio 1.2 §2.7) with the guest memory it lives in, the kick and call
+//! virtqueue (virtio 1.2 §2.7), or the packed one (§2.8, [`crate::vhost::packed_ring`],
+//! chosen once when the ring starts), with the guest memory it lives in, the kick and call
 //! eventfds of vhost-user (vhost-user.rst "Ring states"), notification suppression around
 //! the reactor's sleeps, and the answer to GET_VRING_BASE when the poller goes away.
 //!
@@ -39,6 +40,7 @@ use crate::vhost::dirty_log::RingLog;
 use crate::vhost::guest_map::GuestMap;
 use crate::vhost::guest_stream::Desc;
 use crate::vhost::inflight::QueueInflight;
+use crate::vhost::packed_ring::{PackedRing, EVENT_DISABLE};
 use crate::vhost::queue_stats::QueueStats;
 use crate::vhost::split_ring::{need_event, read_chain_in, ChainError, RingView};
 
@@ -67,6 +69,13 @@ pub struct Vring {
     map_of: Option<Arc<GuestMemoryMmap>>,
     map: GuestMap,
     view: Option<RingView>,
+    /// A packed ring (VIRTIO_F_RING_PACKED acked, [`crate::vhost::packed_ring`]): chosen
+    /// once, when the ring starts; every accessor checks it first, so that the split path
+    /// pays one predictable branch. `queue` then only holds the addresses and size.
+    packed: Option<Box<PackedRing>>,
+    /// Where a packed ring records its position for the next instance
+    /// ([`QueueInflight::packed_resume`]).
+    packed_record: Option<QueueInflight>,
     /// Used entries added since the last [`Vring::notify_guest`] (for EVENT_IDX).
     added: u16,
     /// Used elements written through `view` whose index is not published yet: a poll pass
@@ -123,6 +132,16 @@ impl Vring {
     pub fn new(setup: QueueSetup) -> Self {
         let setup_next_avail = setup.queue.next_avail();
         let counts = setup.stats.snapshot();
+        let packed = setup.packed.then(|| {
+            let q = &setup.queue;
+            Box::new(PackedRing::new(
+                q.desc_table(),
+                q.avail_ring(),
+                q.used_ring(),
+                q.size(),
+                setup_next_avail,
+            ))
+        });
         Vring {
             index: setup.index,
             queue: setup.queue,
@@ -134,6 +153,8 @@ impl Vring {
             map_of: None,
             map: GuestMap::default(),
             view: None,
+            packed,
+            packed_record: None,
             added: 0,
             unpublished: false,
             avail_seen: setup_next_avail,
@@ -165,6 +186,29 @@ impl Vring {
     /// was, whatever base the frontend restored (QEMU restores the used index after a
     /// disconnection).
     pub fn track_inflight(&mut self, part: QueueInflight) {
+        if let Some(p) = &mut self.packed {
+            // The packed layout of the region (vhost-user.rst `DescStatePacked`) is not
+            // implemented: only the ring's position is recorded, so that a restart resumes
+            // where the previous instance was; a crash loses the requests in flight.
+            let base = p.base();
+            if let Some(pos) = part.packed_resume(p.size(), base) {
+                tracing::info!(
+                    queue = self.index,
+                    base,
+                    resumed = pos,
+                    "packed ring resumed at the position its previous instance recorded"
+                );
+                p.restart_at(pos);
+                // Completions the previous instance published may never have been signalled.
+                self.signal();
+            }
+            tracing::warn!(
+                queue = self.index,
+                "packed ring: its position is recorded, requests in flight are not tracked"
+            );
+            self.packed_record = Some(part);
+            return;
+        }
         let size = self.queue.size();
         if size > part.capacity() {
             tracing::warn!(
@@ -231,7 +275,16 @@ impl Vring {
         // SAFETY: `map_of` below keeps `mem` mapped until the next `sync_mem` replaces `map`
         // and `view` with it, and through `drop` (which publishes via `view`).
         self.map = unsafe { GuestMap::new(mem) };
-        self.view = RingView::new(&self.queue, &self.map);
+        if let Some(p) = &mut self.packed {
+            if !p.remap(&self.map) {
+                tracing::error!(
+                    queue = self.index,
+                    "packed ring not inside guest memory regions: it takes no chains"
+                );
+            }
+        } else {
+            self.view = RingView::new(&self.queue, &self.map);
+        }
         self.avail_seen = self.queue.next_avail();
         self.map_of = Some(mem.clone());
     }
@@ -244,7 +297,12 @@ impl Vring {
     /// Whether the pre-translated path ([`Vring::pop_head`], [`Vring::read_chain`]) is
     /// available for the memory of the last [`Vring::sync_mem`].
     pub fn has_view(&self) -> bool {
-        self.view.is_some()
+        self.view.is_some() || self.packed.as_ref().is_some_and(|p| p.has_view())
+    }
+
+    /// Whether the ring is packed.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     /// The head of the next chain to process: first the heads a previous instance left
@@ -262,7 +320,11 @@ impl Vring {
         if self.stopping {
             return None;
         }
-        let size = self.view.as_ref()?.size();
+        // A packed ring has no split view: its test stays off the split path.
+        let Some(view) = &self.view else {
+            return self.pop_head_packed();
+        };
+        let size = view.size();
         let next = self.queue.next_avail();
         let cached = self.avail_seen.wrapping_sub(next);
         if cached == 0 || cached > size {
@@ -272,6 +334,12 @@ impl Vring {
         self.queue.set_next_avail(next.wrapping_add(1));
         self.mark_inflight(head);
         Some(head)
+    }
+
+    /// [`Vring::pop_head`] on a packed ring: the token of the chain it took.
+    #[cold]
+    fn pop_head_packed(&mut self) -> Option<u16> {
+        self.packed.as_mut()?.pop(&self.map)
     }
 
     /// Chain `head` was taken from the ring (vhost-user.rst: its counter, then inflight).
@@ -308,9 +376,24 @@ impl Vring {
 
     /// Copies the descriptors of chain `head` into `out` through the ring view (see
     /// [`RingView::read_chain`]).
+    #[inline]
     pub fn read_chain(&self, head: u16, max: usize, out: &mut Vec<Desc>) -> Result<(), ChainError> {
         match &self.view {
             Some(v) => v.read_chain(&self.map, head, max, out),
+            None => self.read_chain_packed(head, max, out),
+        }
+    }
+
+    /// [`Vring::read_chain`] without a split view: a packed ring's chain, or nothing.
+    #[cold]
+    fn read_chain_packed(
+        &self,
+        head: u16,
+        max: usize,
+        out: &mut Vec<Desc>,
+    ) -> Result<(), ChainError> {
+        match &self.packed {
+            Some(p) => p.read_chain(head, max, out),
             None => Err(ChainError::Empty),
         }
     }
@@ -363,6 +446,17 @@ impl Vring {
         if self.stopping {
             return None;
         }
+        if self.packed.is_some() {
+            // virtio-queue reads split rings only: a packed ring is read through its view.
+            if !self.bad_avail_logged {
+                self.bad_avail_logged = true;
+                tracing::error!(
+                    queue = self.index,
+                    "packed ring without a view: no chains taken"
+                );
+            }
+            return None;
+        }
         let chain = self.queue.pop_descriptor_chain(mem)?;
         self.mark_inflight(chain.head_index());
         Some(chain)
@@ -391,6 +485,7 @@ impl Vring {
                     t.batch.push(head);
                 }
             }
+            None if self.packed.is_some() => return self.add_used_packed(head, len, what),
             _ => {
                 // virtio-queue publishes the index with the element: the head joins the
                 // batch first, and the batch (with any element written before through the
@@ -416,6 +511,31 @@ impl Vring {
         }
         self.added = self.added.wrapping_add(1);
         self.returned += 1;
+    }
+
+    /// [`Vring::add_used`] on a packed ring: `head` is the token its pop gave. Logged (the
+    /// chain's writable buffers as read when it was taken, and the used descriptor).
+    #[cold]
+    fn add_used_packed(&mut self, head: u16, len: u32, what: &str) {
+        let Some(p) = &mut self.packed else {
+            return;
+        };
+        if self.log.is_on() {
+            if let Some(all) = self.log.all() {
+                for d in p.writable(head) {
+                    all.mark(d.addr, u64::from(d.len));
+                }
+            }
+        }
+        match p.add_used(head, len) {
+            Some(at) => {
+                self.log.mark_ring(at, 16);
+                self.unpublished = true;
+                self.added = self.added.wrapping_add(1);
+                self.returned += 1;
+            }
+            None => tracing::warn!(queue = self.index, "cannot return {what}: not in flight"),
+        }
     }
 
     /// Logs what returning chain `head` as used element `pos` wrote into guest memory
@@ -453,6 +573,11 @@ impl Vring {
             if let Some(view) = &self.view {
                 view.publish_used(self.queue.next_used());
                 self.log.mark_used(USED_IDX, 2);
+            } else if let Some(p) = &mut self.packed {
+                p.publish();
+                if let Some(r) = &self.packed_record {
+                    r.packed_commit(p.used_base());
+                }
             }
             self.commit_inflight();
         }
@@ -489,7 +614,14 @@ impl Vring {
         // The used entries must be visible before used_event is read (§2.7.10).
         fence(Ordering::SeqCst);
         let added = self.added;
-        let wanted = if self.queue.event_idx_enabled() {
+        let packed = self
+            .view
+            .is_none()
+            .then_some(())
+            .and(self.packed.as_deref());
+        let wanted = if let Some(p) = packed {
+            p.wants_interrupt(self.queue.event_idx_enabled())
+        } else if self.queue.event_idx_enabled() {
             let new = self.queue.next_used();
             let used_event = match &self.view {
                 Some(v) => Some(v.used_event()),
@@ -514,6 +646,11 @@ impl Vring {
             return;
         }
         self.added = 0;
+        if self.view.is_none() {
+            if let Some(p) = &mut self.packed {
+                p.mark_signalled();
+            }
+        }
         self.irq.deferred = false;
         self.irq.interval_count = self.irq.interval_count.saturating_add(u32::from(added));
         if wanted {
@@ -588,6 +725,13 @@ impl Vring {
         if self.stopping {
             return false;
         }
+        if let Some(p) = &self.packed {
+            let (ready, at) = p.enable_kicks();
+            if let Some(at) = at {
+                self.log.mark_ring(at, 2);
+            }
+            return ready;
+        }
         let mem = self.mem.memory();
         let r = self.queue.enable_notification(&*mem).unwrap_or(true);
         self.log_notification_fields();
@@ -607,11 +751,17 @@ impl Vring {
 
     /// Stops the driver's kicks while the poller runs, and drains the kick eventfd.
     pub fn disarm(&mut self) {
-        let mem = self.mem.memory();
-        // Both best effort: a failed disable (a bad ring address, which the next pop meets
-        // too) costs only extra kicks, and an empty kick eventfd reads EAGAIN.
-        let _ = self.queue.disable_notification(&*mem);
-        self.log_notification_fields();
+        if let Some(p) = &self.packed {
+            if let Some(at) = p.set_device_event(EVENT_DISABLE) {
+                self.log.mark_ring(at, 2);
+            }
+        } else {
+            let mem = self.mem.memory();
+            // Both best effort: a failed disable (a bad ring address, which the next pop
+            // meets too) costs only extra kicks, and an empty kick eventfd reads EAGAIN.
+            let _ = self.queue.disable_notification(&*mem);
+            self.log_notification_fields();
+        }
         if let Ok(n) = self.kick.read() {
             self.kicks += n;
             self.publish_stats();
@@ -640,8 +790,13 @@ impl Drop for Vring {
             self.kicks += n;
         }
         self.publish_stats();
-        // Nobody waits for the stop position when the receiver is gone.
-        let _ = self.stopped.send(self.queue.next_avail());
+        // Nobody waits for the stop position when the receiver is gone. A packed ring's
+        // carries its wrap counter in bit 15 (vhost-user.rst "VHOST_USER_GET_VRING_BASE").
+        let base = match &self.packed {
+            Some(p) => p.base(),
+            None => self.queue.next_avail(),
+        };
+        let _ = self.stopped.send(base);
     }
 }
 
@@ -690,6 +845,7 @@ mod tests {
             inflight: None,
             stats: Default::default(),
             log: Default::default(),
+            packed: false,
         });
         let m = mem.memory().into_inner();
         vring.sync_mem(&m);

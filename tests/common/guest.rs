@@ -88,6 +88,9 @@ pub struct Disk {
     /// QEMU reconnects to the socket this long after the backend went away (`-chardev
     /// socket,reconnect-ms=N`); the backend must then be listening when QEMU starts.
     pub reconnect_ms: Option<u32>,
+    /// QEMU offers packed virtqueues (`packed=on`, virtio 1.2 §2.8); they are used when
+    /// the backend offers them too.
+    pub packed: bool,
 }
 
 impl Disk {
@@ -98,6 +101,7 @@ impl Disk {
             socket: socket.into(),
             num_queues,
             reconnect_ms: None,
+            packed: false,
         }
     }
 
@@ -108,7 +112,14 @@ impl Disk {
             socket: socket.into(),
             num_queues,
             reconnect_ms: None,
+            packed: false,
         }
+    }
+
+    /// QEMU offers packed virtqueues (`packed=on`).
+    pub fn packed(mut self) -> Self {
+        self.packed = true;
+        self
     }
 
     /// QEMU reconnects `ms` after the backend went away (a backend restart).
@@ -322,8 +333,9 @@ impl Guest {
                 d.socket.display()
             ));
             a.push("-device".into());
+            let packed = if d.packed { ",packed=on" } else { "" };
             a.push(format!(
-                "{dev},id=disk{i},chardev=char{i},{queues}={}",
+                "{dev},id=disk{i},chardev=char{i},{queues}={}{packed}",
                 d.num_queues
             ));
         }

@@ -105,6 +105,11 @@ disk_info() {
   R "$1.write_cache" "$(tr ' ' _ <$q/write_cache)"
   R "$1.discard_max_bytes" "$(cat $q/discard_max_bytes)"
   R "$1.write_zeroes_max_bytes" "$(cat $q/write_zeroes_max_bytes)"
+  # The negotiated feature bits, bit 0 first: VIRTIO_F_RING_PACKED is bit 34.
+  # (the virtio device is /sys/block/vdX/device, or an ancestor of a scsi disk's).
+  f=$(readlink -f /sys/block/$1/device)
+  while [ "$f" != / ] && [ ! -f "$f/features" ]; do f=$(dirname "$f"); done
+  R "$1.ring_packed" "$(cut -c35 "$f/features" 2>/dev/null || echo unknown)"
 }
 
 # rejected NAME COMMAND...: runs COMMAND expecting failure; reports NAME=rejected|accepted.
@@ -346,6 +351,7 @@ sc_writers() {
   done
   [ -n "$data" ] || fail "no data disk"
   R data "$data"
+  disk_info "${data#/dev/}"
   R queues "$(ls -d /sys/block/${data#/dev/}/mq/* | wc -l)"
   i=0
   while [ $i -lt "$nw" ]; do

@@ -20,6 +20,7 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use crate::bdev::Bdev;
 use crate::reactor::{Poller, ReactorCtx};
 use crate::vhost::device::{QueueSetup, VirtioDevice};
+use crate::vhost::packed_ring::VIRTIO_F_RING_PACKED;
 use crate::vhost::ConfigNotifier;
 use config::BlkGeometry;
 use request::RequestLimits;
@@ -58,6 +59,11 @@ pub struct BlkDevice {
     shared: Arc<BlkShared>,
     /// The bdev resize subscription that announces new capacities to the guest.
     resize_watch: u64,
+    /// SPDK's `packed_ring`: VIRTIO_F_RING_PACKED is offered (virtio 1.2 §2.8).
+    packed_ring: bool,
+    /// SPDK's `packed_ring_recovery`: in-flight recovery on packed rings, asked for and
+    /// saved; blockd does not track packed rings yet (see [`crate::vhost::vring`]).
+    packed_ring_recovery: bool,
 }
 
 /// The GET_ID string (virtio 1.2 §5.2.6): the bdev name, or its uuid when the name does
@@ -104,6 +110,8 @@ impl BlkDevice {
         BlkDevice {
             ctrlr: ctrlr.to_string(),
             resize_watch,
+            packed_ring: false,
+            packed_ring_recovery: false,
             shared: Arc::new(BlkShared {
                 id: device_id(&bdev),
                 bdev,
@@ -112,6 +120,14 @@ impl BlkDevice {
                 writeback: AtomicBool::new(true),
             }),
         }
+    }
+
+    /// The same device offering packed virtqueues (`packed_ring`), and asking for their
+    /// in-flight recovery (`packed_ring_recovery`), as SPDK's RPC parameters.
+    pub fn with_packed_ring(mut self, packed_ring: bool, recovery: bool) -> Self {
+        self.packed_ring = packed_ring;
+        self.packed_ring_recovery = recovery;
+        self
     }
 
     fn geometry(&self) -> BlkGeometry {
@@ -131,7 +147,8 @@ impl BlkDevice {
 
 impl VirtioDevice for BlkDevice {
     fn features(&self) -> u64 {
-        config::features(&self.geometry())
+        let packed = u64::from(self.packed_ring) << VIRTIO_F_RING_PACKED;
+        config::features(&self.geometry()) | packed
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -211,11 +228,15 @@ impl VirtioDevice for BlkDevice {
     }
 
     fn config_entry(&self, ctrlr: &str, cpumask: &str) -> (&'static str, Value) {
-        (
-            "vhost_create_blk_controller",
-            json!({"ctrlr": ctrlr, "dev_name": self.shared.bdev.name(), "cpumask": cpumask,
-                   "readonly": self.shared.readonly}),
-        )
+        let mut p = json!({"ctrlr": ctrlr, "dev_name": self.shared.bdev.name(),
+                           "cpumask": cpumask, "readonly": self.shared.readonly});
+        if self.packed_ring {
+            p["packed_ring"] = json!(true);
+        }
+        if self.packed_ring_recovery {
+            p["packed_ring_recovery"] = json!(true);
+        }
+        ("vhost_create_blk_controller", p)
     }
 
     fn close(&self) {

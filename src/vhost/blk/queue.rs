@@ -228,3 +228,5 @@ mod bench;
 mod driver;
 #[cfg(test)]
 mod log_tests;
+#[cfg(test)]
+mod packed_driver;

@@ -151,6 +151,9 @@ pub struct ScsiDevice {
     /// are added or removed, so that a target added to a running device is activated and
     /// one removed from it deactivated, each exactly once.
     active: Mutex<bool>,
+    /// VIRTIO_F_RING_PACKED is offered (`packed_ring`, a blockd extension: SPDK's
+    /// vhost-scsi has no packed rings).
+    packed_ring: bool,
 }
 
 /// How a scsi controller names itself when it claims a target's bdev.
@@ -171,7 +174,14 @@ impl ScsiDevice {
                 closed: AtomicBool::new(false),
             }),
             active: Mutex::new(false),
+            packed_ring: false,
         })
+    }
+
+    /// The same device offering packed virtqueues (virtio 1.2 §2.8).
+    pub fn with_packed_ring(mut self, packed_ring: bool) -> Self {
+        self.packed_ring = packed_ring;
+        self
     }
 
     /// The shared state (for the queues).
@@ -258,7 +268,8 @@ impl ScsiDevice {
 
 impl VirtioDevice for ScsiDevice {
     fn features(&self) -> u64 {
-        config::features()
+        let packed = u64::from(self.packed_ring) << crate::vhost::packed_ring::VIRTIO_F_RING_PACKED;
+        config::features() | packed
     }
 
     /// No CONFIG: QEMU's vhost-user-scsi builds the configuration space itself and warns
@@ -367,10 +378,11 @@ impl VirtioDevice for ScsiDevice {
     }
 
     fn config_entry(&self, ctrlr: &str, cpumask: &str) -> (&'static str, Value) {
-        (
-            "vhost_create_scsi_controller",
-            json!({"ctrlr": ctrlr, "cpumask": cpumask}),
-        )
+        let mut p = json!({"ctrlr": ctrlr, "cpumask": cpumask});
+        if self.packed_ring {
+            p["packed_ring"] = json!(true);
+        }
+        ("vhost_create_scsi_controller", p)
     }
 
     fn config_entries(&self, ctrlr: &str, cpumask: &str) -> Vec<(&'static str, Value)> {

@@ -477,7 +477,25 @@ where
     M::Target: vm_memory::GuestMemoryBackend,
 {
     streams.collect(chain)?;
-    let mem = chain.memory();
+    parse_control_streams(chain.memory(), streams)
+}
+
+/// [`parse_control`] of chain `head` of `vring`, read through its ring view (packed rings,
+/// which virtio-queue cannot read).
+pub fn parse_control_ring(
+    vring: &Vring,
+    head: u16,
+    streams: &mut Streams,
+) -> Result<ControlRequest, ParseError> {
+    streams.collect_ring(|max, out| vring.read_chain(head, max, out))?;
+    parse_control_streams(vring.map(), streams)
+}
+
+/// The control request in the chain `streams` collected, read through `mem`.
+fn parse_control_streams<M: GuestRanges + ?Sized>(
+    mem: &M,
+    streams: &Streams,
+) -> Result<ControlRequest, ParseError> {
     let mut ty = [0u8; 4];
     if streams.readable_len < 4 {
         return Err(ParseError::HeaderTooShort(streams.readable_len));

@@ -30,6 +30,9 @@ struct CreateScsi {
     /// listens at once (targets added later are hot-plugged), see the module doc.
     #[serde(default)]
     delay: bool,
+    /// Offer packed virtqueues (a blockd extension, as `vhost_create_blk_controller`'s).
+    #[serde(default)]
+    packed_ring: bool,
 }
 
 fn create_scsi_controller<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
@@ -45,7 +48,8 @@ fn create_scsi_controller<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> Rp
         return Err(RpcError::invalid_params_errno(libc::EEXIST));
     }
     let device = ScsiDevice::new(&p.ctrlr)
-        .map_err(|e| RpcError::internal(format!("controller {}: cannot create: {e}", p.ctrlr)))?;
+        .map_err(|e| RpcError::internal(format!("controller {}: cannot create: {e}", p.ctrlr)))?
+        .with_packed_ring(p.packed_ring);
     if p.delay {
         tracing::info!(ctrlr = %p.ctrlr, "delay requested: the controller listens at once, targets are hot-plugged");
     }

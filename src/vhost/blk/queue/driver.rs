@@ -63,6 +63,7 @@ impl Driver {
             inflight: None,
             stats: Default::default(),
             log: Default::default(),
+            packed: false,
         };
         (setup, rx)
     }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_scsi::*;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
-use super::super::request::{parse_control, ControlRequest, Desc, LunAddr, Streams, AN_RESP_LEN};
+use super::super::request::{
+    parse_control, parse_control_ring, ControlRequest, Desc, LunAddr, Streams, AN_RESP_LEN,
+};
 use super::super::{ScsiShared, ScsiTarget, MAX_TARGETS};
 use crate::reactor::Poller;
 use crate::vhost::device::QueueSetup;
@@ -161,12 +163,24 @@ impl Poller for ControlQueue {
         let mut work = self.check_waiting(&mem);
         if !self.vring.is_stopping() {
             while work < POP_BUDGET {
-                let Some(mut chain) = self.vring.pop(&mem) else {
-                    break;
+                // A packed ring is read through its view (virtio-queue reads split rings).
+                let (head, parsed) = if self.vring.is_packed() {
+                    let Some(head) = self.vring.pop_head() else {
+                        break;
+                    };
+                    (
+                        head,
+                        parse_control_ring(&self.vring, head, &mut self.streams),
+                    )
+                } else {
+                    let Some(mut chain) = self.vring.pop(&mem) else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    (head, parse_control(&mut chain, &mut self.streams))
                 };
-                let head = chain.head_index();
                 work += 1;
-                match parse_control(&mut chain, &mut self.streams) {
+                match parsed {
                     Ok(req) => self.handle(&mem, head, req),
                     Err(e) => {
                         tracing::debug!(queue = self.vring.index(), "bad control request: {e}");

@@ -56,12 +56,24 @@ impl Poller for EventQueue {
         self.vring.sync_mem(&mem);
         let mut work = 0;
         while !self.vring.is_stopping() && self.has_events() {
-            let Some(mut chain) = self.vring.pop(&mem) else {
-                break;
+            // A packed ring is read through its view (virtio-queue reads split rings).
+            let (head, collected) = if self.vring.is_packed() {
+                let Some(head) = self.vring.pop_head() else {
+                    break;
+                };
+                let vring = &self.vring;
+                let r = self
+                    .streams
+                    .collect_ring(|max, out| vring.read_chain(head, max, out));
+                (head, r)
+            } else {
+                let Some(mut chain) = self.vring.pop(&mem) else {
+                    break;
+                };
+                (chain.head_index(), self.streams.collect(&mut chain))
             };
-            let head = chain.head_index();
             work += 1;
-            let ok = self.streams.collect(&mut chain).is_ok()
+            let ok = collected.is_ok()
                 && self.streams.readable().is_empty()
                 && self.streams.writable_len >= EVENT_LEN;
             let used = if ok {
