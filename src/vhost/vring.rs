@@ -540,6 +540,12 @@ impl Drop for Vring {
         if self.irq.deferred {
             self.signal();
         }
+        // Let go of guest memory before answering: the session unmaps the regions nobody
+        // holds once the ring has answered (GET_VRING_BASE, disconnection), and forgets the
+        // mappings a ring still holds then.
+        self.view = None;
+        self.map = GuestMap::default();
+        self.map_of = None;
         // Nobody waits for the stop position when the receiver is gone.
         let _ = self.stopped.send(self.queue.next_avail());
     }
