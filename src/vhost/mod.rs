@@ -10,6 +10,8 @@ pub mod coalescing;
 pub mod device;
 pub mod engine;
 mod events;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz_api;
 pub mod guest_fault;
 pub mod guest_map;
 pub mod guest_stream;
