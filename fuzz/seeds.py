@@ -190,10 +190,79 @@ def rpc():
     }
 
 
+def vhost_session():
+    """Operations of fuzz_targets/vhost_session.rs (see its header for the encoding)."""
+    def op(n, *fields, need_reply=False, extra_fds=0):
+        return bytes([n | (0x80 if need_reply else 0) | (extra_fds << 5)]) + b"".join(fields)
+
+    u8 = lambda v: struct.pack("<B", v)
+    u16 = lambda v: struct.pack("<H", v)
+    u32 = lambda v: struct.pack("<I", v)
+    u64 = lambda v: struct.pack("<Q", v)
+    NEW = 0xFF
+
+    def region(gpa, size, fd_size, off=0, fd=NEW, skew=0):
+        return u32(gpa >> 12) + u32(size >> 8) + u32(fd_size >> 8) + u8(off) + u8(fd) + u16(skew)
+
+    simple = lambda sel: op(3, u8(sel))  # SET_OWNER RESET_OWNER GET_FEATURES GET_PROTOCOL_F...
+    vring = lambda sel, i, n: op(7, u8(sel), u8(i), u16(n))  # NUM BASE ENABLE GET_BASE
+    IN, OUT, FLUSH, GET_ID = 0, 1, 4, 8
+
+    def request(typ, sector, length, head, gpa, layout=0, ring=0):
+        return op(14, u8(ring), u8(typ), u32(sector), u16(length), u8(head), u32(gpa), u8(layout))
+
+    negotiate = (simple(2) + simple(0) + simple(3) + op(1, u8(0), u64(0))
+                 + op(2, u8(0), u64(0), need_reply=True))
+    mem = op(4, u8(1), region(0, 1 << 20, 1 << 20))
+
+    def ring_up(i=0, desc=0x1000, avail=0x2000, used=0x3000, size=16):
+        return (vring(0, i, size) + vring(1, i, 0) + op(8, u8(i), u8(0), u32(desc), u32(avail), u32(used))
+                + op(9, u8(1), u8(i)) + op(9, u8(0), u8(i)) + vring(2, i, 1))
+
+    read = request(IN, 8, 4096, 0, 0x10000) + op(16, u8(0))
+    s = {}
+    s["read"] = negotiate + mem + ring_up() + read + vring(3, 0, 0)
+    s["rw_indirect_flush"] = (negotiate + mem + ring_up()
+                              + request(OUT, 16, 8192, 0, 0x10000, layout=1) + op(16, u8(0))
+                              + request(IN, 16, 8192, 3, 0x20000) + request(FLUSH, 0, 0, 6, 0x30000, layout=2)
+                              + request(GET_ID, 0, 20, 9, 0x40000) + op(16, u8(0)) + vring(3, 0, 0))
+    # Two queues, guest memory added region by region (CONFIGURE_MEM_SLOTS), one removed.
+    s["mem_slots"] = (negotiate + op(5, region(0, 1 << 20, 1 << 20))
+                      + op(5, region(0x100000, 1 << 16, 1 << 16)) + ring_up()
+                      + ring_up(1, 0x100000, 0x101000, 0x102000, 8)
+                      + request(IN, 0, 512, 0, 0x10000, ring=1) + op(16, u8(1))
+                      + op(6, region(0x100000, 1 << 16, 1 << 16, fd=0)) + read)
+    # In-flight region from GET_INFLIGHT_FD, handed back; reconnect and hand it back again.
+    inflight = op(10, u16(2), u16(16)) + op(11, u8(1), u32(4096), u8(0), u16(2), u16(16), u32(0))
+    s["inflight_reconnect"] = (negotiate + inflight + mem + ring_up() + read + op(19)
+                               + negotiate + op(11, u8(1), u32(4096), u8(0), u16(2), u16(16), u32(0))
+                               + op(4, u8(1), region(0, 1 << 20, 0, fd=0)) + ring_up() + read)
+    # The frontend shrinks guest memory under a running ring: the ring's reads fault.
+    s["shrink_under_ring"] = (negotiate + mem + ring_up() + request(IN, 0, 4096, 0, 0x10000)
+                              + op(17, u8(0), u32(0x1000 >> 8)) + op(16, u8(0)))
+    s["config"] = (negotiate + op(12, u8(0), u8(60), u8(0)) + op(13, u8(32), u8(1), b"\x00", u8(0))
+                   + op(12, u8(32), u8(1), u8(0)) + op(13, u8(0), u8(8), b"\xff" * 8, u8(0)))
+    # Regions that do not fit their fd, of size 0, overlapping, at a huge offset.
+    # Regions that do not fit their fd, overlapping, then (fatal framing errors: the
+    # session ends) of size 0 and at an offset that overflows.
+    s["bad_regions"] = (negotiate + op(4, u8(1), region(0, 1 << 20, 1 << 16))
+                        + op(4, u8(2), region(0, 1 << 16, 1 << 16), region(0x8000, 1 << 16, 1 << 16))
+                        + mem + ring_up() + op(5, region(0x200000, 1 << 20, 4096)) + read
+                        + op(5, region(0x300000, 4096, 4096, off=0xFF)) + negotiate
+                        + op(4, u8(2), region(0, 1 << 20, 0, fd=0), region(0x100000, 0, 4096)))
+    s["bad_frames"] = (negotiate + op(0, u8(2), u16(8), u8(0))  # SET_FEATURES without its body
+                       + op(19) + simple(0) + op(3, u8(0), extra_fds=2)
+                       + op(18, u8(0x85)))  # 5 bytes of a header, then hang up
+    # 5 bytes of a header, then silence: the read times out (it used to spin forever).
+    s["partial_header_silent"] = negotiate + op(18, u8(5))
+    return s
+
+
 def main():
     for target, seeds in [("blk_request", blk()), ("scsi_request", scsi()),
                           ("scsi_cdb", cdb_seeds()), ("nbd_negotiation", nbd()), ("nbd_conn", nbd_conn()),
-                          ("rpc_stream", rpc())]:
+                          ("rpc_stream", rpc()),
+                          ("vhost_session", vhost_session())]:
         d = os.path.join(HERE, "corpus", target)
         os.makedirs(d, exist_ok=True)
         for name, data in seeds.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target in fuzz/ for SECONDS each (default 60), starting from the
-# seed corpus in fuzz/corpus/<target>/ (new inputs libFuzzer finds are added there and
-# ignored by git). Installs what it needs: the nightly toolchain and cargo-fuzz, only when
+# Runs every cargo-fuzz target in fuzz/ (as `cargo fuzz list` names them: the [[bin]]s of
+# fuzz/Cargo.toml) for SECONDS each (default 60), starting from the seed corpus in
+# fuzz/corpus/<target>/ (new inputs libFuzzer finds are added there and ignored by git). Installs what it needs: the nightly toolchain and cargo-fuzz, only when
 # missing. Fails on the first target that crashes; the input is in fuzz/artifacts/<target>/
 # (reproduce: cargo +nightly fuzz run <target> fuzz/artifacts/<target>/crash-...).
 #

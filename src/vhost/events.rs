@@ -231,8 +231,9 @@ impl Events {
             return;
         }
         // One thread serves every controller's control plane, and the vhost-user handler
-        // reads a message's body with a blocking recv: a frontend that sends a header and
-        // never its body (or stops reading our replies) must not hold that thread. A
+        // reads a message with blocking recvs: a frontend that sends part of a header, a
+        // header and never its body, or stops reading our replies must not hold that thread
+        // (the vendored vhost crate gives up on a timeout, third_party/README.md). A
         // message is handled only when epoll reports the socket readable and frontends
         // send each message whole, so a body that is not there within the timeout never
         // comes: the read fails and the connection is closed as broken.
@@ -272,7 +273,7 @@ impl Events {
 /// Errors after which the connection cannot continue: the socket or the message framing is
 /// broken. Errors of a single request (bad parameter, refused operation) were already
 /// answered (REPLY_ACK) and the connection goes on.
-fn is_fatal(e: &VuError) -> bool {
+pub(super) fn is_fatal(e: &VuError) -> bool {
     !matches!(
         e,
         VuError::InvalidParam

@@ -140,6 +140,24 @@ impl Drop for GuestMapping {
     }
 }
 
+/// Guest mappings registered now, over all sessions of the process (the fuzz target checks
+/// that none outlives its session).
+pub fn registered() -> usize {
+    TABLE
+        .iter()
+        .filter(|s| s.state.load(Ordering::Acquire) != FREE)
+        .count()
+}
+
+/// Whether a registered mapping starts at `addr` (tests).
+#[cfg(test)]
+pub(crate) fn is_registered(addr: *mut u8) -> bool {
+    TABLE.iter().any(|s| {
+        s.state.load(Ordering::Acquire) == ACTIVE
+            && s.start.load(Ordering::Relaxed) == addr as usize
+    })
+}
+
 fn claim_slot() -> Option<usize> {
     TABLE.iter().position(|s| {
         s.state

@@ -11,6 +11,8 @@ pub mod device;
 pub mod dirty_log;
 pub mod engine;
 mod events;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz_api;
 pub mod guest_fault;
 pub mod guest_map;
 pub mod guest_stream;

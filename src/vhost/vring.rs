@@ -790,12 +790,20 @@ impl Drop for Vring {
             self.kicks += n;
         }
         self.publish_stats();
-        // Nobody waits for the stop position when the receiver is gone. A packed ring's
-        // carries its wrap counter in bit 15 (vhost-user.rst "VHOST_USER_GET_VRING_BASE").
+        // A packed ring's position carries its wrap counter in bit 15 (vhost-user.rst
+        // "VHOST_USER_GET_VRING_BASE").
         let base = match &self.packed {
             Some(p) => p.base(),
             None => self.queue.next_avail(),
         };
+        // Let go of guest memory before answering: the session unmaps the regions nobody
+        // holds once the ring has answered (GET_VRING_BASE, disconnection), and forgets the
+        // mappings a ring still holds then.
+        self.view = None;
+        self.packed = None;
+        self.map = GuestMap::default();
+        self.map_of = None;
+        // Nobody waits for the stop position when the receiver is gone.
         let _ = self.stopped.send(base);
     }
 }

@@ -72,6 +72,14 @@ impl MemGenerations {
         }
     }
 
+    /// No request points into guest memory any more (the queue is going away): lets go of
+    /// every generation.
+    pub fn release_all(&mut self) {
+        self.cur = Arc::new(GuestMemoryMmap::new());
+        self.refs = 0;
+        self.retired.clear();
+    }
+
     /// Retired generations still mapped (tests).
     #[cfg(test)]
     pub fn retired(&self) -> usize {

@@ -345,6 +345,11 @@ impl<D: QueueDevice> Drop for Engine<D> {
                 in_flight = self.in_flight,
                 "queue dropped with requests in flight"
             );
+        } else {
+            // No request points into guest memory: let go of it before the ring (the
+            // first field) answers its stop, after which the session unmaps what nobody
+            // holds and forgets, for good, what a ring still holds.
+            self.mem.release_all();
         }
     }
 }

@@ -110,6 +110,15 @@ pub(super) struct Endpoint<H: MsgHeader> {
     _h: PhantomData<H>,
 }
 
+/// Whether the "all" send/receive loops retry after error `e`. Patch carried by blockd:
+/// only an interrupted call (EINTR) is retried. EAGAIN means the socket's timeout
+/// (SO_RCVTIMEO / SO_SNDTIMEO) expired, or that a non-blocking socket has nothing more: a
+/// peer that sends part of a message header, or stops reading replies, would otherwise hold
+/// the calling thread forever; the caller gets the error and drops the connection.
+fn retry_in_loop(e: &Error) -> bool {
+    matches!(e, Error::SocketRetry(io) if io.raw_os_error() == Some(libc::EINTR))
+}
+
 impl<H: MsgHeader> Endpoint<H> {
     /// Create a new stream by connecting to server at `str`.
     ///
@@ -172,10 +181,8 @@ impl<H: MsgHeader> Endpoint<H> {
             match sent {
                 Ok(0) => return Ok(data_sent),
                 Ok(n) => data_sent += n,
-                Err(e) => match e {
-                    Error::SocketRetry(_) => {}
-                    _ => return Err(e),
-                },
+                Err(e) if retry_in_loop(&e) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(data_sent)
@@ -403,10 +410,8 @@ impl<H: MsgHeader> Endpoint<H> {
                     }
                     data_read += n;
                 }
-                Err(e) => match e {
-                    Error::SocketRetry(_) => {}
-                    _ => return Err(e),
-                },
+                Err(e) if retry_in_loop(&e) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok((data_read, rfds))
