@@ -15,6 +15,7 @@ pub mod bdev_local;
 pub mod client;
 pub mod framework;
 pub mod iostat;
+pub mod keyring;
 pub mod log;
 pub mod map;
 pub mod nbd;
@@ -87,6 +88,8 @@ commands! {
     Rbd(rbd::RbdCmd),
     #[command(flatten)]
     Local(bdev_local::BdevLocalCmd),
+    #[command(flatten)]
+    Keyring(keyring::KeyringCmd),
     #[command(flatten)]
     Vhost(vhost::VhostCmd),
     #[command(flatten)]
