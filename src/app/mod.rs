@@ -135,6 +135,7 @@ impl App {
         crate::bdev::aio::rpc::register(&mut m);
         crate::bdev::rbd::rpc::register(&mut m);
         crate::bdev::localpool::rpc::register(&mut m);
+        crate::bdev::crypto::rpc::register(&mut m);
         crate::vhost::blk::rpc::register(&mut m);
         crate::vhost::scsi::rpc::register(&mut m);
         crate::nbd::rpc::register(&mut m);

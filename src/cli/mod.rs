@@ -11,6 +11,7 @@
 //! `#[command(subcommand)]` for a `blockctl image create ...`-style group).
 
 pub mod bdev;
+pub mod bdev_crypto;
 pub mod bdev_local;
 pub mod client;
 pub mod framework;
@@ -90,6 +91,8 @@ commands! {
     Local(bdev_local::BdevLocalCmd),
     #[command(flatten)]
     Keyring(keyring::KeyringCmd),
+    #[command(flatten)]
+    Crypto(bdev_crypto::BdevCryptoCmd),
     #[command(flatten)]
     Vhost(vhost::VhostCmd),
     #[command(flatten)]
