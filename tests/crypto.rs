@@ -205,7 +205,7 @@ fn crypto_bdev_over_aio_and_local_pool_matches_reference_xts_and_survives_a_rest
         )
         .unwrap_err();
     assert!(msg.contains("keyring_file_add_key"), "{msg}");
-    let o = d.blockctl(&["bdev_crypto_create", "Aio0", "C0", "--key", "key0"]);
+    let o = d.blockctl(&["bdev_crypto_create", "Aio0", "C0", "-n", "key0"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (code, _) = d
         .rpc("bdev_aio_delete", json!({"name": "Aio0"}))

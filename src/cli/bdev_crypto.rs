@@ -15,8 +15,9 @@ pub enum BdevCryptoCmd {
         base_bdev_name: String,
         /// Name of the crypto bdev.
         name: String,
-        /// Name of the keyring key (rpc.py's `-n`; `--key` as in blockd's docs).
-        #[arg(short = 'n', long = "key-name", visible_alias = "key")]
+        /// Name of the keyring key (rpc.py's `-n/--key-name`; rpc.py's `-k/--key`, key
+        /// material on the command line, is not offered).
+        #[arg(short = 'n', long = "key-name")]
         key_name: String,
         /// Accepted for rpc.py compatibility, ignored.
         #[arg(short = 'p', long = "crypto-pmd")]
@@ -24,12 +25,6 @@ pub enum BdevCryptoCmd {
         /// Only AES_XTS.
         #[arg(short = 'c', long)]
         cipher: Option<String>,
-        /// Only SIMPLE_LBA.
-        #[arg(short = 't', long = "tweak-mode")]
-        tweak_mode: Option<String>,
-        /// UUID of the bdev (default: random).
-        #[arg(short = 'u', long)]
-        uuid: Option<String>,
     },
     /// Delete a crypto bdev (its base stays, unclaimed).
     BdevCryptoDelete {
@@ -47,8 +42,6 @@ impl Run for BdevCryptoCmd {
                 key_name,
                 crypto_pmd,
                 cipher,
-                tweak_mode,
-                uuid,
             } => ctx.call_print(
                 "bdev_crypto_create",
                 params_of(vec![
@@ -57,8 +50,6 @@ impl Run for BdevCryptoCmd {
                     ("key_name", Some(json!(key_name))),
                     ("crypto_pmd", crypto_pmd.map(|v| json!(v))),
                     ("cipher", cipher.map(|v| json!(v))),
-                    ("tweak_mode", tweak_mode.map(|v| json!(v))),
-                    ("uuid", uuid.map(|v| json!(v))),
                 ]),
             ),
             BdevCryptoCmd::BdevCryptoDelete { name } => {
