@@ -321,11 +321,19 @@ impl Keyring {
         Value::Array(out)
     }
 
-    /// The `keyring_file_add_key` calls that recreate the active keys (names and paths).
+    /// The `keyring_file_add_key` calls that recreate the keys (names and paths): the
+    /// active ones, and the removed ones a bdev still uses, whose saved creation call
+    /// names them (else the saved configuration could not be replayed; after a restart
+    /// such a key is active again) unless their name was given to another key since.
     pub fn config_entries(&self) -> Vec<(&'static str, Value)> {
-        crate::sync::lock(&self.keys)
-            .active
-            .iter()
+        let keys = crate::sync::lock(&self.keys);
+        let mut all: Vec<Arc<Key>> = keys.active.clone();
+        for k in keys.removed.iter().filter_map(Weak::upgrade) {
+            if !all.iter().any(|a| a.name == k.name) {
+                all.push(k);
+            }
+        }
+        all.iter()
             .map(|k| {
                 (
                     "keyring_file_add_key",

@@ -116,8 +116,11 @@ fn removed_keys_stay_with_their_users() {
     assert_eq!(l[0]["removed"], true);
     assert_eq!(l[0]["refcnt"], 1);
     assert_eq!(user.bytes(), SECRET);
+    // Still saved: the user's saved creation call names it.
+    assert_eq!(r.config_entries().len(), 1);
     drop(user);
     assert_eq!(r.list_json(), serde_json::json!([]));
+    assert!(r.config_entries().is_empty());
     // The name is free again.
     r.add_file("k", &p).unwrap();
     assert_eq!(r.list_json()[0]["refcnt"], 1);

@@ -346,6 +346,14 @@ impl BdevBackend for RbdBackend {
     /// Objects that exist are data, absent ones holes (`rbd_diff_iterate2`, whole objects:
     /// the granularity a thin image allocates in). A clone's parent data counts as data.
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, Errno> {
+        if self.shared.cfg.encryption.is_some() {
+            // `rbd_diff_iterate2` speaks of the raw image (LUKS header included), not of
+            // the payload this bdev presents: everything is data, which is always correct.
+            return Ok(vec![Extent {
+                len,
+                state: AllocState::Data,
+            }]);
+        }
         let runs = self
             .shared
             .image()
