@@ -5,8 +5,6 @@ use std::alloc::Layout;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use xts_mode::get_tweak_default;
-
 use super::Cipher;
 use crate::bdev::{BdevChannel, Errno, IoChannel, IoOp, IoResult, IoVecs};
 
@@ -138,11 +136,10 @@ pub(super) unsafe fn crypt_iovs(
     encrypt: bool,
 ) {
     let run = |block: &mut [u8], lba: u64| {
-        let tweak = get_tweak_default(lba as u128);
         if encrypt {
-            cipher.encrypt_sector(block, tweak);
+            cipher.encrypt_unit(block, lba);
         } else {
-            cipher.decrypt_sector(block, tweak);
+            cipher.decrypt_unit(block, lba);
         }
     };
     // SAFETY: the caller's promise (`# Safety`).

@@ -30,6 +30,7 @@ mod channel;
 pub mod rpc;
 #[cfg(test)]
 mod tests;
+mod xts;
 
 use std::sync::Arc;
 
@@ -37,7 +38,6 @@ use aes::cipher::KeyInit;
 use aes::Aes256;
 use serde_json::{json, Value};
 use uuid::Uuid;
-use xts_mode::Xts128;
 use zeroize::Zeroizing;
 
 use super::{Bdev, BdevBackend, BdevParams, BdevRegistry, IoChannel, IoTypes};
@@ -59,8 +59,7 @@ pub struct CryptoOpts {
     pub uuid: Option<Uuid>,
 }
 
-/// The cipher of a bdev: AES-256 in XTS mode.
-pub(crate) type Cipher = Xts128<Aes256>;
+pub(crate) use xts::Cipher;
 
 /// The XTS cipher of `key`: 64 raw bytes, or 128 hex digits (a trailing newline allowed).
 /// The two halves must differ (IEEE 1619-2007 §5.1 weak keys; the kernel's
@@ -101,7 +100,7 @@ pub(crate) fn cipher_of(key: &Key) -> crate::error::Result<Cipher> {
     }
     let c1 = Aes256::new_from_slice(k1).map_err(|_| Error::invalid("bad AES key length"))?;
     let c2 = Aes256::new_from_slice(k2).map_err(|_| Error::invalid("bad AES key length"))?;
-    Ok(Xts128::new(c1, c2))
+    Ok(Cipher::new(c1, c2))
 }
 
 /// The crypto backend.
