@@ -59,6 +59,22 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `bdev_rbd_create` with encryption: unlocking a LUKS key slot runs the PBKDF its format
+/// calibrated to about 2 s of CPU (`rbd encryption format`'s cryptsetup defaults), far
+/// longer on a loaded machine, so the call gets more than the default 30 s.
+fn create_encrypted(d: &Daemon, params: Value) -> Result<Value, (i64, String)> {
+    let mut c = blockd::cli::client::RpcClient::connect(
+        d.rpc_socket(),
+        std::time::Duration::from_secs(300),
+    )
+    .unwrap();
+    match c.call("bdev_rbd_create", Some(params)) {
+        Ok(v) => Ok(v),
+        Err(blockd::cli::client::ClientError::Rpc { code, message, .. }) => Err((code, message)),
+        Err(e) => panic!("bdev_rbd_create: {e}\nlog:\n{}", d.log()),
+    }
+}
+
 /// Deletes a controller once its client's disconnect has been processed (bounded poll).
 fn delete_controller(d: &Daemon, ctrlr: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -109,8 +125,8 @@ fn luks2_image_interoperates_with_rbd_and_qemu_and_refuses_a_wrong_passphrase() 
         json!({"name": "bad", "path": wrong}),
     );
     let create = |key: &str| {
-        d.rpc(
-            "bdev_rbd_create",
+        create_encrypted(
+            &d,
             json!({"name": "Luks0", "pool_name": POOL, "rbd_name": name, "block_size": 512,
                    "encryption_format": "luks2", "key_name": key}),
         )
@@ -126,6 +142,8 @@ fn luks2_image_interoperates_with_rbd_and_qemu_and_refuses_a_wrong_passphrase() 
 
     // blockctl's flags.
     let o = d.blockctl(&[
+        "-t",
+        "300",
         "bdev_rbd_create",
         "-b",
         "Luks0",
@@ -311,8 +329,8 @@ fn blockctl_formats_luks1_as_rbd_does_and_refuses_careless_passphrase_files() {
     let d = Daemon::start();
     d.rpc_ok("keyring_file_add_key", json!({"name": "p", "path": pass}));
     let create = |f: &str| {
-        d.rpc(
-            "bdev_rbd_create",
+        create_encrypted(
+            &d,
             json!({"name": "L1", "pool_name": POOL, "rbd_name": img.image_name(),
                    "block_size": 512, "encryption_format": f, "key_name": "p"}),
         )
