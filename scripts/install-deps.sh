@@ -14,7 +14,7 @@ what=${1:-all}
 qemu_pkgs=(qemu-system-x86 qemu-utils qemu-block-extra)
 guest_pkgs=(busybox-static xz-utils kmod)
 test_pkgs=(fio libnbd-bin ceph-mon ceph-osd ceph-mgr ceph-common librbd1 librados2
-  prometheus tmux systemd)
+  prometheus tmux systemd python3-cryptography)
 
 missing() {
   local p

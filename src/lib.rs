@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod cpumask;
 pub mod error;
+pub mod keyring;
 pub mod localpool;
 pub mod logging;
 pub mod metrics;

@@ -77,7 +77,9 @@ fn concatenated_requests_in_one_write_are_answered_in_order() {
         .contains(&json!("spdk_get_version")));
     let r3 = read_one(&mut s, &mut buf).unwrap();
     assert_eq!(r3["id"], json!(3));
-    assert_eq!(r3["result"][0]["subsystem"], "bdev");
+    // SPDK's order: the keyring first (bdevs refer to its keys), then bdev.
+    assert_eq!(r3["result"][0]["subsystem"], "keyring");
+    assert_eq!(r3["result"][1]["subsystem"], "bdev");
 }
 
 #[test]
@@ -870,12 +872,20 @@ fn blockctl_save_and_load_config() {
     assert!(o.status.success(), "{}", stderr(&o));
     let saved: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let subs = saved["subsystems"].as_array().unwrap();
-    assert_eq!(subs[0]["subsystem"], "bdev");
+    assert_eq!(subs[0]["subsystem"], "keyring");
+    assert_eq!(subs[1]["subsystem"], "bdev");
     assert!(subs.iter().all(|s| s["config"].is_array()));
 
     let o = d.blockctl(&["save_config", "-s", "bdev"]);
     let only: Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(only["subsystems"].as_array().unwrap().len(), 1);
+    // With its dependency: the keys its bdevs refer to.
+    let only: Vec<&Value> = only["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["subsystem"])
+        .collect();
+    assert_eq!(only, [&json!("keyring"), &json!("bdev")]);
 
     let file = d.tmp_dir().join("cfg.json");
     std::fs::write(&file, stdout(&d.blockctl(&["save_config"]))).unwrap();
@@ -908,7 +918,7 @@ fn blockctl_bdev_round_trip() {
     let saved: Value = serde_json::from_str(&stdout(&d.blockctl(&["save_config"]))).unwrap();
     let file = d.tmp_dir().join("saved.json");
     std::fs::write(&file, saved.to_string()).unwrap();
-    let bdev_cfg = &saved["subsystems"][0]["config"];
+    let bdev_cfg = &saved["subsystems"][1]["config"];
     assert!(
         bdev_cfg
             .as_array()

@@ -22,8 +22,13 @@ pub struct Subsystem {
 /// Every subsystem, in initialization (dependency) order. Add one line per new subsystem.
 pub const SUBSYSTEMS: &[Subsystem] = &[
     Subsystem {
-        name: "bdev",
+        name: "keyring",
         depends_on: &[],
+        config: keyring_config,
+    },
+    Subsystem {
+        name: "bdev",
+        depends_on: &["keyring"],
         config: bdev_config,
     },
     Subsystem {
@@ -80,6 +85,16 @@ fn bdev_config(app: &App) -> Vec<Value> {
         }
     }
     out
+}
+
+/// keyring: one `keyring_file_add_key {name, path}` per key (SPDK's keyring subsystem comes
+/// before bdev, whose crypto and rbd bdevs refer to keys by name). Never the key's bytes.
+fn keyring_config(app: &App) -> Vec<Value> {
+    app.keyring
+        .config_entries()
+        .into_iter()
+        .map(|(m, p)| entry(m, p))
+        .collect()
 }
 
 fn nbd_config(app: &App) -> Vec<Value> {

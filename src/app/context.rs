@@ -12,6 +12,8 @@ use crate::bdev::rbd::rpc::RbdContext;
 use crate::bdev::rbd::RbdState;
 use crate::bdev::rpc::BdevContext;
 use crate::bdev::BdevRegistry;
+use crate::keyring::rpc::KeyringContext;
+use crate::keyring::Keyring;
 use crate::nbd::rpc::NbdContext;
 use crate::nbd::NbdState;
 use crate::reactor::Reactors;
@@ -50,6 +52,12 @@ impl FrameworkContext for App {
 impl BdevContext for App {
     fn bdevs(&self) -> &BdevRegistry {
         &self.bdevs
+    }
+}
+
+impl KeyringContext for App {
+    fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 }
 

@@ -18,6 +18,7 @@ use crate::bdev::aio::AioFiles;
 use crate::bdev::rbd::{RbdState, SHUTDOWN_TIMEOUT};
 use crate::bdev::BdevRegistry;
 use crate::cpumask::CpuMask;
+use crate::keyring::Keyring;
 use crate::nbd::NbdState;
 use crate::reactor::Reactors;
 use crate::rpc::{RpcError, RpcMethods};
@@ -41,6 +42,8 @@ pub struct App {
     pub opts: AppOptions,
     pub reactors: Arc<Reactors>,
     pub bdevs: BdevRegistry,
+    /// Named keys (`keyring_file_add_key`), referred to by the crypto and rbd bdevs.
+    pub keyring: Keyring,
     /// The files of aio bdevs, for `bdev_aio_rescan`.
     pub aio_files: AioFiles,
     /// Registered rbd clusters and the rbd bdevs' images.
@@ -65,6 +68,7 @@ impl App {
             vhost: VhostRegistry::new(reactors.clone(), sockets),
             reactors,
             bdevs: BdevRegistry::default(),
+            keyring: Keyring::default(),
             aio_files: AioFiles::default(),
             rbd: RbdState::default(),
             nbd: NbdState::default(),
@@ -124,12 +128,14 @@ impl App {
         let mut m = RpcMethods::default();
         crate::rpc::framework::register(&mut m);
         crate::rpc::log::register(&mut m);
+        crate::keyring::rpc::register(&mut m);
         crate::bdev::rpc::register(&mut m);
         crate::bdev::malloc::rpc::register(&mut m);
         crate::bdev::null::rpc::register(&mut m);
         crate::bdev::aio::rpc::register(&mut m);
         crate::bdev::rbd::rpc::register(&mut m);
         crate::bdev::localpool::rpc::register(&mut m);
+        crate::bdev::crypto::rpc::register(&mut m);
         crate::vhost::blk::rpc::register(&mut m);
         crate::vhost::scsi::rpc::register(&mut m);
         crate::nbd::rpc::register(&mut m);

@@ -9,6 +9,7 @@
 
 pub mod aio;
 pub mod channel;
+pub mod crypto;
 pub mod histogram;
 pub mod localpool;
 pub mod malloc;

@@ -11,10 +11,12 @@
 //! `#[command(subcommand)]` for a `blockctl image create ...`-style group).
 
 pub mod bdev;
+pub mod bdev_crypto;
 pub mod bdev_local;
 pub mod client;
 pub mod framework;
 pub mod iostat;
+pub mod keyring;
 pub mod log;
 pub mod map;
 pub mod nbd;
@@ -87,6 +89,10 @@ commands! {
     Rbd(rbd::RbdCmd),
     #[command(flatten)]
     Local(bdev_local::BdevLocalCmd),
+    #[command(flatten)]
+    Keyring(keyring::KeyringCmd),
+    #[command(flatten)]
+    Crypto(bdev_crypto::BdevCryptoCmd),
     #[command(flatten)]
     Vhost(vhost::VhostCmd),
     #[command(flatten)]

@@ -31,6 +31,13 @@ pub enum RbdCmd {
         /// Open the image read-only (rpc.py's `-r/--readonly`, sent as `read_only`).
         #[arg(short = 'r', long = "readonly")]
         read_only: bool,
+        /// Load the image's LUKS encryption (`luks1` or `luks2`, as `rbd encryption
+        /// format` made it) before serving; needs --key.
+        #[arg(long = "encryption-format", requires = "key_name")]
+        encryption_format: Option<String>,
+        /// The keyring key (keyring_file_add_key) holding the LUKS passphrase.
+        #[arg(long = "key", requires = "encryption_format")]
+        key_name: Option<String>,
         /// Pool of the image.
         pool_name: String,
         /// Image name.
@@ -108,6 +115,8 @@ impl Run for RbdCmd {
                 cluster_name,
                 uuid,
                 read_only,
+                encryption_format,
+                key_name,
                 pool_name,
                 rbd_name,
                 block_size,
@@ -123,6 +132,8 @@ impl Run for RbdCmd {
                     ("cluster_name", cluster_name.map(|v| json!(v))),
                     ("uuid", uuid.map(|v| json!(v))),
                     ("read_only", read_only.then_some(json!(true))),
+                    ("encryption_format", encryption_format.map(|v| json!(v))),
+                    ("key_name", key_name.map(|v| json!(v))),
                 ]),
             ),
             RbdCmd::BdevRbdDelete { name } => {

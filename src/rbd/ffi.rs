@@ -269,3 +269,61 @@ pub fn rbd_version() -> Option<(i32, i32, i32)> {
     unsafe { (a.rbd_version)(&mut x, &mut y, &mut z) };
     Some((x, y, z))
 }
+
+/// `rbd_encryption_format_t` of Ceph 16 (Pacific): `RBD_ENCRYPTION_FORMAT_LUKS1`.
+pub const RBD_ENCRYPTION_FORMAT_LUKS1: c_int = 0;
+/// `RBD_ENCRYPTION_FORMAT_LUKS2`.
+pub const RBD_ENCRYPTION_FORMAT_LUKS2: c_int = 1;
+/// `rbd_encryption_algorithm_t`: `RBD_ENCRYPTION_ALGORITHM_AES256` (what `rbd encryption
+/// format` uses by default).
+pub const RBD_ENCRYPTION_ALGORITHM_AES256: c_int = 1;
+
+/// `rbd_encryption_luks1_format_options_t` and `rbd_encryption_luks2_format_options_t`
+/// (the same layout in Ceph 16): the cipher for `format` (ignored by `load`) and the
+/// passphrase, not NUL-terminated.
+#[repr(C)]
+pub struct rbd_encryption_luks_format_options_t {
+    pub alg: c_int,
+    pub passphrase: *const c_char,
+    pub passphrase_size: usize,
+}
+
+/// `rbd_encryption_format`/`rbd_encryption_load(image, format, opts, opts_size)`.
+pub type rbd_encryption_fn = unsafe extern "C" fn(rbd_image_t, c_int, *mut c_void, usize) -> c_int;
+
+/// librbd's LUKS calls (Ceph 16 and newer): resolved apart from [`Api`] so that older
+/// librbds still serve unencrypted images.
+pub struct EncryptionApi {
+    pub rbd_encryption_format: rbd_encryption_fn,
+    pub rbd_encryption_load: rbd_encryption_fn,
+}
+
+static ENCRYPTION_API: OnceLock<Result<EncryptionApi, String>> = OnceLock::new();
+
+/// The LUKS calls, or why they are missing (librbd older than Ceph 16).
+pub fn encryption_api() -> Result<&'static EncryptionApi, &'static str> {
+    ENCRYPTION_API
+        .get_or_init(|| {
+            api().map_err(str::to_string)?;
+            let sym = |name: &CStr| {
+                // SAFETY: librbd was loaded RTLD_GLOBAL by `api()` and is never unloaded;
+                // `name` is NUL-terminated.
+                let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+                if p.is_null() {
+                    return Err(format!(
+                        "librbd has no {} (LUKS encryption needs Ceph 16 or newer)",
+                        name.to_string_lossy()
+                    ));
+                }
+                // SAFETY: the non-NULL address of the C function of that name, whose
+                // signature (Ceph 16 rbd/librbd.h) `rbd_encryption_fn` declares.
+                Ok(unsafe { std::mem::transmute::<*mut c_void, rbd_encryption_fn>(p) })
+            };
+            Ok(EncryptionApi {
+                rbd_encryption_format: sym(c"rbd_encryption_format")?,
+                rbd_encryption_load: sym(c"rbd_encryption_load")?,
+            })
+        })
+        .as_ref()
+        .map_err(|e| e.as_str())
+}

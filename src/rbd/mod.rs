@@ -6,6 +6,7 @@
 //! the CLI's business (`crate::rbdcli::present`).
 
 pub mod aio;
+pub mod encryption;
 pub mod error;
 pub mod ffi;
 pub mod image;
@@ -13,6 +14,7 @@ pub mod rados;
 pub mod snapshot;
 
 pub use aio::{AioCallback, AioOp};
+pub use encryption::EncryptionFormat;
 pub use error::{RbdError, RbdResult};
 pub use image::{CreateOptions, Image, ImageInfo, Watcher};
 pub use rados::{ConnectOptions, IoCtx, Rados};

@@ -173,6 +173,29 @@ pub enum ImageCommand {
         /// POOL/IMAGE
         spec: String,
     },
+    /// LUKS encryption (Ceph images, as `rbd encryption`).
+    #[command(subcommand)]
+    Encryption(EncryptionCommand),
+}
+
+/// `image encryption ...`.
+#[derive(clap::Subcommand, Debug)]
+pub enum EncryptionCommand {
+    /// Write a LUKS1/LUKS2 header (AES-256) protected by the passphrase in
+    /// PASSPHRASE_FILE (its whole content), as `rbd encryption format`; serve the image
+    /// with `bdev_rbd_create --encryption-format luks2 --key NAME`.
+    Format {
+        #[command(flatten)]
+        ceph: CephArgs,
+        /// POOL/IMAGE
+        spec: String,
+        /// luks1 or luks2
+        #[arg(value_name = "FORMAT")]
+        encryption_format: String,
+        /// A file holding the passphrase (same rules as keyring key files: mode 0600,
+        /// owned by you, not a symlink)
+        passphrase_file: std::path::PathBuf,
+    },
 }
 
 /// `image snap ...`: every spec is POOL/IMAGE@SNAP (`ls` takes POOL/IMAGE).
@@ -293,6 +316,18 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
             spec,
             file,
         } => export(&ceph, !no_progress, overwrite, &spec, &file)?,
+        ImageCommand::Encryption(EncryptionCommand::Format {
+            ceph,
+            spec,
+            encryption_format,
+            passphrase_file,
+        }) => {
+            let s = ImageSpec::parse(&spec)?;
+            let format = crate::rbd::EncryptionFormat::parse(&encryption_format)?;
+            let path = std::path::absolute(&passphrase_file)?;
+            let pass = crate::keyring::load_key_file("passphrase", &path)?;
+            open(&ceph, &s)?.encryption_format(format, pass.as_slice())?;
+        }
         ImageCommand::Status { ceph, spec } => {
             let s = ImageSpec::parse(&spec)?;
             let w = open_ro(&ceph, &s)?.watchers()?;

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use serde_json::json;
 
-use super::image::{ImageCommand, SnapCommand};
+use super::image::{EncryptionCommand, ImageCommand, SnapCommand};
 use super::pool::PoolCommand;
 use super::progress::Progress;
 use super::size::human;
@@ -108,7 +108,8 @@ fn ceph_of(cmd: &ImageCommand) -> &CephArgs {
         | ImageCommand::Du { ceph, .. }
         | ImageCommand::Import { ceph, .. }
         | ImageCommand::Export { ceph, .. }
-        | ImageCommand::Status { ceph, .. } => ceph,
+        | ImageCommand::Status { ceph, .. }
+        | ImageCommand::Encryption(EncryptionCommand::Format { ceph, .. }) => ceph,
         ImageCommand::Snap(
             SnapCommand::Create { ceph, .. }
             | SnapCommand::Ls { ceph, .. }
@@ -318,6 +319,12 @@ fn local_image(
             } else {
                 println!("not served");
             }
+        }
+        ImageCommand::Encryption(EncryptionCommand::Format { ref spec, .. }) => {
+            if opts.local(spec).is_some() {
+                bail!("{spec}: LUKS formatting applies to Ceph images (use bdev_crypto_create over a local image)");
+            }
+            return Ok(Some(cmd));
         }
     }
     Ok(None)

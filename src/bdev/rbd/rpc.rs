@@ -12,8 +12,10 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::cluster::ClusterConfig;
-use super::{RbdBdevConfig, RbdState};
+use super::{RbdBdevConfig, RbdEncryption, RbdState};
 use crate::bdev::rpc::{BdevContext, NameParams};
+use crate::keyring::rpc::KeyringContext;
+use crate::rbd::EncryptionFormat;
 use crate::rpc::{params, RpcError, RpcMethods, RpcResult};
 
 /// What the rbd methods act on: the bdevs and the rbd state (clusters, rbd bdevs).
@@ -22,7 +24,7 @@ pub trait RbdContext: BdevContext {
 }
 
 /// Registers this backend's methods.
-pub fn register<C: RbdContext>(m: &mut RpcMethods<C>) {
+pub fn register<C: RbdContext + KeyringContext>(m: &mut RpcMethods<C>) {
     m.add("bdev_rbd_create", create);
     m.add("bdev_rbd_delete", delete);
     m.add("bdev_rbd_resize", resize);
@@ -46,6 +48,10 @@ struct CreateParams {
     /// exclusive lock is taken and frontends present a read-only device.
     #[serde(default)]
     read_only: bool,
+    /// `luks1` or `luks2`: load the image's LUKS encryption with the passphrase in keyring
+    /// key `key_name` (blockd extension).
+    encryption_format: Option<String>,
+    key_name: Option<String>,
 }
 
 /// Whether `name` is taken by any bdev of the daemon.
@@ -53,8 +59,20 @@ fn name_taken<C: RbdContext>(app: &Arc<C>, name: &str) -> bool {
     app.rbd().exists(name) || app.bdevs().get(name).is_some()
 }
 
-fn create<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
+fn create<C: RbdContext + KeyringContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
     let p: CreateParams = params(p)?;
+    let encryption = match (p.encryption_format.as_deref(), p.key_name.as_deref()) {
+        (None, None) => None,
+        (Some(f), Some(k)) => Some(RbdEncryption {
+            format: EncryptionFormat::parse(f).map_err(crate::error::Error::from)?,
+            key: app.keyring().get(k)?,
+        }),
+        _ => {
+            return Err(RpcError::invalid_params(
+                "encryption_format and key_name go together",
+            ))
+        }
+    };
     let name = match p.name {
         Some(n) if n.is_empty() => return Err(RpcError::invalid_params("name must not be empty")),
         Some(n) => {
@@ -82,6 +100,7 @@ fn create<C: RbdContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
         cluster_name: p.cluster_name,
         uuid: p.uuid,
         read_only: p.read_only,
+        encryption,
     })?;
     if let Err(e) = app.bdevs().add(bdev.clone()) {
         // Lost a race for the name: undo.

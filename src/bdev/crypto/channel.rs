@@ -1,0 +1,342 @@
+//! The crypto bdev's I/O channel: a channel of the base bdev, with reads decrypted in place
+//! on completion and writes encrypted into a per-request bounce buffer.
+
+use std::alloc::Layout;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use super::Cipher;
+use crate::bdev::{BdevChannel, Errno, IoChannel, IoOp, IoResult, IoVecs};
+
+/// Free bounce buffers kept per channel for reuse (more are allocated while more writes
+/// are in flight, and freed when they complete).
+const POOL_MAX: usize = 32;
+
+/// An aligned heap buffer for one write's ciphertext, with the iovec that describes it
+/// (boxed: its address is handed to the base and must not move while the write runs).
+struct Bounce {
+    ptr: *mut u8,
+    layout: Layout,
+    iov: Box<libc::iovec>,
+}
+
+impl Bounce {
+    fn new(len: usize, align: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(1), align.max(64)).ok()?;
+        // SAFETY: the layout has a nonzero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            return None;
+        }
+        Some(Bounce {
+            ptr,
+            layout,
+            iov: Box::new(libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: 0,
+            }),
+        })
+    }
+
+    /// The first `len` bytes (`len <= capacity`).
+    fn slice(&mut self, len: usize) -> &mut [u8] {
+        // SAFETY: `ptr` is an allocation of `layout.size() >= len` bytes owned by `self`,
+        // borrowed mutably for the slice's life.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.layout.size())) }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// What a request in the base is waiting for.
+enum Pending {
+    /// Decrypt these buffers (the caller's) once the base has filled them.
+    Read { lba: u64, iovs: IoVecs },
+    /// Give the bounce buffer back.
+    Write(Bounce),
+    /// Nothing to do (flush, unmap).
+    Plain,
+}
+
+/// See the module doc.
+pub(super) struct CryptoChannel {
+    base: BdevChannel,
+    cipher: Arc<Cipher>,
+    block_size: usize,
+    align: usize,
+    /// Requests in the base, indexed by the tag given to the base: (caller's tag, state).
+    slots: Vec<Option<(u64, Pending)>>,
+    free: Vec<usize>,
+    /// Completions decided at submission (no memory for a bounce buffer, unsupported).
+    ready: Vec<(u64, IoResult)>,
+    pool: Vec<Bounce>,
+    /// One block, for blocks that straddle two iovecs.
+    scratch: Vec<u8>,
+}
+
+impl CryptoChannel {
+    pub(super) fn new(
+        base: BdevChannel,
+        cipher: Arc<Cipher>,
+        block_size: usize,
+        align: usize,
+    ) -> Self {
+        CryptoChannel {
+            base,
+            cipher,
+            block_size,
+            align,
+            slots: Vec::new(),
+            free: Vec::new(),
+            ready: Vec::new(),
+            pool: Vec::new(),
+            scratch: vec![0; block_size],
+        }
+    }
+
+    fn slot(&mut self, tag: u64, p: Pending) -> u64 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some((tag, p));
+                i as u64
+            }
+            None => {
+                self.slots.push(Some((tag, p)));
+                (self.slots.len() - 1) as u64
+            }
+        }
+    }
+
+    /// A bounce buffer of at least `len` bytes.
+    fn bounce(&mut self, len: usize) -> Option<Bounce> {
+        match self.pool.iter().position(|b| b.layout.size() >= len) {
+            Some(i) => Some(self.pool.swap_remove(i)),
+            None => Bounce::new(len, self.align),
+        }
+    }
+}
+
+/// Encrypts or decrypts, in place, the blocks described by `iovs` (block `first_lba`
+/// first): in the iovec's memory where a block lies within one iovec, through `scratch`
+/// where it straddles iovecs.
+///
+/// # Safety
+/// `iovs` must describe valid, writable memory that nobody else accesses meanwhile.
+pub(super) unsafe fn crypt_iovs(
+    cipher: &Cipher,
+    iovs: IoVecs,
+    bs: usize,
+    first_lba: u64,
+    scratch: &mut [u8],
+    encrypt: bool,
+) {
+    let run = |block: &mut [u8], lba: u64| {
+        if encrypt {
+            cipher.encrypt_unit(block, lba);
+        } else {
+            cipher.decrypt_unit(block, lba);
+        }
+    };
+    // SAFETY: the caller's promise (`# Safety`).
+    let v = unsafe { iovs.as_slice() };
+    let (mut i, mut off) = (0usize, 0usize);
+    let blocks = iovs.total_len() / bs as u64;
+    for lba in first_lba..first_lba + blocks {
+        while i < v.len() && off == v[i].iov_len {
+            i += 1;
+            off = 0;
+        }
+        if i >= v.len() {
+            return;
+        }
+        if v[i].iov_len - off >= bs {
+            // SAFETY: `[off, off + bs)` is inside iovec `i`, valid and ours (`# Safety`).
+            let block =
+                unsafe { std::slice::from_raw_parts_mut(v[i].iov_base.cast::<u8>().add(off), bs) };
+            run(block, lba);
+            off += bs;
+        } else {
+            // Gather, transform, scatter back.
+            let (si, so) = (i, off);
+            let mut got = 0;
+            while got < bs && i < v.len() {
+                let n = (v[i].iov_len - off).min(bs - got);
+                // SAFETY: `[off, off + n)` is inside iovec `i`, and `scratch` is `bs` long.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        v[i].iov_base.cast::<u8>().add(off),
+                        scratch.as_mut_ptr().add(got),
+                        n,
+                    )
+                };
+                got += n;
+                off += n;
+                if off == v[i].iov_len {
+                    i += 1;
+                    off = 0;
+                }
+            }
+            if got < bs {
+                return;
+            }
+            run(&mut scratch[..bs], lba);
+            let (mut j, mut o, mut put) = (si, so, 0);
+            while put < bs {
+                let n = (v[j].iov_len - o).min(bs - put);
+                // SAFETY: the same ranges as the gather above.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        scratch.as_ptr().add(put),
+                        v[j].iov_base.cast::<u8>().add(o),
+                        n,
+                    )
+                };
+                put += n;
+                o += n;
+                if o == v[j].iov_len {
+                    j += 1;
+                    o = 0;
+                }
+            }
+        }
+    }
+}
+
+/// Copies the bytes of `iovs` into `out` (`out.len() == iovs.total_len()`).
+///
+/// # Safety
+/// `iovs` must describe valid, readable memory.
+unsafe fn gather(iovs: IoVecs, out: &mut [u8]) {
+    let mut pos = 0;
+    // SAFETY: the caller's promise (`# Safety`).
+    for v in unsafe { iovs.as_slice() } {
+        let n = v.iov_len.min(out.len() - pos);
+        // SAFETY: `iov_base` is valid for `iov_len >= n` bytes; `out[pos..pos + n]` exists.
+        unsafe {
+            std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), out.as_mut_ptr().add(pos), n)
+        };
+        pos += n;
+    }
+}
+
+impl IoChannel for CryptoChannel {
+    unsafe fn submit(&mut self, tag: u64, op: IoOp) {
+        let bs = self.block_size as u64;
+        match op {
+            IoOp::Read { offset, iovs } => {
+                let idx = self.slot(
+                    tag,
+                    Pending::Read {
+                        lba: offset / bs,
+                        iovs,
+                    },
+                );
+                // SAFETY: the caller keeps the buffers valid until `tag` is reaped, which
+                // happens only after the base reports `idx`.
+                unsafe { self.base.submit(idx, op) };
+            }
+            IoOp::Write { offset, iovs } => {
+                let len = iovs.total_len() as usize;
+                let Some(mut b) = self.bounce(len) else {
+                    self.ready.push((tag, Err(Errno(libc::ENOMEM))));
+                    return;
+                };
+                let buf = b.slice(len);
+                // SAFETY: the caller's buffers are valid for reading (our contract).
+                unsafe { gather(iovs, buf) };
+                let mut scratch = [];
+                let one = [libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: len,
+                }];
+                // SAFETY: `one` describes `buf`, ours alone; every block lies within it, so
+                // `scratch` is never used.
+                unsafe {
+                    crypt_iovs(
+                        &self.cipher,
+                        IoVecs::from_slice(&one),
+                        self.block_size,
+                        offset / bs,
+                        &mut scratch,
+                        true,
+                    )
+                };
+                b.iov.iov_len = len;
+                // SAFETY: the boxed iovec and the buffer it points to move into the slot
+                // with `b` and stay put (heap) until the base reports `idx`.
+                let iovs = unsafe { IoVecs::from_slice(std::slice::from_ref(&*b.iov)) };
+                let idx = self.slot(tag, Pending::Write(b));
+                // SAFETY: as above.
+                unsafe { self.base.submit(idx, IoOp::Write { offset, iovs }) };
+            }
+            IoOp::Flush | IoOp::Unmap { .. } => {
+                let idx = self.slot(tag, Pending::Plain);
+                // SAFETY: no buffers.
+                unsafe { self.base.submit(idx, op) };
+            }
+            IoOp::WriteZeroes { .. } => self.ready.push((tag, Err(Errno(libc::ENOTSUP)))),
+        }
+    }
+
+    fn kick(&mut self) {
+        self.base.kick();
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(u64, IoResult)) -> usize {
+        let mut n = self.ready.len();
+        for (tag, r) in self.ready.drain(..) {
+            done(tag, r);
+        }
+        let CryptoChannel {
+            base,
+            cipher,
+            block_size,
+            slots,
+            free,
+            pool,
+            scratch,
+            ..
+        } = self;
+        n += base.poll(&mut |idx, r| {
+            let Some((tag, p)) = slots.get_mut(idx as usize).and_then(Option::take) else {
+                tracing::error!(idx, "crypto: the base completed an unknown request");
+                return;
+            };
+            free.push(idx as usize);
+            match p {
+                Pending::Read { lba, iovs } if r.is_ok() => {
+                    // SAFETY: the read completed: the caller's buffers hold the ciphertext
+                    // and stay valid until we report `tag` just below.
+                    unsafe { crypt_iovs(cipher, iovs, *block_size, lba, scratch, false) };
+                }
+                Pending::Write(b) if pool.len() < POOL_MAX => pool.push(b),
+                _ => {}
+            }
+            done(tag, r);
+        });
+        n
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.base.completion_fd()
+    }
+
+    /// Also true while the base has throttled requests or completions it decided itself
+    /// (its `next_deadline`): the reactor only sees this channel, so it must poll.
+    fn arm(&mut self) -> bool {
+        self.base.arm() || !self.ready.is_empty() || self.base.next_deadline().is_some()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.base.in_flight() + self.ready.len()
+    }
+
+    fn completed_by_helper_threads(&self) -> bool {
+        self.base.awaits_helper_threads()
+    }
+}
