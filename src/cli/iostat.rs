@@ -175,25 +175,12 @@ impl Run for IostatArgs {
     }
 }
 
-/// UTC `YYYY-MM-DDTHH:MM:SS` of seconds since the epoch (civil-from-days, no dependency).
+/// UTC `YYYY-MM-DDTHH:MM:SS` of seconds since the epoch: the local pool's RFC 3339 stamp
+/// without its `Z`.
 fn format_time(secs: f64) -> String {
-    let s = secs as i64;
-    let (days, rem) = (s.div_euclid(86400), s.rem_euclid(86400));
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let mut t = crate::localpool::meta::rfc3339(secs.max(0.0) as u64);
+    t.pop(); // the trailing 'Z'
+    t
 }
 
 #[cfg(test)]
