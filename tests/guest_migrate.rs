@@ -372,10 +372,9 @@ impl Vm {
         let ctl = dir.join("ctl.img");
         std::fs::write(&ctl, vec![0u8; MIB as usize]).unwrap();
         let opts = Self::opts_for(dir, &ctl, kind, bs, 0, &on.socket(), false);
-        let mut guest = Guest::spawn(&opts).expect("starting the guest");
+        let (guest, _) = Guest::spawn_until(&opts, "BLOCKD-WAIT writers", WAIT).unwrap();
         eprintln!("{}", guest.command_line());
         let qmp = Qmp::connect(&opts.workdir.join("qmp.sock"), WAIT).expect("QMP of QEMU 0");
-        guest.wait_for("BLOCKD-WAIT writers", WAIT).unwrap();
         let vm = Vm {
             dir: dir.to_path_buf(),
             ctl,

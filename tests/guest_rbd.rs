@@ -63,8 +63,7 @@ fn rbd_image_in_a_guest_seed_discard_flush_resize() {
     );
     let sock = d.socket_dir().join("vhost.rbd0");
     let opts = GuestOpts::new("rbd", d.tmp_dir().join("g")).disk(Disk::blk(&sock, 1));
-    let mut g = Guest::spawn(&opts).expect("starting the guest");
-    g.wait_for("BLOCKD-WAIT resize", Duration::from_secs(90))
+    let (g, _) = Guest::spawn_until(&opts, "BLOCKD-WAIT resize", Duration::from_secs(90))
         .expect("guest never waited for the resize");
     ceph::rbd_cli(&conf, &["resize", "--size", "96M", &spec]);
     let run = g

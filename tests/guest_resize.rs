@@ -32,8 +32,7 @@ fn aio_rescan_grows_the_disk_of_a_running_guest() {
     );
     let sock = d.socket_dir().join("vhost.grow");
     let opts = GuestOpts::new("resize", d.tmp_dir().join("g")).disk(Disk::blk(&sock, 1));
-    let mut g = Guest::spawn(&opts).expect("starting the guest");
-    g.wait_for("BLOCKD-WAIT resize", Duration::from_secs(60))
+    let (g, _) = Guest::spawn_until(&opts, "BLOCKD-WAIT resize", Duration::from_secs(60))
         .expect("guest never waited for the resize");
 
     std::fs::OpenOptions::new()

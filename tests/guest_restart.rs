@@ -203,9 +203,8 @@ fn restart_cycles(
         DiskKind::VhostUserBlk => opts.arg("disks", "2"),
         DiskKind::VhostUserScsi => opts.arg("dev", "sd"),
     };
-    let mut g = Guest::spawn(&opts).expect("starting the guest");
+    let (g, _) = Guest::spawn_until(&opts, "BLOCKD-WAIT writers", WAIT).unwrap();
     eprintln!("{}", g.command_line());
-    g.wait_for("BLOCKD-WAIT writers", WAIT).unwrap();
     wait_acked(&g, 4, "writers starting");
 
     // Kills and stops alternate until each count is reached by cycles that show at least

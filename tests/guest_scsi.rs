@@ -127,8 +127,7 @@ fn hot_add_and_remove(packed: bool) {
         .arg("dev", "sd")
         .arg("hotplug", "1")
         .disk(if packed { disk.packed() } else { disk });
-    let mut g = Guest::spawn(&opts).expect("starting the guest");
-    g.wait_for("BLOCKD-WAIT hotadd", WAIT).unwrap();
+    let (mut g, _) = Guest::spawn_until(&opts, "BLOCKD-WAIT hotadd", WAIT).unwrap();
     let t = d.rpc_ok(
         "vhost_scsi_controller_add_target",
         json!({"ctrlr": "vhost.hp", "scsi_target_num": 1, "bdev_name": "t1"}),

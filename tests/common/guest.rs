@@ -382,6 +382,29 @@ impl Guest {
         Ok(run)
     }
 
+    /// [`Guest::spawn`], then [`RunningGuest::wait_for`] the guest's first `marker`; returns
+    /// the guest and the rest of the marker's line. A guest that printed nothing at all by
+    /// then never reached its init (the emulated boot stalled on the starved host, as in
+    /// [`Guest::boot`]): it is killed and booted once more, saying so on stderr.
+    pub fn spawn_until(
+        opts: &GuestOpts,
+        marker: &str,
+        timeout: Duration,
+    ) -> Result<(RunningGuest, String)> {
+        let mut g = Self::spawn(opts)?;
+        match g.wait_for(marker, timeout) {
+            Ok(rest) => Ok((g, rest)),
+            Err(e) if g.printed_nothing() => {
+                eprintln!("guest printed nothing in {timeout:?}: booting it once more ({e:#})");
+                drop(g);
+                let mut g = Self::spawn(opts)?;
+                let rest = g.wait_for(marker, timeout)?;
+                Ok((g, rest))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Starts QEMU and returns at once: the test acts on the host while the guest runs
     /// (the guest announces with `BLOCKD-WAIT <what>` that it waits for the host, see
     /// [`RunningGuest::wait_for`]); [`RunningGuest::finish`] collects the run.
@@ -432,6 +455,11 @@ pub struct RunningGuest {
 const CONSOLE_POLL: Duration = Duration::from_millis(20);
 
 impl RunningGuest {
+    /// Whether the guest has not written a single byte to its console yet.
+    pub fn printed_nothing(&self) -> bool {
+        std::fs::read(&self.console_path).map_or(true, |l| l.iter().all(u8::is_ascii_whitespace))
+    }
+
     /// The QEMU command line.
     pub fn command_line(&self) -> &str {
         &self.command_line
