@@ -5,8 +5,8 @@ usual rate), then blockd's idle CPU with metrics on and a scrape every 15 s.
 
     bench/metrics.sh [--rounds 3] [--runtime 5] [--idle-seconds 60]
 
-blockd runs on core 0 (-m 0x1, --poll adaptive), the libblkio client on core 1, as in
-bench/harness.py. Writes JSON to stdout; bench/README.md quotes the figures."""
+blockd runs on core 0 (-m 0x1, --poll adaptive), the libblkio client (busy-polling) on core
+1, both at nice -20, each run taken with the two vCPUs close together, as in bench/harness.py. Writes JSON to stdout; bench/README.md quotes the figures."""
 
 import argparse
 import json
@@ -18,6 +18,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import harness  # bench/harness.py: the placement probes and the pinning
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -50,7 +52,7 @@ class Blockd:
         self.sock = d / "rpc.sock"
         self.sockets = d / "s"
         self.port = free_port() if metrics else None
-        argv = [binary or a.blockd, "-m", "0x1", "-S", str(self.sockets), "-r", str(self.sock)]
+        argv = harness.NICE + ["taskset", "-c", harness.TARGET_CPU, binary or a.blockd, "-m", "0x1", "-S", str(self.sockets), "-r", str(self.sock)]
         if metrics:
             argv += ["--metrics", f"127.0.0.1:{self.port}"]
         self.log = open(d / "log", "w")
@@ -87,18 +89,28 @@ def qd32(a, metrics, binary=None):
                 scrapes.append((time.monotonic() - t, n))
                 stop.wait(1.0)
 
-        th = threading.Thread(target=scraper) if metrics else None
-        if th:
-            th.start()
-        out = subprocess.run(["taskset", "-c", "1", a.blockctl, "bench", "-s",
-                              str(b.sockets / "vhost.0"), "-w", "randread", "-q", "32",
-                              "-t", str(a.runtime), "--json"],
-                             check=True, capture_output=True, text=True).stdout
-        stop.set()
-        if th:
-            th.join()
+        # As bench/harness.py: the two vCPUs close together right before and right after
+        # the run, or it is taken again (twice at most); the probes are recorded.
+        for attempt in range(3):
+            before = harness.wait_close(a)
+            scrapes.clear()
+            stop.clear()
+            th = threading.Thread(target=scraper) if metrics else None
+            if th:
+                th.start()
+            out = subprocess.run(harness.NICE + [
+                "taskset", "-c", harness.CLIENT_CPU, a.blockctl, "bench", "-s",
+                str(b.sockets / "vhost.0"), "-w", "randread", "-q", "32", "-t",
+                str(a.runtime), "--cpus", harness.CLIENT_CPU, "--poll", "--json"],
+                check=True, capture_output=True, text=True).stdout
+            stop.set()
+            if th:
+                th.join()
+            after = harness.core_latency(a)
+            if max(before, after) <= harness.FAR_NS:
+                break
         iops = json.loads(out)["phases"][0]["iops"]
-        return iops, scrapes
+        return iops, scrapes, [round(before), round(after)]
     finally:
         b.stop()
 
@@ -140,13 +152,22 @@ def main():
     ap.add_argument("--baseline", help="another blockd binary (e.g. main's) run without "
                     "--metrics in each round as well")
     a = ap.parse_args()
-    off, on, base, scrapes = [], [], [], []
+    work = tempfile.TemporaryDirectory(prefix="blockd-metrics-corelat-")
+    a.corelat = str(Path(work.name) / "corelat")
+    subprocess.run(["cc", "-O2", "-pthread", "-o", a.corelat,
+                    str(Path(__file__).with_name("corelat.c"))], check=True)
+    off, on, base, scrapes, probes = [], [], [], [], []
     for _ in range(a.rounds):
         if a.baseline:
-            base.append(qd32(a, False, a.baseline)[0])
-        off.append(qd32(a, False)[0])
-        iops, s = qd32(a, True)
+            iops, _, p = qd32(a, False, a.baseline)
+            base.append(iops)
+            probes.append(p)
+        iops, _, p = qd32(a, False)
+        off.append(iops)
+        probes.append(p)
+        iops, s, p = qd32(a, True)
         on.append(iops)
+        probes.append(p)
         scrapes += s
     res = {
         "qd32_null_randread_iops_metrics_off": off,
@@ -161,6 +182,9 @@ def main():
         "scrape_ms_median_under_load": round(1e3 * statistics.median(t for t, _ in scrapes), 2)
         if scrapes else None,
         "idle_metrics_on_15s_scrape": idle(a),
+        # Cache-line round trips between the two cores (ns) before and after each run, in
+        # run order (baseline, off, on per round); close is under harness.FAR_NS.
+        "core_ns": probes,
     }
     print(json.dumps(res, indent=2))
 
