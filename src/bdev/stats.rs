@@ -38,10 +38,16 @@ impl Latency {
         self.min.fetch_min(ns, Relaxed);
     }
 
+    /// The extremes change rarely: a load decides, and only a new extreme pays the
+    /// read-modify-write (a compare-and-swap loop for `fetch_max`/`fetch_min` on x86).
     fn add_batch(&self, sum: u64, min: u64, max: u64) {
         self.sum.fetch_add(sum, Relaxed);
-        self.max.fetch_max(max, Relaxed);
-        self.min.fetch_min(min, Relaxed);
+        if max > self.max.load(Relaxed) {
+            self.max.fetch_max(max, Relaxed);
+        }
+        if min < self.min.load(Relaxed) {
+            self.min.fetch_min(min, Relaxed);
+        }
     }
 
     /// Forgets the extremes (SPDK's `maxmin` reset).
