@@ -207,8 +207,22 @@ fn serve(listener: Listener, stop: EventFd, render: Render) {
     }
 }
 
-/// Reads the request head: up to the blank line, [`MAX_HEAD`] bytes, [`READ_DEADLINE`].
-fn read_head(c: &mut dyn Conn) -> std::io::Result<Option<Vec<u8>>> {
+/// Headers a request may carry; more is answered 431.
+const MAX_HEADERS: usize = 64;
+
+/// How a request head ended.
+enum Head {
+    /// A complete, well-formed request line and headers (RFC 9112 §2-5).
+    Request { method: String, path: String },
+    /// Malformed (the parser's reason).
+    Bad(httparse::Error),
+    /// Over [`MAX_HEAD`] bytes or [`MAX_HEADERS`] headers.
+    TooLarge,
+}
+
+/// Reads the request head (parsed by `httparse`) within [`MAX_HEAD`] bytes and
+/// [`READ_DEADLINE`].
+fn read_head(c: &mut dyn Conn) -> std::io::Result<Head> {
     let deadline = Instant::now() + READ_DEADLINE;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
@@ -223,11 +237,20 @@ fn read_head(c: &mut dyn Conn) -> std::io::Result<Option<Vec<u8>>> {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            return Ok(Some(head));
-        }
-        if head.len() > MAX_HEAD {
-            return Ok(None);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                return Ok(Head::Request {
+                    method: req.method.unwrap_or_default().to_string(),
+                    path: req.path.unwrap_or_default().to_string(),
+                })
+            }
+            Ok(httparse::Status::Partial) if head.len() <= MAX_HEAD => {}
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                return Ok(Head::TooLarge)
+            }
+            Err(e) => return Ok(Head::Bad(e)),
         }
     }
 }
@@ -254,31 +277,32 @@ fn respond(
 /// 404, 405, 400 or 431 otherwise.
 fn handle(c: &mut dyn Conn, render: &Render) -> std::io::Result<()> {
     let text = "text/plain; charset=utf-8";
-    let Some(head) = read_head(c)? else {
-        return respond(
-            c,
-            "431 Request Header Fields Too Large",
-            text,
-            "request head too large\n",
-            false,
-        );
+    let (method, path) = match read_head(c)? {
+        Head::Request { method, path } => (method, path),
+        Head::TooLarge => {
+            return respond(
+                c,
+                "431 Request Header Fields Too Large",
+                text,
+                "request head too large\n",
+                false,
+            )
+        }
+        Head::Bad(e) => {
+            return respond(
+                c,
+                "400 Bad Request",
+                text,
+                &format!("bad request: {e}\n"),
+                false,
+            )
+        }
     };
-    let line = head.split(|&b| b == b'\n').next().unwrap_or(&[]);
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.trim_end().split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return respond(c, "400 Bad Request", text, "bad request line\n", false);
-    };
-    if !version.starts_with("HTTP/1.") || parts.next().is_some() {
-        return respond(c, "400 Bad Request", text, "bad request line\n", false);
-    }
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
         return respond(c, "405 Method Not Allowed", text, "only GET\n", false);
     }
-    let path = target.split('?').next().unwrap_or("");
-    match path {
+    match path.split('?').next().unwrap_or("") {
         "/metrics" => {
             let (ctype, body) = render();
             respond(c, "200 OK", ctype, &body, head_only)
@@ -316,6 +340,16 @@ mod tests {
         assert!(get(a, b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(get(a, b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
         assert!(get(a, b"GARBAGE\r\n\r\n").starts_with("HTTP/1.1 400"));
+        assert!(get(a, b"GET /metrics HTTP/1.1\r\nNo colon\r\n\r\n").starts_with("HTTP/1.1 400"));
+        assert!(get(a, b"GET /metrics HTTP/2.0\r\n\r\n").starts_with("HTTP/1.1 400"));
+        let many: Vec<u8> = (0..=MAX_HEADERS)
+            .flat_map(|i| format!("H{i}: v\r\n").into_bytes())
+            .collect();
+        let r = get(
+            a,
+            &[b"GET /metrics HTTP/1.1\r\n", &many[..], b"\r\n"].concat(),
+        );
+        assert!(r.starts_with("HTTP/1.1 431"), "{r}");
         let mut big = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
         big.resize(MAX_HEAD + 100, b'a');
         let r = get(a, &big);
