@@ -17,14 +17,15 @@ impl metrics::Source for App {
             .iter()
             .map(|b| {
                 let s = &b.stats;
+                let t = s.totals();
                 let kinds = KINDS
                     .iter()
                     .map(|&k| {
-                        let (ops, bytes, latency_ns) = s.kind_totals(k);
+                        let k = t.kind(k);
                         KindSample {
-                            ops,
-                            bytes,
-                            latency_ns,
+                            ops: k.ops,
+                            bytes: k.bytes,
+                            latency_ns: k.lat_sum,
                         }
                     })
                     .collect();
@@ -34,9 +35,9 @@ impl metrics::Source for App {
                     name: b.name().to_string(),
                     product: b.backend().product_name().to_string(),
                     kinds,
-                    errors: l(&s.io_errors),
-                    queue_depth: s.queue_depth.load(std::sync::atomic::Ordering::Relaxed),
-                    io_time_ns: l(&s.io_time),
+                    errors: t.io_errors,
+                    queue_depth: t.queue_depth,
+                    io_time_ns: t.io_time,
                     qos_throttled_ops: l(&s.qos_throttled_ops),
                     qos_throttled_ns: l(&s.qos_throttled_ns),
                     histogram: s.histograms.snapshot(),
@@ -110,10 +111,7 @@ impl metrics::Source for App {
             .into_iter()
             .filter_map(|n| {
                 let b = self.rbd.get(&n)?;
-                let q = b
-                    .stats
-                    .queue_depth
-                    .load(std::sync::atomic::Ordering::Relaxed);
+                let q = b.stats.totals().queue_depth;
                 Some((n, q))
             })
             .collect();

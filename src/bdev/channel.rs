@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::histogram::ChannelHistogram;
-use super::stats::ChannelStats;
+use super::stats::{ChannelCounters, ChannelStats};
 use super::{Bdev, Errno, IoChannel, IoKind, IoOp, IoResult};
 
 /// An operation handed to the backend, indexed by the tag the backend sees.
@@ -56,8 +56,9 @@ pub struct BdevChannel {
     retry_at: Option<Instant>,
     /// Since when this channel has had something in the backend (for `io_time`).
     busy_since: Option<Instant>,
-    /// Statistics gathered since the last poll or kick, merged into the bdev's then.
+    /// This channel's statistics, published to `counters` at each poll and kick.
     stats: ChannelStats,
+    counters: Arc<ChannelCounters>,
     /// The time of this batch of submissions (one clock read per batch, reset by `kick`
     /// and `poll`): start time of the operations and QoS clock.
     batch_now: Option<Now>,
@@ -70,7 +71,9 @@ pub struct BdevChannel {
 impl BdevChannel {
     pub(super) fn new(bdev: Arc<Bdev>, inner: Box<dyn IoChannel>) -> Self {
         let hist = bdev.stats.histograms.open_channel();
+        let counters = bdev.stats.open_channel();
         BdevChannel {
+            counters,
             hist,
             bdev,
             inner,
@@ -105,11 +108,12 @@ impl BdevChannel {
         }
     }
 
-    /// Publishes the batched statistics to the bdev.
+    /// Publishes the statistics to the bdev's readers.
     #[inline]
     fn flush_stats(&mut self) {
         if self.stats.is_dirty() {
-            self.bdev.stats.merge(&mut self.stats);
+            self.stats
+                .publish(&self.counters, self.bdev.stats.extremes_gen());
         }
     }
 
@@ -177,7 +181,7 @@ impl BdevChannel {
     /// As [`BdevChannel::submit`].
     unsafe fn submit_op(&mut self, tag: u64, op: IoOp, then_flush: bool) {
         if let Err(e) = self.check(&op) {
-            self.bdev.stats.record(op.kind(), 0, 0, false);
+            self.stats.record(op.kind(), 0, 0, false);
             self.immediate.push_back((tag, Err(e)));
             return;
         }
@@ -285,17 +289,17 @@ impl BdevChannel {
             n -= self.to_flush.len();
             self.flush_after_writes();
         }
-        // Published before the caller reports the completions to its client, so whoever
-        // sees a completion also sees it counted.
-        self.flush_stats();
         if let Some(since) = self.busy_since {
             if self.free.len() == self.slots.len() {
                 let t = now.map_or_else(Instant::now, |n| n.at);
                 let busy = t.saturating_duration_since(since).as_nanos() as u64;
-                self.bdev.stats.io_time.fetch_add(busy, Relaxed);
+                self.stats.add_io_time(busy);
                 self.busy_since = None;
             }
         }
+        // Published before the caller reports the completions to its client, so whoever
+        // sees a completion also sees it counted.
+        self.flush_stats();
         if !self.throttled.is_empty() {
             self.release_throttled();
         }
@@ -396,6 +400,7 @@ impl BdevChannel {
 impl Drop for BdevChannel {
     fn drop(&mut self) {
         self.flush_stats();
+        self.bdev.stats.close_channel(&self.counters);
         self.bdev.stats.histograms.close_channel(&self.hist);
     }
 }

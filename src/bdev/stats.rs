@@ -1,10 +1,17 @@
-//! Per-bdev I/O statistics for `bdev_get_iostat`.
+//! Per-bdev I/O statistics for `bdev_get_iostat` and the metrics exporter.
 //!
-//! Every channel of a bdev updates the same counters with relaxed atomics: the numbers are
-//! monotonic totals read by an RPC, nothing synchronises on them. Times are nanoseconds and
-//! `bdev_get_iostat` announces `tick_rate` 1e9, so "ticks" are nanoseconds.
+//! Each channel keeps its own counters ([`ChannelCounters`]) with one writer, its reactor:
+//! it sums in plain fields ([`ChannelStats`]) and publishes them with relaxed stores once
+//! per poll pass, so no cache line is shared between the reactors serving one bdev and no
+//! poll pass pays a locked read-modify-write. Readers (an RPC, a scrape) add the channels
+//! up, as SPDK's `bdev_get_iostat` does with `spdk_for_each_channel`; a closing channel
+//! folds its counts into the bdev's retired totals, under the same lock as the readers, so
+//! a count is never lost or seen twice. Resets take a baseline that later reads subtract.
+//! Times are nanoseconds and `bdev_get_iostat` announces `tick_rate` 1e9, so "ticks" are
+//! nanoseconds.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
@@ -13,86 +20,286 @@ use super::IoKind;
 /// `tick_rate` reported by `bdev_get_iostat`: one tick is one nanosecond.
 pub const TICK_RATE: u64 = 1_000_000_000;
 
-/// Running min/max/sum of one operation kind's latency.
-#[derive(Debug)]
-struct Latency {
-    sum: AtomicU64,
-    max: AtomicU64,
-    min: AtomicU64,
+/// One operation kind's counts: operations, bytes, latency sum, minimum and maximum (ns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindTotals {
+    pub ops: u64,
+    pub bytes: u64,
+    pub lat_sum: u64,
+    /// `u64::MAX` while nothing was recorded.
+    pub lat_min: u64,
+    pub lat_max: u64,
 }
 
-impl Default for Latency {
+impl Default for KindTotals {
     fn default() -> Self {
-        Latency {
-            sum: AtomicU64::new(0),
-            max: AtomicU64::new(0),
-            min: AtomicU64::new(u64::MAX),
+        KindTotals {
+            ops: 0,
+            bytes: 0,
+            lat_sum: 0,
+            lat_min: u64::MAX,
+            lat_max: 0,
         }
     }
 }
 
-impl Latency {
-    fn add(&self, ns: u64) {
-        self.sum.fetch_add(ns, Relaxed);
-        self.max.fetch_max(ns, Relaxed);
-        self.min.fetch_min(ns, Relaxed);
+impl KindTotals {
+    fn add(&mut self, o: &KindTotals) {
+        self.ops = self.ops.wrapping_add(o.ops);
+        self.bytes = self.bytes.wrapping_add(o.bytes);
+        self.lat_sum = self.lat_sum.wrapping_add(o.lat_sum);
+        self.add_extremes(o);
     }
 
-    /// The extremes change rarely: a load decides, and only a new extreme pays the
-    /// read-modify-write (a compare-and-swap loop for `fetch_max`/`fetch_min` on x86).
-    fn add_batch(&self, sum: u64, min: u64, max: u64) {
-        self.sum.fetch_add(sum, Relaxed);
-        if max > self.max.load(Relaxed) {
-            self.max.fetch_max(max, Relaxed);
-        }
-        if min < self.min.load(Relaxed) {
-            self.min.fetch_min(min, Relaxed);
-        }
+    fn add_extremes(&mut self, o: &KindTotals) {
+        self.lat_min = self.lat_min.min(o.lat_min);
+        self.lat_max = self.lat_max.max(o.lat_max);
     }
 
-    /// Forgets the extremes (SPDK's `maxmin` reset).
-    fn reset_extremes(&self) {
-        self.max.store(0, Relaxed);
-        self.min.store(u64::MAX, Relaxed);
+    fn forget_extremes(&mut self) {
+        self.lat_min = u64::MAX;
+        self.lat_max = 0;
     }
 
-    fn min(&self) -> u64 {
-        match self.min.load(Relaxed) {
+    /// The minimum as SPDK reports it: 0 while nothing was recorded.
+    pub fn min(&self) -> u64 {
+        match self.lat_min {
             u64::MAX => 0,
             v => v,
         }
     }
 }
 
-/// Counters of one bdev, updated by its channels.
+/// A bdev's statistics at one moment (or one channel's running totals).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// By kind, in [`kind_index`] order: read, write, unmap, write_zeroes, flush.
+    kinds: [KindTotals; 5],
+    /// Failed operations (any kind, including ones refused before reaching the backend).
+    pub io_errors: u64,
+    /// Operations handed to backends and not yet completed, over all channels.
+    pub queue_depth: i64,
+    /// Sum over channels of the time each had at least one operation in flight (ns).
+    pub io_time: u64,
+}
+
+impl Totals {
+    /// Completed operations, bytes and latency of `kind`.
+    pub fn kind(&self, kind: IoKind) -> &KindTotals {
+        &self.kinds[kind_index(kind)]
+    }
+
+    pub fn num_read_ops(&self) -> u64 {
+        self.kind(IoKind::Read).ops
+    }
+    pub fn num_write_ops(&self) -> u64 {
+        self.kind(IoKind::Write).ops
+    }
+    pub fn num_unmap_ops(&self) -> u64 {
+        self.kind(IoKind::Unmap).ops
+    }
+    pub fn num_flush_ops(&self) -> u64 {
+        self.kind(IoKind::Flush).ops
+    }
+    pub fn num_write_zeroes_ops(&self) -> u64 {
+        self.kind(IoKind::WriteZeroes).ops
+    }
+
+    fn add(&mut self, o: &Totals) {
+        for (a, b) in self.kinds.iter_mut().zip(&o.kinds) {
+            a.add(b);
+        }
+        self.io_errors = self.io_errors.wrapping_add(o.io_errors);
+        self.queue_depth = self.queue_depth.wrapping_add(o.queue_depth);
+        self.io_time = self.io_time.wrapping_add(o.io_time);
+    }
+
+    fn forget_extremes(&mut self) {
+        self.kinds.iter_mut().for_each(KindTotals::forget_extremes);
+    }
+}
+
+/// One channel's published counters: written by its reactor only (relaxed stores of
+/// running totals), read by anyone.
+#[derive(Debug)]
+pub struct ChannelCounters {
+    /// ops, bytes, latency sum, min, max per kind.
+    kinds: [[AtomicU64; 5]; 5],
+    errors: AtomicU64,
+    queue_depth: AtomicI64,
+    io_time: AtomicU64,
+    /// The extremes reset ([`ResetMode::MaxMin`]) the published extremes come after.
+    extremes_gen: AtomicU64,
+}
+
+impl Default for ChannelCounters {
+    fn default() -> Self {
+        let k = || {
+            let d = KindTotals::default();
+            [d.ops, d.bytes, d.lat_sum, d.lat_min, d.lat_max].map(AtomicU64::new)
+        };
+        ChannelCounters {
+            kinds: [k(), k(), k(), k(), k()],
+            errors: AtomicU64::new(0),
+            queue_depth: AtomicI64::new(0),
+            io_time: AtomicU64::new(0),
+            extremes_gen: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ChannelCounters {
+    /// What the channel published; extremes only if they postdate reset `gen`.
+    fn read(&self, gen: u64) -> Totals {
+        let mut t = Totals::default();
+        for (k, a) in t.kinds.iter_mut().zip(&self.kinds) {
+            let [ops, bytes, sum, min, max] = a.each_ref().map(|x| x.load(Relaxed));
+            *k = KindTotals {
+                ops,
+                bytes,
+                lat_sum: sum,
+                lat_min: min,
+                lat_max: max,
+            };
+        }
+        t.io_errors = self.errors.load(Relaxed);
+        t.queue_depth = self.queue_depth.load(Relaxed);
+        t.io_time = self.io_time.load(Relaxed);
+        if self.extremes_gen.load(Relaxed) != gen {
+            t.forget_extremes();
+        }
+        t
+    }
+}
+
+/// A channel's running totals in plain fields, published to its [`ChannelCounters`] by
+/// [`ChannelStats::publish`] (the hot path does plain arithmetic only).
+#[derive(Default, Debug)]
+pub struct ChannelStats {
+    totals: Totals,
+    /// Extremes of what was recorded since the last publish (a reset of the extremes
+    /// between two publishes keeps these and forgets the older ones).
+    batch: [KindTotals; 5],
+    /// Kinds recorded since the last publish, one bit each.
+    changed: u8,
+    dirty: bool,
+    /// The extremes reset the totals' extremes come after.
+    gen: u64,
+}
+
+/// SPDK's order of kinds in [`Totals`].
+fn kind_index(kind: IoKind) -> usize {
+    match kind {
+        IoKind::Read => 0,
+        IoKind::Write => 1,
+        IoKind::Unmap => 2,
+        IoKind::WriteZeroes => 3,
+        IoKind::Flush => 4,
+    }
+}
+
+impl ChannelStats {
+    /// Accounts one completed operation of `kind` moving `bytes` that took `latency_ns`.
+    /// Failed operations only count as errors, as in SPDK.
+    #[inline]
+    pub fn record(&mut self, kind: IoKind, bytes: u64, latency_ns: u64, ok: bool) {
+        self.dirty = true;
+        if !ok {
+            self.totals.io_errors += 1;
+            return;
+        }
+        let i = kind_index(kind);
+        let k = &mut self.totals.kinds[i];
+        k.ops += 1;
+        k.bytes += bytes;
+        k.lat_sum += latency_ns;
+        let b = &mut self.batch[i];
+        b.lat_min = b.lat_min.min(latency_ns);
+        b.lat_max = b.lat_max.max(latency_ns);
+        self.changed |= 1 << i;
+    }
+
+    /// Operations handed to (`d` > 0) or back from (`d` < 0) the backend.
+    #[inline]
+    pub fn add_queue_depth(&mut self, d: i64) {
+        self.totals.queue_depth += d;
+        self.dirty = true;
+    }
+
+    /// Time the channel had operations in flight.
+    #[inline]
+    pub fn add_io_time(&mut self, ns: u64) {
+        self.totals.io_time = self.totals.io_time.wrapping_add(ns);
+        self.dirty = true;
+    }
+
+    /// Whether anything was recorded since the last publish.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Makes the totals visible in `to` (plain stores: this thread is its only writer);
+    /// `gen` is the bdev's current extremes reset.
+    #[inline]
+    pub fn publish(&mut self, to: &ChannelCounters, gen: u64) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        let reset = gen != self.gen;
+        if reset {
+            self.gen = gen;
+            self.totals.forget_extremes();
+        }
+        let mut changed = std::mem::take(&mut self.changed);
+        while changed != 0 {
+            let i = changed.trailing_zeros() as usize;
+            changed &= changed - 1;
+            let (k, b) = (&mut self.totals.kinds[i], &mut self.batch[i]);
+            k.add_extremes(b);
+            b.forget_extremes();
+            let a = &to.kinds[i];
+            for (x, v) in a
+                .iter()
+                .zip([k.ops, k.bytes, k.lat_sum, k.lat_min, k.lat_max])
+            {
+                x.store(v, Relaxed);
+            }
+        }
+        if reset {
+            for (a, k) in to.kinds.iter().zip(&self.totals.kinds) {
+                a[3].store(k.lat_min, Relaxed);
+                a[4].store(k.lat_max, Relaxed);
+            }
+            to.extremes_gen.store(gen, Relaxed);
+        }
+        to.errors.store(self.totals.io_errors, Relaxed);
+        to.queue_depth.store(self.totals.queue_depth, Relaxed);
+        to.io_time.store(self.totals.io_time, Relaxed);
+    }
+}
+
+/// A bdev's statistics: its open channels' counters, what closed channels left, and the
+/// baseline of the last reset.
 #[derive(Default, Debug)]
 pub struct BdevStats {
-    pub bytes_read: AtomicU64,
-    pub num_read_ops: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub num_write_ops: AtomicU64,
-    pub bytes_unmapped: AtomicU64,
-    pub num_unmap_ops: AtomicU64,
-    pub num_flush_ops: AtomicU64,
-    pub bytes_write_zeroes: AtomicU64,
-    pub num_write_zeroes_ops: AtomicU64,
-    /// Failed operations (any kind, including ones refused before reaching the backend).
-    pub io_errors: AtomicU64,
-    /// Operations handed to backends and not yet completed, over all channels.
-    pub queue_depth: AtomicI64,
-    /// Sum over channels of the time each had at least one operation in flight (ns).
-    pub io_time: AtomicU64,
-    read_lat: Latency,
-    write_lat: Latency,
-    unmap_lat: Latency,
-    flush_lat: Latency,
-    write_zeroes_lat: Latency,
+    inner: Mutex<StatsInner>,
+    /// Bumped by each reset of the extremes; channels follow it when they publish.
+    extremes_gen: AtomicU64,
     /// Latency histograms by kind (Prometheus, `bdev_get_histogram`); not reset by
     /// `bdev_reset_iostat`.
     pub histograms: super::histogram::Histograms,
     /// Operations QoS made wait, and the time they waited in total (ns).
     pub qos_throttled_ops: AtomicU64,
     pub qos_throttled_ns: AtomicU64,
+}
+
+#[derive(Default, Debug)]
+struct StatsInner {
+    channels: Vec<Arc<ChannelCounters>>,
+    /// Closed channels' totals and operations recorded without a channel.
+    retired: Totals,
+    /// What the last resets took away (extremes are forgotten instead).
+    baseline: Totals,
 }
 
 /// What `bdev_reset_iostat` (and `bdev_get_iostat`'s `reset_mode`) clears, as SPDK's
@@ -125,215 +332,99 @@ impl ResetMode {
     }
 }
 
-/// Statistics one channel gathers between two [`BdevStats::merge`]s, so that the hot path
-/// does plain arithmetic instead of a handful of atomic read-modify-writes per operation.
-#[derive(Default, Debug)]
-pub struct ChannelStats {
-    /// ops, bytes, latency sum, min, max; indexed by [`kind_index`].
-    kinds: [ChannelKindStats; 5],
-    errors: u64,
-    /// Change of the bdev's queue depth since the last merge.
-    pub queue_depth: i64,
-    dirty: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-/// One operation kind's share of [`ChannelStats`].
-struct ChannelKindStats {
-    ops: u64,
-    bytes: u64,
-    lat_sum: u64,
-    lat_min: u64,
-    lat_max: u64,
-}
-
-impl Default for ChannelKindStats {
-    fn default() -> Self {
-        ChannelKindStats {
-            ops: 0,
-            bytes: 0,
-            lat_sum: 0,
-            lat_min: u64::MAX,
-            lat_max: 0,
-        }
-    }
-}
-
-fn kind_index(kind: IoKind) -> usize {
-    match kind {
-        IoKind::Read => 0,
-        IoKind::Write => 1,
-        IoKind::Unmap => 2,
-        IoKind::WriteZeroes => 3,
-        IoKind::Flush => 4,
-    }
-}
-
-impl ChannelStats {
-    /// As [`BdevStats::record`], into this batch.
-    #[inline]
-    pub fn record(&mut self, kind: IoKind, bytes: u64, latency_ns: u64, ok: bool) {
-        self.dirty = true;
-        if !ok {
-            self.errors += 1;
-            return;
-        }
-        let k = &mut self.kinds[kind_index(kind)];
-        k.ops += 1;
-        k.bytes += bytes;
-        k.lat_sum += latency_ns;
-        k.lat_min = k.lat_min.min(latency_ns);
-        k.lat_max = k.lat_max.max(latency_ns);
-    }
-
-    /// One more (or less) operation in the backend.
-    #[inline]
-    pub fn add_queue_depth(&mut self, d: i64) {
-        self.queue_depth += d;
-        self.dirty = true;
-    }
-
-    /// Whether anything was recorded since the last merge.
-    pub fn is_dirty(&self) -> bool {
-        self.dirty
-    }
-}
-
 impl BdevStats {
-    /// Adds a channel's batch to the totals and clears the batch.
-    pub fn merge(&self, local: &mut ChannelStats) {
-        if !local.dirty {
-            return;
-        }
-        if local.errors > 0 {
-            self.io_errors.fetch_add(local.errors, Relaxed);
-        }
-        if local.queue_depth != 0 {
-            self.queue_depth.fetch_add(local.queue_depth, Relaxed);
-        }
-        let targets = [
-            (&self.bytes_read, &self.num_read_ops, &self.read_lat),
-            (&self.bytes_written, &self.num_write_ops, &self.write_lat),
-            (&self.bytes_unmapped, &self.num_unmap_ops, &self.unmap_lat),
-            (
-                &self.bytes_write_zeroes,
-                &self.num_write_zeroes_ops,
-                &self.write_zeroes_lat,
-            ),
-        ];
-        for (k, (b, n, lat)) in local.kinds.iter().zip(targets) {
-            if k.ops > 0 {
-                b.fetch_add(k.bytes, Relaxed);
-                n.fetch_add(k.ops, Relaxed);
-                lat.add_batch(k.lat_sum, k.lat_min, k.lat_max);
-            }
-        }
-        let f = &local.kinds[4];
-        if f.ops > 0 {
-            self.num_flush_ops.fetch_add(f.ops, Relaxed);
-            self.flush_lat.add_batch(f.lat_sum, f.lat_min, f.lat_max);
-        }
-        *local = ChannelStats::default();
+    /// Counters for a new channel of this bdev.
+    pub fn open_channel(&self) -> Arc<ChannelCounters> {
+        let c = Arc::new(ChannelCounters::default());
+        c.extremes_gen
+            .store(self.extremes_gen.load(Relaxed), Relaxed);
+        crate::sync::lock(&self.inner).channels.push(c.clone());
+        c
     }
 
-    /// Accounts one completed operation of `kind` moving `bytes` that took `latency_ns`.
-    /// Failed operations only count as errors, as in SPDK.
-    pub fn record(&self, kind: IoKind, bytes: u64, latency_ns: u64, ok: bool) {
-        if !ok {
-            self.io_errors.fetch_add(1, Relaxed);
-            return;
+    /// The extremes reset channels publish against.
+    #[inline]
+    pub fn extremes_gen(&self) -> u64 {
+        self.extremes_gen.load(Relaxed)
+    }
+
+    /// A channel closed, after its last publish: its totals stay in the bdev's.
+    pub fn close_channel(&self, c: &Arc<ChannelCounters>) {
+        let gen = self.extremes_gen();
+        let mut inner = crate::sync::lock(&self.inner);
+        if let Some(i) = inner.channels.iter().position(|x| Arc::ptr_eq(x, c)) {
+            inner.channels.swap_remove(i);
+            let t = c.read(gen);
+            inner.retired.add(&t);
         }
-        let (b, n, lat) = match kind {
-            IoKind::Read => (&self.bytes_read, &self.num_read_ops, &self.read_lat),
-            IoKind::Write => (&self.bytes_written, &self.num_write_ops, &self.write_lat),
-            IoKind::Unmap => (&self.bytes_unmapped, &self.num_unmap_ops, &self.unmap_lat),
-            IoKind::WriteZeroes => (
-                &self.bytes_write_zeroes,
-                &self.num_write_zeroes_ops,
-                &self.write_zeroes_lat,
-            ),
-            IoKind::Flush => {
-                self.num_flush_ops.fetch_add(1, Relaxed);
-                self.flush_lat.add(latency_ns);
-                return;
-            }
+    }
+
+    /// Accounts one operation outside any channel (tests, and backends' own paths).
+    pub fn record(&self, kind: IoKind, bytes: u64, latency_ns: u64, ok: bool) {
+        let mut one = ChannelStats {
+            gen: self.extremes_gen(),
+            ..Default::default()
         };
-        b.fetch_add(bytes, Relaxed);
-        n.fetch_add(1, Relaxed);
-        lat.add(latency_ns);
+        one.record(kind, bytes, latency_ns, ok);
+        let i = kind_index(kind);
+        one.totals.kinds[i].add_extremes(&one.batch[i]);
+        crate::sync::lock(&self.inner).retired.add(&one.totals);
+    }
+
+    /// The totals now: retired plus every open channel's, minus the reset baseline.
+    pub fn totals(&self) -> Totals {
+        let inner = crate::sync::lock(&self.inner);
+        let mut t = self.raw(&inner);
+        let b = &inner.baseline;
+        for (k, z) in t.kinds.iter_mut().zip(&b.kinds) {
+            k.ops = k.ops.wrapping_sub(z.ops);
+            k.bytes = k.bytes.wrapping_sub(z.bytes);
+            k.lat_sum = k.lat_sum.wrapping_sub(z.lat_sum);
+        }
+        t.io_errors = t.io_errors.wrapping_sub(b.io_errors);
+        t
+    }
+
+    /// Retired plus every open channel's counters, no baseline.
+    fn raw(&self, inner: &StatsInner) -> Totals {
+        let gen = self.extremes_gen();
+        let mut t = inner.retired.clone();
+        for c in &inner.channels {
+            t.add(&c.read(gen));
+        }
+        t
     }
 
     /// Clears the statistics (SPDK's `spdk_bdev_reset_io_stat` modes). The queue depth is a
     /// gauge, not a count, and stays; so does `io_time`, each channel's busy time.
-    /// Operations a channel completed in its current poll pass and has not merged yet are
-    /// counted after the reset.
+    /// A channel forgets its extremes at its next publish; until then readers ignore them.
     pub fn reset(&self, mode: ResetMode) {
-        if mode == ResetMode::Error {
-            self.io_errors.store(0, Relaxed);
-            return;
-        }
-        for l in self.latencies() {
-            l.reset_extremes();
-            if mode == ResetMode::All {
-                l.sum.store(0, Relaxed);
+        let mut inner = crate::sync::lock(&self.inner);
+        let raw = self.raw(&inner);
+        let b = &mut inner.baseline;
+        match mode {
+            ResetMode::Error => {
+                b.io_errors = raw.io_errors;
+                return;
             }
-        }
-        if mode == ResetMode::All {
-            for c in [
-                &self.bytes_read,
-                &self.num_read_ops,
-                &self.bytes_written,
-                &self.num_write_ops,
-                &self.bytes_unmapped,
-                &self.num_unmap_ops,
-                &self.num_flush_ops,
-                &self.bytes_write_zeroes,
-                &self.num_write_zeroes_ops,
-                &self.io_errors,
-            ] {
-                c.store(0, Relaxed);
+            ResetMode::All => {
+                b.io_errors = raw.io_errors;
+                for (z, k) in b.kinds.iter_mut().zip(&raw.kinds) {
+                    (z.ops, z.bytes, z.lat_sum) = (k.ops, k.bytes, k.lat_sum);
+                }
             }
+            ResetMode::MaxMin => {}
         }
-    }
-
-    /// Every operation kind's latency.
-    fn latencies(&self) -> [&Latency; 5] {
-        [
-            &self.read_lat,
-            &self.write_lat,
-            &self.unmap_lat,
-            &self.flush_lat,
-            &self.write_zeroes_lat,
-        ]
+        inner.retired.forget_extremes();
+        self.extremes_gen.fetch_add(1, Relaxed);
     }
 
     /// Completed operations, bytes and latency sum (ns) of `kind`, as `bdev_get_iostat`
     /// reports them (flush moves no bytes).
     pub fn kind_totals(&self, kind: IoKind) -> (u64, u64, u64) {
-        let l = |x: &AtomicU64| x.load(Relaxed);
-        match kind {
-            IoKind::Read => (
-                l(&self.num_read_ops),
-                l(&self.bytes_read),
-                l(&self.read_lat.sum),
-            ),
-            IoKind::Write => (
-                l(&self.num_write_ops),
-                l(&self.bytes_written),
-                l(&self.write_lat.sum),
-            ),
-            IoKind::Unmap => (
-                l(&self.num_unmap_ops),
-                l(&self.bytes_unmapped),
-                l(&self.unmap_lat.sum),
-            ),
-            IoKind::Flush => (l(&self.num_flush_ops), 0, l(&self.flush_lat.sum)),
-            IoKind::WriteZeroes => (
-                l(&self.num_write_zeroes_ops),
-                l(&self.bytes_write_zeroes),
-                l(&self.write_zeroes_lat.sum),
-            ),
-        }
+        let t = self.totals();
+        let k = t.kind(kind);
+        (k.ops, k.bytes, k.lat_sum)
     }
 
     /// The per-bdev object of `bdev_get_iostat` (SPDK's field names; ticks are ns).
@@ -342,42 +433,43 @@ impl BdevStats {
     /// queue depth over time; `io_time` sums each channel's busy time (channels that are busy
     /// at the same time both count).
     pub fn to_json(&self, name: &str) -> Value {
-        let l = |x: &AtomicU64| x.load(Relaxed);
-        let weighted = self
-            .latencies()
+        let t = self.totals();
+        let weighted = t
+            .kinds
             .iter()
-            .map(|t| l(&t.sum))
+            .map(|k| k.lat_sum)
             .fold(0u64, u64::wrapping_add);
+        let [r, w, u, wz, f] = &t.kinds;
         json!({
             "name": name,
-            "bytes_read": l(&self.bytes_read),
-            "num_read_ops": l(&self.num_read_ops),
-            "bytes_written": l(&self.bytes_written),
-            "num_write_ops": l(&self.num_write_ops),
-            "bytes_unmapped": l(&self.bytes_unmapped),
-            "num_unmap_ops": l(&self.num_unmap_ops),
+            "bytes_read": r.bytes,
+            "num_read_ops": r.ops,
+            "bytes_written": w.bytes,
+            "num_write_ops": w.ops,
+            "bytes_unmapped": u.bytes,
+            "num_unmap_ops": u.ops,
             "bytes_copied": 0,
             "num_copy_ops": 0,
-            "read_latency_ticks": l(&self.read_lat.sum),
-            "max_read_latency_ticks": l(&self.read_lat.max),
-            "min_read_latency_ticks": self.read_lat.min(),
-            "write_latency_ticks": l(&self.write_lat.sum),
-            "max_write_latency_ticks": l(&self.write_lat.max),
-            "min_write_latency_ticks": self.write_lat.min(),
-            "unmap_latency_ticks": l(&self.unmap_lat.sum),
-            "max_unmap_latency_ticks": l(&self.unmap_lat.max),
-            "min_unmap_latency_ticks": self.unmap_lat.min(),
+            "read_latency_ticks": r.lat_sum,
+            "max_read_latency_ticks": r.lat_max,
+            "min_read_latency_ticks": r.min(),
+            "write_latency_ticks": w.lat_sum,
+            "max_write_latency_ticks": w.lat_max,
+            "min_write_latency_ticks": w.min(),
+            "unmap_latency_ticks": u.lat_sum,
+            "max_unmap_latency_ticks": u.lat_max,
+            "min_unmap_latency_ticks": u.min(),
             "copy_latency_ticks": 0,
             "max_copy_latency_ticks": 0,
             "min_copy_latency_ticks": 0,
-            "num_flush_ops": l(&self.num_flush_ops),
-            "flush_latency_ticks": l(&self.flush_lat.sum),
-            "num_write_zeroes_ops": l(&self.num_write_zeroes_ops),
-            "bytes_write_zeroes": l(&self.bytes_write_zeroes),
-            "write_zeroes_latency_ticks": l(&self.write_zeroes_lat.sum),
-            "io_error": l(&self.io_errors),
-            "queue_depth": self.queue_depth.load(Relaxed).max(0),
-            "io_time": l(&self.io_time),
+            "num_flush_ops": f.ops,
+            "flush_latency_ticks": f.lat_sum,
+            "num_write_zeroes_ops": wz.ops,
+            "bytes_write_zeroes": wz.bytes,
+            "write_zeroes_latency_ticks": wz.lat_sum,
+            "io_error": t.io_errors,
+            "queue_depth": t.queue_depth.max(0),
+            "io_time": t.io_time,
             "weighted_io_time": weighted,
         })
     }
@@ -419,7 +511,10 @@ mod tests {
         s.record(IoKind::Read, 4096, 100, true);
         s.record(IoKind::Read, 4096, 300, true);
         s.record(IoKind::Write, 512, 50, false);
-        s.queue_depth.store(3, Relaxed);
+        let ch = s.open_channel();
+        let mut local = ChannelStats::default();
+        local.add_queue_depth(3);
+        local.publish(&ch, s.extremes_gen());
         s.reset(ResetMode::MaxMin);
         let j = s.to_json("x");
         assert_eq!(j["num_read_ops"], 2);
@@ -461,10 +556,11 @@ mod tests {
     }
 
     #[test]
-    fn batches_merge_like_single_records() {
+    fn channels_publish_like_single_records() {
         let one = BdevStats::default();
         let batched = BdevStats::default();
-        let mut local = ChannelStats::default();
+        let (c1, c2) = (batched.open_channel(), batched.open_channel());
+        let (mut l1, mut l2) = (ChannelStats::default(), ChannelStats::default());
         let ops = [
             (IoKind::Read, 4096, 100, true),
             (IoKind::Read, 512, 300, true),
@@ -473,18 +569,28 @@ mod tests {
             (IoKind::Flush, 0, 10, true),
             (IoKind::Unmap, 1 << 20, 7, true),
             (IoKind::WriteZeroes, 4096, 70, true),
+            (IoKind::Read, 4096, 30, true),
         ];
-        for (k, b, l, ok) in ops {
+        for (i, (k, b, l, ok)) in ops.into_iter().enumerate() {
             one.record(k, b, l, ok);
+            // Two channels, publishing now and then.
+            let (local, c) = if i % 2 == 0 {
+                (&mut l1, &c1)
+            } else {
+                (&mut l2, &c2)
+            };
             local.record(k, b, l, ok);
+            if i % 3 == 0 {
+                local.publish(c, batched.extremes_gen());
+            }
         }
-        local.add_queue_depth(2);
-        local.add_queue_depth(-1);
-        assert!(local.is_dirty());
-        batched.merge(&mut local);
-        assert!(!local.is_dirty());
-        let (a, b) = (one.to_json("x"), batched.to_json("x"));
-        for k in [
+        l1.add_queue_depth(2);
+        l2.add_queue_depth(-1);
+        assert!(l1.is_dirty() && l2.is_dirty());
+        l1.publish(&c1, batched.extremes_gen());
+        l2.publish(&c2, batched.extremes_gen());
+        assert!(!l1.is_dirty());
+        let keys = [
             "bytes_read",
             "num_read_ops",
             "read_latency_ticks",
@@ -498,12 +604,66 @@ mod tests {
             "min_unmap_latency_ticks",
             "bytes_write_zeroes",
             "weighted_io_time",
-        ] {
+        ];
+        let (a, b) = (one.to_json("x"), batched.to_json("x"));
+        for k in keys {
             assert_eq!(a[k], b[k], "{k}");
         }
         assert_eq!(b["queue_depth"], 1);
-        // A second merge of an empty batch changes nothing.
-        batched.merge(&mut local);
-        assert_eq!(batched.to_json("x")["num_read_ops"], 2);
+        // A closed channel's counts stay; a publish with nothing new changes nothing.
+        batched.close_channel(&c2);
+        l1.publish(&c1, batched.extremes_gen());
+        let b = batched.to_json("x");
+        for k in keys {
+            assert_eq!(a[k], b[k], "{k} after close");
+        }
+        assert_eq!(b["queue_depth"], 1);
+    }
+
+    #[test]
+    fn resets_reach_channels_that_publish_later() {
+        let s = BdevStats::default();
+        let c = s.open_channel();
+        let mut l = ChannelStats::default();
+        l.record(IoKind::Read, 4096, 500, true);
+        l.record(IoKind::Read, 4096, 900, true);
+        l.publish(&c, s.extremes_gen());
+        s.reset(ResetMode::MaxMin);
+        // Until the channel publishes again, its old extremes are not shown.
+        let j = s.to_json("x");
+        assert_eq!(
+            (
+                j["max_read_latency_ticks"].clone(),
+                j["num_read_ops"].clone()
+            ),
+            (json!(0), json!(2))
+        );
+        l.record(IoKind::Read, 4096, 40, true);
+        l.publish(&c, s.extremes_gen());
+        let j = s.to_json("x");
+        assert_eq!(
+            (
+                j["min_read_latency_ticks"].clone(),
+                j["max_read_latency_ticks"].clone()
+            ),
+            (json!(40), json!(40))
+        );
+        assert_eq!(j["read_latency_ticks"], 1440);
+        s.reset(ResetMode::All);
+        l.record(IoKind::Read, 512, 7, true);
+        l.publish(&c, s.extremes_gen());
+        let j = s.to_json("x");
+        assert_eq!(
+            (
+                j["num_read_ops"].clone(),
+                j["bytes_read"].clone(),
+                j["read_latency_ticks"].clone()
+            ),
+            (json!(1), json!(512), json!(7))
+        );
+        assert_eq!(j["max_read_latency_ticks"], 7);
+        // Closing keeps the totals across the reset's baseline.
+        s.close_channel(&c);
+        assert_eq!(s.to_json("x")["num_read_ops"], 1);
     }
 }

@@ -425,18 +425,8 @@ mod tests {
         assert_eq!(done[0].0, 7);
         assert!(done[0].1.is_ok());
         let stats = &b.stats;
-        assert_eq!(
-            stats
-                .num_write_ops
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
-        assert_eq!(
-            stats
-                .num_flush_ops
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(stats.totals().num_write_ops(), 1);
+        assert_eq!(stats.totals().num_flush_ops(), 1);
         // A FUA read is a plain read: no flush.
         // SAFETY: as above.
         unsafe {
@@ -450,11 +440,6 @@ mod tests {
             ch.kick();
         }
         assert_eq!(reap_all(&mut ch, 1)[0].0, 8);
-        assert_eq!(
-            stats
-                .num_flush_ops
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
+        assert_eq!(stats.totals().num_flush_ops(), 1);
     }
 }

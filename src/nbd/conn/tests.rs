@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -209,7 +208,7 @@ fn bad_requests_are_refused_and_the_stream_stays_in_sync() {
         simple(22, 6)
     );
     // None of the refused writes reached the bdev.
-    assert_eq!(p.bdev.stats.num_write_ops.load(Relaxed), 0);
+    assert_eq!(p.bdev.stats.totals().num_write_ops(), 0);
     // A write and its read back, the payload split across sends.
     let w = req(0, proto::CMD_WRITE, 8, 512, 1024);
     p.client.write_all(&w[..20]).unwrap();
@@ -240,8 +239,8 @@ fn fua_replies_come_after_the_flush() {
     assert_eq!(p.exchange(&w, 16), simple(0, 1));
     assert_eq!(
         (
-            stats.num_write_ops.load(Relaxed),
-            stats.num_flush_ops.load(Relaxed)
+            stats.totals().num_write_ops(),
+            stats.totals().num_flush_ops()
         ),
         (1, 1)
     );
@@ -249,20 +248,20 @@ fn fua_replies_come_after_the_flush() {
     let mut w = req(0, proto::CMD_WRITE, 2, 0, 512);
     w.extend_from_slice(&[2; 512]);
     assert_eq!(p.exchange(&w, 16), simple(0, 2));
-    assert_eq!(stats.num_flush_ops.load(Relaxed), 1);
+    assert_eq!(stats.totals().num_flush_ops(), 1);
     // TRIM and WRITE_ZEROES with FUA are flushed too.
     assert_eq!(
         p.exchange(&req(fua, proto::CMD_TRIM, 3, 0, 512), 16),
         simple(0, 3)
     );
-    assert_eq!(stats.num_flush_ops.load(Relaxed), 2);
+    assert_eq!(stats.totals().num_flush_ops(), 2);
     assert_eq!(
         p.exchange(&req(fua, proto::CMD_WRITE_ZEROES, 4, 4096, 512), 16),
         simple(0, 4)
     );
-    assert_eq!(stats.num_flush_ops.load(Relaxed), 3);
-    assert_eq!(stats.num_unmap_ops.load(Relaxed), 1);
-    assert_eq!(stats.num_write_zeroes_ops.load(Relaxed), 1);
+    assert_eq!(stats.totals().num_flush_ops(), 3);
+    assert_eq!(stats.totals().num_unmap_ops(), 1);
+    assert_eq!(stats.totals().num_write_zeroes_ops(), 1);
     // FUA on a read is accepted and ignored (proto.md: valid on every command).
     let mut w = req(0, proto::CMD_WRITE, 6, 8192, 512);
     w.extend_from_slice(&[7; 512]);
@@ -273,13 +272,13 @@ fn fua_replies_come_after_the_flush() {
         p.exchange(&req(fua, proto::CMD_READ, 7, 8192, 512), 16 + 512),
         r
     );
-    assert_eq!(stats.num_flush_ops.load(Relaxed), 3);
+    assert_eq!(stats.totals().num_flush_ops(), 3);
     // NBD_CMD_DISC: closed, after the flush of a closing connection.
     p.client
         .write_all(&req(0, proto::CMD_DISC, 5, 0, 0))
         .unwrap();
     p.expect_closed();
-    assert_eq!(p.bdev.stats.num_flush_ops.load(Relaxed), 4);
+    assert_eq!(p.bdev.stats.totals().num_flush_ops(), 4);
 }
 
 #[test]
@@ -322,5 +321,5 @@ fn client_hang_up_in_the_middle_of_a_write() {
     p.client.shutdown(std::net::Shutdown::Write).unwrap();
     p.expect_closed();
     // The partial write was never submitted.
-    assert_eq!(p.bdev.stats.num_write_ops.load(Relaxed), 0);
+    assert_eq!(p.bdev.stats.totals().num_write_ops(), 0);
 }

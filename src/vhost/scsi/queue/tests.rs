@@ -351,7 +351,7 @@ fn write_read_verify_on_bdev() {
         0,
     );
     assert_eq!(r.status, 0);
-    assert!(b.stats.num_flush_ops.load(Relaxed) >= 1);
+    assert!(b.stats.totals().num_flush_ops() >= 1);
     // INQUIRY data and SYNCHRONIZE CACHE.
     let r = rig.cmd(&mut rq, 0, &[0x12, 0, 0, 0, 36], &[], 36);
     assert_eq!((r.status, r.data.len()), (0, 36));
@@ -458,7 +458,7 @@ fn unmap_and_write_same() {
         0,
     );
     assert_eq!(r.status, 0, "sense {:?}", r.sense);
-    assert_eq!(b.stats.num_unmap_ops.load(Relaxed), 2);
+    assert_eq!(b.stats.totals().num_unmap_ops(), 2);
     let r = rig.cmd(&mut rq, 0, &[0x28, 0, 0, 0, 0, 0, 0, 0, 4], &[], 4 * 4096);
     assert!(r.data[..4096] == data[..4096]);
     assert!(r.data[4096..3 * 4096].iter().all(|&x| x == 0));
@@ -476,10 +476,10 @@ fn unmap_and_write_same() {
         0,
     );
     assert_eq!(r.status, 0);
-    assert_eq!(b.stats.num_unmap_ops.load(Relaxed), 3);
+    assert_eq!(b.stats.totals().num_unmap_ops(), 3);
     let r = rig.cmd(&mut rq, 0, &[0x41, 0, 0, 0, 0, 0, 0, 0, 1], &zero, 0);
     assert_eq!(r.status, 0);
-    assert_eq!(b.stats.num_write_zeroes_ops.load(Relaxed), 1);
+    assert_eq!(b.stats.totals().num_write_zeroes_ops(), 1);
     // A non-zero pattern is refused.
     let r = rig.cmd(
         &mut rq,
