@@ -14,9 +14,10 @@ use crate::vhost::device::GuestMem;
 
 /// The current guest memory and the retired generations in-flight requests still use.
 pub struct MemGenerations {
-    /// The memory new requests point into, its generation and how many in-flight requests
-    /// use it.
-    cur: Arc<GuestMemoryMmap>,
+    /// The memory new requests point into (lent out during a poll pass, see
+    /// [`MemGenerations::begin_pass`]), its generation and how many in-flight requests use
+    /// it.
+    cur: Option<Arc<GuestMemoryMmap>>,
     gen: u32,
     refs: usize,
     /// Older generations still used: (generation, memory, requests).
@@ -27,7 +28,7 @@ impl MemGenerations {
     /// Starts at the memory `mem` holds now.
     pub fn new(mem: &GuestMem) -> Self {
         MemGenerations {
-            cur: mem.memory().into_inner(),
+            cur: Some(mem.memory().into_inner()),
             gen: 0,
             refs: 0,
             retired: Vec::new(),
@@ -38,15 +39,33 @@ impl MemGenerations {
     /// retired generation) until the requests that point into it are released.
     pub fn refresh(&mut self, mem: &GuestMem) -> &Arc<GuestMemoryMmap> {
         let guard = mem.memory();
-        if !std::ptr::eq(&*guard, Arc::as_ptr(&self.cur)) {
-            let old = std::mem::replace(&mut self.cur, guard.into_inner());
+        let cur = self
+            .cur
+            .get_or_insert_with(|| Arc::new(GuestMemoryMmap::new()));
+        if !std::ptr::eq(&*guard, Arc::as_ptr(cur)) {
+            let old = std::mem::replace(cur, guard.into_inner());
             if self.refs > 0 {
                 self.retired.push((self.gen, old, self.refs));
             }
             self.gen = self.gen.wrapping_add(1);
             self.refs = 0;
         }
-        &self.cur
+        cur
+    }
+
+    /// [`MemGenerations::refresh`], the memory moved out for one poll pass instead of
+    /// cloned: a pass then costs no reference-count read-modify-writes. Hand it back with
+    /// [`MemGenerations::end_pass`].
+    #[inline]
+    pub fn begin_pass(&mut self, mem: &GuestMem) -> Arc<GuestMemoryMmap> {
+        self.refresh(mem);
+        self.cur.take().unwrap_or_default()
+    }
+
+    /// Gives back the memory of [`MemGenerations::begin_pass`].
+    #[inline]
+    pub fn end_pass(&mut self, mem: Arc<GuestMemoryMmap>) {
+        self.cur = Some(mem);
     }
 
     /// A request starts pointing into the current memory; returns its generation, to give
@@ -75,7 +94,7 @@ impl MemGenerations {
     /// No request points into guest memory any more (the queue is going away): lets go of
     /// every generation.
     pub fn release_all(&mut self) {
-        self.cur = Arc::new(GuestMemoryMmap::new());
+        self.cur = Some(Arc::new(GuestMemoryMmap::new()));
         self.refs = 0;
         self.retired.clear();
     }

@@ -249,7 +249,7 @@ impl<D: QueueDevice> Engine<D> {
 impl<D: QueueDevice> Poller for Engine<D> {
     fn poll(&mut self) -> usize {
         self.dev.refresh();
-        let mem: Arc<GuestMemoryMmap> = self.mem.refresh(self.vring.mem()).clone();
+        let mem = self.mem.begin_pass(self.vring.mem());
         self.vring.sync_mem(&mem);
 
         // Completions first: they free slots for new requests.
@@ -294,6 +294,7 @@ impl<D: QueueDevice> Poller for Engine<D> {
                 .in_flight
                 .store(self.in_flight, Ordering::Relaxed);
         }
+        self.mem.end_pass(mem);
         work
     }
 
