@@ -212,6 +212,13 @@ impl Session {
             .ok_or_else(|| req_err(format!("ring address {va:#x} is outside guest memory")))
     }
 
+    /// Whether the rings are packed (VIRTIO_F_RING_PACKED acked): the in-flight region
+    /// then has the packed layout. The front-end sets the features before it asks for the
+    /// region or hands it back (QEMU's `vhost_dev_prepare_inflight`).
+    fn packed_rings(&self) -> bool {
+        self.acked_features & (1 << VIRTIO_F_RING_PACKED) != 0
+    }
+
     fn protocol_features_acked(&self) -> bool {
         self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
     }
@@ -759,8 +766,9 @@ impl VhostUserBackendReqHandlerMut for Session {
         inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
         self.check_inflight_geometry(inflight)?;
-        let (region, file, msg) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
-            .map_err(|e| {
+        let (region, file, msg) =
+            InflightRegion::create(inflight.num_queues, inflight.queue_size, self.packed_rings())
+                .map_err(|e| {
                 tracing::warn!(ctrlr = %self.ctrlr, "GET_INFLIGHT_FD: {e}");
                 VuError::ReqHandlerError(e)
             })?;
@@ -774,7 +782,7 @@ impl VhostUserBackendReqHandlerMut for Session {
     /// queues started from now on track their chains in it and resume from it.
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
         self.check_inflight_geometry(inflight)?;
-        let region = InflightRegion::open(&file, inflight).map_err(|e| {
+        let region = InflightRegion::open(&file, inflight, self.packed_rings()).map_err(|e| {
             tracing::warn!(ctrlr = %self.ctrlr, "SET_INFLIGHT_FD refused: {e}");
             VuError::ReqHandlerError(e)
         })?;
