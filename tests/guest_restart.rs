@@ -509,7 +509,14 @@ fn blk_packed_guest_survives_kill_and_term_with_requests_in_flight() {
     });
     let kills = env_count("BLOCKD_RESTART_PACKED_KILLS", 6);
     let terms = env_count("BLOCKD_RESTART_PACKED_TERMS", 2);
-    let cycles = restart_cycles(&mut b, "vhost.p", DiskKind::VhostUserBlk, true, kills, terms);
+    let cycles = restart_cycles(
+        &mut b,
+        "vhost.p",
+        DiskKind::VhostUserBlk,
+        true,
+        kills,
+        terms,
+    );
     report("vhost-user-blk on aio, packed rings", &cycles);
 }
 

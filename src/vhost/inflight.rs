@@ -252,8 +252,7 @@ impl InflightRegion {
         if index >= self.num_queues {
             return None;
         }
-        let off =
-            self.start + usize::from(index) * part_len(self.queue_size, self.packed) as usize;
+        let off = self.start + usize::from(index) * part_len(self.queue_size, self.packed) as usize;
         Some(QueueInflight {
             // SAFETY: `off` + the queue's part lies inside the mapping (map_len covers
             // num_queues parts after `start`).

@@ -298,8 +298,8 @@ impl QueueInflight {
         let mut committed = false;
         let old_wrap = self.rd8(OLD_USED_WRAP) != 0;
         if self.rd16(USED_IDX) != old_used || (self.rd8(USED_WRAP) != 0) != old_wrap {
-            let published = flags_at(old_used)
-                .is_some_and(|f| f & (F_AVAIL | F_USED) != avail_flags(old_wrap));
+            let published =
+                flags_at(old_used).is_some_and(|f| f & (F_AVAIL | F_USED) != avail_flags(old_wrap));
             if published {
                 committed = true;
                 self.wr16(OLD_FREE_HEAD, self.rd16(FREE_HEAD));
@@ -486,7 +486,10 @@ mod tests {
             Some(avail_flags(true))
         });
         assert!(!not_yet.fresh && !not_yet.committed);
-        assert_eq!(not_yet.used, 0x8001, "rolled back to the committed position");
+        assert_eq!(
+            not_yet.used, 0x8001,
+            "rolled back to the committed position"
+        );
         let heads: Vec<u16> = not_yet.chains.iter().map(|c| c.entries[0]).collect();
         assert_eq!(heads, [0, 3], "in flight, in counter order");
         assert_eq!(not_yet.chains[1].entries, [3, 4, 5]);

@@ -662,13 +662,7 @@ fn begin(t: &mut Taken) {
 /// Counts the `nth` ring descriptor `d` of a chain into `t` (an indirect one is kept in
 /// `indirect`, read after the ring's).
 #[inline]
-fn ring_desc(
-    t: &mut Taken,
-    bytes: &mut u32,
-    indirect: &mut Option<RawDesc>,
-    d: RawDesc,
-    nth: u16,
-) {
+fn ring_desc(t: &mut Taken, bytes: &mut u32, indirect: &mut Option<RawDesc>, d: RawDesc, nth: u16) {
     t.id = d.id;
     if d.flags & F_INDIRECT != 0 {
         // Only a chain's sole descriptor may be indirect (§2.8.8).

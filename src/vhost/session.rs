@@ -766,12 +766,15 @@ impl VhostUserBackendReqHandlerMut for Session {
         inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
         self.check_inflight_geometry(inflight)?;
-        let (region, file, msg) =
-            InflightRegion::create(inflight.num_queues, inflight.queue_size, self.packed_rings())
-                .map_err(|e| {
-                tracing::warn!(ctrlr = %self.ctrlr, "GET_INFLIGHT_FD: {e}");
-                VuError::ReqHandlerError(e)
-            })?;
+        let (region, file, msg) = InflightRegion::create(
+            inflight.num_queues,
+            inflight.queue_size,
+            self.packed_rings(),
+        )
+        .map_err(|e| {
+            tracing::warn!(ctrlr = %self.ctrlr, "GET_INFLIGHT_FD: {e}");
+            VuError::ReqHandlerError(e)
+        })?;
         tracing::debug!(ctrlr = %self.ctrlr, queues = msg.num_queues, queue_size = msg.queue_size,
                         bytes = msg.mmap_size, "in-flight region created");
         self.inflight = Some(region);

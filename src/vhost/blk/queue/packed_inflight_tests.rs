@@ -109,6 +109,15 @@ impl Run {
         }
     }
 
+    /// The driver makes `ids` available.
+    fn offer_ids(&mut self, ids: &[u16]) {
+        for &id in ids {
+            self.outstanding.insert(id);
+            *self.made.entry(id).or_default() += 1;
+            self.d.make_available(id);
+        }
+    }
+
     /// The driver reads every used descriptor published: each must be outstanding.
     fn reap(&mut self) {
         while let Some((id, len)) = self.d.next_used() {
@@ -185,10 +194,18 @@ fn killed_instances_lose_nothing_and_return_nothing_twice() {
         again.extend(std::iter::from_fn(|| v.pop_head()));
         let taken: HashSet<u16> = again.iter().map(|&t| id_of(&v, t)).collect();
         assert_eq!(taken, r.outstanding, "after a kill in round {round}");
-        let n = again.len();
-        r.complete(&mut v, &mut again, n, true);
-        r.reap();
-        assert!(r.outstanding.is_empty(), "round {round}: {:?}", r.outstanding);
+        // One at a time, each published and read before the next: the driver walks the
+        // used positions the new instance writes, past slots the killed one may have
+        // written used descriptors to without publishing them.
+        while !again.is_empty() {
+            r.complete(&mut v, &mut again, 1, true);
+            r.reap();
+        }
+        assert!(
+            r.outstanding.is_empty(),
+            "round {round}: {:?}",
+            r.outstanding
+        );
     }
     r.reap();
     let mut left: Vec<u16> = std::iter::from_fn(|| v.pop_head()).collect();
@@ -196,10 +213,63 @@ fn killed_instances_lose_nothing_and_return_nothing_twice() {
     r.complete(&mut v, &mut left, n, true);
     r.reap();
     assert!(r.outstanding.is_empty());
-    assert_eq!(r.made, r.used, "every chain made available was used exactly once");
+    assert_eq!(
+        r.made, r.used,
+        "every chain made available was used exactly once"
+    );
     let chains: u32 = r.made.values().sum();
-    assert!(crashes >= 20 && resubmitted_total >= 40, "{crashes} {resubmitted_total}");
-    assert!(chains > 3 * u32::from(QSIZE), "several laps: {chains} chains");
+    assert!(
+        crashes >= 20 && resubmitted_total >= 40,
+        "{crashes} {resubmitted_total}"
+    );
+    assert!(
+        chains > 3 * u32::from(QSIZE),
+        "several laps: {chains} chains"
+    );
+}
+
+/// A killed instance had written used descriptors it never published (the batch's first
+/// flags are written last): the new one completes the same chains in another order, one
+/// batch each, and the driver, walking its used positions, never reads a stale one.
+#[test]
+fn used_descriptors_never_published_are_not_read_after_a_kill() {
+    let mut r = Run::new();
+    let (mut v, _rx) = r.start();
+    // One-slot chains (ids divisible by 3), past the first lap.
+    for _ in 0..3 {
+        r.offer_ids(&(0..IDS).step_by(3).collect::<Vec<_>>());
+        let mut t: Vec<u16> = std::iter::from_fn(|| v.pop_head()).collect();
+        let n = t.len();
+        r.complete(&mut v, &mut t, n, true);
+        r.reap();
+    }
+    r.offer_ids(&[0, 3, 6, 9]);
+    let t: Vec<u16> = std::iter::from_fn(|| v.pop_head()).collect();
+    assert_eq!(t.len(), 4);
+    // 0 then 3 returned (3's used descriptor complete, flags and all), not published.
+    for &tok in &t[..2] {
+        let id = id_of(&v, tok);
+        v.add_used(&r.mem, tok, u32::from(id) + 1, "a test chain");
+    }
+    std::mem::forget(v);
+    let (mut v, _rx) = r.start();
+    r.reap();
+    assert_eq!(r.outstanding.len(), 4, "nothing reached the driver");
+    let mut again: Vec<u16> = std::iter::from_fn(|| v.pop_head()).collect();
+    let ids: Vec<u16> = again.iter().map(|&t| id_of(&v, t)).collect();
+    assert_eq!(ids, [0, 3, 6, 9], "resubmitted in the order taken");
+    // 3 first, alone: the driver then stands where the killed instance had put 3.
+    for want in [3u16, 9, 0, 6] {
+        let i = ids.iter().position(|&x| x == want).unwrap();
+        let tok = again[i];
+        again[i] = u16::MAX;
+        v.add_used(&r.mem, tok, u32::from(want) + 1, "a test chain");
+        v.notify_guest(&r.mem);
+        r.reap();
+        assert!(!r.outstanding.contains(&want));
+    }
+    assert!(r.outstanding.is_empty());
+    assert_eq!(r.made, r.used);
 }
 
 /// A clean stop (SIGTERM: everything returned and published) answers GET_VRING_BASE with
