@@ -269,7 +269,7 @@ impl PackedRing {
                 total += u32::from(t.slots);
                 out.resubmit.push(h);
             }
-            let pos = |l: u32| ((l % n) as u16, (l / n) % 2 == 0);
+            let pos = |l: u32| ((l % n) as u16, (l / n).is_multiple_of(2));
             (self.next_used, self.used_wrap) = pos(used);
             let avail = (used + total) % (2 * n);
             (self.next_avail, self.avail_wrap) = pos(avail);
