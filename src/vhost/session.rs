@@ -34,7 +34,7 @@ use super::coalescing::Coalescing;
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
 use super::dirty_log::{DirtyLog, LogRegion};
 use super::guest_fault::GuestMapping;
-use super::inflight::InflightRegion;
+use super::inflight::{part_len as inflight_part_len, InflightRegion};
 use super::packed_ring::VIRTIO_F_RING_PACKED;
 use super::queue_stats::{QueueCounts, QueueStats};
 use super::ConfigNotifier;
@@ -785,7 +785,20 @@ impl VhostUserBackendReqHandlerMut for Session {
     /// queues started from now on track their chains in it and resume from it.
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
         self.check_inflight_geometry(inflight)?;
-        let region = InflightRegion::open(&file, inflight, self.packed_rings()).map_err(|e| {
+        let packed = self.packed_rings();
+        let packed_len =
+            inflight_part_len(inflight.queue_size, true) * u64::from(inflight.num_queues);
+        let region = match InflightRegion::open(&file, inflight, packed) {
+            // A region sized for split rings (made before the packed layout was, by an
+            // older blockd): the packed rings run untracked, as they did then.
+            Err(e) if packed && inflight.mmap_size < packed_len => {
+                tracing::warn!(ctrlr = %self.ctrlr,
+                               "in-flight region too small for packed rings ({e}): not tracked");
+                InflightRegion::open(&file, inflight, false)
+            }
+            r => r,
+        }
+        .map_err(|e| {
             tracing::warn!(ctrlr = %self.ctrlr, "SET_INFLIGHT_FD refused: {e}");
             VuError::ReqHandlerError(e)
         })?;
