@@ -264,11 +264,7 @@ fn restart_cycles(
         b.restart();
         // The request queues resume (QEMU reconnected), then the guest's writes go on:
         // an acknowledgement already on its way to the console does not count.
-        let resumed = if packed {
-            "packed ring resumed at the position its previous instance recorded"
-        } else {
-            "resuming the ring from its in-flight region"
-        };
+        let resumed = "resuming the ring from its in-flight region";
         let deadline = Instant::now() + WAIT;
         while b.daemon().log().matches(resumed).count() < usize::from(QUEUES) {
             assert!(
@@ -497,13 +493,12 @@ fn blk_guest_survives_kill_and_term_with_requests_in_flight() {
     report("vhost-user-blk on aio", &cycles);
 }
 
-/// Packed rings (virtio 1.2 §2.8, QEMU's `packed=on`) across SIGTERM restarts with
-/// requests in flight: blockd drains them and records the ring's position in the
-/// in-flight region, where the new instance resumes (QEMU has no used index to restore a
-/// packed ring from, and sends the base it last sent). SIGKILL with requests in flight
-/// is not covered: packed rings' chains in flight are not tracked.
+/// Packed rings (virtio 1.2 §2.8, QEMU's `packed=on`) across SIGKILL and SIGTERM restarts
+/// with requests in flight: the in-flight region's packed layout records the chains taken
+/// and the used position, where the new instance resumes and resubmits (QEMU has no used
+/// index to restore a packed ring from, and sends the base it last sent).
 #[test]
-fn blk_packed_guest_survives_term_with_requests_in_flight() {
+fn blk_packed_guest_survives_kill_and_term_with_requests_in_flight() {
     let mut b = backend(Storage::Aio, |d| {
         d.rpc_ok(
             "vhost_create_blk_controller",
@@ -511,9 +506,42 @@ fn blk_packed_guest_survives_term_with_requests_in_flight() {
                    "packed_ring": true}),
         );
     });
-    let terms = env_count("BLOCKD_RESTART_PACKED_TERMS", 4);
-    let cycles = restart_cycles(&mut b, "vhost.p", DiskKind::VhostUserBlk, true, 0, terms);
+    let kills = env_count("BLOCKD_RESTART_PACKED_KILLS", 6);
+    let terms = env_count("BLOCKD_RESTART_PACKED_TERMS", 2);
+    let cycles = restart_cycles(
+        &mut b,
+        "vhost.p",
+        DiskKind::VhostUserBlk,
+        true,
+        kills,
+        terms,
+    );
     report("vhost-user-blk on aio, packed rings", &cycles);
+}
+
+#[test]
+fn scsi_packed_guest_survives_kill_and_term_with_requests_in_flight() {
+    let mut b = backend(Storage::Aio, |d| {
+        d.rpc_ok(
+            "vhost_create_scsi_controller",
+            json!({"ctrlr": "vhost.q", "cpumask": "0x3", "packed_ring": true}),
+        );
+        d.rpc_ok(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": "vhost.q", "scsi_target_num": 0, "bdev_name": "disk"}),
+        );
+    });
+    let kills = env_count("BLOCKD_RESTART_SCSI_PACKED_KILLS", 2);
+    let terms = env_count("BLOCKD_RESTART_SCSI_PACKED_TERMS", 1);
+    let cycles = restart_cycles(
+        &mut b,
+        "vhost.q",
+        DiskKind::VhostUserScsi,
+        true,
+        kills,
+        terms,
+    );
+    report("vhost-user-scsi on aio, packed rings", &cycles);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! In-flight I/O tracking for split virtqueues (vhost-user.rst "Inflight I/O tracking",
+//! In-flight I/O tracking (vhost-user.rst "Inflight I/O tracking",
 //! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`): a shared memory region, created by the
 //! back-end on GET_INFLIGHT_FD and handed back by the front-end on SET_INFLIGHT_FD after
 //! every (re)connection, in which each request queue records which chains it took from the
@@ -7,7 +7,12 @@
 //! region the front-end restarts the ring at the used index, which is right only when every
 //! chain taken had completed in order.
 //!
-//! Layout, per queue (the spec's `QueueRegionSplit` followed by `desc_num` entries of
+//! A packed ring's part has the spec's packed layout instead ([`packed`]: `QueueRegionPacked`,
+//! `DescStatePacked`); the front-end sets the features (VIRTIO_F_RING_PACKED) before it asks
+//! for the region (QEMU's `vhost_dev_prepare_inflight`), so the back-end sizes the region
+//! for the layout its rings use.
+//!
+//! Split layout, per queue (the spec's `QueueRegionSplit` followed by `desc_num` entries of
 //! `DescStateSplit`), little-endian, queue regions back to back at [`queue_region_len`]
 //! strides:
 //! ```text
@@ -65,9 +70,6 @@ const DESC_COUNTER: usize = offset_of!(DescStateSplit, counter);
 
 /// The region version this back-end writes.
 const REGION_VERSION: u16 = 1;
-/// The `version` of a part that records only a packed ring's position
-/// ([`QueueInflight::packed_resume`]): never a split ring's.
-const PACKED_POSITION_VERSION: u16 = 0x8001;
 
 /// Queue regions start at multiples of this (a cache line each, as libvhost-user).
 const QUEUE_ALIGN: u64 = 64;
@@ -75,10 +77,20 @@ const QUEUE_ALIGN: u64 = 64;
 /// Largest split ring (virtio 1.2 §2.7: queue size at most 32768).
 const MAX_QUEUE_SIZE: u16 = 32768;
 
-/// Bytes one queue's part of the region takes for rings of up to `queue_size` entries.
+/// Bytes one queue's part of the region takes for split rings of up to `queue_size` entries.
 pub fn queue_region_len(queue_size: u16) -> u64 {
     let raw = (HEADER_LEN + DESC_LEN * usize::from(queue_size)) as u64;
     raw.div_ceil(QUEUE_ALIGN) * QUEUE_ALIGN
+}
+
+/// Bytes one queue's part takes for rings of up to `queue_size` entries, split or packed
+/// (`QueueRegionPacked`: 32 bytes of header and 32 per entry).
+pub fn part_len(queue_size: u16, packed: bool) -> u64 {
+    if packed {
+        packed::queue_region_len(queue_size)
+    } else {
+        queue_region_len(queue_size)
+    }
 }
 
 /// A mapped in-flight region (every queue's part); unmapped when the last queue and the
@@ -92,6 +104,8 @@ pub struct InflightRegion {
     start: usize,
     num_queues: u16,
     queue_size: u16,
+    /// The parts have the packed layout (the rings are packed).
+    packed: bool,
 }
 
 // SAFETY: the mapping is shared memory owned by this value; every access goes through
@@ -107,14 +121,16 @@ fn einval(what: String) -> io::Error {
 
 impl InflightRegion {
     /// GET_INFLIGHT_FD: a new zeroed region for `num_queues` queues of up to `queue_size`
-    /// entries, in a memfd sealed against shrinking and growing (so that no one can make
-    /// the mapping fault later); returns the region, the fd to send and the message.
+    /// entries, split or `packed` layout, in a memfd sealed against shrinking and growing
+    /// (so that no one can make the mapping fault later); returns the region, the fd to
+    /// send and the message.
     pub fn create(
         num_queues: u16,
         queue_size: u16,
+        packed: bool,
     ) -> io::Result<(Arc<Self>, File, VhostUserInflight)> {
         check_geometry(num_queues, queue_size)?;
-        let len = u64::from(num_queues) * queue_region_len(queue_size);
+        let len = u64::from(num_queues) * part_len(queue_size, packed);
         // SAFETY: a NUL-terminated name and flags; returns a new fd or -1.
         let fd = unsafe {
             libc::memfd_create(
@@ -133,7 +149,7 @@ impl InflightRegion {
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        let region = Self::map_file(&file, 0, len, num_queues, queue_size)?;
+        let region = Self::map_file(&file, 0, len, num_queues, queue_size, packed)?;
         let msg = VhostUserInflight {
             mmap_size: len,
             mmap_offset: 0,
@@ -143,12 +159,12 @@ impl InflightRegion {
         Ok((Arc::new(region), file, msg))
     }
 
-    /// SET_INFLIGHT_FD: maps the region the front-end hands back. Refused unless the
-    /// geometry is sane, the region holds every queue's part, lies inside the file (fstat)
-    /// and the file is sealed against shrinking.
-    pub fn open(file: &File, msg: &VhostUserInflight) -> io::Result<Arc<Self>> {
+    /// SET_INFLIGHT_FD: maps the region the front-end hands back, for split or `packed`
+    /// rings. Refused unless the geometry is sane, the region holds every queue's part,
+    /// lies inside the file (fstat) and the file is sealed against shrinking.
+    pub fn open(file: &File, msg: &VhostUserInflight, packed: bool) -> io::Result<Arc<Self>> {
         check_geometry(msg.num_queues, msg.queue_size)?;
-        let need = u64::from(msg.num_queues) * queue_region_len(msg.queue_size);
+        let need = u64::from(msg.num_queues) * part_len(msg.queue_size, packed);
         if msg.mmap_size < need {
             return Err(einval(format!(
                 "inflight region of {} bytes is too small for {} queues of {} entries ({need} bytes)",
@@ -178,6 +194,7 @@ impl InflightRegion {
             need,
             msg.num_queues,
             msg.queue_size,
+            packed,
         )?))
     }
 
@@ -187,6 +204,7 @@ impl InflightRegion {
         len: u64,
         num_queues: u16,
         queue_size: u16,
+        packed: bool,
     ) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
@@ -219,6 +237,7 @@ impl InflightRegion {
             start,
             num_queues,
             queue_size,
+            packed,
         })
     }
 
@@ -233,12 +252,13 @@ impl InflightRegion {
         if index >= self.num_queues {
             return None;
         }
-        let off = self.start + usize::from(index) * queue_region_len(self.queue_size) as usize;
+        let off = self.start + usize::from(index) * part_len(self.queue_size, self.packed) as usize;
         Some(QueueInflight {
             // SAFETY: `off` + the queue's part lies inside the mapping (map_len covers
             // num_queues parts after `start`).
             base: unsafe { self.base.add(off) },
             capacity: self.queue_size,
+            packed: self.packed,
             _region: self.clone(),
         })
     }
@@ -282,6 +302,8 @@ pub struct QueueInflight {
     base: *mut u8,
     /// Entries the part has room for.
     capacity: u16,
+    /// The part has the packed layout ([`packed`]).
+    packed: bool,
     _region: Arc<InflightRegion>,
 }
 
@@ -435,42 +457,19 @@ impl QueueInflight {
         self.wr16(VERSION, REGION_VERSION);
     }
 
-    /// Takes the part over for a packed ring of `ring_size` entries that the front-end
-    /// started at `base`: the position the previous instance recorded
-    /// ([`QueueInflight::packed_commit`]) when the part holds one for such a ring; else
-    /// records `base` and returns None. Only the position: the packed layout of the spec
-    /// (`QueueRegionPacked`, `DescStatePacked`) is not implemented, so chains in flight
-    /// are not recorded. The position is what QEMU cannot give back after a disconnection
-    /// (it has no used index to restore a packed ring from, and keeps the base it last
-    /// sent), while a back-end restarted cleanly (SIGTERM drains) left nothing in flight.
-    pub fn packed_resume(&self, ring_size: u16, base: u16) -> Option<u16> {
-        if self.rd16(VERSION) == PACKED_POSITION_VERSION && self.rd16(DESC_NUM) == ring_size {
-            let pos = self.rd16(USED_IDX);
-            if pos & 0x7fff < ring_size {
-                return Some(pos);
-            }
-        }
-        self.wr16(VERSION, 0);
-        fence(Ordering::Release);
-        self.wr16(DESC_NUM, ring_size);
-        self.wr16(USED_IDX, base);
-        fence(Ordering::Release);
-        self.wr16(VERSION, PACKED_POSITION_VERSION);
-        None
-    }
-
-    /// Records a packed ring's position (next used slot, wrap counter in bit 15) once its
-    /// used descriptors up to there are published.
-    #[inline]
-    pub fn packed_commit(&self, position: u16) {
-        self.wr16(USED_IDX, position);
-    }
-
     /// Entries the part has room for (the region's queue size).
     pub fn capacity(&self) -> u16 {
         self.capacity
     }
+
+    /// Whether the part has the packed layout.
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
 }
+
+#[path = "inflight_packed.rs"]
+pub mod packed;
 
 #[cfg(test)]
 mod tests {
@@ -496,7 +495,7 @@ mod tests {
     }
 
     fn region(num_queues: u16, queue_size: u16) -> (Arc<InflightRegion>, File, VhostUserInflight) {
-        InflightRegion::create(num_queues, queue_size).unwrap()
+        InflightRegion::create(num_queues, queue_size, false).unwrap()
     }
 
     /// Raw little-endian read of the shared file (what a new instance would map).
@@ -540,7 +539,7 @@ mod tests {
         drop(q);
 
         // The next instance maps the same fd.
-        let r2 = InflightRegion::open(&file, &msg).unwrap();
+        let r2 = InflightRegion::open(&file, &msg, false).unwrap();
         let q2 = r2.queue(1).unwrap();
         let res = q2.resume(8, 102);
         assert!(!res.fresh);
@@ -581,31 +580,31 @@ mod tests {
             mmap_size: 16,
             ..msg
         };
-        assert!(InflightRegion::open(&file, &small).is_err());
+        assert!(InflightRegion::open(&file, &small, false).is_err());
         let past = VhostUserInflight {
             mmap_offset: 4096,
             ..msg
         };
-        assert!(InflightRegion::open(&file, &past).is_err());
+        assert!(InflightRegion::open(&file, &past, false).is_err());
         let wrap = VhostUserInflight {
             mmap_offset: u64::MAX - 8,
             ..msg
         };
-        assert!(InflightRegion::open(&file, &wrap).is_err());
+        assert!(InflightRegion::open(&file, &wrap, false).is_err());
         let none = VhostUserInflight {
             num_queues: 0,
             ..msg
         };
-        assert!(InflightRegion::open(&file, &none).is_err());
+        assert!(InflightRegion::open(&file, &none, false).is_err());
         let huge = VhostUserInflight {
             queue_size: 65535,
             ..msg
         };
-        assert!(InflightRegion::open(&file, &huge).is_err());
+        assert!(InflightRegion::open(&file, &huge, false).is_err());
         // An unsealed file (could be truncated under the mapping) is refused.
         let plain = tempfile::tempfile().unwrap();
         plain.set_len(4096).unwrap();
-        assert!(InflightRegion::open(&plain, &msg).is_err());
+        assert!(InflightRegion::open(&plain, &msg, false).is_err());
         // The memfd cannot be shrunk.
         assert!(file.set_len(0).is_err());
 

@@ -18,20 +18,32 @@
 //! possibly on the slots of a chain still in flight.
 //!
 //! That is why a chain is read completely when it is taken ([`PackedRing::pop`]) and kept
-//! per slot until it is returned: its slots may be overwritten before it completes. The
-//! token the engine holds for a chain (its "head") is the ring slot of the chain's first
-//! descriptor, unique among the chains in flight; the buffer id the driver chose is kept
-//! beside it and written back as is.
+//! until it is returned: its slots may be overwritten before it completes, and the driver
+//! may make them available again for a new chain while it is in flight. A chain takes one
+//! entry per ring descriptor from a free list of `size` entries (vhost-user.rst's
+//! `DescStatePacked` list, mirrored in the in-flight region when the frontend shares one,
+//! [`crate::vhost::inflight::packed`]); the token the engine holds for a chain (its
+//! "head") is its first entry, unique among the chains in flight. The buffer id the driver
+//! chose is kept beside it and written back as is. The entries go back to the free list
+//! when the batch that returns the chain is published.
+//!
+//! With the region, a new instance after a crash ([`PackedRing::track`]) resumes at the
+//! used position the last published batch left, takes the chains left in flight again from
+//! their recorded descriptors, and continues taking from the ring after them: every chain
+//! the driver made available is returned exactly once.
 //!
 //! Everything read from guest memory is untrusted: chains are bounded by the ring size and
 //! [`MAX_CHAIN`], an indirect table by its length, every buffer address goes through the
-//! caller's [`GuestMap`] later, and a driver that marks the slots of a chain still in
-//! flight available again stops the ring (nothing is taken until it fixes it).
+//! caller's [`GuestMap`] later, and a driver that makes more descriptors available than
+//! the ring has (more than its free entries) stops the ring (nothing is taken until it
+//! fixes it).
 
 use std::sync::atomic::{fence, Ordering};
 
 use crate::vhost::guest_map::GuestMap;
 use crate::vhost::guest_stream::Desc;
+use crate::vhost::inflight::packed::{avail_flags, RawEntry};
+use crate::vhost::inflight::QueueInflight;
 use crate::vhost::split_ring::ChainError;
 
 /// `VIRTIO_F_RING_PACKED` (virtio 1.2 §6).
@@ -61,15 +73,17 @@ const OFF_FLAGS: usize = 14;
 /// the devices' limits decide, while a hostile chain costs bounded memory.
 pub const MAX_CHAIN: usize = 4096;
 
-/// A chain taken from the ring and not yet returned, kept at the slot of its first
-/// descriptor.
+/// A chain taken from the ring and not yet returned, kept at its first entry.
 #[derive(Default)]
 struct Taken {
     busy: bool,
     /// The driver's buffer id (from the chain's last ring descriptor, §2.8.6).
     id: u16,
-    /// Ring slots the chain occupies: how far the used position skips (§2.8.6).
+    /// Ring slots the chain occupies: how far the used position skips (§2.8.6), and how
+    /// many entries it holds.
     slots: u16,
+    /// Its last entry.
+    last: u16,
     /// What reading it gave: descriptors counted (empty ones too), and the error if any.
     counted: usize,
     error: Option<ChainError>,
@@ -78,6 +92,7 @@ struct Taken {
 }
 
 /// The three areas of a packed ring as host pointers, rebuilt with each memory table.
+#[derive(Clone, Copy)]
 struct Areas {
     desc: *mut u8,
     driver: *const u8,
@@ -101,9 +116,44 @@ pub struct PackedRing {
     /// The first used descriptor of the current batch: its flags are written last, by
     /// [`PackedRing::publish`], so that the driver sees the whole batch at once.
     deferred: Option<(u16, u16)>,
+    /// Per entry: the chain whose first entry it is.
     taken: Vec<Taken>,
-    /// The driver made the slots of a chain in flight available again (logged once).
+    /// The entries' free list: `next` links (`size` ends it), its head and length.
+    next: Vec<u16>,
+    free_head: u16,
+    free_count: u16,
+    /// Chains returned since the last [`PackedRing::publish`] (their entries are freed then).
+    returned: Vec<u16>,
+    /// In-flight tracking in the region the frontend shares.
+    track: Option<Track>,
+    /// The driver made more descriptors available than the ring has (logged once).
     broken: bool,
+}
+
+/// A packed ring's in-flight tracking ([`PackedRing::track`]).
+struct Track {
+    part: QueueInflight,
+    /// The counter the next chain taken gets: the order of the chains in flight.
+    counter: u64,
+    /// Scratch: a chain's entries and descriptors, the links of a batch.
+    entries: Vec<u16>,
+    raw: Vec<RawEntry>,
+    links: Vec<(u16, u16, u16)>,
+}
+
+/// What [`PackedRing::track`] found in the region.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Resumed {
+    /// The region had nothing for this ring: it starts at the frontend's base.
+    pub fresh: bool,
+    /// Tokens of the chains a previous instance left in flight, in the order taken.
+    pub resubmit: Vec<u16>,
+    /// The used position resumed at (slot | wrap << 15).
+    pub used: u16,
+    /// A batch published but not recorded was committed.
+    pub committed: bool,
+    /// Chains dropped because their entries did not add up (a corrupted region).
+    pub dropped: usize,
 }
 
 // SAFETY: pointers into shared guest memory, kept mapped by the owner (the `Vring`).
@@ -170,8 +220,86 @@ impl PackedRing {
             signalled: None,
             deferred: None,
             taken: (0..size).map(|_| Taken::default()).collect(),
+            next: (1..=size).collect(),
+            free_head: 0,
+            free_count: size,
+            returned: Vec::with_capacity(usize::from(size)),
+            track: None,
             broken: false,
         }
+    }
+
+    /// Records the chains taken and returned in `part` (the region's packed layout) and
+    /// resumes from it ([`QueueInflight::packed_resume`]): the used position the last
+    /// published batch left, the chains left in flight read back (their tokens returned
+    /// for resubmission), the available position after them. The ring slots between the
+    /// two are the device's: used descriptors a previous instance wrote there without
+    /// publishing them are turned back into available ones, so that the driver never
+    /// reads a stale one. None when the part is not for a packed ring of this size.
+    /// Called before anything is taken, with the areas mapped.
+    pub fn track(&mut self, map: &GuestMap, part: QueueInflight) -> Option<Resumed> {
+        if !part.is_packed() || self.size > part.capacity() {
+            return None;
+        }
+        let size = self.size;
+        let areas = self.areas.as_ref();
+        let r = part.packed_resume(size, self.base(), |slot| {
+            areas
+                .filter(|_| slot < size)
+                .map(|a| rd16(Self::slot_ptr(a, slot).wrapping_add(OFF_FLAGS)))
+        });
+        let mut out = Resumed {
+            fresh: r.fresh,
+            resubmit: Vec::with_capacity(r.chains.len()),
+            used: r.used,
+            committed: r.committed,
+            dropped: r.dropped,
+        };
+        if !r.fresh {
+            let n = u32::from(size);
+            let lin = |base: u16| u32::from(base & 0x7fff) + n * u32::from(base & 0x8000 == 0);
+            let used = lin(r.used);
+            let mut total = 0u32;
+            for c in &r.chains {
+                let h = c.entries[0];
+                let t = &mut self.taken[usize::from(h)];
+                restore(t, map, &c.descs);
+                t.slots = c.entries.len() as u16;
+                t.last = c.entries[c.entries.len() - 1];
+                total += u32::from(t.slots);
+                out.resubmit.push(h);
+            }
+            let pos = |l: u32| ((l % n) as u16, (l / n).is_multiple_of(2));
+            (self.next_used, self.used_wrap) = pos(used);
+            let avail = (used + total) % (2 * n);
+            (self.next_avail, self.avail_wrap) = pos(avail);
+            self.next = r.next;
+            self.free_head = r.free_head;
+            self.free_count = size - total as u16;
+            self.signalled = None;
+            self.deferred = None;
+            self.returned.clear();
+            if let Some(a) = &self.areas {
+                for k in 0..total {
+                    let (slot, wrap) = pos((used + k) % (2 * n));
+                    let p = Self::slot_ptr(a, slot).wrapping_add(OFF_FLAGS);
+                    wr16(p, (rd16(p) & !(F_AVAIL | F_USED)) | avail_flags(wrap));
+                }
+            }
+        }
+        self.track = Some(Track {
+            part,
+            counter: r.next_counter,
+            entries: Vec::new(),
+            raw: Vec::new(),
+            links: Vec::new(),
+        });
+        Some(out)
+    }
+
+    /// The guest address and length of the descriptor ring (dirty logging).
+    pub fn desc_ring(&self) -> (u64, u64) {
+        (self.desc_gpa, u64::from(self.size) * DESC_LEN)
     }
 
     /// Translates the ring's areas through `map` (a new memory table); false when an area
@@ -220,18 +348,6 @@ impl PackedRing {
         self.next_used | (u16::from(self.used_wrap) << 15)
     }
 
-    /// Moves both positions to `base` (a restart: nothing is in flight).
-    pub fn restart_at(&mut self, base: u16) {
-        let (next, wrap) = (base & 0x7fff, base & 0x8000 != 0);
-        if next < self.size {
-            self.next_avail = next;
-            self.avail_wrap = wrap;
-            self.next_used = next;
-            self.used_wrap = wrap;
-            self.signalled = None;
-        }
-    }
-
     #[inline]
     fn slot_ptr(areas: &Areas, slot: u16) -> *mut u8 {
         areas
@@ -258,37 +374,34 @@ impl PackedRing {
     }
 
     /// Takes the chain at the next available position and reads it (with its indirect
-    /// table) into its slot's record; returns the slot of its first descriptor (the
-    /// token [`PackedRing::read_chain`] and [`PackedRing::add_used`] take), None when
+    /// table) into the record of its first entry; returns that entry (the token
+    /// [`PackedRing::read_chain`] and [`PackedRing::add_used`] take), None when
     /// nothing is available or the ring is broken.
     pub fn pop(&mut self, map: &GuestMap) -> Option<u16> {
-        let areas = self.areas.as_ref()?;
+        let areas = self.areas?;
+        let areas = &areas;
         let start = self.next_avail;
-        let first = Self::slot_ptr(areas, start);
-        if !Self::is_avail(rd16(first.wrapping_add(OFF_FLAGS)), self.avail_wrap) {
+        if !Self::is_avail(
+            rd16(Self::slot_ptr(areas, start).wrapping_add(OFF_FLAGS)),
+            self.avail_wrap,
+        ) {
             return None;
         }
         // The descriptors are read after the flags that make them available (§2.8.21.1).
         fence(Ordering::Acquire);
-        if self.taken[usize::from(start)].busy {
-            if !self.broken {
-                self.broken = true;
-                tracing::warn!(
-                    slot = start,
-                    "the driver made the slot of a chain in flight available again"
-                );
-            }
+        if self.free_count == 0 {
+            self.out_of_entries(start);
             return None;
         }
         let size = self.size;
-        let t = &mut self.taken[usize::from(start)];
-        t.busy = true;
-        t.counted = 0;
-        t.error = None;
-        if t.descs.capacity() > 256 {
-            t.descs = Vec::new();
+        let first = self.free_head;
+        let mut track = self.track.as_mut();
+        let mut raw = track.as_mut().map(|t| std::mem::take(&mut t.raw));
+        if let Some(r) = &mut raw {
+            r.clear();
         }
-        t.descs.clear();
+        let t = &mut self.taken[usize::from(first)];
+        begin(t);
         // The ring descriptors: consecutive slots while NEXT, at most the ring.
         let mut slot = start;
         let mut slots = 0u16;
@@ -298,16 +411,14 @@ impl PackedRing {
             let d = read_desc(Self::slot_ptr(areas, slot));
             slots += 1;
             slot = if slot + 1 == size { 0 } else { slot + 1 };
-            t.id = d.id;
-            if d.flags & F_INDIRECT != 0 {
-                // Only a chain's sole descriptor may be indirect (§2.8.8).
-                if slots == 1 && d.flags & F_NEXT == 0 {
-                    indirect = Some(d);
-                } else if t.error.is_none() {
-                    t.error = Some(cut(t.counted));
-                }
-            } else if t.error.is_none() {
-                push(t, &mut bytes, d.addr, d.len, d.flags & F_WRITE != 0);
+            ring_desc(t, &mut bytes, &mut indirect, d, slots);
+            if let Some(r) = &mut raw {
+                r.push(RawEntry {
+                    addr: d.addr,
+                    len: d.len,
+                    id: d.id,
+                    flags: d.flags,
+                });
             }
             if d.flags & F_NEXT == 0 {
                 break;
@@ -318,19 +429,64 @@ impl PackedRing {
                 break;
             }
         }
+        if slots > self.free_count {
+            // More descriptors in flight than the ring has: nothing is taken.
+            t.busy = false;
+            if let (Some(tr), Some(r)) = (track, raw) {
+                tr.raw = r;
+            }
+            self.out_of_entries(start);
+            return None;
+        }
         t.slots = slots;
         if let Some(ind) = indirect {
             read_indirect(map, ind, t, &mut bytes);
+        }
+        // Its entries: `slots` from the free list.
+        let mut last = first;
+        if let Some(tr) = &mut track {
+            tr.entries.clear();
+            tr.entries.push(first);
+        }
+        for _ in 1..slots {
+            last = self.next.get(usize::from(last)).copied().unwrap_or(size);
+            if let Some(tr) = &mut track {
+                tr.entries.push(last);
+            }
+        }
+        let t = &mut self.taken[usize::from(first)];
+        t.last = last;
+        self.free_head = self.next.get(usize::from(last)).copied().unwrap_or(size);
+        self.free_count -= slots;
+        if let (Some(tr), Some(r)) = (track, raw) {
+            tr.part
+                .packed_take(&tr.entries, &r, tr.counter, self.free_head);
+            tr.counter = tr.counter.wrapping_add(1);
+            tr.raw = r;
         }
         let wrapped = u32::from(start) + u32::from(slots) >= u32::from(size);
         self.next_avail = slot;
         if wrapped {
             self.avail_wrap = !self.avail_wrap;
         }
-        Some(start)
+        Some(first)
     }
 
-    /// The descriptors of the chain taken at `slot` ([`PackedRing::pop`]) into `out`, with
+    /// No free entry for the chain at `slot`: returned chains not yet published hold them
+    /// (the next pass publishes them), or the driver made more available than the ring
+    /// has (logged once; nothing is taken until it fixes it).
+    #[cold]
+    fn out_of_entries(&mut self, slot: u16) {
+        if self.returned.is_empty() && !self.broken {
+            self.broken = true;
+            tracing::warn!(
+                slot,
+                "the driver made more descriptors available than the ring has"
+            );
+        }
+    }
+
+    /// The descriptors of the chain `slot` ([`PackedRing::pop`]'s token) into `out`, with
     /// the split ring's verdicts ([`crate::vhost::split_ring::RingView::read_chain`]):
     /// more than `max` descriptors (empty ones count) is `TooLong`.
     pub fn read_chain(&self, slot: u16, max: usize, out: &mut Vec<Desc>) -> Result<(), ChainError> {
@@ -370,6 +526,7 @@ impl PackedRing {
         let t = self.taken.get_mut(usize::from(slot)).filter(|t| t.busy)?;
         t.busy = false;
         let (id, slots) = (t.id, t.slots);
+        self.returned.push(slot);
         let pos = self.next_used;
         let p = Self::slot_ptr(areas, pos);
         // SAFETY: `pos` < size: 16 mapped bytes at `p`.
@@ -394,10 +551,41 @@ impl PackedRing {
 
     /// Makes the batch of used descriptors written since the last call visible: the flags
     /// of its first, with release ordering (§2.8.21.2: the driver reads the rest after it).
+    /// The batch's entries go back to the free list, recorded in the region around the
+    /// flags in the spec's order ([`QueueInflight::packed_commit`]).
     pub fn publish(&mut self) {
-        if let (Some((pos, flags)), Some(a)) = (self.deferred.take(), &self.areas) {
-            fence(Ordering::Release);
-            wr16(Self::slot_ptr(a, pos).wrapping_add(OFF_FLAGS), flags);
+        let first = self.deferred.take();
+        let mut links = self
+            .track
+            .as_mut()
+            .map(|t| std::mem::take(&mut t.links))
+            .unwrap_or_default();
+        links.clear();
+        for h in self.returned.drain(..) {
+            let t = &self.taken[usize::from(h)];
+            let (last, next) = (t.last, self.free_head);
+            if let Some(l) = self.next.get_mut(usize::from(last)) {
+                *l = next;
+            }
+            self.free_head = h;
+            self.free_count = self.free_count.saturating_add(t.slots).min(self.size);
+            links.push((h, last, next));
+        }
+        let areas = &self.areas;
+        let write_first = || {
+            if let (Some((pos, flags)), Some(a)) = (first, areas) {
+                fence(Ordering::Release);
+                wr16(Self::slot_ptr(a, pos).wrapping_add(OFF_FLAGS), flags);
+            }
+        };
+        let used = self.next_used | (u16::from(self.used_wrap) << 15);
+        match &mut self.track {
+            Some(tr) => {
+                tr.part
+                    .packed_commit(&links, self.free_head, used, write_first);
+                tr.links = links;
+            }
+            None => write_first(),
         }
     }
 
@@ -457,6 +645,58 @@ impl PackedRing {
         // the driver writes its descriptor before it reads the device's flags.
         fence(Ordering::SeqCst);
         (self.has_avail(), at)
+    }
+}
+
+/// Starts reading a chain into `t`.
+fn begin(t: &mut Taken) {
+    t.busy = true;
+    t.counted = 0;
+    t.error = None;
+    if t.descs.capacity() > 256 {
+        t.descs = Vec::new();
+    }
+    t.descs.clear();
+}
+
+/// Counts the `nth` ring descriptor `d` of a chain into `t` (an indirect one is kept in
+/// `indirect`, read after the ring's).
+#[inline]
+fn ring_desc(t: &mut Taken, bytes: &mut u32, indirect: &mut Option<RawDesc>, d: RawDesc, nth: u16) {
+    t.id = d.id;
+    if d.flags & F_INDIRECT != 0 {
+        // Only a chain's sole descriptor may be indirect (§2.8.8).
+        if nth == 1 && d.flags & F_NEXT == 0 {
+            *indirect = Some(d);
+        } else if t.error.is_none() {
+            t.error = Some(cut(t.counted));
+        }
+    } else if t.error.is_none() {
+        push(t, bytes, d.addr, d.len, d.flags & F_WRITE != 0);
+    }
+}
+
+/// Reads a chain a previous instance left in flight back into `t`, from the ring
+/// descriptors the region recorded (an indirect table from guest memory again: the driver
+/// leaves it alone while the chain is in flight, §2.8.8).
+fn restore(t: &mut Taken, map: &GuestMap, descs: &[RawEntry]) {
+    begin(t);
+    let mut bytes = 0u32;
+    let mut indirect = None;
+    for (i, d) in descs.iter().enumerate() {
+        let d = RawDesc {
+            addr: d.addr,
+            len: d.len,
+            id: d.id,
+            flags: d.flags,
+        };
+        ring_desc(t, &mut bytes, &mut indirect, d, i as u16 + 1);
+    }
+    if descs.last().is_some_and(|d| d.flags & F_NEXT != 0) {
+        t.error.get_or_insert(cut(t.counted));
+    }
+    if let Some(ind) = indirect {
+        read_indirect(map, ind, t, &mut bytes);
     }
 }
 

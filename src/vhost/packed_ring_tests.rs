@@ -137,7 +137,7 @@ fn chains_wrap_around_and_complete_out_of_order() {
     d.add(9, &[(0x300, 1, F_WRITE)]);
     let a = r.pop(&map).unwrap();
     let b = r.pop(&map).unwrap();
-    assert_eq!((a, b), (0, 2), "tokens are the chains' first slots");
+    assert_eq!((a, b), (0, 2), "tokens are the chains' first entries");
     assert_eq!(r.pop(&map), None);
     assert_eq!(
         chain(&r, a),
@@ -166,12 +166,13 @@ fn chains_wrap_around_and_complete_out_of_order() {
     // Around the ring: a 2-slot chain from slot 3 wraps to slot 0 and flips the counters.
     d.add(1, &[(0x400, 16, 0), (0x500, 4, F_WRITE)]);
     d.add(2, &[(0x600, 16, 0)]);
-    assert_eq!(r.pop(&map), Some(3));
+    // The entries freed last are taken first.
+    assert_eq!(r.pop(&map), Some(0));
     assert_eq!(r.base(), 1, "next avail 1, wrap counter flipped to 0");
-    assert_eq!(r.pop(&map), Some(1));
+    assert_eq!(r.pop(&map), Some(2));
     assert_eq!(r.pop(&map), None);
-    r.add_used(1, 0);
-    r.add_used(3, 4);
+    r.add_used(2, 0);
+    r.add_used(0, 4);
     r.publish();
     assert_eq!(d.used(), Some((2, 0)));
     assert_eq!(d.used(), Some((1, 4)));
@@ -181,7 +182,7 @@ fn chains_wrap_around_and_complete_out_of_order() {
         d.add(id, &[(0x700, 8, F_WRITE)]);
     }
     let got: Vec<u16> = std::iter::from_fn(|| r.pop(&map)).collect();
-    assert_eq!(got, [2, 3, 0]);
+    assert_eq!(got, [0, 1, 2]);
     assert_eq!(r.base(), 0x8001);
     for s in got {
         r.add_used(s, 8);
@@ -203,10 +204,12 @@ fn a_ring_resumes_at_its_base_with_its_wrap_counter() {
     d.used_wrap = false;
     let (map, mut r) = d.ring(2);
     d.add(5, &[(0x100, 4, F_WRITE)]);
-    assert_eq!(r.pop(&map), Some(2));
-    r.add_used(2, 4);
+    let t = r.pop(&map).unwrap();
+    assert_eq!(chain(&r, t).1, [(0x100, 4, true)], "read at slot 2");
+    r.add_used(t, 4);
     r.publish();
     assert_eq!(d.used(), Some((5, 4)));
+    assert_eq!(r.used_position(), (3, false));
     // A base out of range starts at 0, without panicking.
     let (_m, r) = d.ring(0x7fff);
     assert_eq!(r.base(), 0);
@@ -369,4 +372,34 @@ fn event_suppression_both_ways() {
         r.enable_kicks().0,
         "available before the device slept: no sleep"
     );
+}
+
+/// Out-of-order completion lets the driver make the slots of a chain still in flight
+/// available again (its used descriptor went elsewhere, and the driver got as many slots
+/// back): the new chain is taken, and both are answered.
+#[test]
+fn a_chain_in_flight_does_not_block_its_slots() {
+    let mut d = Drv::new();
+    let (map, mut r) = d.ring(0x8000);
+    d.add(1, &[(0x100, 16, 0), (0x200, 8, F_WRITE)]);
+    d.add(2, &[(0x300, 16, 0), (0x400, 8, F_WRITE)]);
+    let a = r.pop(&map).unwrap();
+    let b = r.pop(&map).unwrap();
+    // B returns first: its used descriptor lands on slot 0 (A's head), 2 slots back.
+    r.add_used(b, 8);
+    r.publish();
+    assert_eq!(d.used(), Some((2, 8)));
+    // The driver has 2 free slots, at slots 0 and 1 (wrapped): A's.
+    d.add(3, &[(0x500, 16, 0), (0x600, 8, F_WRITE)]);
+    let c = r.pop(&map).expect("the new chain is taken");
+    assert_ne!(c, a);
+    assert_eq!(chain(&r, c).1, [(0x500, 16, false), (0x600, 8, true)]);
+    assert_eq!(chain(&r, a).1, [(0x100, 16, false), (0x200, 8, true)]);
+    // More than the ring: nothing taken, nothing broken for good.
+    assert_eq!(r.pop(&map), None);
+    r.add_used(c, 8);
+    r.add_used(a, 8);
+    r.publish();
+    assert_eq!(d.used(), Some((3, 8)));
+    assert_eq!(d.used(), Some((1, 8)));
 }

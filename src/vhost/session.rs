@@ -34,7 +34,7 @@ use super::coalescing::Coalescing;
 use super::device::{GuestMem, QueueSetup, VirtioDevice};
 use super::dirty_log::{DirtyLog, LogRegion};
 use super::guest_fault::GuestMapping;
-use super::inflight::InflightRegion;
+use super::inflight::{part_len as inflight_part_len, InflightRegion};
 use super::packed_ring::VIRTIO_F_RING_PACKED;
 use super::queue_stats::{QueueCounts, QueueStats};
 use super::ConfigNotifier;
@@ -210,6 +210,13 @@ impl Session {
             .find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size)
             .map(|m| va - m.vmm_addr + m.gpa_base)
             .ok_or_else(|| req_err(format!("ring address {va:#x} is outside guest memory")))
+    }
+
+    /// Whether the rings are packed (VIRTIO_F_RING_PACKED acked): the in-flight region
+    /// then has the packed layout. The front-end sets the features before it asks for the
+    /// region or hands it back (QEMU's `vhost_dev_prepare_inflight`).
+    fn packed_rings(&self) -> bool {
+        self.acked_features & (1 << VIRTIO_F_RING_PACKED) != 0
     }
 
     fn protocol_features_acked(&self) -> bool {
@@ -759,11 +766,15 @@ impl VhostUserBackendReqHandlerMut for Session {
         inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
         self.check_inflight_geometry(inflight)?;
-        let (region, file, msg) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
-            .map_err(|e| {
-                tracing::warn!(ctrlr = %self.ctrlr, "GET_INFLIGHT_FD: {e}");
-                VuError::ReqHandlerError(e)
-            })?;
+        let (region, file, msg) = InflightRegion::create(
+            inflight.num_queues,
+            inflight.queue_size,
+            self.packed_rings(),
+        )
+        .map_err(|e| {
+            tracing::warn!(ctrlr = %self.ctrlr, "GET_INFLIGHT_FD: {e}");
+            VuError::ReqHandlerError(e)
+        })?;
         tracing::debug!(ctrlr = %self.ctrlr, queues = msg.num_queues, queue_size = msg.queue_size,
                         bytes = msg.mmap_size, "in-flight region created");
         self.inflight = Some(region);
@@ -774,7 +785,20 @@ impl VhostUserBackendReqHandlerMut for Session {
     /// queues started from now on track their chains in it and resume from it.
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
         self.check_inflight_geometry(inflight)?;
-        let region = InflightRegion::open(&file, inflight).map_err(|e| {
+        let packed = self.packed_rings();
+        let packed_len =
+            inflight_part_len(inflight.queue_size, true) * u64::from(inflight.num_queues);
+        let region = match InflightRegion::open(&file, inflight, packed) {
+            // A region sized for split rings (made before the packed layout was, by an
+            // older blockd): the packed rings run untracked, as they did then.
+            Err(e) if packed && inflight.mmap_size < packed_len => {
+                tracing::warn!(ctrlr = %self.ctrlr,
+                               "in-flight region too small for packed rings ({e}): not tracked");
+                InflightRegion::open(&file, inflight, false)
+            }
+            r => r,
+        }
+        .map_err(|e| {
             tracing::warn!(ctrlr = %self.ctrlr, "SET_INFLIGHT_FD refused: {e}");
             VuError::ReqHandlerError(e)
         })?;

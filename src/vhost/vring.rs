@@ -73,9 +73,9 @@ pub struct Vring {
     /// once, when the ring starts; every accessor checks it first, so that the split path
     /// pays one predictable branch. `queue` then only holds the addresses and size.
     packed: Option<Box<PackedRing>>,
-    /// Where a packed ring records its position for the next instance
-    /// ([`QueueInflight::packed_resume`]).
-    packed_record: Option<QueueInflight>,
+    /// Heads (tokens, for a packed ring) a previous instance left in flight, taken again
+    /// before the ring (last first).
+    resubmit: Vec<u16>,
     /// Used entries added since the last [`Vring::notify_guest`] (for EVENT_IDX).
     added: u16,
     /// Used elements written through `view` whose index is not published yet: a poll pass
@@ -110,8 +110,6 @@ struct Tracking {
     counter: u64,
     /// Heads whose used elements are written and not yet committed to the region.
     batch: Vec<u16>,
-    /// Heads a previous instance left in flight, taken again before the ring (last first).
-    resubmit: Vec<u16>,
 }
 
 /// A queue's interrupt pacing under [`Coalescing`].
@@ -154,7 +152,7 @@ impl Vring {
             map: GuestMap::default(),
             view: None,
             packed,
-            packed_record: None,
+            resubmit: Vec::new(),
             added: 0,
             unpublished: false,
             avail_seen: setup_next_avail,
@@ -183,39 +181,20 @@ impl Vring {
     /// for resubmission (counter order, [`Vring::pop_head`] hands them out first), and
     /// resumes the ring after them: at the used index plus the chains in flight (every
     /// chain taken is either returned or in flight), which is where the previous instance
-    /// was, whatever base the frontend restored (QEMU restores the used index after a
-    /// disconnection).
+    /// was, whatever base the frontend restored (QEMU restores the used index of a split
+    /// ring after a disconnection, and the base it last sent for a packed one).
     pub fn track_inflight(&mut self, part: QueueInflight) {
-        if let Some(p) = &mut self.packed {
-            // The packed layout of the region (vhost-user.rst `DescStatePacked`) is not
-            // implemented: only the ring's position is recorded, so that a restart resumes
-            // where the previous instance was; a crash loses the requests in flight.
-            let base = p.base();
-            if let Some(pos) = part.packed_resume(p.size(), base) {
-                tracing::info!(
-                    queue = self.index,
-                    base,
-                    resumed = pos,
-                    "packed ring resumed at the position its previous instance recorded"
-                );
-                p.restart_at(pos);
-                // Completions the previous instance published may never have been signalled.
-                self.signal();
-            }
-            tracing::warn!(
-                queue = self.index,
-                "packed ring: its position is recorded, requests in flight are not tracked"
-            );
-            self.packed_record = Some(part);
-            return;
+        if self.packed.is_some() {
+            return self.track_inflight_packed(part);
         }
         let size = self.queue.size();
-        if size > part.capacity() {
+        if size > part.capacity() || part.is_packed() {
             tracing::warn!(
                 queue = self.index,
                 size,
                 capacity = part.capacity(),
-                "ring larger than its in-flight region: not tracked"
+                packed_layout = part.is_packed(),
+                "in-flight region not made for this ring: not tracked"
             );
             return;
         }
@@ -237,22 +216,67 @@ impl Vring {
             // Completions the previous instance published may never have been signalled.
             self.signal();
         }
-        let mut resubmit = r.resubmit;
-        resubmit.reverse();
+        self.resubmit = r.resubmit;
+        self.resubmit.reverse();
         self.tracking = Some(Tracking {
             part,
             counter: r.next_counter,
             batch: Vec::with_capacity(usize::from(size)),
-            resubmit,
         });
+    }
+
+    /// [`Vring::track_inflight`] for a packed ring ([`PackedRing::track`]): its areas are
+    /// mapped first, as resuming reads and repairs the descriptor ring.
+    fn track_inflight_packed(&mut self, part: QueueInflight) {
+        let mem = self.mem.memory().into_inner();
+        self.sync_mem(&mem);
+        let Some(p) = &mut self.packed else {
+            return;
+        };
+        let base = p.base();
+        let capacity = part.capacity();
+        let Some(r) = p.track(&self.map, part) else {
+            tracing::warn!(
+                queue = self.index,
+                size = p.size(),
+                capacity,
+                "in-flight region not made for this packed ring: not tracked"
+            );
+            return;
+        };
+        if r.fresh {
+            return;
+        }
+        tracing::info!(
+            queue = self.index,
+            resubmit = r.resubmit.len(),
+            committed = r.committed,
+            dropped = r.dropped,
+            used = r.used,
+            base,
+            next_avail = p.base(),
+            "resuming the ring from its in-flight region"
+        );
+        if r.dropped > 0 {
+            tracing::error!(
+                queue = self.index,
+                dropped = r.dropped,
+                "in-flight region entries that do not add up: those requests are lost"
+            );
+        }
+        // The slots between the used and available positions may have been repaired.
+        let (at, len) = p.desc_ring();
+        self.log.mark_ring(at, len);
+        self.resubmit = r.resubmit;
+        self.resubmit.reverse();
+        // Completions the previous instance published may never have been signalled.
+        self.signal();
     }
 
     /// Whether heads left in flight by a previous instance still wait to be taken again
     /// (a stopping ring takes them all the same: they are already off the ring).
     pub fn has_resubmits(&self) -> bool {
-        self.tracking
-            .as_ref()
-            .is_some_and(|t| !t.resubmit.is_empty())
+        !self.resubmit.is_empty()
     }
 
     /// The same ring, never held back by the controller's interrupt coalescing (control
@@ -312,10 +336,8 @@ impl Vring {
     /// nothing is taken until it fixes the index).
     #[inline]
     pub fn pop_head(&mut self) -> Option<u16> {
-        if let Some(t) = &mut self.tracking {
-            if let Some(h) = t.resubmit.pop() {
-                return Some(h);
-            }
+        if let Some(h) = self.resubmit.pop() {
+            return Some(h);
         }
         if self.stopping {
             return None;
@@ -433,15 +455,13 @@ impl Vring {
         &mut self,
         mem: &'m GuestMemoryMmap,
     ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
-        if let Some(t) = &mut self.tracking {
-            if !t.resubmit.is_empty() {
-                tracing::error!(
-                    queue = self.index,
-                    heads = ?t.resubmit,
-                    "cannot resubmit requests left in flight: the ring is not inside one memory region"
-                );
-                t.resubmit.clear();
-            }
+        if !self.resubmit.is_empty() {
+            tracing::error!(
+                queue = self.index,
+                heads = ?self.resubmit,
+                "cannot resubmit requests left in flight: the ring is not inside one memory region"
+            );
+            self.resubmit.clear();
         }
         if self.stopping {
             return None;
@@ -575,9 +595,6 @@ impl Vring {
                 self.log.mark_used(USED_IDX, 2);
             } else if let Some(p) = &mut self.packed {
                 p.publish();
-                if let Some(r) = &self.packed_record {
-                    r.packed_commit(p.used_base());
-                }
             }
             self.commit_inflight();
         }

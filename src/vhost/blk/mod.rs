@@ -61,8 +61,10 @@ pub struct BlkDevice {
     resize_watch: u64,
     /// SPDK's `packed_ring`: VIRTIO_F_RING_PACKED is offered (virtio 1.2 §2.8).
     packed_ring: bool,
-    /// SPDK's `packed_ring_recovery`: in-flight recovery on packed rings, asked for and
-    /// saved; blockd does not track packed rings yet (see [`crate::vhost::vring`]).
+    /// SPDK's `packed_ring_recovery`: in-flight recovery on packed rings, saved for
+    /// `save_config`. blockd tracks every request queue in flight, packed or split,
+    /// whenever the frontend shares the region ([`crate::vhost::inflight`]): the flag
+    /// changes nothing.
     packed_ring_recovery: bool,
 }
 

@@ -230,3 +230,5 @@ mod driver;
 mod log_tests;
 #[cfg(test)]
 mod packed_driver;
+#[cfg(test)]
+mod packed_inflight_tests;

@@ -65,11 +65,6 @@ fn create_blk_controller<C: VhostContext>(app: &Arc<C>, p: Option<Value>) -> Rpc
         )));
     }
     let notifier = ConfigNotifier::default();
-    if p.packed_ring_recovery {
-        // SPDK tracks packed rings in flight with it; blockd's in-flight region has the
-        // split layout only: packed rings run untracked (logged when one starts).
-        tracing::warn!(ctrlr = %p.ctrlr, "packed_ring_recovery: packed rings are not tracked in flight yet");
-    }
     let device = Arc::new(
         BlkDevice::new(&p.ctrlr, bdev.clone(), p.readonly, notifier.clone())
             .with_packed_ring(p.packed_ring, p.packed_ring_recovery),

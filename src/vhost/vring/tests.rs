@@ -203,7 +203,7 @@ fn used_chains_are_published_once_per_batch_and_when_the_ring_goes() {
 #[test]
 fn a_new_instance_resubmits_what_a_killed_one_left_in_flight() {
     use crate::vhost::inflight::InflightRegion;
-    let (region, _fd, _msg) = InflightRegion::create(1, SIZE).unwrap();
+    let (region, _fd, _msg) = InflightRegion::create(1, SIZE, false).unwrap();
     let (m, mut vring, _rx) = ring();
     vring.track_inflight(region.queue(0).unwrap());
     for (pos, head) in [3u16, 9, 4, 12].into_iter().enumerate() {

@@ -249,7 +249,7 @@ fn a_restarted_packed_ring_resumes_at_its_recorded_position() {
         false,
         crate::vhost::ConfigNotifier::default(),
     );
-    let (region, _fd, _msg) = InflightRegion::create(1, super::driver::QSIZE).unwrap();
+    let (region, _fd, _msg) = InflightRegion::create(1, super::driver::QSIZE, true).unwrap();
     let mut d = PackedDriver::new();
     for i in 0..4u64 {
         let mut hdr = [0u8; 16];

@@ -81,6 +81,11 @@ impl PackedDriver {
         (setup, rx)
     }
 
+    /// The guest memory the ring lives in.
+    pub fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
         assert!(gpa as usize + bytes.len() <= MEM_SIZE);
         // SAFETY: inside the 1 MiB region, checked above.
