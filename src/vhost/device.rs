@@ -1,13 +1,15 @@
 //! What a vhost-user controller serves: a virtio device model (blk, later scsi) whose
 //! queues run as pollers on the reactors.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use serde_json::Value;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_queue::Queue;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::atomic::GuestMemoryLoadGuard;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::reactor::{Poller, ReactorCtx};
@@ -17,8 +19,45 @@ use crate::vhost::inflight::QueueInflight;
 use crate::vhost::queue_stats::QueueStats;
 
 /// Guest memory as the frontend shared it (memfd, hugetlbfs or plain file regions), swapped
-/// atomically when the frontend adds or removes regions.
-pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// atomically when the frontend adds or removes regions, with a generation bumped at every
+/// swap: a poller compares one integer per poll pass and loads the table (an `arc_swap`
+/// load, two locked instructions) only when it changed.
+#[derive(Clone, Debug)]
+pub struct GuestMem {
+    table: GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    generation: Arc<AtomicU64>,
+}
+
+impl GuestMem {
+    pub fn new(mem: GuestMemoryMmap<()>) -> Self {
+        GuestMem {
+            table: GuestMemoryAtomic::new(mem),
+            generation: Arc::default(),
+        }
+    }
+
+    /// The current table.
+    #[inline]
+    pub fn memory(&self) -> GuestMemoryLoadGuard<GuestMemoryMmap<()>> {
+        self.table.memory()
+    }
+
+    /// Swaps the table; readers that see the new [`GuestMem::generation`] see it too.
+    pub fn replace(&self, mem: GuestMemoryMmap<()>) -> Result<(), String> {
+        self.table
+            .lock()
+            .map_err(|e| format!("guest memory table: {e}"))?
+            .replace(mem);
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Changes with every [`GuestMem::replace`].
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
 
 /// Everything a queue poller needs, handed over when the frontend has set a ring up
 /// (vhost-user: after SET_VRING_KICK with addresses and, with PROTOCOL_FEATURES, enabled).

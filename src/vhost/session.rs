@@ -27,7 +27,7 @@ use vhost::VhostUserMemoryRegionBase;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::coalescing::Coalescing;
@@ -134,7 +134,7 @@ impl Session {
             owned: false,
             acked_features: 0,
             acked_protocol_features: 0,
-            mem: GuestMemoryAtomic_new(),
+            mem: GuestMem::new(GuestMemoryMmap::new()),
             mappings: Vec::new(),
             guest_mappings: Vec::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
@@ -478,11 +478,6 @@ fn map_region(
     Ok((Arc::new(r), m))
 }
 
-#[allow(non_snake_case)]
-fn GuestMemoryAtomic_new() -> GuestMem {
-    vm_memory::GuestMemoryAtomic::new(GuestMemoryMmap::new())
-}
-
 /// Duplicates an eventfd received from the frontend and makes it non-blocking, so a
 /// reactor draining it never blocks.
 fn dup_eventfd(f: Option<&File>) -> VuResult<Option<EventFd>> {
@@ -503,9 +498,7 @@ impl Drop for Session {
         self.stop_all();
         // Release the memory table, then every mapping nobody else holds; one a ring that
         // was abandoned (see `stop_ring`) may still use stays mapped for good.
-        if let Ok(m) = self.mem.lock() {
-            m.replace(GuestMemoryMmap::new());
-        }
+        let _ = self.mem.replace(GuestMemoryMmap::new());
         self.unmap_unused();
         for (r, m) in self.guest_mappings.drain(..) {
             std::mem::forget(r);
@@ -597,7 +590,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             regions.push(r);
         }
         let mem = GuestMemoryMmap::from_arc_regions(regions).map_err(req_err)?;
-        self.mem.lock().map_err(req_err)?.replace(mem);
+        self.mem.replace(mem).map_err(req_err)?;
         self.mappings = mappings;
         self.guest_mappings.extend(owned);
         self.unmap_unused();
@@ -835,7 +828,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             .memory()
             .insert_region(r.clone())
             .map_err(req_err)?;
-        self.mem.lock().map_err(req_err)?.replace(mem);
+        self.mem.replace(mem).map_err(req_err)?;
         self.guest_mappings.push((r, m));
         self.mappings.push(AddrMapping {
             vmm_addr: region.user_addr,
@@ -851,7 +844,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             .memory()
             .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
             .map_err(req_err)?;
-        self.mem.lock().map_err(req_err)?.replace(mem);
+        self.mem.replace(mem).map_err(req_err)?;
         self.mappings
             .retain(|m| m.gpa_base != region.guest_phys_addr);
         self.unmap_unused();

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::vhost::device::GuestMem;
 
@@ -18,6 +18,8 @@ pub struct MemGenerations {
     /// [`MemGenerations::begin_pass`]), its generation and how many in-flight requests use
     /// it.
     cur: Option<Arc<GuestMemoryMmap>>,
+    /// The [`GuestMem::generation`] `cur` was loaded at.
+    loaded: u64,
     gen: u32,
     refs: usize,
     /// Older generations still used: (generation, memory, requests).
@@ -27,7 +29,9 @@ pub struct MemGenerations {
 impl MemGenerations {
     /// Starts at the memory `mem` holds now.
     pub fn new(mem: &GuestMem) -> Self {
+        let loaded = mem.generation();
         MemGenerations {
+            loaded,
             cur: Some(mem.memory().into_inner()),
             gen: 0,
             refs: 0,
@@ -56,9 +60,14 @@ impl MemGenerations {
     /// [`MemGenerations::refresh`], the memory moved out for one poll pass instead of
     /// cloned: a pass then costs no reference-count read-modify-writes. Hand it back with
     /// [`MemGenerations::end_pass`].
+    /// The table is loaded again only when the frontend changed it since.
     #[inline]
     pub fn begin_pass(&mut self, mem: &GuestMem) -> Arc<GuestMemoryMmap> {
-        self.refresh(mem);
+        let g = mem.generation();
+        if g != self.loaded || self.cur.is_none() {
+            self.loaded = g;
+            self.refresh(mem);
+        }
         self.cur.take().unwrap_or_default()
     }
 
@@ -108,7 +117,7 @@ impl MemGenerations {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+    use vm_memory::GuestAddress;
 
     use super::*;
 
@@ -116,16 +125,29 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap()
     }
 
+    /// One poll pass: the memory it works with.
+    fn pass(g: &mut MemGenerations, shared: &GuestMem) -> std::sync::Weak<GuestMemoryMmap> {
+        let m = g.begin_pass(shared);
+        let w = Arc::downgrade(&m);
+        g.end_pass(m);
+        w
+    }
+
     #[test]
     fn old_memory_lives_until_its_requests_are_released() {
-        let atomic = GuestMemoryAtomic::new(mem());
-        let mut g = MemGenerations::new(&atomic);
-        let first = Arc::downgrade(g.refresh(&atomic));
+        let shared = GuestMem::new(mem());
+        let mut g = MemGenerations::new(&shared);
+        let first = pass(&mut g, &shared);
+        assert!(
+            first.ptr_eq(&pass(&mut g, &shared)),
+            "unchanged table, same memory"
+        );
         let a = g.hold();
         let b = g.hold();
-        // The frontend swaps the table: the old memory stays for `a` and `b`.
-        atomic.lock().unwrap().replace(mem());
-        let second = Arc::downgrade(g.refresh(&atomic));
+        // The frontend swaps the table: the next pass sees it, the old memory stays for
+        // `a` and `b`.
+        shared.replace(mem()).unwrap();
+        let second = pass(&mut g, &shared);
         assert!(!first.ptr_eq(&second));
         assert_eq!(g.retired(), 1);
         let c = g.hold();
@@ -139,8 +161,8 @@ mod tests {
         );
         // A swap with nothing in flight retires nothing.
         g.release(c);
-        atomic.lock().unwrap().replace(mem());
-        g.refresh(&atomic);
+        shared.replace(mem()).unwrap();
+        pass(&mut g, &shared);
         assert_eq!(g.retired(), 0);
         assert!(second.upgrade().is_none());
     }

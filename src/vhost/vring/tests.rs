@@ -2,7 +2,7 @@
 
 use std::sync::mpsc;
 
-use vm_memory::GuestMemoryAtomic;
+use crate::vhost::device::GuestMem;
 
 use super::*;
 
@@ -13,13 +13,13 @@ const USED: u64 = 0x2000;
 /// A ring of `SIZE` entries at 0 in 64 KiB of guest memory, with its `Vring`.
 fn ring() -> (Arc<GuestMemoryMmap>, Vring, mpsc::Receiver<u16>) {
     let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-    ring_on(GuestMemoryAtomic::new(m), 0, 0)
+    ring_on(GuestMem::new(m), 0, 0)
 }
 
 /// A `Vring` over the ring in `mem`, started at `base` with used index `used` (as the
 /// session starts one: the used index read from the ring).
 fn ring_on(
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMem,
     base: u16,
     used: u16,
 ) -> (Arc<GuestMemoryMmap>, Vring, mpsc::Receiver<u16>) {
@@ -221,7 +221,7 @@ fn a_new_instance_resubmits_what_a_killed_one_left_in_flight() {
     std::mem::forget(vring);
 
     // QEMU restores the ring at the used index (1) after the disconnection.
-    let mem = GuestMemoryAtomic::new(Arc::unwrap_or_clone(m.clone()));
+    let mem = GuestMem::new(Arc::unwrap_or_clone(m.clone()));
     let (m2, mut again, rx) = ring_on(mem, used_idx(&m), used_idx(&m));
     again.track_inflight(region.queue(0).unwrap());
     put_avail(&m2, 4, 7);
@@ -246,7 +246,7 @@ fn a_new_instance_resubmits_what_a_killed_one_left_in_flight() {
     );
 
     // A third instance finds nothing in flight and takes the new chain.
-    let mem = GuestMemoryAtomic::new(Arc::unwrap_or_clone(m2.clone()));
+    let mem = GuestMem::new(Arc::unwrap_or_clone(m2.clone()));
     let (_m3, mut third, _rx) = ring_on(mem, 4, 4);
     third.track_inflight(region.queue(0).unwrap());
     assert!(!third.has_resubmits());

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::reactor::Poller;
@@ -35,7 +35,7 @@ impl Driver {
         let m = Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let ring = m.get_host_address(GuestAddress(0)).unwrap();
         Driver {
-            mem: GuestMemoryAtomic::new(m),
+            mem: GuestMem::new(m),
             ring,
             avail_idx: 0,
             used_seen: 0,

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::driver::{QSIZE, WRITE};
@@ -42,7 +42,7 @@ impl PackedDriver {
         let m = Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let ring = m.get_host_address(GuestAddress(0)).unwrap();
         PackedDriver {
-            mem: GuestMemoryAtomic::new(m),
+            mem: GuestMem::new(m),
             ring,
             avail: 0,
             avail_wrap: true,

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::driver::QSIZE;
 use super::packed_driver::{PackedDriver, W};

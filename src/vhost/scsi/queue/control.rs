@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_scsi::*;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::super::request::{
     parse_control, parse_control_ring, ControlRequest, Desc, LunAddr, Streams, AN_RESP_LEN,

@@ -8,13 +8,13 @@ use std::sync::mpsc;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_scsi::*;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -159,7 +159,7 @@ impl Rig {
         let reg = BdevRegistry::default();
         let dev = ScsiDevice::new("scsi.test").unwrap();
         Rig {
-            mem: GuestMemoryAtomic::new(m),
+            mem: GuestMem::new(m),
             dev,
             reg,
             n: 0,
@@ -366,7 +366,7 @@ fn slow_ring_path_serves_commands() {
     let mut rig = Rig::new();
     let m =
         Mem::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0xFF000)]).unwrap();
-    rig.mem = GuestMemoryAtomic::new(m);
+    rig.mem = GuestMem::new(m);
     rig.add(0, "Malloc0", 64, 512);
     // The descriptor table straddles the two regions.
     let (mut rq, _rx) = rig.request_queue_at(0x800);
