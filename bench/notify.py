@@ -13,8 +13,11 @@ the counts their meaning:
   enables interrupts (`used_event`), checks the ring again, then `ppoll`s the completion
   (call) eventfd and `read`s it once when it is readable. So `read`s = interrupts taken
   (eventfd reads: several signals the device sent in between coalesce into one), and
-  `ppoll`s = waits (a ppoll that timed out has no read). A polling client (`--poll`, libblkio
-  poll queues) never reads the call eventfd and keeps interrupts disabled.
+  `ppoll`s = waits (a ppoll that timed out has no read). With EVENT_IDX, "disabling"
+  interrupts (when do_io returns; once at the start of a poll queue) writes used_event = the
+  next used index, i.e. asks for an interrupt at the next completion, and leaves it there. A
+  polling client (`--poll`, libblkio poll queues) never reads the call eventfd; the device
+  signals it when its used index passes that first used_event (once per 65,536 requests).
 - The client's requests of the window come from `blockctl bench --progress-file`: each
   queue's completed requests, which the client stores into a shared file mapping after every
   batch (no syscall), read at the window's start and end.
