@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # blockd vs qemu-storage-daemon (and fio on the file): one command, see bench/README.md.
 #
-#   bench/run.sh                 3 runs x 5 s per workload, idle test; ~12 minutes
+#   bench/run.sh                 3 runs x 5 s per workload and client mode, idle test; ~20 min
 #   bench/run.sh --quick         1 run x 2 s
 #   bench/run.sh --runs 5 --runtime 10 --file /mnt/nvme/bench.img
+#   bench/run.sh --clients sleep             only the sleeping client (poll: only polling)
 #   bench/run.sh --report DIR    only (re)write DIR/table.md and the plots
 #
 # Builds release binaries, installs fio/qemu-storage-daemon (apt) and matplotlib (pip, into
 # .cache/venv) when missing, and writes bench/results/<date>/{run-N.json,idle.json,table.md,
-# *.png}. Other options are passed to bench/harness.py (--rows, --workloads, --poll ...).
+# *.png}. Other options are passed to bench/harness.py (--rows, --workloads, --clients,
+# --no-perf, --placement-wait, --poll ...; bench/harness.py --help). perf (for the client's
+# syscall counts) is used when it can count syscall tracepoints, else /proc/PID/io.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -22,7 +25,7 @@ while [ $# -gt 0 ]; do
     --file) file=$2; shift ;;
     --out) out=$2; shift ;;
     --report) report_only=$2; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) extra+=("$1") ;;
   esac
   shift
@@ -40,8 +43,8 @@ fi
 command -v qemu-storage-daemon >/dev/null || scripts/install-deps.sh demo
 VENV=$ROOT/.cache/venv
 if ! "$VENV/bin/python3" -c 'import matplotlib' 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q matplotlib || echo "matplotlib unavailable: no plots" >&2
+  { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib; } ||
+    echo "matplotlib unavailable: no plots" >&2
 fi
 PY=$VENV/bin/python3
 [ -x "$PY" ] || PY=python3

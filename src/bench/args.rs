@@ -111,6 +111,11 @@ pub struct BenchArgs {
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Publish each queue's completed requests in this file (created or truncated) while
+    /// running: native-endian u64s, queue `i` at byte `8 * i`, updated after every batch of
+    /// completions, so that a harness can count the requests of a window inside the run.
+    #[arg(long)]
+    pub progress_file: Option<PathBuf>,
 }
 
 impl BenchArgs {

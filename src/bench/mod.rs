@@ -11,11 +11,13 @@
 
 mod args;
 mod histogram;
+mod progress;
 mod random_map;
 mod verify;
 mod worker;
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,7 @@ use serde::Serialize;
 
 pub use args::{parse_size, BenchArgs, CpuList, Pattern, VerifyPhase};
 pub use histogram::Histogram;
+use progress::Progress;
 use worker::{Job, Stats, Work};
 
 /// Result of `blockctl bench` (printed as JSON with `--json`).
@@ -219,7 +222,12 @@ fn open_device_timeout(a: &BenchArgs) -> Result<Device> {
 }
 
 /// Runs one phase on all queues in parallel and sums the results.
-fn run_phase(dev: &mut Device, name: &str, jobs: &[Job]) -> Result<PhaseReport> {
+fn run_phase(
+    dev: &mut Device,
+    name: &str,
+    jobs: &[Job],
+    progress: Option<&Progress>,
+) -> Result<PhaseReport> {
     let base = dev.region.addr;
     let per_queue = jobs.first().map_or(0, |j| j.bs as usize * j.qd);
     let results: Vec<Result<Stats>> = std::thread::scope(|scope| {
@@ -230,7 +238,8 @@ fn run_phase(dev: &mut Device, name: &str, jobs: &[Job]) -> Result<PhaseReport> 
             .enumerate()
             .map(|(i, (q, job))| {
                 let buf = base + i * per_queue;
-                scope.spawn(move || worker::run(q, buf as *mut u8, job))
+                let done: Option<&AtomicU64> = progress.map(|p| p.slot(i));
+                scope.spawn(move || worker::run(q, buf as *mut u8, job, done))
             })
             .collect();
         handles
@@ -317,6 +326,12 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
             })
             .collect()
     };
+    let progress = a
+        .progress_file
+        .as_deref()
+        .map(|p| Progress::create(p, a.queues as usize))
+        .transpose()?;
+    let progress = progress.as_ref();
     let mut phases = Vec::new();
     if a.verify {
         if matches!(a.verify_phase, VerifyPhase::Both | VerifyPhase::Write) {
@@ -324,6 +339,7 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
                 &mut dev,
                 "verify-write",
                 &jobs_for(Work::VerifyWrite),
+                progress,
             )?);
         }
         if matches!(a.verify_phase, VerifyPhase::Both | VerifyPhase::Read) {
@@ -331,6 +347,7 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
                 &mut dev,
                 "verify-read",
                 &jobs_for(Work::VerifyRead),
+                progress,
             )?);
         }
     } else {
@@ -342,7 +359,7 @@ pub fn execute(a: &BenchArgs) -> Result<BenchReport> {
                 + Duration::from_secs(a.runtime),
         };
         let name = format!("{:?}", a.pattern).to_lowercase();
-        phases.push(run_phase(&mut dev, &name, &jobs_for(work))?);
+        phases.push(run_phase(&mut dev, &name, &jobs_for(work), progress)?);
     }
     Ok(BenchReport {
         socket: a.socket.display().to_string(),

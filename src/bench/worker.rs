@@ -2,6 +2,7 @@
 //! slot as soon as it completes, and records per-I/O latency without allocating.
 
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
@@ -145,8 +146,9 @@ fn flush_untimed(queue: &mut Blkioq, io_timeout: Duration, when: &str) -> Result
 }
 
 /// Runs `job` on `queue`. `buf` is the worker's `qd * bs` bytes inside a memory region
-/// mapped into the device; slot `i` uses `buf + i * bs`.
-pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
+/// mapped into the device; slot `i` uses `buf + i * bs`. `done`, if any, gets the count of
+/// completed requests after every batch (`--progress-file`).
+pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job, done: Option<&AtomicU64>) -> Result<Stats> {
     if let Some(cpu) = job.cpu {
         pin(cpu)?;
     }
@@ -332,6 +334,9 @@ pub fn run(queue: &mut Blkioq, buf: *mut u8, job: &Job) -> Result<Stats> {
                 submit(queue, slot, offset, write, &mut slots[slot], now);
                 in_flight += 1;
             }
+        }
+        if let Some(d) = done {
+            d.store(stats.reads + stats.writes, Ordering::Relaxed);
         }
     }
     stats.elapsed = started.elapsed();
