@@ -122,8 +122,8 @@ impl CryptoChannel {
 }
 
 /// Encrypts or decrypts, in place, the blocks described by `iovs` (block `first_lba`
-/// first): in the iovec's memory where a block lies within one iovec, through `scratch`
-/// where it straddles iovecs.
+/// first): in the iovec's memory, all the whole blocks of an iovec in one call, and
+/// through `scratch` for a block that straddles iovecs.
 ///
 /// # Safety
 /// `iovs` must describe valid, writable memory that nobody else accesses meanwhile.
@@ -135,18 +135,12 @@ pub(super) unsafe fn crypt_iovs(
     scratch: &mut [u8],
     encrypt: bool,
 ) {
-    let run = |block: &mut [u8], lba: u64| {
-        if encrypt {
-            cipher.encrypt_unit(block, lba);
-        } else {
-            cipher.decrypt_unit(block, lba);
-        }
-    };
     // SAFETY: the caller's promise (`# Safety`).
     let v = unsafe { iovs.as_slice() };
     let (mut i, mut off) = (0usize, 0usize);
-    let blocks = iovs.total_len() / bs as u64;
-    for lba in first_lba..first_lba + blocks {
+    let end = first_lba + iovs.total_len() / bs as u64;
+    let mut lba = first_lba;
+    while lba < end {
         while i < v.len() && off == v[i].iov_len {
             i += 1;
             off = 0;
@@ -154,12 +148,17 @@ pub(super) unsafe fn crypt_iovs(
         if i >= v.len() {
             return;
         }
-        if v[i].iov_len - off >= bs {
-            // SAFETY: `[off, off + bs)` is inside iovec `i`, valid and ours (`# Safety`).
-            let block =
-                unsafe { std::slice::from_raw_parts_mut(v[i].iov_base.cast::<u8>().add(off), bs) };
-            run(block, lba);
-            off += bs;
+        let whole = ((v[i].iov_len - off) / bs).min((end - lba) as usize);
+        if whole > 0 {
+            // Every whole block in this iovec at once.
+            // SAFETY: `[off, off + whole * bs)` is inside iovec `i`, valid and ours
+            // (`# Safety`).
+            let run = unsafe {
+                std::slice::from_raw_parts_mut(v[i].iov_base.cast::<u8>().add(off), whole * bs)
+            };
+            cipher.crypt_units(run, bs, lba, encrypt);
+            off += whole * bs;
+            lba += whole as u64;
         } else {
             // Gather, transform, scatter back.
             let (si, so) = (i, off);
@@ -184,7 +183,7 @@ pub(super) unsafe fn crypt_iovs(
             if got < bs {
                 return;
             }
-            run(&mut scratch[..bs], lba);
+            cipher.crypt_units(&mut scratch[..bs], bs, lba, encrypt);
             let (mut j, mut o, mut put) = (si, so, 0);
             while put < bs {
                 let n = (v[j].iov_len - o).min(bs - put);
@@ -203,6 +202,7 @@ pub(super) unsafe fn crypt_iovs(
                     o = 0;
                 }
             }
+            lba += 1;
         }
     }
 }
