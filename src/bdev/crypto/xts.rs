@@ -32,22 +32,22 @@ fn mul_alpha(x: u128) -> u128 {
 /// AES blocks whose tweaks are computed ahead at a time (a 4K unit).
 const TWEAK_RUN: usize = 256;
 
-/// Fills `out` with `t`, `t·α`, `t·α²`, ... and returns the tweak after the last.
+/// Fills `out` (whole 16-byte blocks) with `t`, `t·α`, `t·α²`, ... as little-endian
+/// bytes and returns the tweak after the last.
 #[inline]
-fn tweak_run(out: &mut [u128], mut t: u128) -> u128 {
-    for x in out {
-        *x = t;
+fn tweak_run(out: &mut [u8], mut t: u128) -> u128 {
+    for x in out.chunks_exact_mut(16) {
+        x.copy_from_slice(&t.to_le_bytes());
         t = mul_alpha(t);
     }
     t
 }
 
-/// XORs the 16-byte blocks of `data` with `tweaks` (one each; as many as both have).
+/// `data ^= tweaks`, byte by byte over equal lengths: a loop the compiler vectorizes.
 #[inline]
-fn xor_blocks(data: &mut [u8], tweaks: &[u128]) {
-    for (b, t) in data.chunks_exact_mut(16).zip(tweaks) {
-        let x = u128::from_le_bytes(<[u8; 16]>::try_from(&*b).unwrap_or_default()) ^ t;
-        b.copy_from_slice(&x.to_le_bytes());
+fn xor_into(data: &mut [u8], tweaks: &[u8]) {
+    for (d, t) in data.iter_mut().zip(tweaks) {
+        *d ^= *t;
     }
 }
 
@@ -78,7 +78,7 @@ impl Cipher {
             return;
         }
         let mut tweaks = [Block::default(); TWEAK_BATCH];
-        let mut run_tweaks = [0u128; TWEAK_RUN];
+        let mut run_tweaks = [0u8; 16 * TWEAK_RUN];
         let mut unit = first;
         for group in data.chunks_mut(unit_len * TWEAK_BATCH) {
             let n = group.len() / unit_len;
@@ -89,16 +89,16 @@ impl Cipher {
             for (u, t) in group.chunks_exact_mut(unit_len).zip(&tweaks[..n]) {
                 let mut t = u128::from_le_bytes((*t).into());
                 for run in u.chunks_mut(16 * TWEAK_RUN) {
-                    let ts = &mut run_tweaks[..run.len() / 16];
+                    let ts = &mut run_tweaks[..run.len()];
                     t = tweak_run(ts, t);
-                    xor_blocks(run, ts);
+                    xor_into(run, ts);
                     let (blocks, _) = InOutBuf::from(&mut *run).into_chunks::<U16>();
                     if encrypt {
                         self.k1.encrypt_blocks_inout(blocks);
                     } else {
                         self.k1.decrypt_blocks_inout(blocks);
                     }
-                    xor_blocks(run, ts);
+                    xor_into(run, ts);
                 }
             }
             unit = unit.wrapping_add(n as u64);
