@@ -14,8 +14,9 @@
 //! file (and the other way round).
 //!
 //! Data path ([`channel`]): reads go straight into the caller's buffers and are decrypted
-//! in place when the base completes them (zero-copy); writes are encrypted into a bounce
-//! buffer per request (the guest's buffers are never modified), which is then written.
+//! in place when the base completes them (zero-copy); writes are encrypted from the
+//! caller's buffers into a bounce buffer per request (the guest's buffers are never
+//! modified, and read once), which is then written.
 //! Flush and unmap pass through. Blocks unmapped on the base read back as the decryption
 //! of whatever the base returns (zeroes, usually): garbage, as with dm-crypt's
 //! `allow_discards`; the guest discarded them, so it has no expectation. Write-zeroes is

@@ -51,6 +51,14 @@ fn xor_into(data: &mut [u8], tweaks: &[u8]) {
     }
 }
 
+/// `data = src ^ tweaks`, over equal lengths.
+#[inline]
+fn xor_from(data: &mut [u8], src: &[u8], tweaks: &[u8]) {
+    for ((d, s), t) in data.iter_mut().zip(src).zip(tweaks) {
+        *d = *s ^ *t;
+    }
+}
+
 impl Cipher {
     pub(crate) fn new(k1: Aes256, k2: Aes256) -> Self {
         Cipher { k1, k2 }
@@ -73,6 +81,33 @@ impl Cipher {
     /// units after it count up, wrapping as dm-crypt's `plain64`). A partial unit at the
     /// end is left alone.
     pub(crate) fn crypt_units(&self, data: &mut [u8], unit_len: usize, first: u64, encrypt: bool) {
+        self.crypt(None, data, unit_len, first, encrypt)
+    }
+
+    /// Encrypts the units of `src` into `dst` (as long as `src`; see [`Self::crypt_units`]):
+    /// the first XOR reads `src`, so a write needs no separate copy into its bounce buffer.
+    pub(crate) fn encrypt_units_from(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        unit_len: usize,
+        first: u64,
+    ) {
+        if src.len() != dst.len() {
+            debug_assert!(false, "{} bytes into {}", src.len(), dst.len());
+            return;
+        }
+        self.crypt(Some(src), dst, unit_len, first, true)
+    }
+
+    fn crypt(
+        &self,
+        src: Option<&[u8]>,
+        data: &mut [u8],
+        unit_len: usize,
+        first: u64,
+        encrypt: bool,
+    ) {
         if unit_len == 0 || !unit_len.is_multiple_of(16) {
             debug_assert!(false, "data unit of {unit_len} bytes");
             return;
@@ -80,6 +115,7 @@ impl Cipher {
         let mut tweaks = [Block::default(); TWEAK_BATCH];
         let mut run_tweaks = [0u8; 16 * TWEAK_RUN];
         let mut unit = first;
+        let mut pos = 0;
         for group in data.chunks_mut(unit_len * TWEAK_BATCH) {
             let n = group.len() / unit_len;
             for (j, t) in tweaks[..n].iter_mut().enumerate() {
@@ -91,7 +127,11 @@ impl Cipher {
                 for run in u.chunks_mut(16 * TWEAK_RUN) {
                     let ts = &mut run_tweaks[..run.len()];
                     t = tweak_run(ts, t);
-                    xor_into(run, ts);
+                    match src {
+                        Some(src) => xor_from(run, &src[pos..pos + run.len()], ts),
+                        None => xor_into(run, ts),
+                    }
+                    pos += run.len();
                     let (blocks, _) = InOutBuf::from(&mut *run).into_chunks::<U16>();
                     if encrypt {
                         self.k1.encrypt_blocks_inout(blocks);
@@ -154,6 +194,9 @@ mod tests {
                 );
                 assert_eq!(all[i * len..][..len], b[..], "unit {i} of {len}");
             }
+            let mut from = vec![0u8; plain.len()];
+            ours.encrypt_units_from(&plain, &mut from, len, first);
+            assert_eq!(from, all, "out of place, {len}");
             ours.crypt_units(&mut all, len, first, false);
             assert_eq!(all, plain);
         }
