@@ -135,6 +135,19 @@ def malloc_part(a, work, proc, rpc, d):
             "summary": summary, "runs": runs}
 
 
+def delete_controller(rpc, ctrlr, timeout=30.0):
+    """vhost_delete_controller once the client's disconnection is processed (busy until
+    then; bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return rpc("vhost_delete_controller", {"ctrlr": ctrlr})
+        except RuntimeError as e:
+            if "busy" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def rbd(args, env, check=True):
     return subprocess.run(["rbd", *args], env=env, capture_output=True, text=True,
                           check=check, timeout=600)
@@ -180,7 +193,7 @@ def rbd_part(a, work, proc, rpc, d):
                 log(f"round {rnd + 1} rbd 4k randread qd32 {kind:6} {r['iops']:8.0f} IOPS  "
                     f"target cpu {r['target_cpu_cores']:.2f}")
         for kind in socks:
-            rpc("vhost_delete_controller", {"ctrlr": f"rbd-{kind}"})
+            delete_controller(rpc, f"rbd-{kind}")
         rpc("bdev_rbd_delete", {"name": "RbdPlain"})
         rpc("bdev_rbd_delete", {"name": "RbdLuks"})
         lu, pl = median(runs["luks2"], "iops"), median(runs["plain"], "iops")
