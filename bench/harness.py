@@ -120,13 +120,13 @@ class Rpc:
         self.path = path
         self.id = 0
 
-    def __call__(self, method, params=None):
+    def __call__(self, method, params=None, timeout=30):
         self.id += 1
         req = {"jsonrpc": "2.0", "id": self.id, "method": method}
         if params is not None:
             req["params"] = params
         s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
+        s.settimeout(timeout)
         s.connect(self.path)
         s.sendall(json.dumps(req).encode())
         buf, dec = b"", json.JSONDecoder()

@@ -32,10 +32,11 @@ fn help(cmd: &mut Command) -> String {
 }
 
 /// Flags blockd adds to an SPDK method, documented in docs/cli.md as extensions: LUKS on
-/// RBD (SPDK's rbd bdev cannot open encrypted images).
+/// RBD (SPDK's rbd bdev cannot open encrypted images), the crypto bdev's key check value.
 const BLOCKD_EXTENSIONS: &[(&str, &str)] = &[
     ("bdev_rbd_create", "--encryption-format"),
     ("bdev_rbd_create", "--key"),
+    ("bdev_crypto_create", "--key-check"),
 ];
 
 #[test]

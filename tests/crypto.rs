@@ -292,3 +292,148 @@ fn crypto_bdev_over_aio_and_local_pool_matches_reference_xts_and_survives_a_rest
     );
     assert_no_key("the daemon's log", &f.log);
 }
+
+/// HMAC-SHA256 of `msg` keyed with `key`, by Python's standard library: an implementation
+/// independent of RustCrypto's.
+fn reference_hmac_sha256(key: &[u8], msg: &[u8]) -> String {
+    let script = format!(
+        "import hmac, hashlib\n\
+         print(hmac.new(bytes.fromhex('{}'), bytes.fromhex('{}'), hashlib.sha256).hexdigest())\n",
+        hex(key),
+        hex(msg)
+    );
+    let o = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+/// The header-less crypto bdev over a local-pool image records a key check value in the
+/// saved configuration: a restart whose key file under the same name holds another key
+/// fails with EKEYREJECTED naming the bdev and the key, and serves nothing (the daemon does
+/// not start; `load_config` into a running daemon creates neither the crypto bdev nor the
+/// controller on top); with the right key the same plaintext is served.
+#[test]
+fn crypto_bdev_refuses_a_wrong_key_on_restart_and_serves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "disk.key", KEY, 0o600);
+    let pools = dir.path().join("pools");
+    for args in [
+        &["pool", "create", "local:p"][..],
+        &["image", "create", "local:p/vm", "-s", "8"],
+    ] {
+        let o = std::process::Command::new(common::blockctl_bin())
+            .args(args)
+            .arg("--pool-dir")
+            .arg(&pools)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let cfg = dir.path().join("blockd.json");
+    let args = ["-m", "0x1", "--config", cfg.to_str().unwrap()];
+    let d = Daemon::start_with(&args);
+    d.rpc_ok("keyring_file_add_key", json!({"name": "key0", "path": key}));
+    d.rpc_ok(
+        "bdev_local_create",
+        json!({"pool": "p", "image": "vm", "name": "L0", "pool_dir": pools}),
+    );
+    let o = d.blockctl(&["bdev_crypto_create", "L0", "C1", "-n", "key0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.1", "dev_name": "C1"}),
+    );
+    let off = 3u64 << 20;
+    let data = marked(64 << 10, off);
+    write_and_check(&d.socket_dir().join("vhost.1"), off, &data);
+
+    // The check value: HMAC-SHA256 of the label keyed with the key, cut to 16 bytes; in
+    // the bdev's description and the saved config, and no key material.
+    let check = d.rpc_ok("bdev_get_bdevs", json!({"name": "C1"}))[0]["driver_specific"]["crypto"]
+        ["key_check"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let expect = reference_hmac_sha256(KEY, b"blockd bdev_crypto key check v1: AES_XTS SIMPLE_LBA");
+    assert_eq!(check, expect[..32]);
+    assert!(!hex(KEY).contains(&check));
+    let saved = std::fs::read_to_string(&cfg).unwrap();
+    let saved_v: Value = serde_json::from_str(&saved).unwrap();
+    let create = saved_v["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["config"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["method"] == "bdev_crypto_create")
+        .expect("bdev_crypto_create saved");
+    assert_eq!(create["params"]["key_check"], check.as_str());
+    assert_eq!(create["params"]["key_name"], "key0");
+    assert_no_key("the saved config", &saved);
+    drop(d);
+
+    // Another key under the same name and path.
+    let mut other = *KEY;
+    other[40] ^= 0x20;
+    key_file(dir.path(), "disk.key", &other, 0o600);
+    let f = match Daemon::try_start(&args) {
+        Err(f) => f,
+        Ok(_) => panic!("blockd started with the wrong key"),
+    };
+    for want in [
+        "crypto bdev C1",
+        "key key0",
+        "disk.key",
+        "not the key",
+        "(code -129)",
+    ] {
+        assert!(f.log.contains(want), "no {want:?} in:\n{}", f.log);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        saved,
+        "a failed start must leave the configuration as it was"
+    );
+    assert_no_key("the daemon's log", &f.log);
+
+    // The same configuration loaded into a running daemon: refused, nothing created past
+    // the keyring and the base.
+    let d = Daemon::start();
+    let o = std::process::Command::new(common::blockctl_bin())
+        .arg("-s")
+        .arg(d.rpc_socket())
+        .args(["load_config", "-j"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "load_config with the wrong key succeeded"
+    );
+    assert!(
+        err.contains("crypto bdev C1") && err.contains("key key0"),
+        "{err}"
+    );
+    assert_eq!(
+        d.rpc("bdev_get_bdevs", json!({"name": "C1"}))
+            .unwrap_err()
+            .0,
+        -(libc::ENODEV as i64)
+    );
+    assert_eq!(d.rpc_ok("vhost_get_controllers", Value::Null), json!([]));
+    assert!(!d.socket_dir().join("vhost.1").exists());
+    assert_no_key("blockctl's error", &err);
+    drop(d);
+
+    // The right key again: the same plaintext.
+    key_file(dir.path(), "disk.key", KEY, 0o600);
+    let d = Daemon::start_with(&args);
+    assert_eq!(
+        read_back(&d.socket_dir().join("vhost.1"), off, data.len()),
+        data
+    );
+    assert_no_key("the daemon's log", &d.log());
+}

@@ -25,6 +25,10 @@ pub enum BdevCryptoCmd {
         /// Only AES_XTS.
         #[arg(short = 'c', long)]
         cipher: Option<String>,
+        /// The key check value the key must have (`driver_specific.crypto.key_check` of
+        /// the bdev when it was created): a different key is refused (blockd extension).
+        #[arg(long = "key-check")]
+        key_check: Option<String>,
     },
     /// Delete a crypto bdev (its base stays, unclaimed).
     BdevCryptoDelete {
@@ -42,6 +46,7 @@ impl Run for BdevCryptoCmd {
                 key_name,
                 crypto_pmd,
                 cipher,
+                key_check,
             } => ctx.call_print(
                 "bdev_crypto_create",
                 params_of(vec![
@@ -50,6 +55,7 @@ impl Run for BdevCryptoCmd {
                     ("key_name", Some(json!(key_name))),
                     ("crypto_pmd", crypto_pmd.map(|v| json!(v))),
                     ("cipher", cipher.map(|v| json!(v))),
+                    ("key_check", key_check.map(|v| json!(v))),
                 ]),
             ),
             BdevCryptoCmd::BdevCryptoDelete { name } => {

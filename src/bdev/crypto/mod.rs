@@ -14,8 +14,9 @@
 //! file (and the other way round).
 //!
 //! Data path ([`channel`]): reads go straight into the caller's buffers and are decrypted
-//! in place when the base completes them (zero-copy); writes are encrypted into a bounce
-//! buffer per request (the guest's buffers are never modified), which is then written.
+//! in place when the base completes them (zero-copy); writes are encrypted from the
+//! caller's buffers into a bounce buffer per request (the guest's buffers are never
+//! modified, and read once), which is then written.
 //! Flush and unmap pass through. Blocks unmapped on the base read back as the decryption
 //! of whatever the base returns (zeroes, usually): garbage, as with dm-crypt's
 //! `allow_discards`; the guest discarded them, so it has no expectation. Write-zeroes is
@@ -25,6 +26,13 @@
 //!
 //! QoS limits and statistics apply to the crypto bdev (what the frontend sees) and, through
 //! its channel, to the base as well.
+//!
+//! Having no header on the base, the bdev cannot tell a wrong key from the data; instead it
+//! records a key check value ([`key_check_of`]) that `save_config` writes as the
+//! `key_check` parameter (a blockd extension). A replay whose key under that name is a
+//! different key fails with `EKEYREJECTED`, naming the bdev and the key, and creates
+//! nothing, as LUKS refuses a key that does not match its master-key digest (LUKS1 on-disk
+//! format, `mk-digest`) instead of serving garbage.
 
 mod channel;
 pub mod rpc;
@@ -36,6 +44,7 @@ use std::sync::Arc;
 
 use aes::cipher::KeyInit;
 use aes::Aes256;
+use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -50,12 +59,21 @@ pub const PRODUCT_NAME: &str = "crypto";
 /// Bytes of an AES-XTS-256 key: two AES-256 keys.
 pub const XTS_KEY_LEN: usize = 64;
 
+/// Bytes of the key check value (written as twice as many hex digits).
+pub const KEY_CHECK_LEN: usize = 16;
+
+/// What the key check value authenticates: says what it is for, so that the value is of no
+/// use for anything else.
+const KEY_CHECK_LABEL: &[u8] = b"blockd bdev_crypto key check v1: AES_XTS SIMPLE_LBA";
+
 /// What `bdev_crypto_create` needs.
 #[derive(Clone, Debug)]
 pub struct CryptoOpts {
     pub base_bdev_name: String,
     pub name: String,
     pub key_name: String,
+    /// The key check value the key must have ([`key_check_of`], hex), from a saved config.
+    pub key_check: Option<String>,
     pub uuid: Option<Uuid>,
 }
 
@@ -65,6 +83,37 @@ pub(crate) use xts::Cipher;
 /// The two halves must differ (IEEE 1619-2007 §5.1 weak keys; the kernel's
 /// `xts_verify_key` refuses them too). Errors name the key, never its bytes.
 pub(crate) fn cipher_of(key: &Key) -> crate::error::Result<Cipher> {
+    let bytes = xts_key_of(key)?;
+    let (k1, k2) = bytes.split_at(XTS_KEY_LEN / 2);
+    let c1 = Aes256::new_from_slice(k1).map_err(|_| Error::invalid("bad AES key length"))?;
+    let c2 = Aes256::new_from_slice(k2).map_err(|_| Error::invalid("bad AES key length"))?;
+    Ok(Cipher::new(c1, c2))
+}
+
+/// The key check value of `key` (as hex): the first [`KEY_CHECK_LEN`] bytes of
+/// HMAC-SHA256 (RFC 2104) keyed with the 64 decoded key bytes over a fixed label. A raw key
+/// and its hex form have the same value. It reveals nothing of the key but whether a
+/// guessed key is right, one HMAC per guess of a 512-bit key (LUKS keeps a digest of its
+/// master key for the same purpose); it is not the ciphertext of anything the bdev stores.
+pub(crate) fn key_check_of(key: &Key) -> crate::error::Result<String> {
+    let bytes = xts_key_of(key)?;
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&bytes[..])
+        .map_err(|_| Error::invalid("bad HMAC key length"))?;
+    mac.update(KEY_CHECK_LABEL);
+    let tag = mac.finalize().into_bytes();
+    Ok(tag[..KEY_CHECK_LEN]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Checks the form of a `key_check` parameter: [`KEY_CHECK_LEN`] bytes in hex.
+fn valid_key_check(v: &str) -> bool {
+    v.len() == 2 * KEY_CHECK_LEN && v.bytes().all(|c| c.is_ascii_hexdigit())
+}
+
+/// The 64 bytes of XTS key `key` (see [`cipher_of`]), zeroed when dropped.
+fn xts_key_of(key: &Key) -> crate::error::Result<Zeroizing<[u8; XTS_KEY_LEN]>> {
     let what = format!("key {} ({})", key.name(), key.path().display());
     let raw = key.bytes();
     let mut bytes = Zeroizing::new([0u8; XTS_KEY_LEN]);
@@ -98,9 +147,7 @@ pub(crate) fn cipher_of(key: &Key) -> crate::error::Result<Cipher> {
             "{what}: the two halves of an XTS key must differ"
         )));
     }
-    let c1 = Aes256::new_from_slice(k1).map_err(|_| Error::invalid("bad AES key length"))?;
-    let c2 = Aes256::new_from_slice(k2).map_err(|_| Error::invalid("bad AES key length"))?;
-    Ok(Cipher::new(c1, c2))
+    Ok(bytes)
 }
 
 /// The crypto backend.
@@ -109,6 +156,8 @@ struct CryptoBackend {
     /// Held so that `keyring_get_keys` counts this user, and a removed key stays loaded.
     key: Arc<Key>,
     cipher: Arc<Cipher>,
+    /// The key's check value ([`key_check_of`]): saved with the config.
+    key_check: String,
     /// Our claim on the base.
     owner: String,
 }
@@ -126,8 +175,28 @@ pub fn create(
         return Err(super::registry::RegistryError::Exists(opts.name).into());
     }
     let ctx = |e: Error| e.context(format_args!("crypto bdev {}", opts.name));
+    if let Some(want) = opts.key_check.as_deref().filter(|v| !valid_key_check(v)) {
+        return Err(ctx(Error::invalid(format!(
+            "key_check {want:?} is not {} hex digits",
+            2 * KEY_CHECK_LEN
+        ))));
+    }
     let key = keyring.get(&opts.key_name).map_err(ctx)?;
     let cipher = Arc::new(cipher_of(&key).map_err(ctx)?);
+    let key_check = key_check_of(&key).map_err(ctx)?;
+    if let Some(want) = opts.key_check.as_deref() {
+        if !want.eq_ignore_ascii_case(&key_check) {
+            return Err(ctx(Error::new(
+                libc::EKEYREJECTED,
+                format!(
+                    "key {} ({}) is not the key this bdev was created with (key_check \
+                     {want} does not match it): refusing to serve undecryptable data",
+                    key.name(),
+                    key.path().display()
+                ),
+            )));
+        }
+    }
     let base = registry
         .get(&opts.base_bdev_name)
         .ok_or_else(|| super::registry::RegistryError::NotFound(opts.base_bdev_name.clone()))
@@ -150,6 +219,7 @@ pub fn create(
         base: base.clone(),
         key,
         cipher,
+        key_check,
         owner: owner.clone(),
     };
     let bdev = Bdev::new(params, Box::new(backend));
@@ -192,6 +262,7 @@ impl BdevBackend for CryptoBackend {
 
     fn driver_specific(&self) -> Value {
         json!({"crypto": {"base_bdev_name": self.base.name(), "key_name": self.key.name(),
+                          "key_check": self.key_check,
                           "cipher": "AES_XTS", "tweak_mode": "SIMPLE_LBA"}})
     }
 
@@ -199,7 +270,8 @@ impl BdevBackend for CryptoBackend {
         Some((
             "bdev_crypto_create",
             json!({"base_bdev_name": self.base.name(), "name": bdev.name(),
-                   "key_name": self.key.name(), "uuid": bdev.uuid().to_string()}),
+                   "key_name": self.key.name(), "key_check": self.key_check,
+                   "uuid": bdev.uuid().to_string()}),
         ))
     }
 

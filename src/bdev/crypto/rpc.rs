@@ -32,6 +32,9 @@ pub struct CreateParams {
     pub key2: Option<Value>,
     /// blockd extension: a stable uuid (the saved config carries it).
     pub uuid: Option<Uuid>,
+    /// blockd extension: the key check value the key must have (the saved config carries
+    /// it); a different key is refused with `EKEYREJECTED`.
+    pub key_check: Option<String>,
 }
 
 fn create<C: BdevContext + KeyringContext>(app: &Arc<C>, p: Option<Value>) -> RpcResult {
@@ -62,6 +65,7 @@ fn create<C: BdevContext + KeyringContext>(app: &Arc<C>, p: Option<Value>) -> Rp
             base_bdev_name: p.base_bdev_name,
             name: p.name,
             key_name,
+            key_check: p.key_check,
             uuid: p.uuid,
         },
     )?;

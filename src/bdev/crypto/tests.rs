@@ -45,6 +45,7 @@ fn opts(key: &str) -> CryptoOpts {
         base_bdev_name: "M0".into(),
         name: "C0".into(),
         key_name: key.into(),
+        key_check: None,
         uuid: None,
     }
 }
@@ -158,4 +159,52 @@ fn keys_are_checked_and_errors_name_them_only() {
     let mut back = vec![0u8; 512];
     run(&cr, false, 0, &mut [&mut back]).unwrap();
     assert_eq!(back, d);
+}
+
+/// The key check value of the saved config lets the right key in (raw or hex) and refuses
+/// another key under the same name with EKEYREJECTED, creating nothing.
+#[test]
+fn a_key_check_refuses_another_key_and_creates_nothing() {
+    let s = setup(KEY);
+    let c = create(&s.reg, &s.keys, opts("k")).unwrap();
+    let check = c.backend().driver_specific()["crypto"]["key_check"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(check.len(), 2 * KEY_CHECK_LEN);
+    let hex: String = KEY.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(!hex.contains(&check) && !check.contains(&hex[..16]));
+    s.reg.remove("C0").unwrap();
+
+    // The same key, raw or as hex, upper-case check digits: accepted.
+    for key in [&KEY[..], hex.as_bytes()] {
+        let s = setup(key);
+        let mut o = opts("k");
+        o.key_check = Some(check.to_uppercase());
+        create(&s.reg, &s.keys, o).unwrap();
+    }
+    // Another key under the same name: refused, naming the bdev and the key; the base
+    // stays unclaimed and no bdev exists.
+    let mut other = *KEY;
+    other[5] ^= 1;
+    let s = setup(&other);
+    let mut o = opts("k");
+    o.key_check = Some(check.clone());
+    let e = err(create(&s.reg, &s.keys, o));
+    assert_eq!(e.errno, libc::EKEYREJECTED, "{}", e.message);
+    assert!(
+        e.message.contains("crypto bdev C0") && e.message.contains("key k ("),
+        "{}",
+        e.message
+    );
+    assert!(s.reg.get("C0").is_none());
+    assert_eq!(s.reg.get("M0").unwrap().claimed_by(), None);
+    // A malformed check value is an invalid argument.
+    for bad in ["", "00", &"g".repeat(32), &"0".repeat(64)] {
+        let mut o = opts("k");
+        o.key_check = Some(bad.to_string());
+        let e = err(create(&s.reg, &s.keys, o));
+        assert_eq!(e.errno, libc::EINVAL, "{bad:?}: {}", e.message);
+    }
+    assert!(s.reg.get("C0").is_none());
 }
