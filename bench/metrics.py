@@ -152,27 +152,31 @@ def main():
     ap.add_argument("--baseline", help="another blockd binary (e.g. main's) run without "
                     "--metrics in each round as well")
     a = ap.parse_args()
+    a.placement_wait = harness.PLACEMENT_WAIT_S
     work = tempfile.TemporaryDirectory(prefix="blockd-metrics-corelat-")
     a.corelat = str(Path(work.name) / "corelat")
     subprocess.run(["cc", "-O2", "-pthread", "-o", a.corelat,
                     str(Path(__file__).with_name("corelat.c"))], check=True)
     off, on, base, scrapes, probes = [], [], [], [], []
-    for _ in range(a.rounds):
+    for r in range(a.rounds):
         if a.baseline:
             iops, _, p = qd32(a, False, a.baseline)
             base.append(iops)
             probes.append(p)
-        iops, _, p = qd32(a, False)
-        off.append(iops)
-        probes.append(p)
-        iops, s, p = qd32(a, True)
-        on.append(iops)
-        probes.append(p)
-        scrapes += s
+        # Off first in even rounds, on first in odd ones: a drift of the host within a
+        # round then favours neither.
+        for metrics in (False, True) if r % 2 == 0 else (True, False):
+            iops, s, p = qd32(a, metrics)
+            (on if metrics else off).append(iops)
+            probes.append(p)
+            scrapes += s
+    # Round by round, the on/off ratio (the two runs of a round are seconds apart).
+    pairs = sorted(x / y for x, y in zip(on, off))
     res = {
         "qd32_null_randread_iops_metrics_off": off,
         "qd32_null_randread_iops_metrics_on": on,
         "median_on_over_off": round(statistics.median(on) / statistics.median(off), 4),
+        "median_of_round_ratios": round(statistics.median(pairs), 4),
         # On a shared machine the best round is the least disturbed one.
         "max_on_over_off": round(max(on) / max(off), 4),
         "qd32_null_randread_iops_baseline": base,
@@ -183,7 +187,8 @@ def main():
         if scrapes else None,
         "idle_metrics_on_15s_scrape": idle(a),
         # Cache-line round trips between the two cores (ns) before and after each run, in
-        # run order (baseline, off, on per round); close is under harness.FAR_NS.
+        # run order (baseline, then off and on, alternately first); close is under
+        # harness.FAR_NS.
         "core_ns": probes,
     }
     print(json.dumps(res, indent=2))
