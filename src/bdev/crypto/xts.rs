@@ -34,6 +34,46 @@ fn mul_alpha(x: u128) -> u128 {
     (x << 1) ^ ((x >> 127) * 0x87)
 }
 
+/// `x * α⁴`: the 4 bits shifted out, times α⁸ = x⁷+x²+x+1 (0x87), carry-less.
+#[inline]
+fn mul_alpha4(x: u128) -> u128 {
+    const REDUCE: [u128; 16] = {
+        let mut r = [0u128; 16];
+        let mut c = 0;
+        while c < 16 {
+            let mut i = 0;
+            while i < 4 {
+                if c >> i & 1 == 1 {
+                    r[c] ^= 0x87 << i;
+                }
+                i += 1;
+            }
+            c += 1;
+        }
+        r
+    };
+    (x << 4) ^ REDUCE[(x >> 124) as usize]
+}
+
+/// Fills `out` (whole 16-byte blocks) with `t`, `t·α`, `t·α²`, ... as little-endian
+/// bytes, as four interleaved chains stepping by α⁴ (one chain of `mul_alpha` is a serial
+/// dependency), and returns the tweak after the last.
+#[inline]
+fn tweak_run(out: &mut [u8], t: u128) -> u128 {
+    let mut c = [t, mul_alpha(t), mul_alpha(mul_alpha(t)), 0];
+    c[3] = mul_alpha(c[2]);
+    for group in out.chunks_mut(64) {
+        for (x, t) in group.chunks_exact_mut(16).zip(c) {
+            x.copy_from_slice(&t.to_le_bytes());
+        }
+        c = c.map(mul_alpha4);
+    }
+    match out.last_chunk::<16>() {
+        Some(last) => mul_alpha(u128::from_le_bytes(*last)),
+        None => t,
+    }
+}
+
 /// `data ^= tweaks`, byte by byte over equal lengths: a loop the compiler vectorizes.
 #[inline(always)]
 fn xor_into(data: &mut [u8], tweaks: &[u8]) {
@@ -172,12 +212,13 @@ impl Cipher {
         let (mut next, mut n) = (0, 0);
         let mut units_left = whole / unit_len;
         let mut unit = first;
-        // The tweak of the next block and the blocks left in its unit.
+        // The tweak of the next block and the bytes left in its unit.
         let (mut t, mut left) = (0u128, 0);
         let mut tweaks = [0u8; 16 * RUN];
         for (i, run) in data[..whole].chunks_mut(16 * RUN).enumerate() {
             let ts = &mut tweaks[..run.len()];
-            for x in ts.chunks_exact_mut(16) {
+            let mut k = 0;
+            while k < ts.len() {
                 if left == 0 {
                     if next == n {
                         n = units_left.min(TWEAK_BATCH);
@@ -196,11 +237,12 @@ impl Cipher {
                     let f = &firsts[16 * next..][..16];
                     t = u128::from_le_bytes(f.try_into().unwrap_or_default());
                     next += 1;
-                    left = unit_len / 16;
+                    left = unit_len;
                 }
-                x.copy_from_slice(&t.to_le_bytes());
-                t = mul_alpha(t);
-                left -= 1;
+                let m = left.min(ts.len() - k);
+                t = tweak_run(&mut ts[k..k + m], t);
+                k += m;
+                left -= m;
             }
             let r = Run {
                 src: src.map(|s| &s[i * 16 * RUN..][..run.len()]),
