@@ -34,7 +34,8 @@ fn mul_alpha(x: u128) -> u128 {
     (x << 1) ^ ((x >> 127) * 0x87)
 }
 
-/// `x * α⁴`: the 4 bits shifted out, times α⁸ = x⁷+x²+x+1 (0x87), carry-less.
+/// `x * α⁴`: the 4 bits shifted out (x¹²⁸ to x¹³¹) come back times x¹²⁸ ≡ x⁷+x²+x+1
+/// (0x87), carry-less (IEEE 1619 §5.2).
 #[inline]
 fn mul_alpha4(x: u128) -> u128 {
     const REDUCE: [u128; 16] = {
