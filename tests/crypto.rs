@@ -4,22 +4,15 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::blk_client::BlkClient;
+use common::secrets::{contains, key_file, marked};
 use common::Daemon;
 use serde_json::{json, Value};
 
 /// A recognizable 64-byte XTS key (two different AES-256 keys) that no output may contain.
 const KEY: &[u8; 64] = b"KEYBYTES-first-half-0123456789ab*KEYBYTES-second-half-9876543210";
-
-fn key_file(dir: &Path, name: &str, data: &[u8], mode: u32) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, data).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-    p
-}
 
 /// Panics when `text` holds the key or a recognizable part of it.
 fn assert_no_key(what: &str, text: &str) {
@@ -96,19 +89,23 @@ fn keyring_rpcs_refuse_hostile_files_and_never_show_the_key() {
     assert_no_key("the daemon's log", &d.log());
 }
 
-/// A plaintext that is easy to find on the base: 32-byte lines naming the offset.
-fn marked(len: usize, offset: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        let line = format!("PLAINTEXT-MARK {:>16}\n", offset + v.len() as u64);
-        v.extend_from_slice(line.as_bytes());
+/// The local pool `p` under `dir/pools` with the image `vm` of `mib` MiB, made by blockctl;
+/// returns the pool directory.
+fn local_image(dir: &Path, mib: &str) -> PathBuf {
+    let pools = dir.join("pools");
+    for args in [
+        &["pool", "create", "local:p"][..],
+        &["image", "create", "local:p/vm", "-s", mib],
+    ] {
+        let o = std::process::Command::new(common::blockctl_bin())
+            .args(args)
+            .arg("--pool-dir")
+            .arg(&pools)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    v.truncate(len);
-    v
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    pools
 }
 
 fn hex(b: &[u8]) -> String {
@@ -168,18 +165,7 @@ fn crypto_bdev_over_aio_and_local_pool_matches_reference_xts_and_survives_a_rest
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    let pools = dir.path().join("pools");
-    let ctl = |args: &[&str]| {
-        let o = std::process::Command::new(common::blockctl_bin())
-            .args(args)
-            .arg("--pool-dir")
-            .arg(&pools)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
-    ctl(&["pool", "create", "local:p"]);
-    ctl(&["image", "create", "local:p/vm", "-s", "16"]);
+    let pools = local_image(dir.path(), "16");
     let cfg = dir.path().join("blockd.json");
     let args = ["-m", "0x1", "--config", cfg.to_str().unwrap()];
     let d = Daemon::start_with(&args);
@@ -319,19 +305,7 @@ fn reference_hmac_sha256(key: &[u8], msg: &[u8]) -> String {
 fn crypto_bdev_refuses_a_wrong_key_on_restart_and_serves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "disk.key", KEY, 0o600);
-    let pools = dir.path().join("pools");
-    for args in [
-        &["pool", "create", "local:p"][..],
-        &["image", "create", "local:p/vm", "-s", "8"],
-    ] {
-        let o = std::process::Command::new(common::blockctl_bin())
-            .args(args)
-            .arg("--pool-dir")
-            .arg(&pools)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    let pools = local_image(dir.path(), "8");
     let cfg = dir.path().join("blockd.json");
     let args = ["-m", "0x1", "--config", cfg.to_str().unwrap()];
     let d = Daemon::start_with(&args);

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -14,31 +13,11 @@ use std::process::Command;
 mod ceph;
 use ceph::{rbd_cli, RbdImage, POOL};
 use common::blk_client::BlkClient;
+use common::secrets::{contains, key_file, marked};
 use common::Daemon;
 use serde_json::{json, Value};
 
 const PASS: &[u8] = b"correct horse battery staple";
-
-fn secret_file(dir: &Path, name: &str, data: &[u8]) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, data).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
-
-fn marked(len: usize, offset: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        let line = format!("PLAINTEXT-MARK {:>16}\n", offset + v.len() as u64);
-        v.extend_from_slice(line.as_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
 
 /// QEMU's `--image-opts` for the image with LUKS2 and the passphrase file as `sec0`.
 fn qemu_opts(conf: &Path, image: &str) -> String {
@@ -100,8 +79,8 @@ fn luks2_image_interoperates_with_rbd_and_qemu_and_refuses_a_wrong_passphrase() 
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pass = secret_file(dir.path(), "pass", PASS);
-    let wrong = secret_file(dir.path(), "wrong", b"not the passphrase");
+    let pass = key_file(dir.path(), "pass", PASS, 0o600);
+    let wrong = key_file(dir.path(), "wrong", b"not the passphrase", 0o600);
     let img = RbdImage::create(conf.clone(), "luks", 64);
     rbd_cli(
         &conf,
@@ -287,10 +266,8 @@ fn blockctl_formats_luks1_as_rbd_does_and_refuses_careless_passphrase_files() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pass = secret_file(dir.path(), "pass", PASS);
-    let open = dir.path().join("open");
-    std::fs::write(&open, PASS).unwrap();
-    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pass = key_file(dir.path(), "pass", PASS, 0o600);
+    let open = key_file(dir.path(), "open", PASS, 0o644);
     let img = RbdImage::create(conf.clone(), "luks1", 32);
     let ctl = |args: &[&str]| {
         Command::new(common::blockctl_bin())

@@ -8,6 +8,7 @@
 
 pub mod blk_client;
 pub mod in_process;
+pub mod secrets;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
