@@ -130,24 +130,53 @@ impl Driver {
     /// Keeps `heads` in flight until `n` requests completed, each with `used_len` bytes
     /// written; the time per request.
     pub fn run(&mut self, q: &mut dyn Poller, heads: &[u16], n: u64, used_len: u32) -> Duration {
-        for &h in heads {
-            self.make_available(h);
-        }
-        let start = Instant::now();
-        let mut done = 0u64;
-        while done < n {
-            q.poll();
-            while let Some((head, len)) = self.next_used() {
-                assert_eq!(len, used_len, "request {done} failed");
-                done += 1;
-                self.make_available(head);
-            }
-        }
-        let per = start.elapsed() / u32::try_from(n).unwrap_or(u32::MAX);
-        q.request_stop();
-        while !q.finished() {
-            q.poll();
-        }
-        per
+        keep_in_flight(self, q, heads.iter().copied(), n, used_len)
     }
+}
+
+/// What [`keep_in_flight`] needs of a test driver, split or packed.
+pub trait RingDriver {
+    /// Makes chain (head or buffer id) `id` available to the device.
+    fn make_available(&mut self, id: u16);
+    /// The next used chain and the bytes written, if the device returned one.
+    fn next_used(&mut self) -> Option<(u16, u32)>;
+}
+
+impl RingDriver for Driver {
+    fn make_available(&mut self, id: u16) {
+        Driver::make_available(self, id)
+    }
+    fn next_used(&mut self) -> Option<(u16, u32)> {
+        Driver::next_used(self)
+    }
+}
+
+/// Keeps chains `ids` in flight on `q` until `n` requests completed, each with `used_len`
+/// bytes written, then stops the queue; the time per request.
+pub fn keep_in_flight(
+    d: &mut impl RingDriver,
+    q: &mut dyn Poller,
+    ids: impl IntoIterator<Item = u16>,
+    n: u64,
+    used_len: u32,
+) -> Duration {
+    for id in ids {
+        d.make_available(id);
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    while done < n {
+        q.poll();
+        while let Some((id, len)) = d.next_used() {
+            assert_eq!(len, used_len, "request {done} (chain {id}) failed");
+            done += 1;
+            d.make_available(id);
+        }
+    }
+    let per = start.elapsed() / u32::try_from(n).unwrap_or(u32::MAX);
+    q.request_stop();
+    while !q.finished() {
+        q.poll();
+    }
+    per
 }

@@ -4,13 +4,13 @@
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::driver::{QSIZE, WRITE};
+use super::driver::{keep_in_flight, RingDriver, QSIZE, WRITE};
 use crate::reactor::Poller;
 use crate::vhost::device::{GuestMem, QueueSetup};
 
@@ -165,27 +165,19 @@ impl PackedDriver {
     /// Keeps buffers `0..chains.len()` in flight until `n` requests completed, each with
     /// `used_len` bytes written; the time per request.
     pub fn run(&mut self, q: &mut dyn Poller, n: u64, used_len: u32) -> Duration {
-        for id in 0..self.chains.len() as u16 {
-            self.make_available(id);
-        }
-        let start = Instant::now();
-        let mut done = 0u64;
-        while done < n {
-            q.poll();
-            while let Some((id, len)) = self.next_used() {
-                assert_eq!(len, used_len, "request {done} (buffer {id}) failed");
-                done += 1;
-                self.make_available(id);
-            }
-        }
-        let per = start.elapsed() / u32::try_from(n).unwrap_or(u32::MAX);
-        q.request_stop();
-        while !q.finished() {
-            q.poll();
-        }
-        per
+        let ids = 0..self.chains.len() as u16;
+        keep_in_flight(self, q, ids, n, used_len)
     }
 }
 
 /// A flag for chains: device-writable.
 pub const W: u16 = WRITE;
+
+impl RingDriver for PackedDriver {
+    fn make_available(&mut self, id: u16) {
+        PackedDriver::make_available(self, id)
+    }
+    fn next_used(&mut self) -> Option<(u16, u32)> {
+        PackedDriver::next_used(self)
+    }
+}
