@@ -359,7 +359,8 @@ impl BdevStats {
         }
     }
 
-    /// Accounts one operation outside any channel (tests, and backends' own paths).
+    /// Accounts one operation outside any channel (tests).
+    #[cfg(test)]
     pub fn record(&self, kind: IoKind, bytes: u64, latency_ns: u64, ok: bool) {
         let mut one = ChannelStats {
             gen: self.extremes_gen(),
@@ -417,14 +418,6 @@ impl BdevStats {
         }
         inner.retired.forget_extremes();
         self.extremes_gen.fetch_add(1, Relaxed);
-    }
-
-    /// Completed operations, bytes and latency sum (ns) of `kind`, as `bdev_get_iostat`
-    /// reports them (flush moves no bytes).
-    pub fn kind_totals(&self, kind: IoKind) -> (u64, u64, u64) {
-        let t = self.totals();
-        let k = t.kind(kind);
-        (k.ops, k.bytes, k.lat_sum)
     }
 
     /// The per-bdev object of `bdev_get_iostat` (SPDK's field names; ticks are ns).

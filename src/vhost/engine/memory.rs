@@ -39,9 +39,24 @@ impl MemGenerations {
         }
     }
 
-    /// The current guest memory; when the frontend swapped it, the old one is kept (as a
-    /// retired generation) until the requests that point into it are released.
-    pub fn refresh(&mut self, mem: &GuestMem) -> &Arc<GuestMemoryMmap> {
+    /// The current guest memory for one poll pass, moved out instead of cloned (a pass then
+    /// costs no reference-count read-modify-writes); hand it back with
+    /// [`MemGenerations::end_pass`]. The table is loaded again only when the frontend
+    /// changed it since ([`GuestMem::generation`]).
+    #[inline]
+    pub fn begin_pass(&mut self, mem: &GuestMem) -> Arc<GuestMemoryMmap> {
+        let g = mem.generation();
+        if g != self.loaded || self.cur.is_none() {
+            self.loaded = g;
+            self.reload(mem);
+        }
+        self.cur.take().unwrap_or_default()
+    }
+
+    /// Takes the frontend's current table; the old one is kept (as a retired generation)
+    /// until the requests that point into it are released.
+    #[cold]
+    fn reload(&mut self, mem: &GuestMem) {
         let guard = mem.memory();
         let cur = self
             .cur
@@ -54,21 +69,6 @@ impl MemGenerations {
             self.gen = self.gen.wrapping_add(1);
             self.refs = 0;
         }
-        cur
-    }
-
-    /// [`MemGenerations::refresh`], the memory moved out for one poll pass instead of
-    /// cloned: a pass then costs no reference-count read-modify-writes. Hand it back with
-    /// [`MemGenerations::end_pass`].
-    /// The table is loaded again only when the frontend changed it since.
-    #[inline]
-    pub fn begin_pass(&mut self, mem: &GuestMem) -> Arc<GuestMemoryMmap> {
-        let g = mem.generation();
-        if g != self.loaded || self.cur.is_none() {
-            self.loaded = g;
-            self.refresh(mem);
-        }
-        self.cur.take().unwrap_or_default()
     }
 
     /// Gives back the memory of [`MemGenerations::begin_pass`].
