@@ -14,6 +14,7 @@ bench/notify.py) and, for blockd, its own per-queue counters.
 """
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -488,6 +489,33 @@ def idle_test(a, work):
         p.close()
 
 
+CPUIDLE_DRIVER = "/sys/devices/system/cpu/cpuidle/current_driver"
+HALT_POLL_NS = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def read_text(path):
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def read_halt_poll():
+    """How long an idle vCPU polls before it halts (cpuidle-haltpoll), None without the driver."""
+    v = read_text(HALT_POLL_NS)
+    return int(v) if v is not None else None
+
+
+def write_halt_poll(ns):
+    Path(HALT_POLL_NS).write_text(f"{ns}\n")
+
+
+def halt_poll_cmdline():
+    """The kernel command line's halt-polling settings (the host's choice for this VM)."""
+    words = (read_text("/proc/cmdline") or "").split()
+    return [w for w in words if "halt_poll" in w or w.startswith("idle=")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -513,6 +541,10 @@ def main():
                          "0: probe only, never wait or take a measurement again (a busy "
                          "machine, where the probes read apart anyway)")
     ap.add_argument("--skip-idle", action="store_true")
+    ap.add_argument("--guest-halt-poll-ns", type=int, default=None,
+                    help="set the cpuidle-haltpoll driver's guest_halt_poll_ns for the run and "
+                         "restore it after (a VM whose kernel command line turns halt polling "
+                         "off: bench/README.md, Wake-ups); the value in force is recorded")
     a = ap.parse_args()
     wls, rows, clients = a.workloads.split(","), a.rows.split(","), a.clients.split(",")
     for what, given, known in (("workload", wls, list(WORKLOADS)),
@@ -549,6 +581,12 @@ def main():
     subprocess.run(["cc", "-O2", "-pthread", "-o", a.corelat,
                     str(Path(__file__).with_name("corelat.c"))], check=True)
     lead, window = window_bounds(a.runtime)
+    halt_poll_before = read_halt_poll()
+    if a.guest_halt_poll_ns is not None:
+        if halt_poll_before is None:
+            ap.error("--guest-halt-poll-ns: this kernel has no cpuidle-haltpoll driver")
+        write_halt_poll(a.guest_halt_poll_ns)
+        atexit.register(write_halt_poll, halt_poll_before)
     meta = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": os.uname().nodename, "kernel": os.uname().release,
@@ -560,6 +598,8 @@ def main():
         "fio": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip(),
         "core_far_ns": FAR_NS,
         "placement_wait_s": a.placement_wait,
+        "cpuidle": {"driver": read_text(CPUIDLE_DRIVER), "guest_halt_poll_ns": read_halt_poll(),
+                    "cmdline_halt_poll": halt_poll_cmdline()},
         "clients": {c: CLIENTS[c] for c in clients},
         "perf": a.perf,
         "window_s": [lead, lead + window],

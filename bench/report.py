@@ -228,6 +228,16 @@ def table(meta, med, idle, runs):
         f"(io_uring, O_DIRECT; no client modes: the same fio figures stand in both tables). "
         f"QD128-2q = 2 queues × QD64.",
     ]
+    cpuidle = meta.get("cpuidle")
+    if cpuidle and cpuidle.get("guest_halt_poll_ns") is not None:
+        cmd = " ".join(cpuidle.get("cmdline_halt_poll") or []) or "none"
+        lines.append(
+            f"Idle vCPUs: cpuidle driver {cpuidle['driver']}, guest_halt_poll_ns "
+            f"{cpuidle['guest_halt_poll_ns']} during the runs (kernel command line: `{cmd}`): "
+            + ("an idle vCPU halts at once and every wake-up of a sleeping thread on it is an "
+               "IPI through the hypervisor" if cpuidle["guest_halt_poll_ns"] == 0 else
+               "an idle vCPU polls that long before it halts, so a wake-up soon after a "
+               "sleep needs no IPI") + " (bench/README.md, Wake-ups).")
     if "window_s" in meta:
         w0, w1 = meta["window_s"]
         lines.append(
