@@ -362,11 +362,11 @@ impl CryptoChannel {
             return Some(Err(Errno(libc::EFAULT)));
         }
         // SAFETY: the base lent `lent.len()` readable bytes, valid while `z` lives (it is
-        // ended below, after the last use); the slice lives for this call only and no
-        // reference of ours covers those bytes meanwhile. Other requests on overlapping
-        // blocks may write them at the same time, as DMA could: the guest ordered nothing
-        // between them, and its result is then whatever it reads. `iovs` do not overlap
-        // it (checked just above).
+        // ended below, after the last use); the slice lives for this call only and, on
+        // this thread, no other reference covers those bytes meanwhile. A write to
+        // overlapping blocks on another reactor may store into them at the same time, as
+        // DMA could: the guest ordered nothing between the two, and reads whatever lands.
+        // `iovs` do not overlap it (checked just above).
         let src = unsafe { std::slice::from_raw_parts(lent.as_ptr(), lent.len()) };
         let lba = offset / self.block_size as u64;
         // SAFETY: `iovs` are writable and ours (`# Safety`), apart from `src`.
@@ -406,10 +406,12 @@ impl CryptoChannel {
             return Some(Err(Errno(libc::EFAULT)));
         }
         // SAFETY: the base lent `lent.len()` writable bytes, valid while `z` lives (ended
-        // below); this slice is the only reference to them in this process and lives for
-        // this call only; other requests to overlapping blocks may access them at the same
-        // time, as concurrent DMA would, which gives those requests undefined data, never
-        // this one out-of-bounds access. `iovs` do not overlap it (checked above).
+        // below); on this thread this slice is the only reference to them, and it lives
+        // for this call only. A request to overlapping blocks on another reactor may hold
+        // its own call-scoped slice at the same time: the guest issued both without
+        // ordering them, as two DMA transfers to the same blocks, and gets either's bytes
+        // (what every backend's copy already does); it never reaches outside the range
+        // the base checked. `iovs` do not overlap it (checked above).
         let out = unsafe { std::slice::from_raw_parts_mut(lent.as_ptr(), lent.len()) };
         let lba = offset / self.block_size as u64;
         // SAFETY: `iovs` are readable (`# Safety`) and apart from `out`.
