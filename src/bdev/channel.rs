@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use super::histogram::ChannelHistogram;
 use super::stats::{ChannelCounters, ChannelStats};
-use super::{Bdev, Errno, IoChannel, IoKind, IoOp, IoResult};
+use super::{Bdev, Errno, IoChannel, IoKind, IoOp, IoResult, Lent};
 
 /// An operation handed to the backend, indexed by the tag the backend sees.
 #[derive(Clone, Copy)]
@@ -134,16 +134,85 @@ impl BdevChannel {
         if !supported {
             return Err(Errno(libc::ENOTSUP));
         }
-        if let Some((offset, len)) = op.range() {
-            let bs = self.bdev.block_size() as u64;
-            let in_range = offset
-                .checked_add(len)
-                .is_some_and(|end| end <= self.bdev.size());
-            if !in_range || !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
-                return Err(Errno(libc::EINVAL));
-            }
+        match op.range() {
+            Some((offset, len)) => self.check_range(offset, len),
+            None => Ok(()),
+        }
+    }
+
+    /// `EINVAL` unless `[offset, offset + len)` is whole blocks inside the bdev.
+    fn check_range(&self, offset: u64, len: u64) -> IoResult {
+        let bs = self.bdev.block_size() as u64;
+        let in_range = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.bdev.size());
+        if !in_range || !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(Errno(libc::EINVAL));
         }
         Ok(())
+    }
+
+    /// Whether the backend lends its memory ([`IoChannel::zcopy_supported`]).
+    pub fn zcopy_supported(&self) -> bool {
+        self.inner.zcopy_supported()
+    }
+
+    /// Starts a zero-copy access to `[offset, offset + len)` (SPDK's
+    /// `spdk_bdev_zcopy_start`): `populate` for a read of the range, else a write. It is
+    /// checked as a read or write is (a range outside the bdev or not whole blocks:
+    /// `EINVAL`, counted as an error, nothing lent), admitted by QoS and counted in the
+    /// statistics as a read or write of `len` bytes when it ends (as SPDK counts a zcopy
+    /// by its start's direction). `None` when the caller must submit a read or write
+    /// instead: the backend does not lend, or QoS holds I/O back (the submitted operation
+    /// then waits its turn behind what is throttled already; a zero-copy access cannot
+    /// wait, being synchronous).
+    pub fn zcopy_start(
+        &mut self,
+        offset: u64,
+        len: u64,
+        populate: bool,
+    ) -> Option<Result<Zcopy<'_>, Errno>> {
+        if !self.inner.zcopy_supported() {
+            return None;
+        }
+        let kind = if populate {
+            IoKind::Read
+        } else {
+            IoKind::Write
+        };
+        if let Err(e) = self.check_range(offset, len) {
+            self.stats.record(kind, 0, 0, false);
+            return Some(Err(e));
+        }
+        let now = self.now();
+        if !self.throttled.is_empty() || self.bdev.qos.try_admit(kind, len, now.at).is_err() {
+            return None;
+        }
+        let lent = match self.inner.zcopy_start(offset, len, populate)? {
+            Ok(l) if l.len() as u64 == len => l,
+            Ok(l) => {
+                tracing::error!(
+                    bdev = self.bdev.name(),
+                    len,
+                    lent = l.len(),
+                    "backend lent a wrong length"
+                );
+                let _ = self.inner.zcopy_end(l, false);
+                self.stats.record(kind, 0, 0, false);
+                return Some(Err(Errno(libc::EIO)));
+            }
+            Err(e) => {
+                self.stats.record(kind, 0, 0, false);
+                return Some(Err(e));
+            }
+        };
+        Some(Ok(Zcopy {
+            ch: self,
+            lent,
+            kind,
+            start: now,
+            ended: false,
+        }))
     }
 
     /// Submits `op` under the caller's `tag`; out-of-range and unsupported operations
@@ -394,6 +463,62 @@ impl BdevChannel {
     /// ([`IoChannel::completed_by_helper_threads`]).
     pub fn awaits_helper_threads(&self) -> bool {
         self.inner.in_flight() > 0 && self.inner.completed_by_helper_threads()
+    }
+}
+
+/// A zero-copy access in progress ([`BdevChannel::zcopy_start`]), between SPDK's
+/// `spdk_bdev_zcopy_start` and `spdk_bdev_zcopy_end`: the backend's memory for the range,
+/// lent while this lives (it borrows the channel, whose backend keeps the memory alive).
+/// Dropped without [`Zcopy::end`], it counts as a failed access and commits nothing.
+pub struct Zcopy<'a> {
+    ch: &'a mut BdevChannel,
+    lent: Lent,
+    kind: IoKind,
+    start: Now,
+    ended: bool,
+}
+
+impl Zcopy<'_> {
+    /// The lent memory: valid for reads and writes of its `len()` bytes while `self`
+    /// lives; raw, as other requests may access the same bytes (see [`Lent`]).
+    pub fn lent(&self) -> Lent {
+        self.lent
+    }
+
+    /// Ends the access (SPDK's `spdk_bdev_zcopy_end`), `commit` when the caller wrote
+    /// the range; counts it in the statistics.
+    pub fn end(mut self, commit: bool) -> IoResult {
+        self.finish(commit, true)
+    }
+
+    fn finish(&mut self, commit: bool, ok: bool) -> IoResult {
+        self.ended = true;
+        let r = self.ch.inner.zcopy_end(self.lent, commit);
+        let ok = ok && r.is_ok();
+        let ch = &mut *self.ch;
+        let now = ch.clock();
+        let lat = now.ns.saturating_sub(self.start.ns);
+        ch.stats.record(self.kind, self.lent.len() as u64, lat, ok);
+        if ok {
+            ch.hist.tally(self.kind, lat);
+        }
+        // Busy for as long as the access took, unless submitted I/O counts that time.
+        if ch.busy_since.is_none() {
+            ch.stats.add_io_time(lat);
+        }
+        if ok {
+            r
+        } else {
+            r.and(Err(Errno(libc::EIO)))
+        }
+    }
+}
+
+impl Drop for Zcopy<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self.finish(false, false);
+        }
     }
 }
 

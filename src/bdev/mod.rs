@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use crate::sync::lock;
 
-pub use channel::BdevChannel;
+pub use channel::{BdevChannel, Zcopy};
 pub use registry::BdevRegistry;
 
 /// An errno value (positive, e.g. `libc::EIO`) carried by a failed I/O.
@@ -206,6 +206,47 @@ pub fn push_extent(out: &mut Vec<Extent>, len: u64, state: AllocState) {
     }
 }
 
+/// Memory a backend lends for one zero-copy access ([`IoChannel::zcopy_start`]): the
+/// `len` bytes at `ptr` are the backend's own storage of the range asked for.
+///
+/// Raw on purpose: other requests (on this and other reactors) may access the same bytes
+/// at the same time, as concurrent DMA to overlapping blocks would; whoever uses it forms
+/// slices over it only for the duration of one call, and only over its own request's range.
+#[derive(Clone, Copy, Debug)]
+pub struct Lent {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Lent {
+    /// Lends `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes until the access is ended
+    /// ([`IoChannel::zcopy_end`]) or the channel that lent it is dropped, whichever comes
+    /// first, and the backend must hold no Rust reference over it (it touches its memory
+    /// through raw pointers only): the borrower's slices, scoped to one call each, are the
+    /// only references there are.
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        Lent { ptr, len }
+    }
+
+    /// The first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Bytes lent.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is lent.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// A backend's per-reactor I/O path (SPDK's io channel).
 ///
 /// A channel is opened on, and only used from, one reactor thread. Submission never blocks;
@@ -240,6 +281,38 @@ pub trait IoChannel {
 
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
+
+    /// Whether [`IoChannel::zcopy_start`] lends memory: the backend's data is addressable
+    /// memory of this process (malloc). Files, RBD, the local pool and null do not lend.
+    fn zcopy_supported(&self) -> bool {
+        false
+    }
+
+    /// Zero-copy access (SPDK's `spdk_bdev_zcopy_start`, which SPDK's malloc bdev also
+    /// implements by pointing the I/O at its own buffer): lends the backend's memory
+    /// holding `[offset, offset + len)`, contiguous; `populate` when the caller will read
+    /// it, else it will write it. `None` when the backend does not lend (the caller then
+    /// submits a read or write); a channel whose [`IoChannel::zcopy_supported`] is true
+    /// always answers `Some`. Unlike SPDK's it answers at once: only backends whose data is
+    /// memory at hand lend, and the caller is on the channel's reactor.
+    fn zcopy_start(
+        &mut self,
+        offset: u64,
+        len: u64,
+        populate: bool,
+    ) -> Option<Result<Lent, Errno>> {
+        let _ = (offset, len, populate);
+        None
+    }
+
+    /// Ends an access ([`IoChannel::zcopy_start`]; SPDK's `spdk_bdev_zcopy_end`); `commit`
+    /// when the caller wrote the range and it is to be stored. For memory that is the
+    /// storage itself (malloc) there is nothing to do: what was written is stored already,
+    /// and an access ended without `commit` cannot take it back (nor can SPDK's malloc).
+    fn zcopy_end(&mut self, lent: Lent, commit: bool) -> IoResult {
+        let _ = (lent, commit);
+        Ok(())
+    }
 
     /// Whether completions come from threads of this process that the backend's library
     /// runs (librbd's) rather than from the kernel: a reactor polling for them takes the

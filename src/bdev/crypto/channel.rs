@@ -1,5 +1,12 @@
-//! The crypto bdev's I/O channel: a channel of the base bdev, with reads decrypted in place
-//! on completion and writes encrypted into a per-request bounce buffer.
+//! The crypto bdev's I/O channel: a channel of the base bdev.
+//!
+//! When the base lends its memory ([`BdevChannel::zcopy_start`]: malloc), a read decrypts
+//! straight from the base's memory into the caller's buffers and a write encrypts the
+//! caller's buffers straight into the base's memory: one pass over the data, no copy.
+//! Otherwise (files, RBD, the local pool, or the base's QoS holding I/O back) a read goes
+//! into the caller's buffers and is decrypted in place on completion, and a write is
+//! encrypted into a per-request bounce buffer that is then written. Both paths store the
+//! same bytes.
 
 use std::alloc::Layout;
 use std::os::fd::RawFd;
@@ -72,7 +79,8 @@ pub(super) struct CryptoChannel {
     /// Requests in the base, indexed by the tag given to the base: (caller's tag, state).
     slots: Vec<Option<(u64, Pending)>>,
     free: Vec<usize>,
-    /// Completions decided at submission (no memory for a bounce buffer, unsupported).
+    /// Completions decided at submission (zero-copy accesses, no memory for a bounce
+    /// buffer, unsupported).
     ready: Vec<(u64, IoResult)>,
     pool: Vec<Bounce>,
     /// One block, for blocks that straddle two iovecs.
@@ -209,42 +217,215 @@ pub(super) unsafe fn crypt_iovs(
 
 /// Encrypts the blocks described by `iovs` (block `first_lba` first) into `out`
 /// (`out.len() == iovs.total_len()`), reading the caller's memory once: the whole blocks of
-/// an iovec straight from it, a block that straddles iovecs gathered into `out` first.
+/// an iovec straight from it, a block that straddles iovecs gathered into `scratch` (one
+/// block) first. `out` only ever receives ciphertext: it may be the base's own memory.
 ///
 /// # Safety
 /// `iovs` must describe valid, readable memory that does not overlap `out`.
-unsafe fn encrypt_into(cipher: &Cipher, iovs: IoVecs, bs: usize, first_lba: u64, out: &mut [u8]) {
-    // `out[..done]` is encrypted, `out[done..pos]` holds part of the next block.
-    let (mut pos, mut done, mut lba) = (0usize, 0usize, first_lba);
+unsafe fn encrypt_into(
+    cipher: &Cipher,
+    iovs: IoVecs,
+    bs: usize,
+    first_lba: u64,
+    out: &mut [u8],
+    scratch: &mut [u8],
+) {
+    // `out[..pos]` is encrypted, `scratch[..part]` holds the start of the block at `pos`.
+    let (mut pos, mut part, mut lba) = (0usize, 0usize, first_lba);
     // SAFETY: the caller's promise (`# Safety`).
     for v in unsafe { iovs.as_slice() } {
-        let n = v.iov_len.min(out.len() - pos);
+        let n = v.iov_len.min(out.len() - pos - part);
         if n == 0 {
             continue;
         }
         // SAFETY: `iov_base` is valid for reading `iov_len >= n` bytes and is not `out`.
         let mut src = unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), n) };
-        if pos > done {
-            let k = (done + bs - pos).min(src.len());
-            out[pos..pos + k].copy_from_slice(&src[..k]);
-            pos += k;
+        if part > 0 {
+            let k = (bs - part).min(src.len());
+            scratch[part..part + k].copy_from_slice(&src[..k]);
+            part += k;
             src = &src[k..];
-            if pos == done + bs {
-                cipher.crypt_units(&mut out[done..pos], bs, lba, true);
-                lba += 1;
-                done = pos;
+            if part < bs {
+                continue;
+            }
+            cipher.crypt_units_from(&scratch[..bs], &mut out[pos..pos + bs], bs, lba, true);
+            lba += 1;
+            pos += bs;
+        }
+        let whole = src.len() / bs * bs;
+        cipher.crypt_units_from(&src[..whole], &mut out[pos..pos + whole], bs, lba, true);
+        lba += (whole / bs) as u64;
+        pos += whole;
+        let rest = &src[whole..];
+        scratch[..rest.len()].copy_from_slice(rest);
+        part = rest.len();
+    }
+}
+
+/// Decrypts `src` (whole blocks, block `first_lba` first) into the buffers described by
+/// `iovs` (`iovs.total_len() == src.len()`), out of place: the whole blocks of an iovec
+/// straight into it, a block that straddles iovecs through `scratch` (one block).
+///
+/// # Safety
+/// `iovs` must describe valid, writable memory that nobody else accesses meanwhile and
+/// that does not overlap `src`.
+unsafe fn decrypt_from(
+    cipher: &Cipher,
+    src: &[u8],
+    iovs: IoVecs,
+    bs: usize,
+    first_lba: u64,
+    scratch: &mut [u8],
+) {
+    // SAFETY: the caller's promise (`# Safety`).
+    let v = unsafe { iovs.as_slice() };
+    let (mut i, mut off, mut pos, mut lba) = (0usize, 0usize, 0usize, first_lba);
+    while src.len() - pos >= bs {
+        while i < v.len() && off == v[i].iov_len {
+            i += 1;
+            off = 0;
+        }
+        if i >= v.len() {
+            return;
+        }
+        let whole = ((v[i].iov_len - off) / bs).min((src.len() - pos) / bs);
+        if whole > 0 {
+            // SAFETY: `[off, off + whole * bs)` is inside iovec `i`, valid, ours, and apart
+            // from `src` (`# Safety`); the slice lives for this call only.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(v[i].iov_base.cast::<u8>().add(off), whole * bs)
+            };
+            cipher.crypt_units_from(&src[pos..pos + whole * bs], dst, bs, lba, false);
+            off += whole * bs;
+            pos += whole * bs;
+            lba += whole as u64;
+            continue;
+        }
+        cipher.crypt_units_from(&src[pos..pos + bs], &mut scratch[..bs], bs, lba, false);
+        let mut put = 0;
+        while put < bs && i < v.len() {
+            let n = (v[i].iov_len - off).min(bs - put);
+            // SAFETY: `[off, off + n)` is inside iovec `i`, and `scratch` is `bs` long.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    scratch.as_ptr().add(put),
+                    v[i].iov_base.cast::<u8>().add(off),
+                    n,
+                )
+            };
+            put += n;
+            off += n;
+            if off == v[i].iov_len {
+                i += 1;
+                off = 0;
             }
         }
-        if pos == done {
-            let whole = src.len() / bs * bs;
-            cipher.encrypt_units_from(&src[..whole], &mut out[pos..pos + whole], bs, lba);
-            lba += (whole / bs) as u64;
-            pos += whole;
-            done = pos;
-            let rest = &src[whole..];
-            out[pos..pos + rest.len()].copy_from_slice(rest);
-            pos += rest.len();
+        pos += bs;
+        lba += 1;
+    }
+}
+
+/// Whether any of `iovs` overlaps the `len` bytes at `p`.
+///
+/// # Safety
+/// As [`IoVecs::as_slice`].
+unsafe fn overlaps(iovs: IoVecs, p: *const u8, len: usize) -> bool {
+    let (a, b) = (p as usize, p as usize + len);
+    // SAFETY: the caller's promise.
+    unsafe { iovs.as_slice() }.iter().any(|v| {
+        let s = v.iov_base as usize;
+        s < b && a < s.saturating_add(v.iov_len) && v.iov_len > 0
+    })
+}
+
+impl CryptoChannel {
+    /// A read through memory the base lends: `None` when it lends none (then the caller
+    /// submits the read), else the read's result.
+    ///
+    /// # Safety
+    /// The caller's buffers (`iovs`) are valid for writing and unused by anyone else
+    /// during the call (`IoChannel::submit`'s contract).
+    unsafe fn read_zcopy(&mut self, offset: u64, iovs: IoVecs) -> Option<IoResult> {
+        let len = iovs.total_len();
+        let z = match self.base.zcopy_start(offset, len, true)? {
+            Ok(z) => z,
+            Err(e) => return Some(Err(e)),
+        };
+        let lent = z.lent();
+        // SAFETY: the caller's promise, for the iovec array.
+        if unsafe { overlaps(iovs, lent.as_ptr(), lent.len()) } {
+            drop(z);
+            tracing::error!(
+                base = self.base.bdev().name(),
+                "crypto: a read buffer overlaps the base's memory"
+            );
+            return Some(Err(Errno(libc::EFAULT)));
         }
+        // SAFETY: the base lent `lent.len()` readable bytes, valid while `z` lives (it is
+        // ended below, after the last use); the slice lives for this call only and, on
+        // this thread, no other reference covers those bytes meanwhile. A write to
+        // overlapping blocks on another reactor may store into them at the same time, as
+        // DMA could: the guest ordered nothing between the two, and reads whatever lands.
+        // `iovs` do not overlap it (checked just above).
+        let src = unsafe { std::slice::from_raw_parts(lent.as_ptr(), lent.len()) };
+        let lba = offset / self.block_size as u64;
+        // SAFETY: `iovs` are writable and ours (`# Safety`), apart from `src`.
+        unsafe {
+            decrypt_from(
+                &self.cipher,
+                src,
+                iovs,
+                self.block_size,
+                lba,
+                &mut self.scratch,
+            )
+        };
+        Some(z.end(false))
+    }
+
+    /// A write through memory the base lends: `None` when it lends none (then the caller
+    /// encrypts into a bounce buffer and submits the write), else the write's result.
+    ///
+    /// # Safety
+    /// The caller's buffers (`iovs`) are valid for reading during the call
+    /// (`IoChannel::submit`'s contract).
+    unsafe fn write_zcopy(&mut self, offset: u64, iovs: IoVecs) -> Option<IoResult> {
+        let len = iovs.total_len();
+        let z = match self.base.zcopy_start(offset, len, false)? {
+            Ok(z) => z,
+            Err(e) => return Some(Err(e)),
+        };
+        let lent = z.lent();
+        // SAFETY: the caller's promise, for the iovec array.
+        if unsafe { overlaps(iovs, lent.as_ptr(), lent.len()) } {
+            drop(z);
+            tracing::error!(
+                base = self.base.bdev().name(),
+                "crypto: a write buffer overlaps the base's memory"
+            );
+            return Some(Err(Errno(libc::EFAULT)));
+        }
+        // SAFETY: the base lent `lent.len()` writable bytes, valid while `z` lives (ended
+        // below); on this thread this slice is the only reference to them, and it lives
+        // for this call only. A request to overlapping blocks on another reactor may hold
+        // its own call-scoped slice at the same time: the guest issued both without
+        // ordering them, as two DMA transfers to the same blocks, and gets either's bytes
+        // (what every backend's copy already does); it never reaches outside the range
+        // the base checked. `iovs` do not overlap it (checked above).
+        let out = unsafe { std::slice::from_raw_parts_mut(lent.as_ptr(), lent.len()) };
+        let lba = offset / self.block_size as u64;
+        // SAFETY: `iovs` are readable (`# Safety`) and apart from `out`.
+        unsafe {
+            encrypt_into(
+                &self.cipher,
+                iovs,
+                self.block_size,
+                lba,
+                out,
+                &mut self.scratch,
+            )
+        };
+        Some(z.end(true))
     }
 }
 
@@ -253,6 +434,11 @@ impl IoChannel for CryptoChannel {
         let bs = self.block_size as u64;
         match op {
             IoOp::Read { offset, iovs } => {
+                // SAFETY: `submit`'s contract: the buffers are the caller's until reaped.
+                if let Some(r) = unsafe { self.read_zcopy(offset, iovs) } {
+                    self.ready.push((tag, r));
+                    return;
+                }
                 let idx = self.slot(
                     tag,
                     Pending::Read {
@@ -265,6 +451,11 @@ impl IoChannel for CryptoChannel {
                 unsafe { self.base.submit(idx, op) };
             }
             IoOp::Write { offset, iovs } => {
+                // SAFETY: as for reads.
+                if let Some(r) = unsafe { self.write_zcopy(offset, iovs) } {
+                    self.ready.push((tag, r));
+                    return;
+                }
                 let len = iovs.total_len() as usize;
                 let Some(mut b) = self.bounce(len) else {
                     self.ready.push((tag, Err(Errno(libc::ENOMEM))));
@@ -273,7 +464,16 @@ impl IoChannel for CryptoChannel {
                 let buf = b.slice(len);
                 // SAFETY: the caller's buffers are valid for reading (our contract), and the
                 // bounce buffer is ours.
-                unsafe { encrypt_into(&self.cipher, iovs, self.block_size, offset / bs, buf) };
+                unsafe {
+                    encrypt_into(
+                        &self.cipher,
+                        iovs,
+                        self.block_size,
+                        offset / bs,
+                        buf,
+                        &mut self.scratch,
+                    )
+                };
                 b.iov.iov_len = len;
                 // SAFETY: the boxed iovec and the buffer it points to move into the slot
                 // with `b` and stay put (heap) until the base reports `idx`.
@@ -357,9 +557,9 @@ mod tests {
     use super::*;
 
     /// Out-of-place encryption from iovecs split anywhere equals in-place encryption of
-    /// the contiguous plaintext.
+    /// the contiguous plaintext, and out-of-place decryption into them gives it back.
     #[test]
-    fn encrypt_into_matches_in_place_for_any_split() {
+    fn out_of_place_crypt_matches_in_place_for_any_split() {
         let c = Cipher::new(
             Aes256::new_from_slice(&[1u8; 32]).unwrap(),
             Aes256::new_from_slice(&[2u8; 32]).unwrap(),
@@ -389,10 +589,18 @@ mod tests {
                     })
                     .collect();
                 let mut out = vec![0u8; plain.len()];
+                let mut scratch = vec![0u8; bs];
                 // SAFETY: `v` describes `src`, alive and apart from `out`.
-                unsafe { encrypt_into(&c, IoVecs::from_slice(&v), bs, 77, &mut out) };
+                unsafe { encrypt_into(&c, IoVecs::from_slice(&v), bs, 77, &mut out, &mut scratch) };
                 assert!(out == expect, "bs {bs} cuts {cuts:?}");
                 assert_eq!(src, plain, "the source must not change");
+                // And back, out of place, into the same split.
+                // SAFETY: `base` is `src`'s buffer, `src.len()` bytes (through the pointer
+                // the iovecs were made from, so they stay valid).
+                unsafe { std::ptr::write_bytes(base, 0, src.len()) };
+                // SAFETY: `v` describes `src`, alive and apart from `out`.
+                unsafe { decrypt_from(&c, &out, IoVecs::from_slice(&v), bs, 77, &mut scratch) };
+                assert_eq!(src, plain, "decrypted, bs {bs} cuts {cuts:?}");
             }
         }
     }

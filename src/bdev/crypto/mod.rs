@@ -13,10 +13,14 @@
 //! `cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512` with the same key
 //! file (and the other way round).
 //!
-//! Data path ([`channel`]): reads go straight into the caller's buffers and are decrypted
-//! in place when the base completes them (zero-copy); writes are encrypted from the
-//! caller's buffers into a bounce buffer per request (the guest's buffers are never
-//! modified, and read once), which is then written.
+//! Data path ([`channel`]): when the base lends its memory (zero-copy access, SPDK's
+//! `spdk_bdev_zcopy_start`: malloc), a read decrypts from the base's memory into the
+//! caller's buffers and a write encrypts the caller's buffers into the base's memory, each
+//! one pass over the data. Otherwise reads go straight into the caller's buffers and are
+//! decrypted in place when the base completes them; writes are encrypted from the caller's
+//! buffers into a bounce buffer per request, which is then written. Either way the guest's
+//! buffers are never modified by a write and are read once, and the base receives the same
+//! bytes.
 //! Flush and unmap pass through. Blocks unmapped on the base read back as the decryption
 //! of whatever the base returns (zeroes, usually): garbage, as with dm-crypt's
 //! `allow_discards`; the guest discarded them, so it has no expectation. Write-zeroes is
@@ -25,7 +29,9 @@
 //! plaintext-recognizable zero blocks on the base.
 //!
 //! QoS limits and statistics apply to the crypto bdev (what the frontend sees) and, through
-//! its channel, to the base as well.
+//! its channel, to the base as well: a zero-copy access counts in the base's
+//! `bdev_get_iostat` as the read or write it is, and one the base's QoS does not admit at
+//! once takes the copy path and waits in the base's throttle queue.
 //!
 //! Having no header on the base, the bdev cannot tell a wrong key from the data; instead it
 //! records a key check value ([`key_check_of`]) that `save_config` writes as the

@@ -179,20 +179,23 @@ impl Cipher {
         self.crypt(None, data, unit_len, first, encrypt)
     }
 
-    /// Encrypts the units of `src` into `dst` (as long as `src`; see [`Self::crypt_units`]):
-    /// the first XOR reads `src`, so a write needs no separate copy into its bounce buffer.
-    pub(crate) fn encrypt_units_from(
+    /// Encrypts or decrypts the units of `src` into `dst` (as long as `src`; see
+    /// [`Self::crypt_units`]), out of place: the first XOR reads `src`, so neither a write
+    /// (the guest's plaintext into the bounce buffer or the base's memory) nor a zero-copy
+    /// read (the base's ciphertext into the guest's buffers) needs a copy first.
+    pub(crate) fn crypt_units_from(
         &self,
         src: &[u8],
         dst: &mut [u8],
         unit_len: usize,
         first: u64,
+        encrypt: bool,
     ) {
         if src.len() != dst.len() {
             debug_assert!(false, "{} bytes into {}", src.len(), dst.len());
             return;
         }
-        self.crypt(Some(src), dst, unit_len, first, true)
+        self.crypt(Some(src), dst, unit_len, first, encrypt)
     }
 
     fn crypt(
@@ -311,8 +314,11 @@ mod tests {
                 assert_eq!(all[i * len..][..len], b[..], "unit {i} of {len}");
             }
             let mut from = vec![0u8; plain.len()];
-            ours.encrypt_units_from(&plain, &mut from, len, first);
+            ours.crypt_units_from(&plain, &mut from, len, first, true);
             assert_eq!(from, all, "out of place, {len}");
+            let mut back = vec![0u8; plain.len()];
+            ours.crypt_units_from(&from, &mut back, len, first, false);
+            assert_eq!(back, plain, "out of place decryption, {len}");
             ours.crypt_units(&mut all, len, first, false);
             assert_eq!(all, plain);
         }

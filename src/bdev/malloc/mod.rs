@@ -4,7 +4,9 @@
 //! only what is written, in 2 MiB steps where transparent huge pages are on). Unmap and write-zeroes give whole pages back with
 //! `madvise(MADV_DONTNEED)` (they read back as zeroes) and zero the partial pages at the
 //! edges. Every operation is a memcpy done at submit; its completion is reported by the next
-//! `reap`. Channels on several reactors access the memory concurrently, as a disk would be:
+//! `reap`. A channel also lends the mapping for zero-copy access (`zcopy_start`, as SPDK's
+//! malloc bdev does): a stacked bdev (crypto) then transforms straight between it and its
+//! caller's buffers, with no memcpy. Channels on several reactors access the memory concurrently, as a disk would be:
 //! the frontends order dependent requests, not this backend.
 
 pub mod rpc;
@@ -16,7 +18,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{check_block_size, Bdev, BdevBackend, BdevParams, BdevRegistry, Errno, IoChannel};
-use super::{IoOp, IoResult, IoTypes};
+use super::{IoOp, IoResult, IoTypes, Lent};
 use crate::error::Error;
 
 /// `product_name` of malloc bdevs.
@@ -41,7 +43,8 @@ struct Mapping {
 // it is not tied to the creating thread.
 unsafe impl Send for Mapping {}
 // SAFETY: `&Mapping` gives no safe access to the bytes; concurrent access goes through raw
-// pointers in `MallocChannel::copy` and `zero` only (see the module doc).
+// pointers in `MallocChannel::copy` and `zero`, and through memory lent for zero-copy
+// access (`MallocChannel::zcopy_start`, see `Lent`), only (see the module doc).
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -180,6 +183,29 @@ impl IoChannel for MallocChannel {
 
     fn in_flight(&self) -> usize {
         self.done.len()
+    }
+
+    fn zcopy_supported(&self) -> bool {
+        true
+    }
+
+    /// Lends the mapping itself, as SPDK's malloc bdev points a zcopy I/O at its buffer.
+    fn zcopy_start(
+        &mut self,
+        offset: u64,
+        len: u64,
+        _populate: bool,
+    ) -> Option<Result<Lent, Errno>> {
+        if !self.mem.contains(offset, len) {
+            return Some(Err(Errno(libc::EINVAL)));
+        }
+        // SAFETY: `contains` checked `offset + len <= mem.len`, so the `len` bytes at
+        // `ptr + offset` lie inside the mapping, which `self.mem` keeps mapped while this
+        // channel (owner of the `Lent`'s user through its `BdevChannel`) lives; the
+        // mapping is never covered by a Rust reference (the `Sync` argument above).
+        Some(Ok(unsafe {
+            Lent::new(self.mem.ptr.add(offset as usize), len as usize)
+        }))
     }
 }
 
