@@ -262,11 +262,16 @@ fn restart_cycles(
             }
         };
         b.restart();
-        // The request queues resume (QEMU reconnected), then the guest's writes go on:
-        // an acknowledgement already on its way to the console does not count.
+        // Every ring resumes from the region (QEMU reconnected): the request queues, and a
+        // scsi controller's control and event queues. Then the guest's writes go on: an
+        // acknowledgement already on its way to the console does not count.
         let resumed = "resuming the ring from its in-flight region";
+        let rings = match kind {
+            DiskKind::VhostUserBlk => usize::from(QUEUES),
+            DiskKind::VhostUserScsi => usize::from(QUEUES) + 2,
+        };
         let deadline = Instant::now() + WAIT;
-        while b.daemon().log().matches(resumed).count() < usize::from(QUEUES) {
+        while b.daemon().log().matches(resumed).count() < rings {
             assert!(
                 Instant::now() < deadline,
                 "cycle {n}: the rings did not resume\n{}",
