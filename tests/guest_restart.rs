@@ -10,7 +10,9 @@
 //! write. Each cycle shows it had requests in flight: blockd's own count
 //! (`vhost_get_controllers`) before the signal, then what the instances logged: a killed
 //! instance's requests resubmitted by the next one (in-flight tracking), a stopped
-//! instance's drained before it let go of the frontend.
+//! instance's drained before it let go of the frontend. On scsi, the event queue must
+//! resume where it was too: a target hot-added before the first signal used one of its
+//! buffers, and one hot-added after the last restart must be delivered.
 //!
 //! The same scenario runs on an RBD image of the test cluster (`CEPH_CONF`; SKIP without
 //! Ceph): there blockd runs with `--config FILE`, so that each instance replays the
