@@ -10,7 +10,9 @@
 //! write. Each cycle shows it had requests in flight: blockd's own count
 //! (`vhost_get_controllers`) before the signal, then what the instances logged: a killed
 //! instance's requests resubmitted by the next one (in-flight tracking), a stopped
-//! instance's drained before it let go of the frontend.
+//! instance's drained before it let go of the frontend. On scsi, the event queue must
+//! resume where it was too: a target hot-added before the first signal used one of its
+//! buffers, and one hot-added after the last restart must be delivered.
 //!
 //! The same scenario runs on an RBD image of the test cluster (`CEPH_CONF`; SKIP without
 //! Ceph): there blockd runs with `--config FILE`, so that each instance replays the
@@ -149,6 +151,64 @@ impl Backend {
         }
     }
 
+    /// Hot-plug events the running instance delivered on the controller's event queue
+    /// (buffers returned on queue 1).
+    fn events_delivered(&self, ctrlr: &str) -> u64 {
+        let c = self
+            .daemon()
+            .rpc_ok("vhost_get_controllers", json!({"name": ctrlr}));
+        let queues = c[0]["sessions"][0]["queues"].as_array().cloned();
+        queues
+            .unwrap_or_default()
+            .iter()
+            .find(|q| q["index"] == 1)
+            .and_then(|q| q["requests"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// scsi: adds target `t` (a new malloc bdev) and waits until the event queue has
+    /// returned the buffer announcing it.
+    fn hot_add(&self, ctrlr: &str, t: u8) {
+        let before = self.events_delivered(ctrlr);
+        let d = self.daemon();
+        let bdev = format!("hot{t}");
+        d.rpc_ok(
+            "bdev_malloc_create",
+            json!({"name": bdev, "num_blocks": 2048, "block_size": 512}),
+        );
+        d.rpc_ok(
+            "vhost_scsi_controller_add_target",
+            json!({"ctrlr": ctrlr, "scsi_target_num": t, "bdev_name": bdev}),
+        );
+        let deadline = Instant::now() + WAIT;
+        while self.events_delivered(ctrlr) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "target {t}: no hot-plug event delivered\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Saves the running configuration again for the restarts (`--json`; `--config`
+    /// persists by itself).
+    fn save_config(&self) {
+        let [flag, path] = &self.restart_args[..] else {
+            return;
+        };
+        if flag != "--json" {
+            return;
+        }
+        let out = self.daemon().blockctl(&["save_config"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(path, &out.stdout).unwrap();
+    }
+
     /// Requests the controller's session has in flight, or None when no frontend is
     /// connected.
     fn in_flight(&self, ctrlr: &str) -> Option<u64> {
@@ -206,6 +266,14 @@ fn restart_cycles(
     let (g, _) = Guest::spawn_until(&opts, "BLOCKD-WAIT writers", WAIT).unwrap();
     eprintln!("{}", g.command_line());
     wait_acked(&g, 4, "writers starting");
+    // scsi: the event queue has returned a buffer (a hot-plug event) before the first
+    // signal, so that each new instance must resume it past that buffer (a packed ring's
+    // base, which QEMU cannot restore, says otherwise); the restarts recreate the target.
+    let scsi = matches!(kind, DiskKind::VhostUserScsi);
+    if scsi {
+        b.hot_add(ctrlr, 1);
+        b.save_config();
+    }
 
     // Kills and stops alternate until each count is reached by cycles that show at least
     // 2 requests in flight at the signal (resubmitted after a kill, drained by a stop). A
@@ -262,11 +330,16 @@ fn restart_cycles(
             }
         };
         b.restart();
-        // The request queues resume (QEMU reconnected), then the guest's writes go on:
-        // an acknowledgement already on its way to the console does not count.
+        // Every ring resumes from the region (QEMU reconnected): the request queues, and a
+        // scsi controller's control and event queues. Then the guest's writes go on: an
+        // acknowledgement already on its way to the console does not count.
         let resumed = "resuming the ring from its in-flight region";
+        let rings = match kind {
+            DiskKind::VhostUserBlk => usize::from(QUEUES),
+            DiskKind::VhostUserScsi => usize::from(QUEUES) + 2,
+        };
         let deadline = Instant::now() + WAIT;
-        while b.daemon().log().matches(resumed).count() < usize::from(QUEUES) {
+        while b.daemon().log().matches(resumed).count() < rings {
             assert!(
                 Instant::now() < deadline,
                 "cycle {n}: the rings did not resume\n{}",
@@ -310,6 +383,11 @@ fn restart_cycles(
             assert_eq!(c.resubmitted, 0, "cycle {n}: {c:?}");
         }
         cycles.push(c);
+    }
+
+    // scsi: the last instance delivers a hot-plug event into a buffer the driver posted.
+    if scsi {
+        b.hot_add(ctrlr, 2);
     }
 
     // Stop the writers through the control disk and collect the run.

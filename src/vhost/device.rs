@@ -77,9 +77,10 @@ pub struct QueueSetup {
     /// The controller's interrupt coalescing (`vhost_controller_set_coalescing`).
     pub coalescing: Arc<Coalescing>,
     /// The queue's part of the in-flight region (INFLIGHT_SHMFD negotiated and the region
-    /// set): request queues record the chains they take there and resubmit what a previous
-    /// instance left in flight ([`crate::vhost::engine::Engine`]); queues that complete in
-    /// order (scsi control and event queues) ignore it and start at the base.
+    /// set; QEMU's covers every virtqueue of the device): every queue records the chains it
+    /// takes there and resubmits what a previous instance left in flight
+    /// ([`crate::vhost::vring::Vring::track_inflight`]; the request queues through
+    /// [`crate::vhost::engine::Engine`], the scsi control and event queues directly).
     pub inflight: Option<QueueInflight>,
     /// The queue's counters (`vhost_get_controllers`, metrics), kept by the session
     /// across restarts of the ring.

@@ -1,7 +1,7 @@
 //! In-flight I/O tracking (vhost-user.rst "Inflight I/O tracking",
 //! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`): a shared memory region, created by the
 //! back-end on GET_INFLIGHT_FD and handed back by the front-end on SET_INFLIGHT_FD after
-//! every (re)connection, in which each request queue records which chains it took from the
+//! every (re)connection, in which each queue records which chains it took from the
 //! ring and has not returned. A new back-end instance (after a crash or a restart) resubmits
 //! them, in the order they were taken, and resumes taking chains after them; without the
 //! region the front-end restarts the ring at the used index, which is right only when every

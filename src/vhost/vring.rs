@@ -19,8 +19,9 @@
 //! the used element, the used index and the notification fields. A device cannot forget
 //! a page, and logging costs a branch per chain when it is off.
 //!
-//! A request queue with in-flight tracking ([`Vring::track_inflight`]) records every chain
-//! it takes and returns in the shared region (vhost-user.rst "Inflight I/O tracking"):
+//! A queue with in-flight tracking ([`Vring::track_inflight`]: the request queues, and
+//! the scsi control and event queues) records every chain it takes and returns in the
+//! shared region (vhost-user.rst "Inflight I/O tracking"):
 //! here, where chains are taken and the used index is published, so that the order the
 //! spec requires holds on every path.
 
@@ -90,7 +91,7 @@ pub struct Vring {
     /// The controller's interrupt coalescing, and this queue's state of it.
     coalescing: Arc<Coalescing>,
     irq: IrqPacing,
-    /// In-flight tracking, for request queues whose frontend shares the region.
+    /// In-flight tracking, for queues whose frontend shares the region.
     tracking: Option<Tracking>,
     /// Dirty-page logging during a live migration, and the chain read back to log it.
     log: RingLog,
@@ -103,7 +104,7 @@ pub struct Vring {
     interrupts: u64,
 }
 
-/// A request queue's in-flight tracking ([`crate::vhost::inflight`]).
+/// A queue's in-flight tracking ([`crate::vhost::inflight`]).
 struct Tracking {
     part: QueueInflight,
     /// The counter the next chain taken gets: the order of the chains in flight.
@@ -175,8 +176,8 @@ impl Vring {
         }
     }
 
-    /// Records the chains this ring takes and returns in `part` (a request queue of a
-    /// frontend with INFLIGHT_SHMFD). Before anything new is taken: completes the commit
+    /// Records the chains this ring takes and returns in `part` (any queue of a frontend
+    /// with INFLIGHT_SHMFD). Before anything new is taken: completes the commit
     /// of a batch the previous instance had published, queues the heads it left in flight
     /// for resubmission (counter order, [`Vring::pop_head`] hands them out first), and
     /// resumes the ring after them: at the used index plus the chains in flight (every

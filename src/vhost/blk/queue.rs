@@ -224,11 +224,13 @@ impl QueueDevice for BlkIo {
 
 #[cfg(test)]
 mod bench;
+/// The split-ring test driver (also drives the scsi queues' tests).
 #[cfg(test)]
-mod driver;
+pub(crate) mod driver;
 #[cfg(test)]
 mod log_tests;
+/// The packed-ring test driver (also drives the scsi queues' tests).
 #[cfg(test)]
-mod packed_driver;
+pub(crate) mod packed_driver;
 #[cfg(test)]
 mod packed_inflight_tests;

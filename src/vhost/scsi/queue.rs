@@ -12,4 +12,6 @@ pub use control::ControlQueue;
 pub use event::EventQueue;
 
 #[cfg(test)]
+mod restart_tests;
+#[cfg(test)]
 mod tests;

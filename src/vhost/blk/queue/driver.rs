@@ -68,6 +68,11 @@ impl Driver {
         (setup, rx)
     }
 
+    /// The guest memory the ring lives in.
+    pub fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+
     pub fn write(&self, gpa: u64, bytes: &[u8]) {
         let m = self.mem.memory();
         let p = m.get_host_address(GuestAddress(gpa)).unwrap();

@@ -1,6 +1,12 @@
 //! The virtio-scsi control queue (virtio 1.2 §5.6.6.2): task management functions and
 //! asynchronous notification queries, answered on the ring directly (no slots: the
 //! traffic is rare and a TMF may wait for its LUN's commands).
+//!
+//! Tracked in the in-flight region like the request queues when the frontend shares one
+//! (vhost-user.rst "Inflight I/O tracking"): a request taken and not answered before a
+//! crash is taken again, first, by the next instance, and answered once (a TMF is run
+//! again against the LUN as it is then); the ring resumes after it, also on a packed ring,
+//! whose base QEMU cannot restore.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
@@ -44,11 +50,17 @@ pub struct ControlQueue {
 }
 
 impl ControlQueue {
-    /// Builds the poller.
-    pub fn new(setup: QueueSetup, shared: Arc<ScsiShared>) -> Self {
+    /// Builds the poller; with the frontend's in-flight region, resumes where a previous
+    /// instance left the ring ([`Vring::track_inflight`]).
+    pub fn new(mut setup: QueueSetup, shared: Arc<ScsiShared>) -> Self {
+        let inflight = setup.inflight.take();
+        // Control and event traffic is rare: never held back by coalescing.
+        let mut vring = Vring::new(setup).without_coalescing();
+        if let Some(part) = inflight {
+            vring.track_inflight(part);
+        }
         ControlQueue {
-            // Control and event traffic is rare: never held back by coalescing.
-            vring: Vring::new(setup).without_coalescing(),
+            vring,
             shared,
             streams: Streams::default(),
             waiting: Vec::new(),
@@ -161,10 +173,13 @@ impl Poller for ControlQueue {
         let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
         self.vring.sync_mem(&mem);
         let mut work = self.check_waiting(&mem);
-        if !self.vring.is_stopping() {
+        // A stopping ring still answers the requests a previous instance left in flight:
+        // they are off the ring, and GET_VRING_BASE must find none unanswered.
+        if !self.vring.is_stopping() || self.vring.has_resubmits() {
             while work < POP_BUDGET {
-                // A packed ring is read through its view (virtio-queue reads split rings).
-                let (head, parsed) = if self.vring.is_packed() {
+                // Through the ring view when there is one (a packed ring always: virtio-queue
+                // reads split rings only), which also hands out the resubmitted heads.
+                let (head, parsed) = if self.vring.is_packed() || self.vring.has_view() {
                     let Some(head) = self.vring.pop_head() else {
                         break;
                     };
@@ -220,6 +235,6 @@ impl Poller for ControlQueue {
     }
 
     fn finished(&self) -> bool {
-        self.vring.is_stopping() && self.waiting.is_empty()
+        self.vring.is_stopping() && self.waiting.is_empty() && !self.vring.has_resubmits()
     }
 }

@@ -1,5 +1,14 @@
 //! The virtio-scsi event queue (virtio 1.2 §5.6.6.3): the driver posts buffers, the
 //! device fills them with the controller's hot-plug events, on the ring directly.
+//!
+//! A buffer is taken from the ring only with an event to put in it, and returned at once;
+//! the driver's other buffers wait on the ring. Tracked in the in-flight region like the
+//! request queues when the frontend shares one (vhost-user.rst "Inflight I/O tracking"),
+//! so that a new instance resumes at the ring position the previous one reached, also on
+//! a packed ring, whose base QEMU cannot restore after a crash. A buffer the previous
+//! instance had taken and not returned (it died in between) is held by the new one until
+//! the next event, as if still on the ring; a clean stop returns it with NO_EVENT, which
+//! the driver posts again, so that GET_VRING_BASE leaves none taken.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -27,18 +36,25 @@ pub struct EventQueue {
 
 impl EventQueue {
     /// Builds the poller; events queued before it (no driver listening) are forgotten:
-    /// the driver scans the targets when it starts.
-    pub fn new(setup: QueueSetup, shared: Arc<ScsiShared>) -> std::io::Result<Self> {
+    /// the driver scans the targets when it starts. With the frontend's in-flight region,
+    /// resumes where a previous instance left the ring ([`Vring::track_inflight`]).
+    pub fn new(mut setup: QueueSetup, shared: Arc<ScsiShared>) -> std::io::Result<Self> {
+        let wake = shared.event_wake.try_clone()?;
         {
             let mut ev = lock(&shared.events);
             ev.running = true;
             ev.pending.clear();
             ev.missed = false;
         }
+        let inflight = setup.inflight.take();
+        // Control and event traffic is rare: never held back by coalescing.
+        let mut vring = Vring::new(setup).without_coalescing();
+        if let Some(part) = inflight {
+            vring.track_inflight(part);
+        }
         Ok(EventQueue {
-            // Control and event traffic is rare: never held back by coalescing.
-            vring: Vring::new(setup).without_coalescing(),
-            wake: shared.event_wake.try_clone()?,
+            vring,
+            wake,
             shared,
             streams: Streams::default(),
         })
@@ -55,9 +71,20 @@ impl Poller for EventQueue {
         let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
         self.vring.sync_mem(&mem);
         let mut work = 0;
-        while !self.vring.is_stopping() && self.has_events() {
-            // A packed ring is read through its view (virtio-queue reads split rings).
-            let (head, collected) = if self.vring.is_packed() {
+        loop {
+            // A running ring takes a buffer for an event (a held one first); a stopping one
+            // returns the buffers it holds, with the pending events or NO_EVENT.
+            let take = if self.vring.is_stopping() {
+                self.vring.has_resubmits()
+            } else {
+                self.has_events()
+            };
+            if !take {
+                break;
+            }
+            // Through the ring view when there is one (a packed ring always: virtio-queue
+            // reads split rings only), which also hands out the held buffers.
+            let (head, collected) = if self.vring.is_packed() || self.vring.has_view() {
                 let Some(head) = self.vring.pop_head() else {
                     break;
                 };
@@ -126,7 +153,7 @@ impl Poller for EventQueue {
     }
 
     fn finished(&self) -> bool {
-        self.vring.is_stopping()
+        self.vring.is_stopping() && !self.vring.has_resubmits()
     }
 }
 
