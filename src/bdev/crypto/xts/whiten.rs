@@ -192,6 +192,18 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
     pub(super) unsafe fn xor_into(data: *mut u8, tweaks: *const u8, n: usize) {
         let mut i = 0;
+        // Four registers per iteration: the loop's own instructions were a third.
+        while i + 16 <= n {
+            for j in (i..i + 16).step_by(4) {
+                // SAFETY: blocks `i..i + 16` are inside `n`.
+                unsafe {
+                    let x = _mm512_loadu_si512(data.add(16 * j).cast());
+                    let t = _mm512_loadu_si512(tweaks.add(16 * j).cast());
+                    _mm512_storeu_si512(data.add(16 * j).cast(), _mm512_xor_si512(x, t));
+                }
+            }
+            i += 16;
+        }
         while i + 4 <= n {
             // SAFETY: blocks `i..i + 4` are inside `n`.
             unsafe {
@@ -235,6 +247,19 @@ mod avx2 {
         )
     }
 
+    /// `x · α⁸` in each 128-bit lane: a byte shift, the byte shifted out (`c`) coming back
+    /// as `c·0x87` (two instructions fewer than [`mul_alpha_k`]).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn mul_alpha8(x: __m256i) -> __m256i {
+        let c = _mm256_srli_si256::<15>(x);
+        let fold = _mm256_xor_si256(
+            _mm256_xor_si256(c, _mm256_slli_epi64::<1>(c)),
+            _mm256_xor_si256(_mm256_slli_epi64::<2>(c), _mm256_slli_epi64::<7>(c)),
+        );
+        _mm256_xor_si256(_mm256_slli_si256::<1>(x), fold)
+    }
+
     /// See [`super::Kernel::whiten`]: 8 blocks per iteration in four chains.
     ///
     /// # Safety
@@ -266,7 +291,7 @@ mod avx2 {
                     let p = _mm256_loadu_si256(src.add(o).cast());
                     _mm256_storeu_si256(dst.add(o).cast(), _mm256_xor_si256(p, *tj));
                 }
-                *tj = mul_alpha_k::<8, 56>(*tj);
+                *tj = mul_alpha8(*tj);
             }
             i += 8;
         }
@@ -306,6 +331,17 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn xor_into(data: *mut u8, tweaks: *const u8, n: usize) {
         let mut i = 0;
+        while i + 8 <= n {
+            for j in (i..i + 8).step_by(2) {
+                // SAFETY: blocks `i..i + 8` are inside `n`.
+                unsafe {
+                    let x = _mm256_loadu_si256(data.add(16 * j).cast());
+                    let t = _mm256_loadu_si256(tweaks.add(16 * j).cast());
+                    _mm256_storeu_si256(data.add(16 * j).cast(), _mm256_xor_si256(x, t));
+                }
+            }
+            i += 8;
+        }
         while i + 2 <= n {
             // SAFETY: blocks `i..i + 2` are inside `n`.
             unsafe {
