@@ -62,18 +62,15 @@ impl Kernel {
         }
         let d = dst.as_mut_ptr();
         let s = src.map_or(d.cast_const(), <[u8]>::as_ptr);
-        let t1 = super::mul_alpha(t);
-        let t2 = super::mul_alpha(t1);
-        let lanes = [t, t1, t2, super::mul_alpha(t2)];
         match self.0 {
             // SAFETY: the CPU has the features (a `Kernel` is made only where they were
             // detected); `s` and `d` have `16 * n` bytes (checked above; `s` may be `d`,
             // each block being read before it is written) and `tweaks` as many.
             #[cfg(target_arch = "x86_64")]
-            Width::Avx512 => unsafe { avx512::whiten(lanes, s, d, tweaks.as_mut_ptr(), n) },
+            Width::Avx512 => unsafe { avx512::whiten(t, s, d, tweaks.as_mut_ptr(), n) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Width::Avx2 => unsafe { avx2::whiten(lanes, s, d, tweaks.as_mut_ptr(), n) },
+            Width::Avx2 => unsafe { avx2::whiten(t, s, d, tweaks.as_mut_ptr(), n) },
         }
     }
 
@@ -116,30 +113,30 @@ mod avx512 {
         )
     }
 
-    /// See [`super::Kernel::whiten`]: `lanes` are `t·α⁰..³`; 16 blocks per iteration in
-    /// four independent chains (one chain would wait on the multiply's latency).
+    /// See [`super::Kernel::whiten`]: 16 blocks per iteration in four independent chains
+    /// (one chain would wait on the multiply's latency), all started from `t` directly.
     ///
     /// # Safety
     /// The CPU has the features; `src`, `dst` (which may be equal) and `tweaks` have
     /// `16 * n` bytes.
     #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
     pub(super) unsafe fn whiten(
-        lanes: [u128; 4],
+        t: u128,
         src: *const u8,
         dst: *mut u8,
         tweaks: *mut u8,
         n: usize,
     ) -> u128 {
-        // SAFETY: `lanes` is 64 bytes.
-        let t0 = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
-        let four = _mm512_set1_epi64(4);
-        let t1 = mul_alpha_k(t0, four);
-        let mut t = [
-            t0,
-            t1,
-            mul_alpha_k(t1, four),
-            mul_alpha_k(mul_alpha_k(t1, four), four),
-        ];
+        let tt = _mm512_broadcast_i32x4(_mm_set_epi64x((t >> 64) as i64, t as i64));
+        // Lane j (64-bit halves 2j and 2j + 1) of chain c: t·α^(j + 4c).
+        let chain = |c: i64| {
+            let k = _mm512_add_epi64(
+                _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0),
+                _mm512_set1_epi64(4 * c),
+            );
+            mul_alpha_k(tt, k)
+        };
+        let mut t = [chain(0), chain(1), chain(2), chain(3)];
         let sixteen = _mm512_set1_epi64(16);
         let mut i = 0;
         while i + 16 <= n {
@@ -267,12 +264,15 @@ mod avx2 {
     /// bytes.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn whiten(
-        lanes: [u128; 4],
+        t: u128,
         src: *const u8,
         dst: *mut u8,
         tweaks: *mut u8,
         n: usize,
     ) -> u128 {
+        let t1 = super::super::mul_alpha(t);
+        let t2 = super::super::mul_alpha(t1);
+        let lanes = [t, t1, t2, super::super::mul_alpha(t2)];
         // SAFETY: `lanes` is 64 bytes.
         let (t0, t1) = unsafe {
             (
