@@ -97,9 +97,10 @@ impl Kernel {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// `x · αᵏ` in each 128-bit lane, `k` (below 57) per 64-bit half: the bits carried out
-    /// of the low half go into the high one, those out of the high half are multiplied by
-    /// 0x87 into the low one (one VPCLMULQDQ), the rest is a shift of each half.
+    /// `x · αᵏ` in each 128-bit lane, `k` (below 57) given per 64-bit half, the same for
+    /// both halves of a lane: the bits carried out of the low half go into the high one,
+    /// those out of the high half are multiplied by 0x87 into the low one (one
+    /// VPCLMULQDQ), the rest is a shift of each half.
     #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
     #[inline]
     fn mul_alpha_k(x: __m512i, k: __m512i) -> __m512i {
