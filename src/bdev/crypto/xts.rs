@@ -4,7 +4,9 @@
 //! with AVX-512: 64 blocks in flight; VAES-256: 30; AES-NI: 8), and a run's last blocks
 //! short of that width are padded into one more full-width pass rather than encrypted one
 //! at a time (the `xts-mode` crate does a single block at a time, several times slower).
-//! The units' first tweaks are computed in batches the same way.
+//! The units' first tweaks are computed in batches the same way. Where the CPU has AVX2 or
+//! AVX-512 ([`whiten`]) the tweaks are generated in vector registers in the same pass that
+//! XORs them into the data; elsewhere in scalar chains ([`tweak_run`]), then XORed.
 //! Data units are logical blocks, multiples of 16 bytes, so no ciphertext stealing.
 //! The tests check it against `xts-mode`; tests/crypto.rs against OpenSSL's XTS.
 
@@ -16,16 +18,21 @@ use aes::cipher::{
 };
 use aes::{Aes256, Block};
 
+mod whiten;
+use whiten::Kernel;
+
 /// Units whose first tweaks are encrypted in one call (the widest backend's width).
 const TWEAK_BATCH: usize = 64;
 
 /// AES blocks whose tweaks are computed ahead and encrypted in one call (4 KiB).
 const RUN: usize = 256;
 
-/// The two AES-256 keys of an XTS key: data (`k1`) and tweak (`k2`).
+/// The two AES-256 keys of an XTS key: data (`k1`) and tweak (`k2`), and the vector
+/// kernel for the whitening (`None`: the scalar tweaks and XOR loops).
 pub(crate) struct Cipher {
     k1: Aes256,
     k2: Aes256,
+    kernel: Option<Kernel>,
 }
 
 /// `x * α` in GF(2^128), XTS's little-endian convention (IEEE 1619 §5.2).
@@ -91,14 +98,25 @@ fn xor_from(data: &mut [u8], src: &[u8], tweaks: &[u8]) {
     }
 }
 
-/// One run through an AES backend: `data = AES(src ^ tweaks) ^ tweaks` (`src`: `data`
-/// itself when `None`; no tweaks when `tweaks` is empty). `data` is whole blocks. As a
-/// closure of the `aes` crate it runs inside the backend's `#[target_feature]` function,
-/// so the XORs are compiled for the same vector width.
+/// What a [`Run`] XORs into its data before the AES.
+enum Pre<'a> {
+    /// Nothing (done already, or no whitening).
+    Done,
+    /// `data ^= tweaks`.
+    InPlace,
+    /// `data = src ^ tweaks`.
+    From(&'a [u8]),
+}
+
+/// One run through an AES backend: `data = AES(pre(data)) ^ post` (`post` empty: no
+/// post-whitening). `data` is whole blocks. As a closure of the `aes` crate it runs inside
+/// the backend's `#[target_feature]` function, so the XORs are compiled for the same vector
+/// width.
 struct Run<'a> {
-    src: Option<&'a [u8]>,
+    pre: Pre<'a>,
     data: &'a mut [u8],
     tweaks: &'a [u8],
+    post: bool,
 }
 
 impl BlockSizeUser for Run<'_> {
@@ -110,10 +128,16 @@ impl Run<'_> {
     /// single block.
     #[inline(always)]
     fn apply<P: ArraySize>(self, par: impl Fn(&mut Array<Block, P>), one: impl Fn(&mut Block)) {
-        let Run { src, data, tweaks } = self;
-        match src {
-            Some(src) => xor_from(data, src, tweaks),
-            None => xor_into(data, tweaks),
+        let Run {
+            pre,
+            data,
+            tweaks,
+            post,
+        } = self;
+        match pre {
+            Pre::Done => {}
+            Pre::InPlace => xor_into(data, tweaks),
+            Pre::From(src) => xor_from(data, src, tweaks),
         }
         let (blocks, _) = Block::slice_as_chunks_mut(data);
         let (groups, tail) = Array::<Block, P>::slice_as_chunks_mut(blocks);
@@ -130,7 +154,9 @@ impl Run<'_> {
         } else {
             tail.iter_mut().for_each(one);
         }
-        xor_into(data, tweaks);
+        if post {
+            xor_into(data, tweaks);
+        }
     }
 }
 
@@ -156,7 +182,18 @@ impl BlockCipherDecClosure for Run<'_> {
 
 impl Cipher {
     pub(crate) fn new(k1: Aes256, k2: Aes256) -> Self {
-        Cipher { k1, k2 }
+        Cipher {
+            k1,
+            k2,
+            kernel: Kernel::detect(),
+        }
+    }
+
+    /// A cipher whitening with `kernel` (`None`: the scalar fallback) whatever the CPU's
+    /// widest.
+    #[cfg(test)]
+    fn with_kernel(k1: Aes256, k2: Aes256, kernel: Option<Kernel>) -> Self {
+        Cipher { k1, k2, kernel }
     }
 
     /// Encrypts data unit `unit` (tweak: its number, little-endian) in place.
@@ -220,6 +257,10 @@ impl Cipher {
         let (mut t, mut left) = (0u128, 0);
         let mut tweaks = [0u8; 16 * RUN];
         for (i, run) in data[..whole].chunks_mut(16 * RUN).enumerate() {
+            if let Some(s) = src {
+                prefetch(s.get((i + 1) * 16 * RUN..).unwrap_or_default());
+            }
+            let src = src.map(|s| &s[i * 16 * RUN..][..run.len()]);
             let ts = &mut tweaks[..run.len()];
             let mut k = 0;
             while k < ts.len() {
@@ -230,9 +271,10 @@ impl Cipher {
                             f.copy_from_slice(&(unit.wrapping_add(j as u64) as u128).to_le_bytes());
                         }
                         self.k2.encrypt_with_backend(Run {
-                            src: None,
+                            pre: Pre::Done,
                             data: &mut firsts[..16 * n],
                             tweaks: &[],
+                            post: false,
                         });
                         unit = unit.wrapping_add(n as u64);
                         units_left -= n;
@@ -244,22 +286,35 @@ impl Cipher {
                     left = unit_len;
                 }
                 let m = left.min(ts.len() - k);
-                t = tweak_run(&mut ts[k..k + m], t);
+                t = match self.kernel {
+                    Some(v) => v.whiten(
+                        t,
+                        src.map(|s| &s[k..k + m]),
+                        &mut run[k..k + m],
+                        &mut ts[k..k + m],
+                    ),
+                    None => tweak_run(&mut ts[k..k + m], t),
+                };
                 k += m;
                 left -= m;
             }
-            if let Some(s) = src {
-                prefetch(s.get((i + 1) * 16 * RUN..).unwrap_or_default());
-            }
             let r = Run {
-                src: src.map(|s| &s[i * 16 * RUN..][..run.len()]),
-                data: run,
-                tweaks: ts,
+                pre: match (self.kernel, src) {
+                    (Some(_), _) => Pre::Done,
+                    (None, Some(src)) => Pre::From(src),
+                    (None, None) => Pre::InPlace,
+                },
+                data: &mut *run,
+                tweaks: &*ts,
+                post: self.kernel.is_none(),
             };
             if encrypt {
                 self.k1.encrypt_with_backend(r);
             } else {
                 self.k1.decrypt_with_backend(r);
+            }
+            if let Some(v) = self.kernel {
+                v.unwhiten(run, ts);
             }
         }
     }
@@ -288,59 +343,163 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn matches_the_xts_mode_crate() {
+    type Reference = xts_mode::Xts128<aes08::Aes256>;
+
+    /// Ours with every whitening this CPU runs (the scalar fallback first), and the
+    /// `xts-mode` crate, under one key.
+    fn ciphers() -> (Vec<Cipher>, Reference) {
         let key: Vec<u8> = (0..64u8)
             .map(|i| i.wrapping_mul(37).wrapping_add(11))
             .collect();
-        let ours = Cipher::new(
-            Aes256::new_from_slice(&key[..32]).unwrap(),
-            Aes256::new_from_slice(&key[32..]).unwrap(),
-        );
+        let aes = |k: &[u8]| Aes256::new_from_slice(k).unwrap();
+        let ours = std::iter::once(None)
+            .chain(Kernel::available().map(Some))
+            .map(|v| Cipher::with_kernel(aes(&key[..32]), aes(&key[32..]), v))
+            .collect();
         let theirs = xts_mode::Xts128::new(
             <aes08::Aes256 as aes08::cipher::KeyInit>::new_from_slice(&key[..32]).unwrap(),
             <aes08::Aes256 as aes08::cipher::KeyInit>::new_from_slice(&key[32..]).unwrap(),
         );
-        for (len, unit) in [
-            (512usize, 0u64),
-            (512, 9),
-            (48, 3),
-            (1200, 2),
-            (4144, 7),
-            (4096, 1 << 40),
-            (65536, u64::MAX),
-        ] {
-            let plain: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
-            let mut a = plain.clone();
-            ours.encrypt_unit(&mut a, unit);
-            let mut b = plain.clone();
-            theirs.encrypt_sector(&mut b, xts_mode::get_tweak_default(unit as u128));
-            assert_eq!(a, b, "len {len} unit {unit}");
-            ours.decrypt_unit(&mut a, unit);
-            assert_eq!(a, plain);
-        }
-        // Many units in one call (across tweak batches and the wrap of the unit number)
-        // are the units one by one.
-        for (len, first) in [(512usize, 5u64), (4096, u64::MAX - 40), (80, 11)] {
-            let plain: Vec<u8> = (0..100 * len).map(|i| (i * 13 + 1) as u8).collect();
-            let mut all = plain.clone();
-            ours.crypt_units(&mut all, len, first, true);
-            for (i, u) in plain.chunks(len).enumerate() {
-                let mut b = u.to_vec();
-                theirs.encrypt_sector(
-                    &mut b,
-                    xts_mode::get_tweak_default(first.wrapping_add(i as u64) as u128),
-                );
-                assert_eq!(all[i * len..][..len], b[..], "unit {i} of {len}");
+        (ours, theirs)
+    }
+
+    #[test]
+    fn matches_the_xts_mode_crate() {
+        let (ours, theirs) = ciphers();
+        for c in &ours {
+            let k = c.kernel;
+            // Units shorter than a register of tweaks, odd multiples of 16, 512, 4096,
+            // units longer than a 4 KiB run.
+            for (len, unit) in [
+                (16usize, 1u64),
+                (48, 3),
+                (80, 1 << 63),
+                (512, 0),
+                (512, 9),
+                (560, 5),
+                (528, 6),
+                (1200, 2),
+                (4096, 1 << 40),
+                (4112, 8),
+                (4144, 7),
+                (65536, u64::MAX),
+            ] {
+                let plain: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+                let mut a = plain.clone();
+                c.encrypt_unit(&mut a, unit);
+                let mut b = plain.clone();
+                theirs.encrypt_sector(&mut b, xts_mode::get_tweak_default(unit as u128));
+                assert_eq!(a, b, "{k:?}: len {len} unit {unit}");
+                c.decrypt_unit(&mut a, unit);
+                assert_eq!(a, plain, "{k:?}: len {len} unit {unit}");
             }
-            let mut from = vec![0u8; plain.len()];
-            ours.crypt_units_from(&plain, &mut from, len, first, true);
-            assert_eq!(from, all, "out of place, {len}");
-            let mut back = vec![0u8; plain.len()];
-            ours.crypt_units_from(&from, &mut back, len, first, false);
-            assert_eq!(back, plain, "out of place decryption, {len}");
-            ours.crypt_units(&mut all, len, first, false);
-            assert_eq!(all, plain);
+            // Many units in one call (units across 4 KiB runs, across batches of first
+            // tweaks, across the wrap of the unit number) are the units one by one.
+            for (len, first) in [
+                (512usize, 5u64),
+                (4096, u64::MAX - 40),
+                (80, 11),
+                (16, 3),
+                (560, 1 << 33),
+                (4112, 0),
+            ] {
+                let plain: Vec<u8> = (0..100 * len).map(|i| (i * 13 + 1) as u8).collect();
+                let mut all = plain.clone();
+                c.crypt_units(&mut all, len, first, true);
+                for (i, u) in plain.chunks(len).enumerate() {
+                    let mut b = u.to_vec();
+                    theirs.encrypt_sector(
+                        &mut b,
+                        xts_mode::get_tweak_default(first.wrapping_add(i as u64) as u128),
+                    );
+                    assert_eq!(all[i * len..][..len], b[..], "{k:?}: unit {i} of {len}");
+                }
+                let mut from = vec![0u8; plain.len()];
+                c.crypt_units_from(&plain, &mut from, len, first, true);
+                assert_eq!(from, all, "{k:?}: out of place, {len}");
+                let mut back = vec![0u8; plain.len()];
+                c.crypt_units_from(&from, &mut back, len, first, false);
+                assert_eq!(back, plain, "{k:?}: out of place decryption, {len}");
+                c.crypt_units(&mut all, len, first, false);
+                assert_eq!(all, plain, "{k:?}: decrypt, {len}");
+            }
+        }
+    }
+
+    /// The whitenings agree with one another on what the reference does not reach: a
+    /// partial unit at the end is left alone, in place and out of place, and decryption
+    /// inverts encryption for every unit length up to 70 blocks.
+    #[test]
+    fn every_whitening_is_the_scalar_one() {
+        let (ours, _) = ciphers();
+        let plain: Vec<u8> = (0..70 * 16 * 3 + 32).map(|i| (i * 29 + 7) as u8).collect();
+        for blocks in 1..=70 {
+            let len = 16 * blocks;
+            let first = u64::MAX - 1 - blocks as u64;
+            let mut want = plain.clone();
+            ours[0].crypt_units(&mut want, len, first, true);
+            let whole = plain.len() - plain.len() % len;
+            assert_eq!(
+                want[whole..],
+                plain[whole..],
+                "partial unit of {len} touched"
+            );
+            for c in &ours {
+                let k = c.kernel;
+                let mut a = plain.clone();
+                c.crypt_units(&mut a, len, first, true);
+                assert_eq!(a, want, "{k:?}: units of {len}");
+                let mut from = vec![0xa5u8; plain.len()];
+                c.crypt_units_from(&plain, &mut from, len, first, true);
+                assert_eq!(from[..whole], want[..whole], "{k:?}: from, units of {len}");
+                assert!(from[whole..].iter().all(|&b| b == 0xa5), "{k:?}: {len}");
+                c.crypt_units(&mut a, len, first, false);
+                assert_eq!(a, plain, "{k:?}: decrypt, units of {len}");
+            }
+        }
+    }
+
+    /// The vector kernels' tweaks and XORs against [`tweak_run`] for stretches of 0 to 70
+    /// blocks (every remainder of the 16- and 8-block iterations), with tweaks whose top
+    /// bits are set (the fold by 0x87), in place and out of place.
+    #[test]
+    fn vector_tweaks_are_the_scalar_chain() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for v in Kernel::available() {
+            for n in 0..=70usize {
+                for round in 0..8 {
+                    let mut t = (u128::from(rnd()) << 64) | u128::from(rnd());
+                    if round % 2 == 0 {
+                        t |= u128::MAX << 112;
+                    }
+                    let src: Vec<u8> = (0..16 * n).map(|_| rnd() as u8).collect();
+                    let mut want_tweaks = vec![0u8; 16 * n];
+                    let want_next = tweak_run(&mut want_tweaks, t);
+                    let mut want = src.clone();
+                    xor_into(&mut want, &want_tweaks);
+
+                    let mut tweaks = vec![0u8; 16 * n + 16];
+                    let mut dst = vec![0x5au8; 16 * n + 16];
+                    let next = v.whiten(t, Some(&src), &mut dst[..16 * n], &mut tweaks[..16 * n]);
+                    assert_eq!(next, want_next, "{v:?}: {n} blocks");
+                    assert_eq!(tweaks[..16 * n], want_tweaks[..], "{v:?}: {n} blocks");
+                    assert_eq!(dst[..16 * n], want[..], "{v:?}: {n} blocks");
+                    assert!(tweaks[16 * n..].iter().all(|&b| b == 0), "{v:?}: {n}");
+                    assert!(dst[16 * n..].iter().all(|&b| b == 0x5a), "{v:?}: {n}");
+
+                    let mut data = src.clone();
+                    let next = v.whiten(t, None, &mut data, &mut tweaks[..16 * n]);
+                    assert_eq!((next, &data), (want_next, &want), "{v:?}: in place, {n}");
+                    v.unwhiten(&mut data, &tweaks[..16 * n]);
+                    assert_eq!(data, src, "{v:?}: unwhiten, {n} blocks");
+                }
+            }
         }
     }
 }
@@ -368,9 +527,16 @@ mod cost {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(2000);
+        // `XTS_COST_ONLY=512e` (unit, then e or d) runs one case alone: callgrind's
+        // instructions per byte of that case.
+        let only = std::env::var("XTS_COST_ONLY").ok();
         let mut buf = vec![0x5au8; 128 << 10];
         for unit in [512usize, 4096] {
             for encrypt in [true, false] {
+                let case = format!("{unit}{}", if encrypt { 'e' } else { 'd' });
+                if only.as_ref().is_some_and(|o| *o != case) {
+                    continue;
+                }
                 let t = std::time::Instant::now();
                 for r in 0..reqs {
                     c.crypt_units(&mut buf, unit, (r * 256) as u64, encrypt);
@@ -384,6 +550,9 @@ mod cost {
                     s * 1e9 / bytes
                 );
             }
+        }
+        if only.is_some() {
+            return;
         }
         // The AES alone (ECB over the same bytes): the ceiling of any XTS built on it.
         let k = Aes256::new_from_slice(&key[..32]).unwrap();
