@@ -256,9 +256,12 @@ impl Cipher {
         // The tweak of the next block and the bytes left in its unit.
         let (mut t, mut left) = (0u128, 0);
         let mut tweaks = [0u8; 16 * RUN];
+        let data_ptr = data.as_ptr();
         for (i, run) in data[..whole].chunks_mut(16 * RUN).enumerate() {
             if let Some(s) = src {
-                prefetch(s.get((i + 1) * 16 * RUN..).unwrap_or_default());
+                let next = ((i + 1) * 16 * RUN).min(whole);
+                prefetch(s.as_ptr().wrapping_add(next), whole - next, false);
+                prefetch(data_ptr.wrapping_add(next), whole - next, true);
             }
             let src = src.map(|s| &s[i * 16 * RUN..][..run.len()]);
             let ts = &mut tweaks[..run.len()];
@@ -320,21 +323,27 @@ impl Cipher {
     }
 }
 
-/// Asks for the first run of `next` to be brought into the cache while the current run is
-/// ciphered: an out-of-place source is the base's memory (malloc: DRAM, read once), whose
-/// misses would otherwise stall the first pass over each run.
-fn prefetch(next: &[u8]) {
+/// Asks for the first run of the `len` bytes at `next` to be brought into the cache while the current run is
+/// ciphered (`write`: to be stored into). Out of place, one side is the base's memory
+/// (malloc: DRAM, touched once per request): the ciphertext source of a read, the
+/// destination of a write, whose misses would otherwise stall the first pass over each run.
+fn prefetch(next: *const u8, len: usize, write: bool) {
     #[cfg(target_arch = "x86_64")]
-    for line in next.chunks(64).take(16 * RUN / 64) {
-        // SAFETY: a prefetch hint neither faults nor changes memory; `line` is a live slice.
+    for off in (0..len.min(16 * RUN)).step_by(64) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+        let p = next.wrapping_add(off).cast();
+        // SAFETY: a prefetch is a hint: it never faults and changes no memory, whatever
+        // the address (here inside the caller's buffer: `off < len`).
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
+            if write {
+                _mm_prefetch::<_MM_HINT_ET0>(p)
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(p)
+            }
         };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = next;
+    let _ = (next, len, write);
 }
 
 #[cfg(test)]
