@@ -42,6 +42,13 @@ impl GuestMem {
         self.table.memory()
     }
 
+    /// The generation, then the current table: the table is at least as new as the
+    /// generation says (what [`crate::vhost::vring::Vring::sync_mem`] takes).
+    pub fn load(&self) -> (u64, Arc<GuestMemoryMmap<()>>) {
+        let generation = self.generation();
+        (generation, self.table.memory().into_inner())
+    }
+
     /// Swaps the table; readers that see the new [`GuestMem::generation`] see it too.
     pub fn replace(&self, mem: GuestMemoryMmap<()>) -> Result<(), String> {
         self.table

@@ -70,6 +70,12 @@ pub struct Vring {
     map_of: Option<Arc<GuestMemoryMmap>>,
     map: GuestMap,
     view: Option<RingView>,
+    /// The [`GuestMem::generation`] `map` is at least as new as.
+    map_gen: u64,
+    /// A chain became visible after the frontend swapped the memory table `map` was built
+    /// from: nothing is taken until [`Vring::sync_mem`] brings the newer table (see
+    /// [`Vring::mem_stale`]).
+    mem_stale: bool,
     /// A packed ring (VIRTIO_F_RING_PACKED acked, [`crate::vhost::packed_ring`]): chosen
     /// once, when the ring starts; every accessor checks it first, so that the split path
     /// pays one predictable branch. `queue` then only holds the addresses and size.
@@ -152,6 +158,8 @@ impl Vring {
             map_of: None,
             map: GuestMap::default(),
             view: None,
+            map_gen: 0,
+            mem_stale: false,
             packed,
             resubmit: Vec::new(),
             added: 0,
@@ -229,8 +237,8 @@ impl Vring {
     /// [`Vring::track_inflight`] for a packed ring ([`PackedRing::track`]): its areas are
     /// mapped first, as resuming reads and repairs the descriptor ring.
     fn track_inflight_packed(&mut self, part: QueueInflight) {
-        let mem = self.mem.memory().into_inner();
-        self.sync_mem(&mem);
+        let (generation, mem) = self.mem.load();
+        self.sync_mem(&mem, generation);
         let Some(p) = &mut self.packed else {
             return;
         };
@@ -288,10 +296,14 @@ impl Vring {
     }
 
     /// Rebuilds the pre-translated memory table and ring view when `mem` is not the memory
-    /// they were built from, and keeps `mem` mapped while they point into it.
-    /// Called at the start of every poll pass; also follows the dirty-log settings.
-    pub fn sync_mem(&mut self, mem: &Arc<GuestMemoryMmap>) {
+    /// they were built from, and keeps `mem` mapped while they point into it. `generation`
+    /// is the [`GuestMem::generation`] read before `mem` was loaded ([`GuestMem::load`]).
+    /// Called at the start of every poll pass, and again when [`Vring::mem_stale`]; also
+    /// follows the dirty-log settings.
+    pub fn sync_mem(&mut self, mem: &Arc<GuestMemoryMmap>, generation: u64) {
         self.log.refresh();
+        self.map_gen = generation;
+        self.mem_stale = false;
         if self.map_of.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem)) {
             return;
         }
@@ -312,6 +324,34 @@ impl Vring {
         }
         self.avail_seen = self.queue.next_avail();
         self.map_of = Some(mem.clone());
+    }
+
+    /// True when a pop returned None because the driver made a chain available after the
+    /// frontend had swapped the memory table (ADD_MEM_REG, REM_MEM_REG, SET_MEM_TABLE)
+    /// since the last [`Vring::sync_mem`]: the caller syncs the current table and pops
+    /// again.
+    ///
+    /// A frontend that waits for the answer to the swap (REPLY_ACK) may then at once
+    /// publish a request whose buffers lie in the new memory, while a poll pass that
+    /// loaded the table before the swap is still running. So each pop reads the driver's
+    /// index (or a packed descriptor's flags) first, with acquire ordering, and the
+    /// generation after it: a table swapped before the chain was published shows there,
+    /// and the chain is never translated with the older table (which would fail it with
+    /// IOERR, or put its data into memory the frontend has replaced).
+    #[inline]
+    pub fn mem_stale(&self) -> bool {
+        self.mem_stale
+    }
+
+    /// Whether the frontend swapped the memory table since the last
+    /// [`Vring::sync_mem`]; sets [`Vring::mem_stale`] if so. Called after the read that
+    /// shows a chain available.
+    #[inline]
+    fn mem_moved(&mut self) -> bool {
+        if self.mem.generation() != self.map_gen {
+            self.mem_stale = true;
+        }
+        self.mem_stale
     }
 
     /// The memory table of the last [`Vring::sync_mem`].
@@ -351,7 +391,11 @@ impl Vring {
         let next = self.queue.next_avail();
         let cached = self.avail_seen.wrapping_sub(next);
         if cached == 0 || cached > size {
-            self.avail_seen = self.read_avail_idx(next)?;
+            let seen = self.read_avail_idx(next)?;
+            if self.mem_moved() {
+                return None;
+            }
+            self.avail_seen = seen;
         }
         let head = self.view.as_ref()?.avail_entry(next);
         self.queue.set_next_avail(next.wrapping_add(1));
@@ -362,6 +406,14 @@ impl Vring {
     /// [`Vring::pop_head`] on a packed ring: the token of the chain it took.
     #[cold]
     fn pop_head_packed(&mut self) -> Option<u16> {
+        // The flags that make the chain available, then the generation (see `mem_stale`).
+        if !self.packed.as_ref()?.has_avail() {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        if self.mem_moved() {
+            return None;
+        }
         self.packed.as_mut()?.pop(&self.map)
     }
 
@@ -477,6 +529,13 @@ impl Vring {
                 );
             }
             return None;
+        }
+        // The index that makes the chain available, then the generation (see
+        // `mem_stale`); a broken ring address is left to virtio-queue's pop to meet.
+        if let Ok(idx) = self.queue.avail_idx(mem, Ordering::Acquire) {
+            if idx.0 == self.queue.next_avail() || self.mem_moved() {
+                return None;
+            }
         }
         let chain = self.queue.pop_descriptor_chain(mem)?;
         self.mark_inflight(chain.head_index());

@@ -273,6 +273,17 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A failing test's daemon log would go with the temporary directory: keep a copy
+        // where BLOCKD_TEST_KEEP_LOGS says (docs/testing.md).
+        if std::thread::panicking() {
+            if let Some(dir) = std::env::var_os("BLOCKD_TEST_KEEP_LOGS") {
+                let to = Path::new(&dir).join(format!(
+                    "blockd-{}.log",
+                    self.child.as_ref().map_or(0, |c| c.id())
+                ));
+                let _ = std::fs::copy(&self.log_path, to);
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

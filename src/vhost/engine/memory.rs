@@ -71,6 +71,13 @@ impl MemGenerations {
         }
     }
 
+    /// The [`GuestMem::generation`] the memory of [`MemGenerations::begin_pass`] is at
+    /// least as new as.
+    #[inline]
+    pub fn loaded(&self) -> u64 {
+        self.loaded
+    }
+
     /// Gives back the memory of [`MemGenerations::begin_pass`].
     #[inline]
     pub fn end_pass(&mut self, mem: Arc<GuestMemoryMmap>) {

@@ -249,8 +249,8 @@ impl<D: QueueDevice> Engine<D> {
 impl<D: QueueDevice> Poller for Engine<D> {
     fn poll(&mut self) -> usize {
         self.dev.refresh();
-        let mem = self.mem.begin_pass(self.vring.mem());
-        self.vring.sync_mem(&mem);
+        let mut mem = self.mem.begin_pass(self.vring.mem());
+        self.vring.sync_mem(&mem, self.mem.loaded());
 
         // Completions first: they free slots for new requests.
         let mut done = std::mem::take(&mut self.done);
@@ -279,7 +279,16 @@ impl<D: QueueDevice> Poller for Engine<D> {
         self.done = done;
 
         if !self.vring.is_stopping() || self.vring.has_resubmits() {
-            let popped = self.pop_requests(&mem);
+            let mut popped = self.pop_requests(&mem);
+            if self.vring.mem_stale() {
+                // A chain published after the frontend swapped the memory table (see
+                // `Vring::mem_stale`): pop again with the new table. Requests started
+                // with the old one keep it mapped through their generation.
+                self.mem.end_pass(mem);
+                mem = self.mem.begin_pass(self.vring.mem());
+                self.vring.sync_mem(&mem, self.mem.loaded());
+                popped += self.pop_requests(&mem);
+            }
             if popped > 0 {
                 self.dev.kick();
             }
@@ -354,3 +363,6 @@ impl<D: QueueDevice> Drop for Engine<D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -45,8 +45,8 @@ fn ring_on(
         log: Default::default(),
         packed: false,
     });
-    let m = mem.memory().into_inner();
-    vring.sync_mem(&m);
+    let (generation, m) = mem.load();
+    vring.sync_mem(&m, generation);
     assert!(vring.has_view());
     (m, vring, rx)
 }

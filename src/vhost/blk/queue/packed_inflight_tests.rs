@@ -84,7 +84,7 @@ impl Run {
         let (setup, rx) = self.d.setup();
         let mut v = Vring::new(setup);
         v.track_inflight(self.region.queue(0).unwrap());
-        v.sync_mem(&self.mem);
+        v.sync_mem(&self.mem, self.d.mem().generation());
         (v, rx)
     }
 

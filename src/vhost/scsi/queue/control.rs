@@ -166,42 +166,57 @@ impl ControlQueue {
         }
         n
     }
+
+    /// Takes and handles chains until the budget or the ring is exhausted; returns `work`
+    /// plus the chains taken.
+    fn take_requests(&mut self, mem: &Arc<GuestMemoryMmap>, mut work: usize) -> usize {
+        while work < POP_BUDGET {
+            // Through the ring view when there is one (a packed ring always: virtio-queue
+            // reads split rings only), which also hands out the resubmitted heads.
+            let (head, parsed) = if self.vring.is_packed() || self.vring.has_view() {
+                let Some(head) = self.vring.pop_head() else {
+                    break;
+                };
+                (
+                    head,
+                    parse_control_ring(&self.vring, head, &mut self.streams),
+                )
+            } else {
+                let Some(mut chain) = self.vring.pop(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                (head, parse_control(&mut chain, &mut self.streams))
+            };
+            work += 1;
+            match parsed {
+                Ok(req) => self.handle(mem, head, req),
+                Err(e) => {
+                    tracing::debug!(queue = self.vring.index(), "bad control request: {e}");
+                    self.vring.add_used(mem, head, 0, "a chain");
+                }
+            }
+        }
+        work
+    }
 }
 
 impl Poller for ControlQueue {
     fn poll(&mut self) -> usize {
-        let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
-        self.vring.sync_mem(&mem);
+        let (generation, mut mem) = self.vring.mem().load();
+        self.vring.sync_mem(&mem, generation);
         let mut work = self.check_waiting(&mem);
         // A stopping ring still answers the requests a previous instance left in flight:
         // they are off the ring, and GET_VRING_BASE must find none unanswered.
         if !self.vring.is_stopping() || self.vring.has_resubmits() {
-            while work < POP_BUDGET {
-                // Through the ring view when there is one (a packed ring always: virtio-queue
-                // reads split rings only), which also hands out the resubmitted heads.
-                let (head, parsed) = if self.vring.is_packed() || self.vring.has_view() {
-                    let Some(head) = self.vring.pop_head() else {
-                        break;
-                    };
-                    (
-                        head,
-                        parse_control_ring(&self.vring, head, &mut self.streams),
-                    )
-                } else {
-                    let Some(mut chain) = self.vring.pop(&mem) else {
-                        break;
-                    };
-                    let head = chain.head_index();
-                    (head, parse_control(&mut chain, &mut self.streams))
-                };
-                work += 1;
-                match parsed {
-                    Ok(req) => self.handle(&mem, head, req),
-                    Err(e) => {
-                        tracing::debug!(queue = self.vring.index(), "bad control request: {e}");
-                        self.vring.add_used(&mem, head, 0, "a chain");
-                    }
-                }
+            work = self.take_requests(&mem, work);
+            if self.vring.mem_stale() {
+                // A chain published after the frontend swapped the memory table
+                // (`Vring::mem_stale`): take it with the new table.
+                let generation;
+                (generation, mem) = self.vring.mem().load();
+                self.vring.sync_mem(&mem, generation);
+                work = self.take_requests(&mem, work);
             }
         }
         if work > 0 {

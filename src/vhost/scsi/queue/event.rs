@@ -64,12 +64,9 @@ impl EventQueue {
         let ev = lock(&self.shared.events);
         !ev.pending.is_empty() || ev.missed
     }
-}
 
-impl Poller for EventQueue {
-    fn poll(&mut self) -> usize {
-        let mem: Arc<GuestMemoryMmap> = self.vring.mem().memory().into_inner();
-        self.vring.sync_mem(&mem);
+    /// Answers pending events with the driver's buffers; returns the buffers taken.
+    fn fill_buffers(&mut self, mem: &Arc<GuestMemoryMmap>) -> usize {
         let mut work = 0;
         loop {
             // A running ring takes a buffer for an event (a held one first); a stopping one
@@ -94,7 +91,7 @@ impl Poller for EventQueue {
                     .collect_ring(|max, out| vring.read_chain(head, max, out));
                 (head, r)
             } else {
-                let Some(mut chain) = self.vring.pop(&mem) else {
+                let Some(mut chain) = self.vring.pop(mem) else {
                     break;
                 };
                 (chain.head_index(), self.streams.collect(&mut chain))
@@ -126,7 +123,24 @@ impl Poller for EventQueue {
                 tracing::debug!(queue = self.vring.index(), "unusable event buffer");
                 0
             };
-            self.vring.add_used(&mem, head, used, "an event buffer");
+            self.vring.add_used(mem, head, used, "an event buffer");
+        }
+        work
+    }
+}
+
+impl Poller for EventQueue {
+    fn poll(&mut self) -> usize {
+        let (generation, mut mem) = self.vring.mem().load();
+        self.vring.sync_mem(&mem, generation);
+        let mut work = self.fill_buffers(&mem);
+        if self.vring.mem_stale() {
+            // A buffer made available after the frontend swapped the memory table
+            // (`Vring::mem_stale`): take it with the new table.
+            let generation;
+            (generation, mem) = self.vring.mem().load();
+            self.vring.sync_mem(&mem, generation);
+            work += self.fill_buffers(&mem);
         }
         if work > 0 {
             self.vring.notify_guest(&mem);
