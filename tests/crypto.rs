@@ -303,6 +303,11 @@ fn crypto_bdev_over_malloc_zero_copy_matches_reference_xts_and_counts_in_the_bas
     let off = 1u64 << 20;
     let data = marked(128 << 10, off);
     write_and_check(&d.socket_dir().join("vhost.0"), off, &data);
+    // The base lends its memory (SPDK's `zcopy` I/O type); the crypto bdev does not.
+    let types =
+        |b: &str| d.rpc_ok("bdev_get_bdevs", json!({"name": b}))[0]["supported_io_types"].clone();
+    assert_eq!(types("M0")["zcopy"], true);
+    assert_eq!(types("C0")["zcopy"], false);
     let st = d.rpc_ok("bdev_get_iostat", json!({"name": "M0"}))["bdevs"][0].clone();
     assert_eq!(st["num_write_ops"], 1, "{st}");
     assert_eq!(st["bytes_written"], data.len(), "{st}");

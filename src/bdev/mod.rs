@@ -171,6 +171,8 @@ pub struct IoTypes {
     pub flush: bool,
     pub unmap: bool,
     pub write_zeroes: bool,
+    /// Its channels lend their memory ([`IoChannel::zcopy_start`]; SPDK's `zcopy` I/O type).
+    pub zcopy: bool,
 }
 
 /// What a range of a bdev holds, as far as its backend can tell (NBD `base:allocation`,
@@ -572,7 +574,7 @@ impl Bdev {
             "supported_io_types": {
                 "read": true, "write": true, "unmap": t.unmap, "write_zeroes": t.write_zeroes,
                 "flush": t.flush, "reset": true, "compare": false, "compare_and_write": false,
-                "abort": false, "nvme_admin": false, "nvme_io": false
+                "abort": false, "nvme_admin": false, "nvme_io": false, "zcopy": t.zcopy
             },
             "driver_specific": self.backend.driver_specific(),
         })

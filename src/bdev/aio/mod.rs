@@ -224,6 +224,7 @@ impl BdevBackend for AioBackend {
             flush: true,
             unmap: self.fallocate && !self.readonly,
             write_zeroes: self.fallocate && !self.readonly,
+            zcopy: false,
         }
     }
 

@@ -253,6 +253,7 @@ impl BdevBackend for CryptoBackend {
             flush: t.flush,
             unmap: t.unmap,
             write_zeroes: false,
+            zcopy: false,
         }
     }
 

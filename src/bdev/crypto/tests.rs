@@ -242,7 +242,10 @@ impl BdevBackend for NoLend {
         "no-lend test"
     }
     fn io_types(&self) -> IoTypes {
-        self.0.backend().io_types()
+        IoTypes {
+            zcopy: false,
+            ..self.0.backend().io_types()
+        }
     }
     fn open_channel(&self) -> std::io::Result<Box<dyn IoChannel>> {
         Ok(Box::new(NoLendChannel(self.0.backend().open_channel()?)))

@@ -219,6 +219,7 @@ impl BdevBackend for MallocBackend {
             flush: true,
             unmap: true,
             write_zeroes: true,
+            zcopy: true,
         }
     }
 

@@ -66,6 +66,7 @@ impl BdevBackend for NullBackend {
             flush: true,
             unmap: true,
             write_zeroes: true,
+            zcopy: false,
         }
     }
 

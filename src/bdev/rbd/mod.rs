@@ -268,6 +268,7 @@ impl BdevBackend for RbdBackend {
             flush: true,
             unmap: rw,
             write_zeroes: rw,
+            zcopy: false,
         }
     }
 

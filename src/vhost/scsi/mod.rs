@@ -445,6 +445,7 @@ mod activation_tests {
                 flush: true,
                 unmap: false,
                 write_zeroes: false,
+                zcopy: false,
             }
         }
         fn open_channel(&self) -> std::io::Result<Box<dyn IoChannel>> {
