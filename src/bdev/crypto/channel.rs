@@ -339,15 +339,17 @@ unsafe fn overlaps(iovs: IoVecs, p: *const u8, len: usize) -> bool {
 }
 
 impl CryptoChannel {
-    /// A read through memory the base lends: `None` when it lends none (then the caller
-    /// submits the read), else the read's result.
+    /// A read or write through memory the base lends: `None` when it lends none (then the
+    /// caller submits the read, or encrypts into a bounce buffer and submits the write),
+    /// else the request's result. A read decrypts from the lent memory into `iovs`, a
+    /// write encrypts `iovs` into it.
     ///
     /// # Safety
-    /// The caller's buffers (`iovs`) are valid for writing and unused by anyone else
-    /// during the call (`IoChannel::submit`'s contract).
-    unsafe fn read_zcopy(&mut self, offset: u64, iovs: IoVecs) -> Option<IoResult> {
+    /// The caller's buffers (`iovs`) are valid for reading (a write) or writing (a read)
+    /// and unused by anyone else during the call (`IoChannel::submit`'s contract).
+    unsafe fn zcopy(&mut self, offset: u64, iovs: IoVecs, write: bool) -> Option<IoResult> {
         let len = iovs.total_len();
-        let z = match self.base.zcopy_start(offset, len, true)? {
+        let z = match self.base.zcopy_start(offset, len, !write)? {
             Ok(z) => z,
             Err(e) => return Some(Err(e)),
         };
@@ -357,75 +359,54 @@ impl CryptoChannel {
             drop(z);
             tracing::error!(
                 base = self.base.bdev().name(),
-                "crypto: a read buffer overlaps the base's memory"
+                "crypto: a {} buffer overlaps the base's memory",
+                if write { "write" } else { "read" }
             );
             return Some(Err(Errno(libc::EFAULT)));
         }
-        // SAFETY: the base lent `lent.len()` readable bytes, valid while `z` lives (it is
-        // ended below, after the last use); the slice lives for this call only and, on
-        // this thread, no other reference covers those bytes meanwhile. A write to
-        // overlapping blocks on another reactor may store into them at the same time, as
-        // DMA could: the guest ordered nothing between the two, and reads whatever lands.
-        // `iovs` do not overlap it (checked just above).
-        let src = unsafe { std::slice::from_raw_parts(lent.as_ptr(), lent.len()) };
         let lba = offset / self.block_size as u64;
-        // SAFETY: `iovs` are writable and ours (`# Safety`), apart from `src`.
-        unsafe {
-            decrypt_from(
-                &self.cipher,
-                src,
-                iovs,
-                self.block_size,
-                lba,
-                &mut self.scratch,
-            )
-        };
-        Some(z.end(false))
-    }
-
-    /// A write through memory the base lends: `None` when it lends none (then the caller
-    /// encrypts into a bounce buffer and submits the write), else the write's result.
-    ///
-    /// # Safety
-    /// The caller's buffers (`iovs`) are valid for reading during the call
-    /// (`IoChannel::submit`'s contract).
-    unsafe fn write_zcopy(&mut self, offset: u64, iovs: IoVecs) -> Option<IoResult> {
-        let len = iovs.total_len();
-        let z = match self.base.zcopy_start(offset, len, false)? {
-            Ok(z) => z,
-            Err(e) => return Some(Err(e)),
-        };
-        let lent = z.lent();
-        // SAFETY: the caller's promise, for the iovec array.
-        if unsafe { overlaps(iovs, lent.as_ptr(), lent.len()) } {
-            drop(z);
-            tracing::error!(
-                base = self.base.bdev().name(),
-                "crypto: a write buffer overlaps the base's memory"
-            );
-            return Some(Err(Errno(libc::EFAULT)));
+        if write {
+            // SAFETY: the base lent `lent.len()` writable bytes, valid while `z` lives
+            // (ended below); on this thread this slice is the only reference to them, and
+            // it lives for this call only. A request to overlapping blocks on another
+            // reactor may hold its own call-scoped slice at the same time: the guest
+            // issued both without ordering them, as two DMA transfers to the same blocks,
+            // and gets either's bytes (what every backend's copy already does); it never
+            // reaches outside the range the base checked. `iovs` do not overlap it
+            // (checked above).
+            let out = unsafe { std::slice::from_raw_parts_mut(lent.as_ptr(), lent.len()) };
+            // SAFETY: `iovs` are readable (`# Safety`) and apart from `out`.
+            unsafe {
+                encrypt_into(
+                    &self.cipher,
+                    iovs,
+                    self.block_size,
+                    lba,
+                    out,
+                    &mut self.scratch,
+                )
+            };
+        } else {
+            // SAFETY: the base lent `lent.len()` readable bytes, valid while `z` lives (it
+            // is ended below, after the last use); the slice lives for this call only and,
+            // on this thread, no other reference covers those bytes meanwhile. A write to
+            // overlapping blocks on another reactor may store into them at the same time,
+            // as DMA could: the guest ordered nothing between the two, and reads whatever
+            // lands. `iovs` do not overlap it (checked above).
+            let src = unsafe { std::slice::from_raw_parts(lent.as_ptr(), lent.len()) };
+            // SAFETY: `iovs` are writable and ours (`# Safety`), apart from `src`.
+            unsafe {
+                decrypt_from(
+                    &self.cipher,
+                    src,
+                    iovs,
+                    self.block_size,
+                    lba,
+                    &mut self.scratch,
+                )
+            };
         }
-        // SAFETY: the base lent `lent.len()` writable bytes, valid while `z` lives (ended
-        // below); on this thread this slice is the only reference to them, and it lives
-        // for this call only. A request to overlapping blocks on another reactor may hold
-        // its own call-scoped slice at the same time: the guest issued both without
-        // ordering them, as two DMA transfers to the same blocks, and gets either's bytes
-        // (what every backend's copy already does); it never reaches outside the range
-        // the base checked. `iovs` do not overlap it (checked above).
-        let out = unsafe { std::slice::from_raw_parts_mut(lent.as_ptr(), lent.len()) };
-        let lba = offset / self.block_size as u64;
-        // SAFETY: `iovs` are readable (`# Safety`) and apart from `out`.
-        unsafe {
-            encrypt_into(
-                &self.cipher,
-                iovs,
-                self.block_size,
-                lba,
-                out,
-                &mut self.scratch,
-            )
-        };
-        Some(z.end(true))
+        Some(z.end(write))
     }
 }
 
@@ -435,7 +416,7 @@ impl IoChannel for CryptoChannel {
         match op {
             IoOp::Read { offset, iovs } => {
                 // SAFETY: `submit`'s contract: the buffers are the caller's until reaped.
-                if let Some(r) = unsafe { self.read_zcopy(offset, iovs) } {
+                if let Some(r) = unsafe { self.zcopy(offset, iovs, false) } {
                     self.ready.push((tag, r));
                     return;
                 }
@@ -452,7 +433,7 @@ impl IoChannel for CryptoChannel {
             }
             IoOp::Write { offset, iovs } => {
                 // SAFETY: as for reads.
-                if let Some(r) = unsafe { self.write_zcopy(offset, iovs) } {
+                if let Some(r) = unsafe { self.zcopy(offset, iovs, true) } {
                     self.ready.push((tag, r));
                     return;
                 }
