@@ -112,6 +112,14 @@ impl RingView {
         u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(4 + 2 * i) as *const u16) })
     }
 
+    /// `avail->flags` (§2.7.6): `VRING_AVAIL_F_NO_INTERRUPT` asks for no interrupts
+    /// (meaningful without EVENT_IDX).
+    #[inline]
+    pub fn avail_flags(&self) -> u16 {
+        // SAFETY: `avail` maps the whole available ring; offset 0 is aligned.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.avail as *const u16) })
+    }
+
     /// `used_event` (§2.7.10), written by the driver with EVENT_IDX.
     #[inline]
     pub fn used_event(&self) -> u16 {
