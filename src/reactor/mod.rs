@@ -12,6 +12,7 @@
 
 pub mod cpu_demand;
 pub mod sched;
+pub mod wake_cost;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -99,6 +100,15 @@ pub trait Poller {
     fn awaits_helper_threads(&self) -> bool {
         false
     }
+
+    /// Nothing will come from this poller until its driver, woken by the interrupt it was
+    /// sent, submits again (its last busy pass signalled it and left nothing in flight),
+    /// or it never had work. Where wake-ups are cheap ([`wake_cost`]) an adaptive reactor
+    /// whose pollers all say so sleeps at once instead of polling through the driver's
+    /// wake-up.
+    fn driver_waits(&self) -> bool {
+        false
+    }
 }
 
 /// `epoll_pwait2` is missing (Linux < 5.11): sleeps are rounded up to milliseconds.
@@ -169,6 +179,8 @@ struct ReactorShared {
     sleeps: AtomicU64,
     /// Wake-ups other threads sent it (messages; metrics).
     wakeups: AtomicU64,
+    /// What waking it costs ([`wake_cost`]), ns; `u64::MAX`: not measured.
+    wake_cost_ns: AtomicU64,
     names: Mutex<HashMap<u64, String>>,
 }
 
@@ -318,6 +330,7 @@ impl Reactors {
                 shared: shared.clone(),
             });
             let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<()>>();
+            let host = wake_cost::host_cores().unwrap_or_else(|| online.cores());
             let t = std::thread::Builder::new()
                 .name(format!("reactor_{core}"))
                 .spawn(move || {
@@ -339,6 +352,22 @@ impl Reactors {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
+                    // Where waking this thread is cheap, an adaptive reactor sleeps at once
+                    // while every driver waits for its interrupt (`Poller::driver_waits`).
+                    let wake_cost = (opts.mode == PollMode::Adaptive)
+                        .then(|| wake_cost::measure(core, &host))
+                        .flatten();
+                    shared.wake_cost_ns.store(
+                        wake_cost.map_or(u64::MAX, |d| d.as_nanos() as u64),
+                        Ordering::Relaxed,
+                    );
+                    let cheap_wakes = wake_cost.is_some_and(|d| d <= wake_cost::CHEAP);
+                    tracing::info!(
+                        core,
+                        wake_cost_us = wake_cost.map(|d| d.as_secs_f64() * 1e6),
+                        cheap_wakes,
+                        "reactor wake-up measured"
+                    );
                     // As above.
                     let _ = ready_tx.send(Ok(()));
                     let ctx = ReactorCtx {
@@ -350,7 +379,7 @@ impl Reactors {
                         stop: false,
                         shared,
                     };
-                    run_loop(ctx, rx, wake, opts);
+                    run_loop(ctx, rx, wake, opts, cheap_wakes);
                 })?;
             ready_rx
                 .recv()
@@ -478,6 +507,12 @@ impl Reactors {
                     "busy": h.shared.busy_ns.load(Ordering::Relaxed),
                     "idle": h.shared.idle_ns.load(Ordering::Relaxed),
                     "in_interrupt": h.shared.sleeping.load(Ordering::Relaxed),
+                    // blockd extension: what a wake-up of this reactor costs (measured at
+                    // start by an adaptive reactor, µs; null: not measured).
+                    "wake_cost_us": match h.shared.wake_cost_ns.load(Ordering::Relaxed) {
+                        u64::MAX => Value::Null,
+                        ns => json!(ns as f64 / 1000.0),
+                    },
                     "lw_threads": threads.iter().map(|(id, name)| json!({
                         "name": name, "id": id, "cpumask": CpuMask::from_cores([h.core]).to_string(),
                         "elapsed": 0
@@ -500,7 +535,13 @@ fn add(counter: &AtomicU64, n: u64) {
     );
 }
 
-fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOptions) {
+fn run_loop(
+    mut ctx: ReactorCtx,
+    rx: Receiver<Msg>,
+    wake: EventFd,
+    opts: PollOptions,
+    cheap_wakes: bool,
+) {
     let mut events = vec![EpollEvent::default(); 64];
     let mut demand = cpu_demand::CpuDemand::new();
     let mut last_work = Instant::now();
@@ -557,6 +598,7 @@ fn run_loop(mut ctx: ReactorCtx, rx: Receiver<Msg>, wake: EventFd, opts: PollOpt
             PollMode::Adaptive
                 if now.duration_since(last_work) < opts.idle_threshold
                     && !ctx.pollers.values().any(|p| p.awaits_helper_threads())
+                    && (!cheap_wakes || !ctx.pollers.values().all(|p| p.driver_waits()))
                     && !demand.contended(now, now.duration_since(last_work)) =>
             {
                 continue;

@@ -31,6 +31,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -713,7 +714,16 @@ impl Vring {
             };
             used_event.is_none_or(|e| need_event(e, new, new.wrapping_sub(added)))
         } else {
-            true
+            // Without EVENT_IDX the driver's flags decide: with VRING_AVAIL_F_NO_INTERRUPT
+            // the device should not send one (§2.7.7.2).
+            let flags = match &self.view {
+                Some(v) => Some(v.avail_flags()),
+                None => mem
+                    .read_obj::<u16>(GuestAddress(self.queue.avail_ring()))
+                    .ok()
+                    .map(u16::from_le),
+            };
+            flags.is_none_or(|f| u32::from(f) & VRING_AVAIL_F_NO_INTERRUPT == 0)
         };
         // At most a ring's worth of completions per interrupt: that also keeps `added`
         // far from wrapping, which would break the used_event test above.
@@ -784,6 +794,12 @@ impl Vring {
     #[cfg(test)]
     fn irq_due_at(&self, now: Instant) -> bool {
         self.irq_deadline().is_some_and(|t| now >= t)
+    }
+
+    /// Interrupts raised so far.
+    #[inline]
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts
     }
 
     /// Raises the guest interrupt (writes the call eventfd, when the frontend gave one).

@@ -228,6 +228,8 @@ mod bench;
 #[cfg(test)]
 pub(crate) mod driver;
 #[cfg(test)]
+mod driver_waits_tests;
+#[cfg(test)]
 mod log_tests;
 /// The packed-ring test driver (also drives the scsi queues' tests).
 #[cfg(test)]

@@ -120,6 +120,9 @@ pub struct Engine<D: QueueDevice> {
     slots: Vec<Slot<D::Request>>,
     free: Vec<u32>,
     in_flight: usize,
+    /// The last busy pass signalled the driver and left nothing in flight (or there was
+    /// none yet): [`Poller::driver_waits`].
+    driver_waits: bool,
     mem: MemGenerations,
     /// Scratch list of the requests completed in a poll pass (no allocation on the hot path).
     done: Vec<u32>,
@@ -149,6 +152,7 @@ impl<D: QueueDevice> Engine<D> {
                 .collect(),
             free: (0..n as u32).rev().collect(),
             in_flight: 0,
+            driver_waits: true,
             mem,
             done: Vec::with_capacity(n),
             stats,
@@ -295,10 +299,12 @@ impl<D: QueueDevice> Poller for Engine<D> {
             work += popped;
         }
 
+        let interrupts = self.vring.interrupts();
         if work > 0 || self.vring.irq_due() {
             self.vring.notify_guest(&mem);
         }
         if work > 0 {
+            self.driver_waits = self.in_flight == 0 && self.vring.interrupts() != interrupts;
             self.stats
                 .in_flight
                 .store(self.in_flight, Ordering::Relaxed);
@@ -314,6 +320,10 @@ impl<D: QueueDevice> Poller for Engine<D> {
 
     fn disarm(&mut self) {
         self.vring.disarm();
+    }
+
+    fn driver_waits(&self) -> bool {
+        self.driver_waits
     }
 
     fn wake_fds(&self) -> Vec<RawFd> {

@@ -233,6 +233,11 @@ impl Poller for ControlQueue {
         self.vring.disarm();
     }
 
+    /// Control and event traffic is rare and never worth polling for.
+    fn driver_waits(&self) -> bool {
+        true
+    }
+
     fn wake_fds(&self) -> Vec<RawFd> {
         vec![self.vring.wake_fd()]
     }

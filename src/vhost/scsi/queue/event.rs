@@ -158,6 +158,11 @@ impl Poller for EventQueue {
         let _ = self.wake.read();
     }
 
+    /// Control and event traffic is rare and never worth polling for.
+    fn driver_waits(&self) -> bool {
+        true
+    }
+
     fn wake_fds(&self) -> Vec<RawFd> {
         vec![self.vring.wake_fd(), self.wake.as_raw_fd()]
     }
