@@ -474,6 +474,57 @@ fn sigterm_and_sigint_exit_0_and_remove_the_socket() {
     }
 }
 
+/// A reactor that sleeps whenever a pass finds no work (`--poll never`; an adaptive reactor
+/// does so between batches where waking it is cheap, `Poller::driver_waits`) loses no kick
+/// and no interrupt: a client that sleeps on its completion eventfd writes and verifies
+/// every block at QD32 and QD1 (the run times out otherwise). `framework_get_reactors`
+/// says whether the reactor measured its wake-up: never in this mode.
+#[test]
+fn a_reactor_that_sleeps_between_batches_loses_no_notification() {
+    let d = Daemon::start_with(&["-m", "0x1", "--poll", "never"]);
+    d.rpc_ok(
+        "bdev_malloc_create",
+        json!({"name": "M0", "num_blocks": 16384, "block_size": 512}),
+    );
+    d.rpc_ok(
+        "vhost_create_blk_controller",
+        json!({"ctrlr": "vhost.0", "dev_name": "M0"}),
+    );
+    let sock = d.socket_dir().join("vhost.0").display().to_string();
+    for qd in ["32", "1"] {
+        let out = Command::new(common::blockctl_bin())
+            .args([
+                "bench",
+                "-s",
+                &sock,
+                "-w",
+                "randwrite",
+                "-b",
+                "4k",
+                "-q",
+                qd,
+            ])
+            .args(["--size", "4M", "--verify", "--no-poll", "--timeout", "20"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "QD{qd}: {out:?}\n{}", d.log());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("verify-read"), "QD{qd}: {text}");
+    }
+    let r = d.rpc_ok("framework_get_reactors", Value::Null);
+    assert_eq!(r["reactors"][0]["wake_cost_us"], Value::Null, "{r}");
+    let c = d.rpc_ok("vhost_get_controllers", json!({"name": "vhost.0"}));
+    assert!(c.to_string().contains("interrupts"), "{c}");
+    // An adaptive reactor measures it, given a second core for the waker.
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let cores = if online.contains(['-', ',']) { 2 } else { 1 };
+    let a = Daemon::start_with(&["-m", "0x1"]);
+    let r = a.rpc_ok("framework_get_reactors", Value::Null);
+    let cost = &r["reactors"][0]["wake_cost_us"];
+    assert_eq!(cost.is_number(), cores > 1, "{r}");
+    assert!(cost.as_f64().is_none_or(|us| us > 0.0), "{r}");
+}
+
 #[test]
 fn json_config_replay_at_start() {
     let dir = tempfile::tempdir().unwrap();
