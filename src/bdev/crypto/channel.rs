@@ -192,24 +192,8 @@ pub(super) unsafe fn crypt_iovs(
                 return;
             }
             cipher.crypt_units(&mut scratch[..bs], bs, lba, encrypt);
-            let (mut j, mut o, mut put) = (si, so, 0);
-            while put < bs {
-                let n = (v[j].iov_len - o).min(bs - put);
-                // SAFETY: the same ranges as the gather above.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        scratch.as_ptr().add(put),
-                        v[j].iov_base.cast::<u8>().add(o),
-                        n,
-                    )
-                };
-                put += n;
-                o += n;
-                if o == v[j].iov_len {
-                    j += 1;
-                    o = 0;
-                }
-            }
+            // SAFETY: the same ranges as the gather above (the caller's promise).
+            unsafe { scatter(v, (si, so), &scratch[..bs]) };
             lba += 1;
         }
     }
@@ -302,27 +286,41 @@ unsafe fn decrypt_from(
             continue;
         }
         cipher.crypt_units_from(&src[pos..pos + bs], &mut scratch[..bs], bs, lba, false);
-        let mut put = 0;
-        while put < bs && i < v.len() {
-            let n = (v[i].iov_len - off).min(bs - put);
-            // SAFETY: `[off, off + n)` is inside iovec `i`, and `scratch` is `bs` long.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    scratch.as_ptr().add(put),
-                    v[i].iov_base.cast::<u8>().add(off),
-                    n,
-                )
-            };
-            put += n;
-            off += n;
-            if off == v[i].iov_len {
-                i += 1;
-                off = 0;
-            }
-        }
+        // SAFETY: the iovecs are valid, writable and ours (`# Safety`).
+        (i, off) = unsafe { scatter(v, (i, off), &scratch[..bs]) };
         pos += bs;
         lba += 1;
     }
+}
+
+/// Copies `from` into the iovecs `v` from position `at` (iovec, offset) on, as far as they
+/// reach (a block that straddles iovecs, out of the one-block scratch); returns the
+/// position after it.
+///
+/// # Safety
+/// The iovecs must describe valid memory, writable and unused by anyone else meanwhile,
+/// apart from `from`.
+unsafe fn scatter(v: &[libc::iovec], at: (usize, usize), from: &[u8]) -> (usize, usize) {
+    let (mut i, mut off, mut put) = (at.0, at.1, 0);
+    while put < from.len() && i < v.len() {
+        let n = (v[i].iov_len - off).min(from.len() - put);
+        // SAFETY: `[off, off + n)` is inside iovec `i` (the caller's promise), `[put, put +
+        // n)` inside `from`, and the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                from.as_ptr().add(put),
+                v[i].iov_base.cast::<u8>().add(off),
+                n,
+            )
+        };
+        put += n;
+        off += n;
+        if off == v[i].iov_len {
+            i += 1;
+            off = 0;
+        }
+    }
+    (i, off)
 }
 
 /// Whether any of `iovs` overlaps the `len` bytes at `p`.
