@@ -10,7 +10,9 @@ busy-polling (`--poll`); fio's io_uring engine on the same file gives the device
 no client modes). Inside each client run a window (all but the first and last quarter-second
 to second) measures the target's CPU (/proc/PID/stat, utime + stime, all threads), the
 client's kicks and interrupts taken (perf's syscall tracepoints and /proc/PID/io, see
-bench/notify.py) and, for blockd, its own per-queue counters.
+bench/notify.py) and, for blockd, its own per-queue counters. Right before each QD1 row
+of a vhost-user target, bench/wakeup.c pingpong measures the host's floor for that client
+mode (`host_floor_us`).
 """
 
 import argparse
@@ -313,6 +315,32 @@ def wait_close(a):
     return ns
 
 
+# What the host allows a QD1 round trip before any target code runs: a thread on the
+# target's core polling a flag and answering on an eventfd, the client on its core sleeping
+# in poll(2) on it or spinning on it (bench/wakeup.c pingpong). Taken right before every
+# QD1 row of a vhost-user target, so that the row's latency can be read against the floor
+# of the same moment: wake-ups on this kind of VM are bimodal with the host's state and
+# the halt-polling setting, and only a figure next to its floor compares across hosts.
+FLOOR_ROUNDS = 20000
+
+
+def is_qd1(wl):
+    _, _, qd, queues = WORKLOADS[wl]
+    return qd == 1 and queues == 1
+
+
+def host_floor(a, client):
+    """bench/wakeup.c pingpong in client mode `client` ("sleep" or "poll"), pinned and at
+    the niceness of the runs: {"us": {p10, p50, p90, p99}, "rounds": N, "slept": fraction
+    of rounds the client slept (sleep only)}. At most 0.4 s (the program stops early)."""
+    out = subprocess.run(NICE + [a.wakeup, "pingpong", str(FLOOR_ROUNDS), TARGET_CPU,
+                                 CLIENT_CPU, client],
+                         capture_output=True, text=True, timeout=30, check=True)
+    j = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"us": j[f"{client}_us"], "rounds": j[f"{client}_rounds"],
+            "slept": j.get(f"{client}_slept")}
+
+
 def measure_placed(a, t, backend, target, wl, client, runtime):
     """`measure`, with the cores close right before and right after; otherwise the
     measurement is taken again (twice at most). Records the probes.
@@ -326,6 +354,10 @@ def measure_placed(a, t, backend, target, wl, client, runtime):
     probes = []
     for attempt in range(3):
         before = wait_close(a)
+        # With `--poll always` blockd's reactor spins on the target's core and the probe's
+        # target thread would share it: no floor then.
+        floor = (host_floor(a, client) if is_qd1(wl) and target != "fio" and a.poll != "always"
+                 else None)
         r = measure(a, t, backend, target, wl, client, runtime)
         after = core_latency(a)
         probes.append([before, after])
@@ -335,6 +367,11 @@ def measure_placed(a, t, backend, target, wl, client, runtime):
             f"attempt {attempt + 1}")
     r["core_ns"] = probes[-1]
     r["core_probes"] = probes
+    if floor:
+        r["host_floor_us"] = floor["us"]
+        r["host_floor_rounds"] = floor["rounds"]
+        if floor["slept"] is not None:
+            r["host_floor_slept"] = floor["slept"]
     return r
 
 
@@ -580,6 +617,9 @@ def main():
     a.corelat = str(work / "corelat")
     subprocess.run(["cc", "-O2", "-pthread", "-o", a.corelat,
                     str(Path(__file__).with_name("corelat.c"))], check=True)
+    a.wakeup = str(work / "wakeup")
+    subprocess.run(["cc", "-O2", "-pthread", "-o", a.wakeup,
+                    str(Path(__file__).with_name("wakeup.c"))], check=True)
     lead, window = window_bounds(a.runtime)
     halt_poll_before = read_halt_poll()
     if a.guest_halt_poll_ns is not None:
@@ -597,6 +637,7 @@ def main():
                               text=True).stdout.splitlines()[0],
         "fio": subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip(),
         "core_far_ns": FAR_NS,
+        "host_floor_rounds": FLOOR_ROUNDS,
         "placement_wait_s": a.placement_wait,
         "cpuidle": {"driver": read_text(CPUIDLE_DRIVER), "guest_halt_poll_ns": read_halt_poll(),
                     "cmdline_halt_poll": halt_poll_cmdline()},
@@ -629,6 +670,8 @@ def main():
                         kicks, irqs = n.get("kicks_per_io"), n.get("interrupts_per_io")
                         nf = (f"  kicks/io {kicks:.3f} irqs/io {irqs:.3f}"
                               if kicks is not None and irqs is not None else "")
+                        if "host_floor_us" in r:
+                            nf += f"  floor p50 {r['host_floor_us']['p50']:.1f} us"
                         log(f"run {run} {wl:20} {c:5} {backend:6} {target:6} "
                             f"{r['iops']:>10.0f} IOPS p50 {r['lat_us']['p50']:7.1f} us  "
                             f"cpu {r['cpu_cores']:.2f}{nf}")
