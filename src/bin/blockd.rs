@@ -60,6 +60,12 @@ struct Args {
     /// How long an adaptive reactor polls without work before sleeping (microseconds).
     #[arg(long = "poll-idle-us", default_value_t = 200)]
     poll_idle_us: u64,
+    /// What waking an adaptive reactor costs (microseconds, fractions allowed), instead of
+    /// measuring it at start: at 10 or less a reactor stops polling for drivers that wait
+    /// for their interrupts after its poll window (for a host whose idle vCPUs change how
+    /// they wait after blockd started).
+    #[arg(long = "wake-cost-us", value_name = "US", value_parser = parse_wake_cost)]
+    wake_cost_us: Option<Duration>,
     /// Kernel scheduling policy of the daemon's threads (sched(7)): `batch` keeps a woken
     /// reactor or librbd thread from preempting the one that woke it on a shared core
     /// (more IOPS at high queue depth, twice the RBD latency at QD1); `adaptive` batches
@@ -79,6 +85,17 @@ struct Args {
 
 fn parse_mask(s: &str) -> Result<CpuMask, String> {
     CpuMask::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_wake_cost(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(us) if us.is_finite() && (0.0..=1e6).contains(&us) => {
+            Ok(Duration::from_secs_f64(us / 1e6))
+        }
+        _ => Err(format!(
+            "{s}: not a number of microseconds from 0 to 1000000"
+        )),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -142,6 +159,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let poll = PollOptions {
         mode: args.poll,
         idle_threshold: Duration::from_micros(args.poll_idle_us),
+        wake_cost: args.wake_cost_us,
     };
     let reactors = Reactors::start(&args.cpumask, poll)?;
     let app = App::new(

@@ -11,6 +11,7 @@
 //! ([`Poller::awaits_helper_threads`]: librbd's), which often run on the reactor's core.
 
 pub mod cpu_demand;
+pub mod poll_window;
 pub mod sched;
 pub mod wake_cost;
 
@@ -47,6 +48,8 @@ pub struct PollOptions {
     pub mode: PollMode,
     /// How long an adaptive reactor keeps polling without work before it sleeps.
     pub idle_threshold: Duration,
+    /// What waking a reactor costs, given instead of measured at start ([`wake_cost`]).
+    pub wake_cost: Option<Duration>,
 }
 
 impl Default for PollOptions {
@@ -54,6 +57,7 @@ impl Default for PollOptions {
         PollOptions {
             mode: PollMode::Adaptive,
             idle_threshold: Duration::from_micros(200),
+            wake_cost: None,
         }
     }
 }
@@ -104,8 +108,8 @@ pub trait Poller {
     /// Nothing will come from this poller until its driver, woken by the interrupt it was
     /// sent, submits again (its last busy pass signalled it and left nothing in flight),
     /// or it never had work. Where wake-ups are cheap ([`wake_cost`]) an adaptive reactor
-    /// whose pollers all say so sleeps at once instead of polling through the driver's
-    /// wake-up.
+    /// whose pollers all say so polls through the driver's wake-up only as long as its
+    /// [`poll_window`], then sleeps.
     fn driver_waits(&self) -> bool {
         false
     }
@@ -181,6 +185,8 @@ struct ReactorShared {
     wakeups: AtomicU64,
     /// What waking it costs ([`wake_cost`]), ns; `u64::MAX`: not measured.
     wake_cost_ns: AtomicU64,
+    /// Its poll window ([`poll_window`]), ns; `u64::MAX`: it has none.
+    poll_window_ns: AtomicU64,
     names: Mutex<HashMap<u64, String>>,
 }
 
@@ -352,21 +358,30 @@ impl Reactors {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
-                    // Where waking this thread is cheap, an adaptive reactor sleeps at once
-                    // while every driver waits for its interrupt (`Poller::driver_waits`).
+                    // Where waking this thread is cheap, an adaptive reactor polls for
+                    // drivers that all wait for their interrupts (`Poller::driver_waits`)
+                    // only as long as its poll window, then sleeps.
                     let wake_cost = (opts.mode == PollMode::Adaptive)
-                        .then(|| wake_cost::measure(core, &host))
+                        .then(|| opts.wake_cost.or_else(|| wake_cost::measure(core, &host)))
                         .flatten();
                     shared.wake_cost_ns.store(
                         wake_cost.map_or(u64::MAX, |d| d.as_nanos() as u64),
                         Ordering::Relaxed,
                     );
                     let cheap_wakes = wake_cost.is_some_and(|d| d <= wake_cost::CHEAP);
+                    let window = wake_cost
+                        .filter(|_| cheap_wakes)
+                        .map(poll_window::PollWindow::new);
+                    shared.poll_window_ns.store(
+                        window.map_or(u64::MAX, |w| w.window().as_nanos() as u64),
+                        Ordering::Relaxed,
+                    );
                     tracing::info!(
                         core,
                         wake_cost_us = wake_cost.map(|d| d.as_secs_f64() * 1e6),
+                        given = opts.wake_cost.is_some(),
                         cheap_wakes,
-                        "reactor wake-up measured"
+                        "reactor wake-up cost"
                     );
                     // As above.
                     let _ = ready_tx.send(Ok(()));
@@ -379,7 +394,7 @@ impl Reactors {
                         stop: false,
                         shared,
                     };
-                    run_loop(ctx, rx, wake, opts, cheap_wakes);
+                    run_loop(ctx, rx, wake, opts, window);
                 })?;
             ready_rx
                 .recv()
@@ -513,6 +528,13 @@ impl Reactors {
                         u64::MAX => Value::Null,
                         ns => json!(ns as f64 / 1000.0),
                     },
+                    // blockd extension: how long it polls for drivers that all wait for
+                    // their interrupts (µs; null: no window, wake-ups are dear or the
+                    // reactor does not adapt).
+                    "poll_window_us": match h.shared.poll_window_ns.load(Ordering::Relaxed) {
+                        u64::MAX => Value::Null,
+                        ns => json!(ns as f64 / 1000.0),
+                    },
                     "lw_threads": threads.iter().map(|(id, name)| json!({
                         "name": name, "id": id, "cpumask": CpuMask::from_cores([h.core]).to_string(),
                         "elapsed": 0
@@ -540,12 +562,14 @@ fn run_loop(
     rx: Receiver<Msg>,
     wake: EventFd,
     opts: PollOptions,
-    cheap_wakes: bool,
+    mut window: Option<poll_window::PollWindow>,
 ) {
     let mut events = vec![EpollEvent::default(); 64];
     let mut demand = cpu_demand::CpuDemand::new();
     let mut last_work = Instant::now();
     let mut last_tick = last_work;
+    // Since when every driver has waited for its interrupt (reactors with a poll window).
+    let mut drivers_wait_since: Option<Instant> = None;
     loop {
         // Control messages: add/remove pollers, stop.
         loop {
@@ -586,10 +610,30 @@ fn run_loop(
         last_tick = now;
         if work > 0 {
             add(&ctx.shared.busy_ns, spent);
+            if let (Some(w), Some(since)) = (window.as_mut(), drivers_wait_since.take()) {
+                let before = w.window();
+                w.record(now.duration_since(since));
+                if w.window() != before {
+                    let ns = w.window().as_nanos() as u64;
+                    ctx.shared.poll_window_ns.store(ns, Ordering::Relaxed);
+                }
+            }
             last_work = now;
             continue;
         }
         add(&ctx.shared.idle_ns, spent);
+        // Where wake-ups are cheap, polling for drivers that all wait for their interrupts
+        // lasts the poll window (`poll_window`), then the reactor sleeps.
+        let window_over = match window {
+            Some(w) if ctx.pollers.values().all(|p| p.driver_waits()) => {
+                let since = *drivers_wait_since.get_or_insert(last_work);
+                now.duration_since(since) >= w.window()
+            }
+            _ => {
+                drivers_wait_since = None;
+                false
+            }
+        };
         match opts.mode {
             PollMode::Always => {
                 std::hint::spin_loop();
@@ -598,7 +642,7 @@ fn run_loop(
             PollMode::Adaptive
                 if now.duration_since(last_work) < opts.idle_threshold
                     && !ctx.pollers.values().any(|p| p.awaits_helper_threads())
-                    && (!cheap_wakes || !ctx.pollers.values().all(|p| p.driver_waits()))
+                    && !window_over
                     && !demand.contended(now, now.duration_since(last_work)) =>
             {
                 continue;
