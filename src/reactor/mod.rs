@@ -570,6 +570,8 @@ fn run_loop(
     let mut last_tick = last_work;
     // Since when every driver has waited for its interrupt (reactors with a poll window).
     let mut drivers_wait_since: Option<Instant> = None;
+    // The reactor slept since then.
+    let mut slept_while_drivers_wait = false;
     loop {
         // Control messages: add/remove pollers, stop.
         loop {
@@ -612,12 +614,13 @@ fn run_loop(
             add(&ctx.shared.busy_ns, spent);
             if let (Some(w), Some(since)) = (window.as_mut(), drivers_wait_since.take()) {
                 let before = w.window();
-                w.record(now.duration_since(since));
+                w.record(now.duration_since(since), slept_while_drivers_wait);
                 if w.window() != before {
                     let ns = w.window().as_nanos() as u64;
                     ctx.shared.poll_window_ns.store(ns, Ordering::Relaxed);
                 }
             }
+            slept_while_drivers_wait = false;
             last_work = now;
             continue;
         }
@@ -631,6 +634,7 @@ fn run_loop(
             }
             _ => {
                 drivers_wait_since = None;
+                slept_while_drivers_wait = false;
                 false
             }
         };
@@ -659,6 +663,7 @@ fn run_loop(
             let deadline = ctx.pollers.values().filter_map(|p| p.next_deadline()).min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             ctx.shared.sleeping.store(true, Ordering::Relaxed);
+            slept_while_drivers_wait = drivers_wait_since.is_some();
             ctx.shared.sleeps.fetch_add(1, Ordering::Relaxed);
             // An error is EINTR (the epoll is ours and valid): the loop polls and sleeps again.
             let _ = sleep_on(&ctx.epoll, timeout, &mut events);

@@ -46,8 +46,16 @@ impl PollWindow {
         self.window
     }
 
-    /// A driver's next request came `waited` after every driver began to wait.
-    pub fn record(&mut self, waited: Duration) {
+    /// A driver's next request came `waited` after every driver began to wait; `slept`:
+    /// the reactor slept meanwhile, so `waited` includes its own wake-up, which is taken
+    /// off (else a closed window would see every turn longer by a wake-up, and stay
+    /// closed for a driver that comes back within the window's reach).
+    pub fn record(&mut self, waited: Duration, slept: bool) {
+        let waited = if slept {
+            waited.saturating_sub(self.start)
+        } else {
+            waited
+        };
         if waited <= self.window {
             // Polled in time: keep the window.
         } else if waited > self.max {
@@ -81,16 +89,23 @@ mod tests {
     fn a_driver_that_comes_back_within_a_few_wakeups_is_polled_for() {
         let mut w = PollWindow::new(3 * US);
         assert_eq!(w.window(), Duration::ZERO, "starts closed: sleep at once");
-        // One request at a time: the driver's next request 5 µs after the interrupt.
-        w.record(5 * US);
+        // One request at a time: the driver's next request 5 µs after the interrupt, seen
+        // 8 µs after it by the sleeping reactor, woken by the kick.
+        w.record(8 * US, true);
         assert_eq!(w.window(), 3 * US);
-        w.record(5 * US);
+        w.record(5 * US, false);
         assert_eq!(w.window(), 6 * US, "grows to cover the driver's turn");
-        w.record(5 * US);
+        w.record(5 * US, false);
         assert_eq!(w.window(), 6 * US, "polled in time: kept");
+        // A sleeping reactor's own wake-up is not the driver's: still short.
+        let mut w = PollWindow::new(3 * US);
+        for _ in 0..10 {
+            w.record(3 * US + 3 * US * MAX_WAKES, true);
+        }
+        assert_eq!(w.window(), 3 * US * MAX_WAKES);
         // Never beyond MAX_WAKES wake-ups.
         for _ in 0..10 {
-            w.record(3 * US * MAX_WAKES);
+            w.record(3 * US * MAX_WAKES, false);
         }
         assert_eq!(w.window(), 3 * US * MAX_WAKES);
     }
@@ -101,28 +116,28 @@ mod tests {
         // A deep queue: the driver reaps and refills 32 requests, 15 µs per turn.
         assert!(15 * US > 3 * US * MAX_WAKES);
         for _ in 0..10 {
-            w.record(15 * US);
+            w.record(15 * US, false);
         }
         assert_eq!(w.window(), Duration::ZERO);
         // Once open, long waits close it again, halving first.
-        w.record(5 * US);
-        w.record(5 * US);
+        w.record(5 * US, false);
+        w.record(5 * US, false);
         assert_eq!(w.window(), 6 * US);
-        w.record(15 * US);
+        w.record(15 * US, false);
         assert_eq!(w.window(), 3 * US);
-        w.record(15 * US);
+        w.record(15 * US, false);
         assert_eq!(w.window(), Duration::ZERO);
     }
 
     #[test]
     fn an_idle_driver_closes_the_window() {
         let mut w = PollWindow::new(2 * US);
-        w.record(3 * US);
-        w.record(3 * US);
+        w.record(3 * US, false);
+        w.record(3 * US, false);
         assert_eq!(w.window(), 4 * US);
-        w.record(Duration::from_secs(1));
+        w.record(Duration::from_secs(1), false);
         assert_eq!(w.window(), 2 * US);
-        w.record(Duration::from_secs(1));
+        w.record(Duration::from_secs(1), false);
         assert_eq!(w.window(), Duration::ZERO);
     }
 }
