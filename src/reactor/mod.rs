@@ -113,6 +113,13 @@ pub trait Poller {
     fn driver_waits(&self) -> bool {
         false
     }
+
+    /// How many requests the driver's last turn brought (those answered since it last
+    /// waited). A reactor with a poll window waits longer for a driver of one request at
+    /// a time than for one that reaps and refills a deep queue ([`poll_window`]).
+    fn driver_batch(&self) -> usize {
+        1
+    }
 }
 
 /// `epoll_pwait2` is missing (Linux < 5.11): sleeps are rounded up to milliseconds.
@@ -373,7 +380,7 @@ impl Reactors {
                         .filter(|_| cheap_wakes)
                         .map(poll_window::PollWindow::new);
                     shared.poll_window_ns.store(
-                        window.map_or(u64::MAX, |w| w.window().as_nanos() as u64),
+                        window.map_or(u64::MAX, |w| w.learnt().as_nanos() as u64),
                         Ordering::Relaxed,
                     );
                     tracing::info!(
@@ -572,6 +579,8 @@ fn run_loop(
     let mut drivers_wait_since: Option<Instant> = None;
     // The reactor slept since then.
     let mut slept_while_drivers_wait = false;
+    // The largest batch of the drivers' last turns (`Poller::driver_batch`).
+    let mut turn_batch = 1;
     loop {
         // Control messages: add/remove pollers, stop.
         loop {
@@ -613,10 +622,14 @@ fn run_loop(
         if work > 0 {
             add(&ctx.shared.busy_ns, spent);
             if let (Some(w), Some(since)) = (window.as_mut(), drivers_wait_since.take()) {
-                let before = w.window();
-                w.record(now.duration_since(since), slept_while_drivers_wait);
-                if w.window() != before {
-                    let ns = w.window().as_nanos() as u64;
+                let before = w.learnt();
+                w.record(
+                    now.duration_since(since),
+                    slept_while_drivers_wait,
+                    turn_batch,
+                );
+                if w.learnt() != before {
+                    let ns = w.learnt().as_nanos() as u64;
                     ctx.shared.poll_window_ns.store(ns, Ordering::Relaxed);
                 }
             }
@@ -629,8 +642,16 @@ fn run_loop(
         // lasts the poll window (`poll_window`), then the reactor sleeps.
         let window_over = match window {
             Some(w) if ctx.pollers.values().all(|p| p.driver_waits()) => {
-                let since = *drivers_wait_since.get_or_insert(last_work);
-                now.duration_since(since) >= w.window()
+                let since = *drivers_wait_since.get_or_insert_with(|| {
+                    turn_batch = ctx
+                        .pollers
+                        .values()
+                        .map(|p| p.driver_batch())
+                        .max()
+                        .unwrap_or(1);
+                    last_work
+                });
+                now.duration_since(since) >= w.window(turn_batch)
             }
             _ => {
                 drivers_wait_since = None;

@@ -123,6 +123,10 @@ pub struct Engine<D: QueueDevice> {
     /// The last busy pass signalled the driver and left nothing in flight (or there was
     /// none yet): [`Poller::driver_waits`].
     driver_waits: bool,
+    /// Requests answered since the driver last waited, and in its last turn
+    /// ([`Poller::driver_batch`]).
+    turn_requests: usize,
+    last_batch: usize,
     mem: MemGenerations,
     /// Scratch list of the requests completed in a poll pass (no allocation on the hot path).
     done: Vec<u32>,
@@ -153,6 +157,8 @@ impl<D: QueueDevice> Engine<D> {
             free: (0..n as u32).rev().collect(),
             in_flight: 0,
             driver_waits: true,
+            turn_requests: 0,
+            last_batch: 1,
             mem,
             done: Vec::with_capacity(n),
             stats,
@@ -276,6 +282,7 @@ impl<D: QueueDevice> Poller for Engine<D> {
             });
         }
         let mut work = done.len();
+        self.turn_requests += done.len();
         for &tag in &done {
             self.complete(tag, &mem);
         }
@@ -305,6 +312,9 @@ impl<D: QueueDevice> Poller for Engine<D> {
         }
         if work > 0 {
             self.driver_waits = self.in_flight == 0 && self.vring.interrupts() != interrupts;
+            if self.driver_waits {
+                self.last_batch = std::mem::take(&mut self.turn_requests).max(1);
+            }
             self.stats
                 .in_flight
                 .store(self.in_flight, Ordering::Relaxed);
@@ -324,6 +334,10 @@ impl<D: QueueDevice> Poller for Engine<D> {
 
     fn driver_waits(&self) -> bool {
         self.driver_waits
+    }
+
+    fn driver_batch(&self) -> usize {
+        self.last_batch
     }
 
     fn wake_fds(&self) -> Vec<RawFd> {

@@ -76,3 +76,57 @@ fn the_driver_waits_once_signalled_with_nothing_in_flight() {
     assert!(call.read().is_err(), "an interrupt the driver did not want");
     assert!(!q.driver_waits());
 }
+
+/// [`crate::reactor::Poller::driver_batch`]: the requests answered since the driver last
+/// waited, which bounds how long a reactor polls for its next turn
+/// ([`crate::reactor::poll_window`]).
+#[test]
+fn the_driver_batch_is_the_requests_of_its_last_turn() {
+    let reg = BdevRegistry::default();
+    let bdev = malloc::create(
+        &reg,
+        MallocOpts {
+            name: Some("Batch0".into()),
+            uuid: None,
+            num_blocks: 64,
+            block_size: 512,
+        },
+    )
+    .unwrap();
+    let dev = super::super::BlkDevice::new(
+        "batch",
+        bdev,
+        false,
+        crate::vhost::ConfigNotifier::default(),
+    );
+    let mut d = Driver::new();
+    let (mut setup, _rx) = d.setup();
+    setup.call = Some(EventFd::new(EFD_NONBLOCK).unwrap());
+    let mut q = super::BlkQueue::new(setup, dev.shared.clone()).unwrap();
+    assert_eq!(q.driver_batch(), 1, "no turn yet");
+    // Turns of 1, 5 and 1 reads of 512 bytes (3 descriptors each), all published at once.
+    for n in [1u16, 5, 1] {
+        for r in 0..n {
+            let h = 3 * r;
+            let hdr = 0x10000 + 0x100 * r as u64;
+            d.write(hdr, &[0u8; 16]);
+            d.desc(h, hdr, 16, NEXT, h + 1);
+            d.desc(h + 1, 0x40000 + 0x1000 * r as u64, 512, WRITE | NEXT, h + 2);
+            d.desc(h + 2, 0x20000 + r as u64, 1, WRITE, 0);
+            d.make_available(h);
+        }
+        let mut answered = 0;
+        for _ in 0..1000 {
+            q.poll();
+            while d.next_used().is_some() {
+                answered += 1;
+            }
+            if answered == n && q.driver_waits() {
+                break;
+            }
+        }
+        assert_eq!(answered, n);
+        assert!(q.driver_waits());
+        assert_eq!(q.driver_batch(), n as usize);
+    }
+}
