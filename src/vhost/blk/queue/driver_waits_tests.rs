@@ -9,8 +9,8 @@ use crate::bdev::malloc::{self, MallocOpts};
 use crate::bdev::BdevRegistry;
 use crate::reactor::Poller;
 
-#[test]
-fn the_driver_waits_once_signalled_with_nothing_in_flight() {
+/// A blk queue on a 32 KiB malloc bdev, its test driver and its call eventfd.
+fn queue() -> (Driver, super::BlkQueue, EventFd) {
     let reg = BdevRegistry::default();
     let bdev = malloc::create(
         &reg,
@@ -24,11 +24,17 @@ fn the_driver_waits_once_signalled_with_nothing_in_flight() {
     .unwrap();
     let dev =
         super::super::BlkDevice::new("wait", bdev, false, crate::vhost::ConfigNotifier::default());
-    let mut d = Driver::new();
+    let d = Driver::new();
     let (mut setup, _rx) = d.setup();
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
     setup.call = Some(call.try_clone().unwrap());
-    let mut q = super::BlkQueue::new(setup, dev.shared.clone()).unwrap();
+    let q = super::BlkQueue::new(setup, dev.shared.clone()).unwrap();
+    (d, q, call)
+}
+
+#[test]
+fn the_driver_waits_once_signalled_with_nothing_in_flight() {
+    let (mut d, mut q, call) = queue();
     // Nothing yet: nothing will come without a kick.
     assert!(q.driver_waits());
 
@@ -82,27 +88,7 @@ fn the_driver_waits_once_signalled_with_nothing_in_flight() {
 /// ([`crate::reactor::poll_window`]).
 #[test]
 fn the_driver_batch_is_the_requests_of_its_last_turn() {
-    let reg = BdevRegistry::default();
-    let bdev = malloc::create(
-        &reg,
-        MallocOpts {
-            name: Some("Batch0".into()),
-            uuid: None,
-            num_blocks: 64,
-            block_size: 512,
-        },
-    )
-    .unwrap();
-    let dev = super::super::BlkDevice::new(
-        "batch",
-        bdev,
-        false,
-        crate::vhost::ConfigNotifier::default(),
-    );
-    let mut d = Driver::new();
-    let (mut setup, _rx) = d.setup();
-    setup.call = Some(EventFd::new(EFD_NONBLOCK).unwrap());
-    let mut q = super::BlkQueue::new(setup, dev.shared.clone()).unwrap();
+    let (mut d, mut q, _call) = queue();
     assert_eq!(q.driver_batch(), 1, "no turn yet");
     // Turns of 1, 5 and 1 reads of 512 bytes (3 descriptors each), all published at once.
     for n in [1u16, 5, 1] {
