@@ -2,7 +2,7 @@
 //! copied into an aio export with `qemu-img convert`, compared with `qemu-img compare`,
 //! its allocation map (`nbdinfo --map`) checked against `SEEK_DATA`/`SEEK_HOLE` of the
 //! backing file; malloc and thin RBD images mapped too; export removal refused while a
-//! client holds a connection; verified I/O through a reactor with a poll window.
+//! client holds a connection.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -322,87 +322,4 @@ fn malloc_is_all_data_and_thin_rbd_maps_per_object() {
     ctl(&d, &["nbd_export_remove", "thin"]);
     ctl(&d, &["bdev_rbd_delete", "Rbd0"]);
     ceph::rbd_cli(&conf, &["rm", "--no-progress", &spec]);
-}
-
-/// A reactor with a poll window (`--wake-cost-us 10`: cheap wake-ups) serving NBD
-/// clients: once a connection's replies left, it says its client waits
-/// (`Poller::driver_waits`), so the reactor polls only for the window and then sleeps until
-/// the client's next request wakes it (`--poll-idle-us` is long, so the window is what puts
-/// it to sleep). Verified data at QD1 (qemu-io, one request at a time) and at qemu-img's
-/// queue depth (convert, compare); a lost wake-up would hang a client, which `timeout`
-/// turns into a failure.
-#[test]
-fn a_reactor_with_a_poll_window_serves_nbd_clients() {
-    if !have("qemu-io") || !have("qemu-img") {
-        eprintln!("SKIP: qemu-io/qemu-img not installed (scripts/install-deps.sh)");
-        return;
-    }
-    let d = Daemon::start_with(&[
-        "-m",
-        "0x1",
-        "--wake-cost-us",
-        "10",
-        "--poll-idle-us",
-        "100000",
-    ]);
-    let r = d.rpc_ok("framework_get_reactors", Value::Null);
-    assert_eq!(r["reactors"][0]["wake_cost_us"], 10.0, "{r}");
-    assert_eq!(
-        r["reactors"][0]["poll_window_us"], 0.0,
-        "starts closed: {r}"
-    );
-    let sock = d.tmp_dir().join("nbd.sock");
-    ctl(
-        &d,
-        &["nbd_server_start", "--unix-path", sock.to_str().unwrap()],
-    );
-    ctl(&d, &["bdev_malloc_create", "-b", "Mal0", "16", "512"]);
-    ctl(&d, &["nbd_export_add", "Mal0"]);
-    let target = uri(&sock, "Mal0");
-
-    // 48 writes of 4 KiB, each its own pattern, then each read back and checked, plus a
-    // block never written (zeroes).
-    let qemu_io = |cmds: Vec<String>| {
-        let mut c = Command::new("timeout");
-        c.args(["60", "qemu-io", "-f", "raw"]);
-        for cmd in &cmds {
-            c.args(["-c", cmd]);
-        }
-        run(c.arg(&target));
-    };
-    let at = |i: u64| i * 64 * 1024 + 512;
-    qemu_io(
-        (1..=48)
-            .map(|i| format!("write -P {i} {} 4k", at(i)))
-            .collect(),
-    );
-    let mut reads: Vec<String> = (1..=48)
-        .map(|i| format!("read -P {i} {} 4k", at(i)))
-        .collect();
-    reads.push(format!("read -P 0 {} 4k", at(60)));
-    qemu_io(reads);
-
-    // 8 MiB of distinct bytes copied in at qemu-img's queue depth, then compared.
-    let src = d.tmp_dir().join("src.raw");
-    let mut x = 0x9e37_79b9_u32;
-    let data: Vec<u8> = (0..8 * MIB)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect();
-    std::fs::write(&src, &data).unwrap();
-    let src_s = src.to_str().unwrap();
-    run(Command::new("timeout").args([
-        "60", "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src_s, &target,
-    ]));
-    // The export is 16 MiB: compare the first 8 against the source.
-    let img = serde_json::json!({"driver": "raw", "size": 8 * MIB, "file": {
-        "driver": "nbd", "export": "Mal0", "server": {"type": "unix", "path": sock}}});
-    let img = format!("json:{img}");
-    run(Command::new("timeout").args(["60", "qemu-img", "compare", "-f", "raw", src_s, &img]));
-
-    d.poll_window_within_bound(10.0);
 }
