@@ -55,11 +55,6 @@ pub struct Conn {
     /// Set when closing starts (no more input is read from then on): until when queued
     /// replies and block-status answers are waited for.
     closing_until: Option<Instant>,
-    /// The last busy pass sent reply bytes (or there was none yet): with nothing in flight
-    /// or half-read, the client has what it waited for ([`Poller::driver_waits`]). A busy
-    /// pass that sent nothing (it took the client's flags, which get no reply) leaves the
-    /// client sending.
-    last_pass_replied: bool,
 }
 
 impl Conn {
@@ -103,7 +98,6 @@ impl Conn {
             sock: ClientSocket::new(fd)?,
             phase: Phase::Negotiating(Negotiation::new()),
             closing_until: None,
-            last_pass_replied: true,
         })
     }
 
@@ -303,11 +297,7 @@ impl Poller for Conn {
                 t.advance_close();
             }
         }
-        let sent = self.flush_out();
-        work += sent;
-        if work > 0 {
-            self.last_pass_replied = sent > 0;
-        }
+        work += self.flush_out();
         work
     }
 
@@ -339,23 +329,6 @@ impl Poller for Conn {
 
     fn request_stop(&mut self) {
         self.begin_close("poller stop requested");
-    }
-
-    /// Nothing comes from this connection until its client, having received the replies
-    /// it waited for, sends again: the last busy pass sent replies (or there was none) and
-    /// nothing is in the backend, on a helper thread (block status), half-received (a
-    /// request header, an option or a write payload) or unsent (a reply the full socket
-    /// left partly written: then blockd waits, not the client). Negotiation counts too: the
-    /// client sends its next option once it has the reply. A closing connection never
-    /// waits for its client.
-    fn driver_waits(&self) -> bool {
-        self.last_pass_replied
-            && self.closing_until.is_none()
-            && self.sock.output.is_empty()
-            && self.sock.input.is_empty()
-            && self
-                .transmitting()
-                .is_none_or(|t| t.outstanding() == 0 && !t.in_payload())
     }
 
     fn awaits_helper_threads(&self) -> bool {

@@ -106,10 +106,10 @@ pub trait Poller {
     }
 
     /// Nothing will come from this poller until its driver, woken by the interrupt it was
-    /// sent (an NBD client: by the replies it waited for), submits again (its last busy
-    /// pass signalled it and left nothing in flight), or it never had work. Where wake-ups
-    /// are cheap ([`wake_cost`]) an adaptive reactor whose pollers all say so polls through
-    /// the driver's wake-up only as long as its [`poll_window`], then sleeps.
+    /// sent, submits again (its last busy pass signalled it and left nothing in flight),
+    /// or it never had work. Where wake-ups are cheap ([`wake_cost`]) an adaptive reactor
+    /// whose pollers all say so polls through the driver's wake-up only as long as its
+    /// [`poll_window`], then sleeps.
     fn driver_waits(&self) -> bool {
         false
     }

@@ -1,7 +1,6 @@
 //! A connection driven by hand over a socketpair, on a malloc export: the exact bytes of
 //! the greeting, of GO through the real export registry, and of transmission replies
-//! (proto.md "Simple reply message", "Structured reply chunk message", "Error values"),
-//! and when the connection says its client waits ([`Poller::driver_waits`]).
+//! (proto.md "Simple reply message", "Structured reply chunk message", "Error values").
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -323,110 +322,4 @@ fn client_hang_up_in_the_middle_of_a_write() {
     p.expect_closed();
     // The partial write was never submitted.
     assert_eq!(p.bdev.stats.totals().num_write_ops(), 0);
-}
-
-/// [`Poller::driver_waits`]: the client waits only once everything it sent was answered
-/// and the answers left; a fresh connection whose greeting left waits too.
-#[test]
-fn the_client_waits_once_its_replies_left() {
-    let mut p = Pair::new();
-    assert!(!p.conn().driver_waits(), "the greeting is unsent");
-    assert_eq!(p.exchange(&[], 18), proto::greeting());
-    assert!(p.conn().driver_waits(), "greeted: the client's turn");
-    // The client's flags need no reply: its options follow at once.
-    p.client.write_all(&[0, 0, 0, 3]).unwrap();
-    p.conn().poll();
-    assert!(!p.conn().driver_waits(), "flags received, no reply sent");
-    // Half an option, then the rest.
-    let go = opt(proto::OPT_GO, &[0, 0, 0, 1, b'm', 0, 0]);
-    p.client.write_all(&go[..10]).unwrap();
-    p.conn().poll();
-    assert!(!p.conn().driver_waits(), "half an option received");
-    let r = p.exchange(&go[10..], 86);
-    assert_eq!(r[66..], rep(proto::OPT_GO, proto::REP_ACK));
-    assert!(p.conn().driver_waits(), "attached, nothing asked");
-
-    // Half a request header.
-    let w = req(0, proto::CMD_WRITE, 1, 0, 1024);
-    p.client.write_all(&w[..10]).unwrap();
-    p.conn().poll();
-    assert!(!p.conn().driver_waits(), "half a header received");
-    // The header and half the payload.
-    p.client.write_all(&w[10..]).unwrap();
-    p.client.write_all(&[0x11; 512]).unwrap();
-    p.conn().poll();
-    assert!(!p.conn().driver_waits(), "half a payload received");
-    assert_eq!(p.exchange(&[0x11; 512], 16), simple(0, 1));
-    assert!(p.conn().driver_waits(), "the write was answered");
-
-    // A refused write's payload being skipped, after a request answered at once (so the
-    // pass did send a reply).
-    let mut w = req(0, 99, 20, 0, 0);
-    w.extend_from_slice(&req(0, proto::CMD_WRITE, 2, 1 << 20, 1024));
-    w.extend_from_slice(&[0x22; 100]);
-    p.client.write_all(&w).unwrap();
-    p.conn().poll();
-    assert!(!p.conn().driver_waits(), "a payload being skipped");
-    assert_eq!(
-        p.exchange(&[0x22; 924], 32),
-        [simple(22, 20), simple(28, 2)].concat()
-    );
-    assert!(p.conn().driver_waits());
-
-    // A 1 MiB read reply is more than the socket takes at once: until the client reads
-    // it all, blockd waits for the client, not the other way round.
-    p.client
-        .write_all(&req(0, proto::CMD_READ, 3, 0, 1 << 20))
-        .unwrap();
-    p.conn().poll();
-    assert!(!p.conn().driver_waits(), "a reply partly unsent");
-    let r = p.exchange(&[], 16 + (1 << 20));
-    assert_eq!(r[..16], simple(0, 3));
-    assert!(p.conn().driver_waits(), "the whole reply left");
-
-    // Closing (after a reply, sent in the same pass): never waiting for the client.
-    let mut w = req(0, 99, 4, 0, 0);
-    w.extend_from_slice(&req(0, proto::CMD_DISC, 5, 0, 0));
-    p.client.write_all(&w).unwrap();
-    p.conn().poll();
-    assert!(!p.conn().driver_waits(), "closing");
-    p.client.set_nonblocking(false).unwrap();
-    let mut r = [0u8; 16];
-    p.client.read_exact(&mut r).unwrap();
-    assert_eq!(r[..], simple(22, 4));
-    p.expect_closed();
-}
-
-/// A request the backend holds (a read QoS keeps back for about a second) keeps the
-/// client's turn from starting until its reply left.
-#[test]
-fn the_client_does_not_wait_while_a_request_is_in_flight() {
-    let mut p = Pair::new();
-    p.go(true);
-    p.bdev
-        .qos
-        .set_limits(crate::bdev::qos::QosLimits {
-            r_mbytes_per_sec: 1,
-            ..Default::default()
-        })
-        .unwrap();
-    // Admitted at once (the bucket holds 64 KiB), leaving the bucket ~1 s in debt.
-    let r = p.exchange(&req(0, proto::CMD_READ, 1, 0, 1 << 20), 28 + (1 << 20));
-    assert_eq!(&r[8..16], &1u64.to_be_bytes());
-    assert!(p.conn().driver_waits());
-    // A request answered at once and the held-back read, received in one pass that sends
-    // the first reply.
-    let mut w = req(0, 99, 2, 0, 0);
-    w.extend_from_slice(&req(0, proto::CMD_READ, 3, 0, 512));
-    p.client.write_all(&w).unwrap();
-    p.conn().poll();
-    assert_eq!(
-        p.conn().transmitting().map(Transmission::outstanding),
-        Some(1)
-    );
-    assert!(!p.conn().driver_waits(), "a read in flight");
-    let r = p.exchange(&[], 26 + 28 + 512);
-    assert_eq!(&r[8..16], &2u64.to_be_bytes());
-    assert_eq!(&r[26 + 8..26 + 16], &3u64.to_be_bytes());
-    assert!(p.conn().driver_waits(), "answered");
 }
