@@ -10,7 +10,7 @@ mod common;
 mod guest;
 
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
@@ -46,6 +46,23 @@ fn boot(opts: &GuestOpts) -> GuestRun {
         opts.scenario, run.elapsed, run.command_line
     );
     run.assert_ok();
+    run
+}
+
+/// A two-vCPU guest on a two-queue disk at `sock`: both queues used, a pattern written
+/// and verified from each vCPU, in the guest and in `img`.
+fn boot_two_queues(d: &Daemon, sock: &Path, img: &Path) -> GuestRun {
+    let run = boot(
+        &GuestOpts::new("multiqueue", d.tmp_dir().join("g"))
+            .smp(2)
+            .disk(Disk::blk(sock, 2)),
+    );
+    assert_eq!(run.require_u64("vda.queues"), 2);
+    for cpu in 0..2 {
+        let tag = format!("cpu{cpu}");
+        assert_eq!(run.require(&format!("vda.pattern.{tag}")), "ok");
+        assert_region_in_file(&run, "vda", &tag, img);
+    }
     run
 }
 
@@ -116,17 +133,7 @@ fn seed_512_and_4k() {
 fn multiqueue() {
     let d = Daemon::start_with(&["-m", "0x3"]);
     let (img, sock) = aio_controller(&d, "vm1", 512, json!({"cpumask": "0x3"}));
-    let run = boot(
-        &GuestOpts::new("multiqueue", d.tmp_dir().join("g"))
-            .smp(2)
-            .disk(Disk::blk(&sock, 2)),
-    );
-    assert_eq!(run.require_u64("vda.queues"), 2);
-    for cpu in 0..2 {
-        let tag = format!("cpu{cpu}");
-        assert_eq!(run.require(&format!("vda.pattern.{tag}")), "ok");
-        assert_region_in_file(&run, "vda", &tag, &img);
-    }
+    let run = boot_two_queues(&d, &sock, &img);
     for h in 0..2 {
         assert!(
             run.require_u64(&format!("vda.hctx{h}.run")) > 0,
@@ -144,17 +151,7 @@ fn multiqueue() {
 fn a_guest_through_reactors_with_a_poll_window() {
     let d = Daemon::start_with(&["-m", "0x3", "--wake-cost-us", "10"]);
     let (img, sock) = aio_controller(&d, "vm1", 512, json!({"cpumask": "0x3"}));
-    let run = boot(
-        &GuestOpts::new("multiqueue", d.tmp_dir().join("g"))
-            .smp(2)
-            .disk(Disk::blk(&sock, 2)),
-    );
-    assert_eq!(run.require_u64("vda.queues"), 2);
-    for cpu in 0..2 {
-        let tag = format!("cpu{cpu}");
-        assert_eq!(run.require(&format!("vda.pattern.{tag}")), "ok");
-        assert_region_in_file(&run, "vda", &tag, &img);
-    }
+    boot_two_queues(&d, &sock, &img);
     let r = d.rpc_ok("framework_get_reactors", Value::Null);
     for reactor in r["reactors"].as_array().expect("reactors") {
         assert_eq!(reactor["wake_cost_us"], json!(10.0), "{r}");
