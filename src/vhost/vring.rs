@@ -238,8 +238,7 @@ impl Vring {
     /// [`Vring::track_inflight`] for a packed ring ([`PackedRing::track`]): its areas are
     /// mapped first, as resuming reads and repairs the descriptor ring.
     fn track_inflight_packed(&mut self, part: QueueInflight) {
-        let (generation, mem) = self.mem.load();
-        self.sync_mem(&mem, generation);
+        self.sync_current_mem();
         let Some(p) = &mut self.packed else {
             return;
         };
@@ -325,6 +324,15 @@ impl Vring {
         }
         self.avail_seen = self.queue.next_avail();
         self.map_of = Some(mem.clone());
+    }
+
+    /// [`Vring::sync_mem`] with the frontend's current table, which it returns: for callers
+    /// that keep no generations of their own (the scsi control and event queues; the
+    /// request engine keeps them in `MemGenerations`).
+    pub fn sync_current_mem(&mut self) -> Arc<GuestMemoryMmap> {
+        let (generation, mem) = self.mem.load();
+        self.sync_mem(&mem, generation);
+        mem
     }
 
     /// True when a pop returned None because the driver made a chain available after the

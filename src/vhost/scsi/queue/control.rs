@@ -203,8 +203,7 @@ impl ControlQueue {
 
 impl Poller for ControlQueue {
     fn poll(&mut self) -> usize {
-        let (generation, mut mem) = self.vring.mem().load();
-        self.vring.sync_mem(&mem, generation);
+        let mut mem = self.vring.sync_current_mem();
         let mut work = self.check_waiting(&mem);
         // A stopping ring still answers the requests a previous instance left in flight:
         // they are off the ring, and GET_VRING_BASE must find none unanswered.
@@ -213,9 +212,7 @@ impl Poller for ControlQueue {
             if self.vring.mem_stale() {
                 // A chain published after the frontend swapped the memory table
                 // (`Vring::mem_stale`): take it with the new table.
-                let generation;
-                (generation, mem) = self.vring.mem().load();
-                self.vring.sync_mem(&mem, generation);
+                mem = self.vring.sync_current_mem();
                 work = self.take_requests(&mem, work);
             }
         }

@@ -131,15 +131,12 @@ impl EventQueue {
 
 impl Poller for EventQueue {
     fn poll(&mut self) -> usize {
-        let (generation, mut mem) = self.vring.mem().load();
-        self.vring.sync_mem(&mem, generation);
+        let mut mem = self.vring.sync_current_mem();
         let mut work = self.fill_buffers(&mem);
         if self.vring.mem_stale() {
             // A buffer made available after the frontend swapped the memory table
             // (`Vring::mem_stale`): take it with the new table.
-            let generation;
-            (generation, mem) = self.vring.mem().load();
-            self.vring.sync_mem(&mem, generation);
+            mem = self.vring.sync_current_mem();
             work += self.fill_buffers(&mem);
         }
         if work > 0 {

@@ -288,8 +288,7 @@ fn take_one_and_die(d: &Drv, part: QueueInflight) -> u16 {
     let part = s.inflight.take().unwrap();
     let mut v = Vring::new(s);
     v.track_inflight(part);
-    let (generation, mem) = d.mem().load();
-    v.sync_mem(&mem, generation);
+    v.sync_current_mem();
     let head = v.pop_head().expect("a buffer on the ring");
     let mut out = Vec::new();
     v.read_chain(head, 4, &mut out).unwrap();
