@@ -169,31 +169,16 @@ pub(super) unsafe fn crypt_iovs(
             lba += whole as u64;
         } else {
             // Gather, transform, scatter back.
-            let (si, so) = (i, off);
-            let mut got = 0;
-            while got < bs && i < v.len() {
-                let n = (v[i].iov_len - off).min(bs - got);
-                // SAFETY: `[off, off + n)` is inside iovec `i`, and `scratch` is `bs` long.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        v[i].iov_base.cast::<u8>().add(off),
-                        scratch.as_mut_ptr().add(got),
-                        n,
-                    )
-                };
-                got += n;
-                off += n;
-                if off == v[i].iov_len {
-                    i += 1;
-                    off = 0;
-                }
-            }
+            let at = (i, off);
+            // SAFETY: the iovecs are valid and ours (`# Safety`), apart from `scratch`.
+            let (next, got) = unsafe { gather(v, at, &mut scratch[..bs]) };
             if got < bs {
                 return;
             }
+            (i, off) = next;
             cipher.crypt_units(&mut scratch[..bs], bs, lba, encrypt);
             // SAFETY: the same ranges as the gather above (the caller's promise).
-            unsafe { scatter(v, (si, so), &scratch[..bs]) };
+            unsafe { scatter(v, at, &scratch[..bs]) };
             lba += 1;
         }
     }
@@ -321,6 +306,35 @@ unsafe fn scatter(v: &[libc::iovec], at: (usize, usize), from: &[u8]) -> (usize,
         }
     }
     (i, off)
+}
+
+/// Copies from the iovecs `v`, from position `at` (iovec, offset) on, into `to` as far as
+/// they reach (a block that straddles iovecs, into the one-block scratch); returns the
+/// position after it and the bytes copied. [`scatter`]'s mirror.
+///
+/// # Safety
+/// The iovecs must describe valid, readable memory apart from `to`.
+unsafe fn gather(v: &[libc::iovec], at: (usize, usize), to: &mut [u8]) -> ((usize, usize), usize) {
+    let (mut i, mut off, mut got) = (at.0, at.1, 0);
+    while got < to.len() && i < v.len() {
+        let n = (v[i].iov_len - off).min(to.len() - got);
+        // SAFETY: `[off, off + n)` is inside iovec `i` (the caller's promise), `[got, got +
+        // n)` inside `to`, and the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                v[i].iov_base.cast::<u8>().add(off),
+                to.as_mut_ptr().add(got),
+                n,
+            )
+        };
+        got += n;
+        off += n;
+        if off == v[i].iov_len {
+            i += 1;
+            off = 0;
+        }
+    }
+    ((i, off), got)
 }
 
 /// Whether any of `iovs` overlaps the `len` bytes at `p`.
