@@ -142,13 +142,8 @@ mod avx512 {
         let mut i = 0;
         while i + 16 <= n {
             for (j, tj) in t.iter_mut().enumerate() {
-                let o = 16 * (i + 4 * j);
                 // SAFETY: blocks `i..i + 16` are inside the `n` of the caller's promise.
-                unsafe {
-                    _mm512_storeu_si512(tweaks.add(o).cast(), *tj);
-                    let p = _mm512_loadu_si512(src.add(o).cast());
-                    _mm512_storeu_si512(dst.add(o).cast(), _mm512_xor_si512(p, *tj));
-                }
+                unsafe { put(*tj, src, dst, tweaks, 16 * (i + 4 * j)) };
                 *tj = mul_alpha_k(*tj, sixteen);
             }
             i += 16;
@@ -156,13 +151,8 @@ mod avx512 {
         // Fewer than 16 blocks left: the chains hold their tweaks in order.
         let mut q = 0;
         while i + 4 <= n {
-            let o = 16 * i;
             // SAFETY: blocks `i..i + 4` are inside `n`.
-            unsafe {
-                _mm512_storeu_si512(tweaks.add(o).cast(), t[q]);
-                let p = _mm512_loadu_si512(src.add(o).cast());
-                _mm512_storeu_si512(dst.add(o).cast(), _mm512_xor_si512(p, t[q]));
-            }
+            unsafe { put(t[q], src, dst, tweaks, 16 * i) };
             q += 1;
             i += 4;
         }
@@ -183,6 +173,37 @@ mod avx512 {
         next[rest]
     }
 
+    /// Four blocks at byte `o`: their tweaks `t` stored for the post-whitening, and
+    /// `dst = src ^ t`.
+    ///
+    /// # Safety
+    /// The CPU has the features; `src`, `dst` and `tweaks` have 64 bytes at `o`.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+    #[inline]
+    unsafe fn put(t: __m512i, src: *const u8, dst: *mut u8, tweaks: *mut u8, o: usize) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            _mm512_storeu_si512(tweaks.add(o).cast(), t);
+            let p = _mm512_loadu_si512(src.add(o).cast());
+            _mm512_storeu_si512(dst.add(o).cast(), _mm512_xor_si512(p, t));
+        }
+    }
+
+    /// `data ^= tweaks` over the four blocks at block `j`.
+    ///
+    /// # Safety
+    /// The CPU has the features; both have blocks `j..j + 4`.
+    #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+    #[inline]
+    unsafe fn xor4(data: *mut u8, tweaks: *const u8, j: usize) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            let x = _mm512_loadu_si512(data.add(16 * j).cast());
+            let t = _mm512_loadu_si512(tweaks.add(16 * j).cast());
+            _mm512_storeu_si512(data.add(16 * j).cast(), _mm512_xor_si512(x, t));
+        }
+    }
+
     /// `data ^= tweaks` over `n` blocks.
     ///
     /// # Safety
@@ -194,21 +215,13 @@ mod avx512 {
         while i + 16 <= n {
             for j in (i..i + 16).step_by(4) {
                 // SAFETY: blocks `i..i + 16` are inside `n`.
-                unsafe {
-                    let x = _mm512_loadu_si512(data.add(16 * j).cast());
-                    let t = _mm512_loadu_si512(tweaks.add(16 * j).cast());
-                    _mm512_storeu_si512(data.add(16 * j).cast(), _mm512_xor_si512(x, t));
-                }
+                unsafe { xor4(data, tweaks, j) };
             }
             i += 16;
         }
         while i + 4 <= n {
             // SAFETY: blocks `i..i + 4` are inside `n`.
-            unsafe {
-                let x = _mm512_loadu_si512(data.add(16 * i).cast());
-                let t = _mm512_loadu_si512(tweaks.add(16 * i).cast());
-                _mm512_storeu_si512(data.add(16 * i).cast(), _mm512_xor_si512(x, t));
-            }
+            unsafe { xor4(data, tweaks, i) };
             i += 4;
         }
         if i < n {
@@ -235,13 +248,19 @@ mod avx2 {
     fn mul_alpha_k<const K: i32, const R: i32>(x: __m256i) -> __m256i {
         let out = _mm256_srli_epi64::<R>(x);
         let c = _mm256_srli_si256::<8>(out);
-        let fold = _mm256_xor_si256(
-            _mm256_xor_si256(c, _mm256_slli_epi64::<1>(c)),
-            _mm256_xor_si256(_mm256_slli_epi64::<2>(c), _mm256_slli_epi64::<7>(c)),
-        );
         _mm256_xor_si256(
             _mm256_xor_si256(_mm256_slli_epi64::<K>(x), _mm256_slli_si256::<8>(out)),
-            fold,
+            times_87(c),
+        )
+    }
+
+    /// `c · 0x87` for `c` of at most 8 bits per 64-bit half: `c ⊕ c<<1 ⊕ c<<2 ⊕ c<<7`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn times_87(c: __m256i) -> __m256i {
+        _mm256_xor_si256(
+            _mm256_xor_si256(c, _mm256_slli_epi64::<1>(c)),
+            _mm256_xor_si256(_mm256_slli_epi64::<2>(c), _mm256_slli_epi64::<7>(c)),
         )
     }
 
@@ -250,12 +269,10 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     #[inline]
     fn mul_alpha8(x: __m256i) -> __m256i {
-        let c = _mm256_srli_si256::<15>(x);
-        let fold = _mm256_xor_si256(
-            _mm256_xor_si256(c, _mm256_slli_epi64::<1>(c)),
-            _mm256_xor_si256(_mm256_slli_epi64::<2>(c), _mm256_slli_epi64::<7>(c)),
-        );
-        _mm256_xor_si256(_mm256_slli_si256::<1>(x), fold)
+        _mm256_xor_si256(
+            _mm256_slli_si256::<1>(x),
+            times_87(_mm256_srli_si256::<15>(x)),
+        )
     }
 
     /// See [`super::Kernel::whiten`]: 8 blocks per iteration in four chains.
@@ -285,26 +302,16 @@ mod avx2 {
         let mut i = 0;
         while i + 8 <= n {
             for (j, tj) in t.iter_mut().enumerate() {
-                let o = 16 * (i + 2 * j);
                 // SAFETY: blocks `i..i + 8` are inside the `n` of the caller's promise.
-                unsafe {
-                    _mm256_storeu_si256(tweaks.add(o).cast(), *tj);
-                    let p = _mm256_loadu_si256(src.add(o).cast());
-                    _mm256_storeu_si256(dst.add(o).cast(), _mm256_xor_si256(p, *tj));
-                }
+                unsafe { put(*tj, src, dst, tweaks, 16 * (i + 2 * j)) };
                 *tj = mul_alpha8(*tj);
             }
             i += 8;
         }
         let mut q = 0;
         while i + 2 <= n {
-            let o = 16 * i;
             // SAFETY: blocks `i..i + 2` are inside `n`.
-            unsafe {
-                _mm256_storeu_si256(tweaks.add(o).cast(), t[q]);
-                let p = _mm256_loadu_si256(src.add(o).cast());
-                _mm256_storeu_si256(dst.add(o).cast(), _mm256_xor_si256(p, t[q]));
-            }
+            unsafe { put(t[q], src, dst, tweaks, 16 * i) };
             q += 1;
             i += 2;
         }
@@ -325,6 +332,37 @@ mod avx2 {
         next[0]
     }
 
+    /// Two blocks at byte `o`: their tweaks `t` stored for the post-whitening, and
+    /// `dst = src ^ t`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `src`, `dst` and `tweaks` have 32 bytes at `o`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn put(t: __m256i, src: *const u8, dst: *mut u8, tweaks: *mut u8, o: usize) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            _mm256_storeu_si256(tweaks.add(o).cast(), t);
+            let p = _mm256_loadu_si256(src.add(o).cast());
+            _mm256_storeu_si256(dst.add(o).cast(), _mm256_xor_si256(p, t));
+        }
+    }
+
+    /// `data ^= tweaks` over the two blocks at block `j`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; both have blocks `j..j + 2`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn xor2(data: *mut u8, tweaks: *const u8, j: usize) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            let x = _mm256_loadu_si256(data.add(16 * j).cast());
+            let t = _mm256_loadu_si256(tweaks.add(16 * j).cast());
+            _mm256_storeu_si256(data.add(16 * j).cast(), _mm256_xor_si256(x, t));
+        }
+    }
+
     /// `data ^= tweaks` over `n` blocks.
     ///
     /// # Safety
@@ -335,21 +373,13 @@ mod avx2 {
         while i + 8 <= n {
             for j in (i..i + 8).step_by(2) {
                 // SAFETY: blocks `i..i + 8` are inside `n`.
-                unsafe {
-                    let x = _mm256_loadu_si256(data.add(16 * j).cast());
-                    let t = _mm256_loadu_si256(tweaks.add(16 * j).cast());
-                    _mm256_storeu_si256(data.add(16 * j).cast(), _mm256_xor_si256(x, t));
-                }
+                unsafe { xor2(data, tweaks, j) };
             }
             i += 8;
         }
         while i + 2 <= n {
             // SAFETY: blocks `i..i + 2` are inside `n`.
-            unsafe {
-                let x = _mm256_loadu_si256(data.add(16 * i).cast());
-                let t = _mm256_loadu_si256(tweaks.add(16 * i).cast());
-                _mm256_storeu_si256(data.add(16 * i).cast(), _mm256_xor_si256(x, t));
-            }
+            unsafe { xor2(data, tweaks, i) };
             i += 2;
         }
         if i < n {
