@@ -332,6 +332,8 @@ impl Reactors {
         }
         let mut handles = Vec::new();
         let mut threads = Vec::new();
+        // Where an adaptive reactor's wake-up measurement may put its waker.
+        let host = wake_cost::host_cores().unwrap_or_else(|| online.cores());
         for core in mask.cores() {
             let (tx, rx) = mpsc::channel::<Msg>();
             let wake = EventFd::new(EFD_NONBLOCK)?;
@@ -343,7 +345,7 @@ impl Reactors {
                 shared: shared.clone(),
             });
             let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<()>>();
-            let host = wake_cost::host_cores().unwrap_or_else(|| online.cores());
+            let host = host.clone();
             let t = std::thread::Builder::new()
                 .name(format!("reactor_{core}"))
                 .spawn(move || {
@@ -575,12 +577,6 @@ fn run_loop(
     let mut demand = cpu_demand::CpuDemand::new();
     let mut last_work = Instant::now();
     let mut last_tick = last_work;
-    // Since when every driver has waited for its interrupt (reactors with a poll window).
-    let mut drivers_wait_since: Option<Instant> = None;
-    // The reactor slept since then.
-    let mut slept_while_drivers_wait = false;
-    // The largest batch of the drivers' last turns (`Poller::driver_batch`).
-    let mut turn_batch = 1;
     loop {
         // Control messages: add/remove pollers, stop.
         loop {
@@ -621,43 +617,34 @@ fn run_loop(
         last_tick = now;
         if work > 0 {
             add(&ctx.shared.busy_ns, spent);
-            if let (Some(w), Some(since)) = (window.as_mut(), drivers_wait_since.take()) {
-                let before = w.learnt();
-                w.record(
-                    now.duration_since(since),
-                    slept_while_drivers_wait,
-                    turn_batch,
-                );
-                if w.learnt() != before {
+            if let Some(w) = window.as_mut() {
+                if w.work(now) {
                     let ns = w.learnt().as_nanos() as u64;
                     ctx.shared.poll_window_ns.store(ns, Ordering::Relaxed);
                 }
             }
-            slept_while_drivers_wait = false;
             last_work = now;
             continue;
         }
         add(&ctx.shared.idle_ns, spent);
         // Where wake-ups are cheap, polling for drivers that all wait for their interrupts
         // lasts the poll window (`poll_window`), then the reactor sleeps.
-        let window_over = match window {
+        let window_over = match window.as_mut() {
             Some(w) if ctx.pollers.values().all(|p| p.driver_waits()) => {
-                let since = *drivers_wait_since.get_or_insert_with(|| {
-                    turn_batch = ctx
-                        .pollers
+                let pollers = &ctx.pollers;
+                w.over(now, last_work, || {
+                    pollers
                         .values()
                         .map(|p| p.driver_batch())
                         .max()
-                        .unwrap_or(1);
-                    last_work
-                });
-                now.duration_since(since) >= w.window(turn_batch)
+                        .unwrap_or(1)
+                })
             }
-            _ => {
-                drivers_wait_since = None;
-                slept_while_drivers_wait = false;
+            Some(w) => {
+                w.not_waiting();
                 false
             }
+            None => false,
         };
         match opts.mode {
             PollMode::Always => {
@@ -684,7 +671,9 @@ fn run_loop(
             let deadline = ctx.pollers.values().filter_map(|p| p.next_deadline()).min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             ctx.shared.sleeping.store(true, Ordering::Relaxed);
-            slept_while_drivers_wait = drivers_wait_since.is_some();
+            if let Some(w) = window.as_mut() {
+                w.sleeping();
+            }
             ctx.shared.sleeps.fetch_add(1, Ordering::Relaxed);
             // An error is EINTR (the epoll is ours and valid): the loop polls and sleeps again.
             let _ = sleep_on(&ctx.epoll, timeout, &mut events);

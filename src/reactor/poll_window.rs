@@ -17,7 +17,7 @@
 //! would make the reactor poll about as long as it works, and is slept through (issue 20:
 //! with a sleeping client at QD32, about the CPU per request of a polling one).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The bound of the window for a driver of one request per turn, in wake-ups of the
 /// reactor: longer than that costs more CPU than the wake-up it saves is worth. A turn of
@@ -26,7 +26,7 @@ use std::time::Duration;
 /// "The poll window").
 pub const MAX_WAKES: u32 = 8;
 
-/// The polling window of one reactor.
+/// The polling window of one reactor, and the wait it is timing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PollWindow {
     window: Duration,
@@ -34,6 +34,19 @@ pub struct PollWindow {
     wake: Duration,
     /// The bound for a batch of one request.
     max: Duration,
+    /// Every driver has waited since the last busy pass: the wait being timed.
+    wait: Option<Wait>,
+}
+
+/// A wait for the drivers' next requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Wait {
+    /// The last busy pass.
+    since: Instant,
+    /// The largest batch of the drivers' last turns.
+    batch: usize,
+    /// The reactor slept meanwhile.
+    slept: bool,
 }
 
 impl PollWindow {
@@ -45,7 +58,48 @@ impl PollWindow {
             window: Duration::ZERO,
             wake,
             max: wake * MAX_WAKES,
+            wait: None,
         }
+    }
+
+    /// A pass found no work and every driver waits: whether the window is over at `now`.
+    /// A new wait starts at `last_busy`, after turns whose largest batch `batch` gives
+    /// (asked once per wait).
+    pub fn over(
+        &mut self,
+        now: Instant,
+        last_busy: Instant,
+        batch: impl FnOnce() -> usize,
+    ) -> bool {
+        let w = *self.wait.get_or_insert_with(|| Wait {
+            since: last_busy,
+            batch: batch(),
+            slept: false,
+        });
+        now.duration_since(w.since) >= self.window(w.batch)
+    }
+
+    /// A pass found no work and some driver does not wait: nothing to time.
+    pub fn not_waiting(&mut self) {
+        self.wait = None;
+    }
+
+    /// The reactor goes to sleep.
+    pub fn sleeping(&mut self) {
+        if let Some(w) = &mut self.wait {
+            w.slept = true;
+        }
+    }
+
+    /// A pass found work at `now`: the wait, if one was timed, ends and is learnt from.
+    /// Returns whether the window changed.
+    pub fn work(&mut self, now: Instant) -> bool {
+        let Some(w) = self.wait.take() else {
+            return false;
+        };
+        let before = self.window;
+        self.record(now.duration_since(w.since), w.slept, w.batch);
+        self.window != before
     }
 
     /// The bound of the window for a driver whose last turn brought `batch` requests:
@@ -74,7 +128,7 @@ impl PollWindow {
     /// turn of `batch` requests; `slept`: the reactor slept meanwhile, so `waited`
     /// includes its own wake-up, which is taken off (else a closed window would see every
     /// turn longer by a wake-up, and stay closed for a driver within its reach).
-    pub fn record(&mut self, waited: Duration, slept: bool, batch: usize) {
+    fn record(&mut self, waited: Duration, slept: bool, batch: usize) {
         let waited = if slept {
             waited.saturating_sub(self.wake)
         } else {
@@ -155,6 +209,35 @@ mod tests {
         assert_eq!(w.learnt(), 6 * US);
         // 100 requests: below one wake-up, no polling.
         assert_eq!(w.window(100), Duration::ZERO);
+    }
+
+    /// The reactor's side: a wait starts at the last busy pass, asks the batch once, takes
+    /// the reactor's own wake-up off when it slept, and is learnt from when work comes.
+    #[test]
+    fn a_wait_is_timed_from_the_last_busy_pass() {
+        let mut w = PollWindow::new(3 * US);
+        let t0 = Instant::now();
+        // Closed: over at once; the reactor sleeps; the driver is back 8 µs after the
+        // last busy pass, 5 of its own.
+        assert!(w.over(t0 + US, t0, || 1));
+        w.sleeping();
+        assert!(w.work(t0 + 8 * US), "learnt: 5 µs is within reach");
+        assert_eq!(w.learnt(), 3 * US);
+        // Open: polling 2 µs in, the driver back at 2.5 µs, in time.
+        let t1 = t0 + 20 * US;
+        assert!(!w.over(t1 + 2 * US, t1, || 1));
+        assert!(!w.work(t1 + 5 * US / 2));
+        assert_eq!(w.learnt(), 3 * US);
+        // A deep batch (asked once per wait) has no window: over at once.
+        let t2 = t1 + 20 * US;
+        assert!(w.over(t2 + US, t2, || 100));
+        assert!(w.over(t2 + 2 * US, t2, || unreachable!("asked once per wait")));
+        // A driver stops waiting (a request in flight): that wait is not learnt from.
+        w.not_waiting();
+        assert!(!w.work(t2 + Duration::from_secs(1)));
+        assert_eq!(w.learnt(), 3 * US);
+        // No wait timed: work changes nothing.
+        assert!(!w.work(t2 + Duration::from_secs(2)));
     }
 
     #[test]
