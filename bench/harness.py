@@ -331,7 +331,7 @@ def is_qd1(wl):
 
 def host_floor(a, client):
     """bench/wakeup.c pingpong in client mode `client` ("sleep" or "poll"), pinned and at
-    the niceness of the runs: {"us": {p10, p50, p90, p99}, "rounds": N, "slept": fraction
+    the niceness of the runs: {"us": {mean, p10, p50, p90, p99}, "rounds": N, "slept": fraction
     of rounds the client slept (sleep only)}. At most 0.4 s (the program stops early)."""
     out = subprocess.run(NICE + [a.wakeup, "pingpong", str(FLOOR_ROUNDS), TARGET_CPU,
                                  CLIENT_CPU, client],
@@ -671,7 +671,7 @@ def main():
                         nf = (f"  kicks/io {kicks:.3f} irqs/io {irqs:.3f}"
                               if kicks is not None and irqs is not None else "")
                         if "host_floor_us" in r:
-                            nf += f"  floor p50 {r['host_floor_us']['p50']:.1f} us"
+                            nf += f"  floor {r['host_floor_us']['p10']:.1f} us"
                         log(f"run {run} {wl:20} {c:5} {backend:6} {target:6} "
                             f"{r['iops']:>10.0f} IOPS p50 {r['lat_us']['p50']:7.1f} us  "
                             f"cpu {r['cpu_cores']:.2f}{nf}")

@@ -199,18 +199,6 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("{method} {params} failed: {e:?}"))
     }
 
-    /// The poll window of reactor 0 (`framework_get_reactors`, µs), asserted to lie within
-    /// the bound a wake-up cost of `wake_cost_us` gives it (src/reactor/poll_window.rs).
-    pub fn poll_window_within_bound(&self, wake_cost_us: f64) -> f64 {
-        let r = self.rpc_ok("framework_get_reactors", Value::Null);
-        let window = r["reactors"][0]["poll_window_us"]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no poll window: {r}"));
-        let max = wake_cost_us * f64::from(blockd::reactor::poll_window::MAX_WAKES);
-        assert!((0.0..=max).contains(&window), "{r}");
-        window
-    }
-
     /// Method names the daemon answers (`rpc_get_methods`).
     pub fn methods(&self) -> Vec<String> {
         serde_json::from_value(self.rpc_ok("rpc_get_methods", Value::Null)).expect("names")

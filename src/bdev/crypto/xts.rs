@@ -323,8 +323,8 @@ impl Cipher {
     }
 }
 
-/// Asks for the first run of the `len` bytes at `next` to be brought into the cache while the current run is
-/// ciphered (`write`: to be stored into). Out of place, one side is the base's memory
+/// Asks for the first run of the `len` bytes at `next` to be brought into the cache while
+/// the current run is ciphered (`write`: to be stored into). Out of place, one side is the base's memory
 /// (malloc: DRAM, touched once per request): the ciphertext source of a read, the
 /// destination of a write, whose misses would otherwise stall the first pass over each run.
 fn prefetch(next: *const u8, len: usize, write: bool) {
