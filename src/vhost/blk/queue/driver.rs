@@ -22,6 +22,21 @@ pub const USED: usize = 0x2000;
 pub const NEXT: u16 = 1;
 pub const WRITE: u16 = 2;
 
+/// A blk device `name` on a malloc bdev of `num_blocks` 512-byte blocks: the device the
+/// queue tests drive.
+pub fn malloc_device(name: &str, num_blocks: u64) -> crate::vhost::blk::BlkDevice {
+    use crate::bdev::malloc::{self, MallocOpts};
+    let reg = crate::bdev::BdevRegistry::default();
+    let opts = MallocOpts {
+        name: Some(name.into()),
+        uuid: None,
+        num_blocks,
+        block_size: 512,
+    };
+    let bdev = malloc::create(&reg, opts).unwrap();
+    crate::vhost::blk::BlkDevice::new(name, bdev, false, crate::vhost::ConfigNotifier::default())
+}
+
 /// The driver side of one split ring at guest address 0, through host pointers.
 pub struct Driver {
     mem: GuestMem,

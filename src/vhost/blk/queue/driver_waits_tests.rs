@@ -4,26 +4,12 @@
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::driver::{Driver, AVAIL, NEXT, WRITE};
-use crate::bdev::malloc::{self, MallocOpts};
-use crate::bdev::BdevRegistry;
+use super::driver::{malloc_device, Driver, AVAIL, NEXT, WRITE};
 use crate::reactor::Poller;
 
 /// A blk queue on a 32 KiB malloc bdev, its test driver and its call eventfd.
 fn queue() -> (Driver, super::BlkQueue, EventFd) {
-    let reg = BdevRegistry::default();
-    let bdev = malloc::create(
-        &reg,
-        MallocOpts {
-            name: Some("Wait0".into()),
-            uuid: None,
-            num_blocks: 64,
-            block_size: 512,
-        },
-    )
-    .unwrap();
-    let dev =
-        super::super::BlkDevice::new("wait", bdev, false, crate::vhost::ConfigNotifier::default());
+    let dev = malloc_device("wait", 64);
     let d = Driver::new();
     let (mut setup, _rx) = d.setup();
     let call = EventFd::new(EFD_NONBLOCK).unwrap();

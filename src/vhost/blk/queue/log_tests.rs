@@ -9,9 +9,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use super::driver::{Driver, MEM_SIZE, NEXT, USED, WRITE};
-use crate::bdev::malloc::{self, MallocOpts};
-use crate::bdev::BdevRegistry;
+use super::driver::{malloc_device, Driver, MEM_SIZE, NEXT, USED, WRITE};
 use crate::reactor::Poller;
 use crate::vhost::dirty_log::{DirtyLog, LogRegion, LOG_PAGE};
 
@@ -123,19 +121,7 @@ fn run_mix(
 
 #[test]
 fn random_request_mixes_mark_exactly_the_pages_they_wrote() {
-    let reg = BdevRegistry::default();
-    let bdev = malloc::create(
-        &reg,
-        MallocOpts {
-            name: Some("Log0".into()),
-            uuid: None,
-            num_blocks: 2048,
-            block_size: 512,
-        },
-    )
-    .unwrap();
-    let dev =
-        super::super::BlkDevice::new("log", bdev, false, crate::vhost::ConfigNotifier::default());
+    let dev = malloc_device("log", 2048);
     let mut d = Driver::new();
     let log_file = tempfile::tempfile().unwrap();
     log_file.set_len(4096).unwrap();
